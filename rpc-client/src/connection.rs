@@ -1,0 +1,53 @@
+//! Opening one connection: TCP connect and handshake, both inside `connect_timeout`.
+
+use std::net::SocketAddr;
+
+use rpc_core::driver::{ConnectionHandle, Driver, DriverConfig};
+use rpc_core::event::EventSender;
+use rpc_core::frame::Settings;
+use rpc_core::metrics::Side;
+use rpc_core::socket::apply_tcp_config;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::config::ClientConfig;
+use crate::error::{Error, ErrorKind};
+
+/// Connects to `addr`, applies the socket options, spawns the connection's driver and waits for
+/// the handshake. The whole attempt is bounded by `connect_timeout`, or by `deadline` if earlier.
+pub async fn connect(
+    addr: SocketAddr,
+    config: &ClientConfig,
+    events: Option<EventSender>,
+    deadline: Option<Instant>,
+) -> Result<ConnectionHandle, Error> {
+    let mut limit = Instant::now() + config.connect_timeout;
+    if let Some(d) = deadline {
+        limit = limit.min(d);
+    }
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| Error::new(ErrorKind::Connect(e), false))?;
+        apply_tcp_config(&stream, &config.tcp);
+        let mut cfg = DriverConfig::new(Side::Client);
+        cfg.connection = config.connection;
+        cfg.heartbeat = Some(config.heartbeat);
+        cfg.peer = Some(addr);
+        cfg.events = events;
+        cfg.settings = Settings {
+            max_frame_size: Some(config.connection.max_frame_size),
+            heartbeat_interval: config.heartbeat.enabled.then_some(config.heartbeat.interval),
+            max_metadata_entries: Some(u32::try_from(config.connection.max_metadata_entries).unwrap_or(u32::MAX)),
+            ..Settings::default()
+        };
+        let (handle, driver) = Driver::client(stream, cfg);
+        let span = tracing::info_span!("conn", id = handle.id(), peer = %addr);
+        tokio::spawn(driver.run().instrument(span));
+        handle.ready().await.map_err(|r| Error::new(ErrorKind::Handshake(r), false))?;
+        Ok(handle)
+    };
+    match tokio::time::timeout_at(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(ErrorKind::ConnectTimeout, false)),
+    }
+}

@@ -1,0 +1,190 @@
+//! The client's error: what went wrong and whether the server may have run the request.
+
+use std::fmt;
+use std::io;
+
+use rpc_core::config::ConfigError;
+use rpc_core::driver::ConnectionError;
+use rpc_core::{BoxError, CloseReason, Code, Status};
+
+/// What kind of failure an [`Error`] is.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The server answered with a non-success status.
+    Status(Status),
+    /// The request's deadline passed on the client.
+    DeadlineExceeded,
+    /// The connection failed under the request.
+    Connection(ConnectionError),
+    /// Connecting failed (refused, unreachable, ...).
+    Connect(io::Error),
+    /// Connecting took longer than `connect_timeout` (or the request's remaining deadline).
+    ConnectTimeout,
+    /// The peer did not complete the handshake.
+    Handshake(CloseReason),
+    /// The response body did not decode as the method's output message.
+    Decode(prost::DecodeError),
+    /// The client configuration is invalid.
+    Config(ConfigError),
+    /// A tower layer around the client failed the request.
+    Middleware(BoxError),
+}
+
+/// A failed request. Every request ends exactly once, in a response or in one of these, and the
+/// error says whether the server may have run it ([`Error::may_have_executed`]).
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    may_have_executed: bool,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, may_have_executed: bool) -> Self {
+        Error { kind, may_have_executed }
+    }
+
+    /// The server's answer was not SUCCESS.
+    pub fn status(status: Status) -> Self {
+        let executed = !status.code().proves_not_executed();
+        Error::new(ErrorKind::Status(status), executed)
+    }
+
+    pub(crate) fn deadline(may_have_executed: bool) -> Self {
+        Error::new(ErrorKind::DeadlineExceeded, may_have_executed)
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// False proves the server did not run the request (so it is safe to retry); true means it may have.
+    pub fn may_have_executed(&self) -> bool {
+        self.may_have_executed
+    }
+
+    /// The status code: the server's, or `DEADLINE_EXCEEDED` for a client-side deadline, or
+    /// `UNAVAILABLE` for connection failures.
+    pub fn code(&self) -> Code {
+        match &self.kind {
+            ErrorKind::Status(s) => s.code(),
+            ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorKind::Decode(_) => Code::Internal,
+            ErrorKind::Config(_) => Code::InvalidArgument,
+            ErrorKind::Middleware(_) => Code::Unknown(0xFFFF),
+            _ => Code::Unavailable,
+        }
+    }
+
+    /// The server's status, if it answered.
+    pub fn as_status(&self) -> Option<&Status> {
+        match &self.kind {
+            ErrorKind::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// True when the deadline passed (on the client, or as the server's answer).
+    pub fn is_deadline_exceeded(&self) -> bool {
+        self.code() == Code::DeadlineExceeded
+    }
+
+    /// True when the connection failed (or could not be made).
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Connection(_) | ErrorKind::Connect(_) | ErrorKind::ConnectTimeout | ErrorKind::Handshake(_)
+        )
+    }
+
+    /// Why the connection closed, when that is the failure.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        match &self.kind {
+            ErrorKind::Connection(c) => c.close_reason(),
+            ErrorKind::Handshake(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// A short lowercase name for the kind, for logs and metric labels.
+    pub fn kind_str(&self) -> &'static str {
+        match &self.kind {
+            ErrorKind::Status(_) => "status",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Connection(_) => "connection",
+            ErrorKind::Connect(_) => "connect",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::Handshake(_) => "handshake",
+            ErrorKind::Decode(_) => "decode",
+            ErrorKind::Config(_) => "config",
+            ErrorKind::Middleware(_) => "middleware",
+        }
+    }
+
+    /// Turns an error from a tower stack around the client back into an `Error`.
+    pub fn from_box(err: BoxError) -> Self {
+        let err = match err.downcast::<Error>() {
+            Ok(e) => return *e,
+            Err(e) => e,
+        };
+        let err = match err.downcast::<Status>() {
+            Ok(s) => return Error::status(*s),
+            Err(e) => e,
+        };
+        if err.is::<tower::timeout::error::Elapsed>() {
+            return Error::deadline(true);
+        }
+        // Load shed and rate limits refuse before the request reaches the client: never run.
+        let executed = !err.is::<tower::load_shed::error::Overloaded>();
+        Error::new(ErrorKind::Middleware(err), executed)
+    }
+}
+
+impl From<ConnectionError> for Error {
+    fn from(e: ConnectionError) -> Self {
+        let executed = e.may_have_executed();
+        Error::new(ErrorKind::Connection(e), executed)
+    }
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        Error::status(s)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ErrorKind::Status(s) => write!(f, "server answered {s}")?,
+            ErrorKind::DeadlineExceeded => f.write_str("deadline exceeded")?,
+            ErrorKind::Connection(e) => write!(f, "{e}")?,
+            ErrorKind::Connect(e) => write!(f, "connect failed: {e}")?,
+            ErrorKind::ConnectTimeout => f.write_str("connect timed out")?,
+            ErrorKind::Handshake(r) => write!(f, "handshake failed: {r}")?,
+            ErrorKind::Decode(e) => write!(f, "response did not decode: {e}")?,
+            ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
+            ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,
+        }
+        if !self.may_have_executed {
+            f.write_str(" (not executed)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::Status(s) => Some(s),
+            ErrorKind::Connection(e) => Some(e),
+            ErrorKind::Connect(e) => Some(e),
+            ErrorKind::Handshake(r) => Some(r),
+            ErrorKind::Decode(e) => Some(e),
+            ErrorKind::Config(e) => Some(e),
+            ErrorKind::Middleware(e) => Some(e.as_ref()),
+            ErrorKind::DeadlineExceeded | ErrorKind::ConnectTimeout => None,
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Configuration shared by client and server: heartbeats, TCP options and per-connection limits.
+//! Plain structs with `Default`; each field documents its default and why.
+
+use std::time::Duration;
+
+use crate::codec::{DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METADATA_ENTRIES};
+
+/// Client heartbeats. Worst-case detection of a silent peer: `interval + max_failures × timeout`
+/// after the last frame was read (see [`crate::liveness`]). With the defaults, 18 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatConfig {
+    /// Send heartbeats at all. Default `true`.
+    pub enabled: bool,
+    /// Read-idle time before a heartbeat is sent. Default 15 s, as SOFABolt's client idle time.
+    pub interval: Duration,
+    /// How long to wait for any inbound frame after a heartbeat before counting a failure.
+    /// Default 1 s, as SOFABolt's heartbeat timeout. Must be below `interval`.
+    pub timeout: Duration,
+    /// Consecutive failures that close the connection. Default 3, as SOFABolt's max count.
+    pub max_failures: u32,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            enabled: true,
+            interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(1),
+            max_failures: 3,
+        }
+    }
+}
+
+impl HeartbeatConfig {
+    /// Heartbeats off.
+    pub fn disabled() -> Self {
+        HeartbeatConfig { enabled: false, ..Default::default() }
+    }
+
+    /// The documented worst-case time from the last frame read to a `HeartbeatTimeout` close.
+    pub fn detection_bound(&self) -> Duration {
+        self.interval + self.timeout * self.max_failures
+    }
+}
+
+/// TCP keepalive probes (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveConfig {
+    /// Idle time before the first probe. Default 30 s: well below common NAT idle timeouts (about 5 min).
+    pub time: Duration,
+    /// Time between probes. Default 10 s.
+    pub interval: Duration,
+    /// Unanswered probes before the kernel drops the connection. Default 3.
+    pub retries: u32,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig { time: Duration::from_secs(30), interval: Duration::from_secs(10), retries: 3 }
+    }
+}
+
+/// Socket options applied through socket2 to every connected and accepted socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// TCP_NODELAY. Default `true`: tether coalesces writes itself, Nagle only adds latency.
+    pub nodelay: bool,
+    /// TCP keepalive; `None` leaves it off. Default on, see [`KeepaliveConfig`].
+    pub keepalive: Option<KeepaliveConfig>,
+    /// TCP_USER_TIMEOUT (Linux): unacknowledged data older than this ends the connection, where the
+    /// kernel default retransmits for about 15 minutes. `None` keeps the kernel default. Default 30 s.
+    pub user_timeout: Option<Duration>,
+    /// SO_SNDBUF; `None` keeps the kernel's autotuning. Default `None`.
+    pub send_buffer_size: Option<usize>,
+    /// SO_RCVBUF; `None` keeps the kernel's autotuning. Default `None`.
+    pub recv_buffer_size: Option<usize>,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            nodelay: true,
+            keepalive: Some(KeepaliveConfig::default()),
+            user_timeout: Some(Duration::from_secs(30)),
+            send_buffer_size: None,
+            recv_buffer_size: None,
+        }
+    }
+}
+
+/// Limits of one connection, the same on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// Largest frame body accepted. Default 4 MiB, gRPC's default maximum receive message size.
+    pub max_frame_size: u32,
+    /// Most metadata entries accepted in one frame. Default 64.
+    pub max_metadata_entries: usize,
+    /// Encoded bytes buffered for writing before the connection stops taking frames from its
+    /// outbound queue; senders then wait (backpressure). Default 1 MiB.
+    pub max_outbound_bytes: usize,
+    /// Frames queued for the connection's I/O task. Default 1024; senders wait when it is full.
+    pub outbound_queue: usize,
+    /// No write progress for this long while bytes wait closes with `SlowConsumer`. Default 10 s.
+    pub write_stall_timeout: Duration,
+    /// A frame whose first byte arrived but whose last did not within this time closes the
+    /// connection with `PartialFrameTimeout` (slowloris). Default 30 s.
+    pub partial_frame_timeout: Duration,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
+            max_outbound_bytes: 1024 * 1024,
+            outbound_queue: 1024,
+            write_stall_timeout: Duration::from_secs(10),
+            partial_frame_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A contradiction or out-of-range value in a configuration, found when it is built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The heartbeat timeout must be below the interval, or heartbeats would overlap.
+    #[error("heartbeat timeout {timeout:?} must be below the heartbeat interval {interval:?}")]
+    HeartbeatTimeoutNotBelowInterval {
+        /// The timeout.
+        timeout: Duration,
+        /// The interval.
+        interval: Duration,
+    },
+    /// A duration or count that must be positive was zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// A value outside its allowed range.
+    #[error("{field} is out of range: {why}")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        why: &'static str,
+    },
+}
+
+impl HeartbeatConfig {
+    /// Checks the heartbeat settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.interval.is_zero() {
+            return Err(ConfigError::Zero("heartbeat.interval"));
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::Zero("heartbeat.timeout"));
+        }
+        if self.max_failures == 0 {
+            return Err(ConfigError::Zero("heartbeat.max_failures"));
+        }
+        if self.timeout >= self.interval {
+            return Err(ConfigError::HeartbeatTimeoutNotBelowInterval { timeout: self.timeout, interval: self.interval });
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionConfig {
+    /// Checks the connection limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_frame_size < 64 {
+            return Err(ConfigError::OutOfRange { field: "max_frame_size", why: "must be at least 64 bytes" });
+        }
+        if self.outbound_queue == 0 {
+            return Err(ConfigError::Zero("outbound_queue"));
+        }
+        if self.max_outbound_bytes == 0 {
+            return Err(ConfigError::Zero("max_outbound_bytes"));
+        }
+        if self.write_stall_timeout.is_zero() {
+            return Err(ConfigError::Zero("write_stall_timeout"));
+        }
+        if self.partial_frame_timeout.is_zero() {
+            return Err(ConfigError::Zero("partial_frame_timeout"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! How the server side of a driver hands requests to handlers without running them on the I/O task.
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::frame::{RequestFrame, ResponseFrame};
+use crate::message::Metadata;
+use crate::status::{Code, Status};
+
+use super::handle::Outbound;
+
+/// Receives the requests a connection reads. Called on the I/O task: it must not block or await.
+pub trait Dispatch: Send + 'static {
+    /// Starts the work for `request` (spawned on `tasks`, so graceful shutdown can wait for it) and
+    /// answers through `responder`; or returns a response to write at once (for example SERVER_BUSY)
+    /// without running anything.
+    fn dispatch(
+        &mut self,
+        request: RequestFrame,
+        received_at: Instant,
+        responder: Responder,
+        tasks: &TaskTracker,
+    ) -> Option<ResponseFrame>;
+}
+
+/// Sends one request's response back through its connection's outbound queue. Dropped without
+/// sending (a handler panicked), it answers INTERNAL so the caller is not left waiting.
+#[derive(Debug)]
+pub struct Responder {
+    id: u64,
+    oneway: bool,
+    tx: Option<mpsc::Sender<Outbound>>,
+}
+
+impl Responder {
+    pub(crate) fn new(id: u64, oneway: bool, tx: mpsc::Sender<Outbound>) -> Self {
+        Responder { id, oneway, tx: Some(tx) }
+    }
+
+    /// The request id being answered.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True for a oneway request: nothing is sent back.
+    pub fn is_oneway(&self) -> bool {
+        self.oneway
+    }
+
+    /// Answers at once from the I/O task (for example SERVER_BUSY) without running anything: returns
+    /// the frame for the driver to write, or `None` for a oneway request.
+    pub fn immediate(mut self, status: Status) -> Option<ResponseFrame> {
+        self.tx = None;
+        (!self.oneway).then(|| status_frame(self.id, status))
+    }
+
+    /// Sends a successful response.
+    pub async fn ok(self, metadata: Metadata, payload: bytes::Bytes) {
+        let id = self.id;
+        self.send(ResponseFrame { id, code: Code::Ok, message: String::new(), metadata, payload }).await;
+    }
+
+    /// Sends an error status.
+    pub async fn error(self, status: Status) {
+        let frame = status_frame(self.id, status);
+        self.send(frame).await;
+    }
+
+    async fn send(mut self, frame: ResponseFrame) {
+        let Some(tx) = self.tx.take() else { return };
+        if self.oneway {
+            return;
+        }
+        // Waits while the outbound queue is full; fails only if the connection is gone, and then
+        // the caller has already been told why.
+        let _ = tx.send(Outbound::Response(frame)).await;
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            if !self.oneway {
+                let frame = status_frame(self.id, Status::internal("handler ended without a response (panicked?)"));
+                let _ = tx.try_send(Outbound::Response(frame));
+            }
+        }
+    }
+}
+
+/// A response frame for an error status.
+pub fn status_frame(id: u64, status: Status) -> ResponseFrame {
+    let (code, message, metadata) = status.into_parts();
+    ResponseFrame { id, code, message, metadata, payload: bytes::Bytes::new() }
+}

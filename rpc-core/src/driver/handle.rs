@@ -1,0 +1,210 @@
+//! The cheap side of a connection: a handle shared by every task that sends on it, the state it
+//! exposes, and the errors a call can end with.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{CloseReason, GoAwayReason, ProtocolError};
+use crate::frame::{RequestFrame, ResponseFrame, Settings};
+
+/// The lifecycle of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Waiting for the peer's settings.
+    Handshaking,
+    /// Open for requests.
+    Open,
+    /// GOAWAY was sent or received: requests in flight finish, no new ones are taken.
+    Draining {
+        /// The GOAWAY's reason.
+        reason: GoAwayReason,
+        /// True when the peer sent it.
+        by_peer: bool,
+    },
+    /// Closed for good.
+    Closed(CloseReason),
+}
+
+/// Why a call on a connection failed, and whether the peer may have run it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The connection closed before the request was completely written: the peer cannot have run it.
+    #[error("connection closed before the request was written ({0})")]
+    NotWritten(CloseReason),
+    /// The connection closed after the request was written and before its response arrived: the
+    /// peer may have run it.
+    #[error("connection closed after the request was written ({0})")]
+    ClosedAfterWrite(CloseReason),
+    /// The peer's GOAWAY named a last request id below this request's: the peer did not run it.
+    #[error("peer sent GOAWAY ({reason}) before processing this request")]
+    GoAway {
+        /// The GOAWAY's reason.
+        reason: GoAwayReason,
+        /// The last id the peer processes.
+        last_request_id: u64,
+    },
+    /// The connection is draining and takes no new requests; nothing was written.
+    #[error("connection is draining")]
+    Draining,
+    /// The request could not be encoded (for example larger than the peer's max frame size); nothing was written.
+    #[error("request rejected before sending: {0}")]
+    Encode(ProtocolError),
+    /// The request's deadline passed before it could be written; nothing was written.
+    #[error("deadline passed before the request was written")]
+    Expired,
+}
+
+impl ConnectionError {
+    /// True when the peer may have run the request. False proves it did not.
+    pub fn may_have_executed(&self) -> bool {
+        matches!(self, ConnectionError::ClosedAfterWrite(_))
+    }
+
+    /// The close reason, if the connection closed.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        match self {
+            ConnectionError::NotWritten(r) | ConnectionError::ClosedAfterWrite(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// The answer a caller waits for.
+pub type CallResult = Result<ResponseFrame, ConnectionError>;
+
+/// A message for a connection's I/O task.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send a request; `reply` gets the response, or `None` for a oneway request.
+    Request {
+        /// The request; its id is assigned by the driver.
+        frame: RequestFrame,
+        /// The caller's deadline; the remaining time is computed when the request is written.
+        deadline: Option<Instant>,
+        /// Where the answer goes.
+        reply: Option<oneshot::Sender<CallResult>>,
+    },
+    /// Send a response.
+    Response(ResponseFrame),
+}
+
+pub(crate) struct Shared {
+    pub(crate) id: u64,
+    pub(crate) state: watch::Sender<ConnectionState>,
+    pub(crate) peer_settings: OnceLock<Settings>,
+    pub(crate) in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last frame written; readers judge idleness as the peer sees it.
+    pub(crate) last_write_ms: AtomicU64,
+    pub(crate) epoch: Instant,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A handle on one connection: cheap to clone, shared by every task that uses the connection.
+#[derive(Clone)]
+pub struct ConnectionHandle {
+    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConnectionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionHandle").field("id", &self.shared.id).field("state", &self.state()).finish()
+    }
+}
+
+impl ConnectionHandle {
+    /// Process-unique connection id.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ConnectionState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// True while the connection takes new requests.
+    pub fn is_open(&self) -> bool {
+        matches!(*self.shared.state.borrow(), ConnectionState::Open)
+    }
+
+    /// A receiver that sees every state change (event-driven pool moves watch this).
+    pub fn subscribe(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Waits until the handshake completes, or returns the close reason.
+    pub async fn ready(&self) -> Result<(), CloseReason> {
+        let mut rx = self.subscribe();
+        let state = rx.wait_for(|s| !matches!(s, ConnectionState::Handshaking)).await;
+        match state.as_deref() {
+            Ok(ConnectionState::Closed(r)) => Err(r.clone()),
+            Ok(_) => Ok(()),
+            Err(_) => Err(CloseReason::Local),
+        }
+    }
+
+    /// Waits until the connection is closed and returns why.
+    pub async fn closed(&self) -> CloseReason {
+        let mut rx = self.subscribe();
+        let state = rx.wait_for(|s| matches!(s, ConnectionState::Closed(_))).await;
+        match state.as_deref() {
+            Ok(ConnectionState::Closed(r)) => r.clone(),
+            _ => CloseReason::Local,
+        }
+    }
+
+    /// The settings the peer sent in the handshake.
+    pub fn peer_settings(&self) -> Option<Settings> {
+        self.shared.peer_settings.get().copied()
+    }
+
+    /// Requests sent and not yet answered, as counted by callers through [`InFlightGuard`].
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the guard drops.
+    pub fn track_in_flight(&self) -> InFlightGuard {
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard { shared: self.shared.clone() }
+    }
+
+    /// When this side last wrote a frame (the peer's idle clock restarts then).
+    pub fn last_write(&self) -> Instant {
+        self.shared.epoch + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
+    }
+
+    /// Queues a message for the I/O task, waiting while the outbound queue is full.
+    pub async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
+        self.tx.send(msg).await.map_err(|e| e.0)
+    }
+
+    /// Starts a graceful close: GOAWAY, let requests in flight finish (within the drain timeout), close.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// Decrements a connection's in-flight count on drop.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("id", &self.id).finish()
+    }
+}

@@ -1,0 +1,697 @@
+//! The connection driver both sides share: one task per connection that owns the byte stream.
+//!
+//! It reads, writes and runs its timers in a single hand-written `poll` (hand-written because a
+//! `select!` loop that awaits a write cannot read at the same time, and reading must go on while a
+//! slow peer stalls our writes, or heartbeats and GOAWAY would go unseen). Each pass:
+//! 1. reads what the socket has and decodes every complete frame, answering heartbeats at once;
+//! 2. takes frames from the bounded outbound queue while fewer than `max_outbound_bytes` wait,
+//!    encoding them into one write buffer, so a burst is written with one syscall;
+//! 3. writes and flushes, tracking stalls;
+//! 4. re-arms one timer for the earliest of: heartbeat, idle eviction, write stall, partial
+//!    frame, drain deadline.
+//!
+//! Generic over `AsyncRead + AsyncWrite`, so TLS slots in without a second driver.
+
+mod dispatch;
+mod handle;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, Sleep};
+use tokio_util::codec::Decoder;
+use tokio_util::io::poll_read_buf;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
+
+pub use dispatch::{status_frame, Dispatch, Responder};
+pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound};
+use handle::Shared;
+
+use crate::codec::FrameCodec;
+use crate::config::{ConnectionConfig, HeartbeatConfig};
+use crate::error::{CloseReason, CodecError, GoAwayReason, ProtocolError};
+use crate::event::{ConnectionEvent, EventSender};
+use crate::frame::{Frame, GoAway, RequestFrame, ResponseFrame, Settings};
+use crate::liveness::{Liveness, LivenessAction, PartialFrame, WriteStall};
+use crate::metrics::{ConnectionMetrics, Side};
+use crate::status::Status;
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How many read or write syscalls one pass may make before yielding to other tasks.
+const IO_BUDGET: usize = 32;
+/// Spare read-buffer capacity below which the buffer grows before the next read.
+const READ_RESERVE: usize = 8 * 1024;
+
+/// Everything a driver needs besides the stream.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Client or server.
+    pub side: Side,
+    /// Frame size, outbound bytes, stall and partial-frame limits.
+    pub connection: ConnectionConfig,
+    /// Client heartbeats (`None` or disabled: none sent).
+    pub heartbeat: Option<HeartbeatConfig>,
+    /// Server idle eviction (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// The settings this side sends in the handshake.
+    pub settings: Settings,
+    /// How long a graceful drain may take before the connection is closed anyway.
+    pub drain_timeout: Duration,
+    /// After this side sends GOAWAY and closes, how long it keeps reading (and discarding) so the
+    /// peer reads the GOAWAY before any RST could destroy it.
+    pub linger: Duration,
+    /// The peer's address, for events and logs.
+    pub peer: Option<SocketAddr>,
+    /// Where connection events go.
+    pub events: Option<EventSender>,
+    /// Cancelling this token starts a graceful drain of the connection (a server cancels one token
+    /// for all its connections). Each connection gets a child token of it.
+    pub shutdown: Option<CancellationToken>,
+}
+
+impl DriverConfig {
+    /// Defaults for `side`.
+    pub fn new(side: Side) -> Self {
+        DriverConfig {
+            side,
+            connection: ConnectionConfig::default(),
+            heartbeat: None,
+            idle_timeout: None,
+            settings: Settings::default(),
+            drain_timeout: Duration::from_secs(30),
+            linger: Duration::from_secs(1),
+            peer: None,
+            events: None,
+            shutdown: None,
+        }
+    }
+}
+
+/// Request ids are sequential; a Fibonacci multiply spreads them over the hash table's buckets and
+/// control bytes. (No crate offers this tiny hasher without pulling in much more.)
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+struct Pending {
+    reply: oneshot::Sender<CallResult>,
+    /// Bytes enqueued on this connection once this request was encoded; written when
+    /// `flushed_total` reaches it.
+    end_offset: u64,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The I/O task of one connection. Run it with [`Driver::run`] (usually spawned).
+pub struct Driver<S> {
+    io: S,
+    cfg: DriverConfig,
+    codec: FrameCodec,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    enqueued_total: u64,
+    flushed_total: u64,
+    needs_flush: bool,
+    rx: mpsc::Receiver<Outbound>,
+    rx_closed: bool,
+    tx: mpsc::Sender<Outbound>,
+    shared: Arc<Shared>,
+    liveness: Liveness,
+    stall: WriteStall,
+    partial: PartialFrame,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_seen: bool,
+    handshake_done: bool,
+    next_id: u64,
+    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
+    dispatch: Option<Box<dyn Dispatch>>,
+    tasks: TaskTracker,
+    tasks_idle: Option<BoxFuture>,
+    last_request_id: u64,
+    goaway_sent: Option<u64>,
+    goaway_received: Option<GoAway>,
+    drain_deadline: Option<Instant>,
+    metrics: ConnectionMetrics,
+}
+
+impl<S> std::fmt::Debug for Driver<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("id", &self.shared.id).field("side", &self.cfg.side).finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
+    /// A client-side driver: it sends requests and matches responses by id.
+    pub fn client(io: S, cfg: DriverConfig) -> (ConnectionHandle, Self) {
+        Self::build(io, cfg, None)
+    }
+
+    /// A server-side driver: requests go to `dispatch`, which runs them off this task.
+    pub fn server(io: S, cfg: DriverConfig, dispatch: impl Dispatch) -> (ConnectionHandle, Self) {
+        Self::build(io, cfg, Some(Box::new(dispatch)))
+    }
+
+    fn build(io: S, cfg: DriverConfig, dispatch: Option<Box<dyn Dispatch>>) -> (ConnectionHandle, Self) {
+        let now = Instant::now();
+        let (tx, rx) = mpsc::channel(cfg.connection.outbound_queue);
+        let (state, _) = watch::channel(ConnectionState::Handshaking);
+        let token = cfg.shutdown.as_ref().map_or_else(CancellationToken::new, CancellationToken::child_token);
+        let shared = Arc::new(Shared {
+            id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+            state,
+            peer_settings: OnceLock::new(),
+            in_flight: Default::default(),
+            last_write_ms: AtomicU64::new(0),
+            epoch: now,
+            shutdown: token.clone(),
+        });
+        let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
+        codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
+        let mut wbuf = BytesMut::with_capacity(8 * 1024);
+        codec.encode_frame(&Frame::Settings(cfg.settings), &mut wbuf).expect("settings always fit a frame");
+        let heartbeat = if cfg.side == Side::Client { cfg.heartbeat } else { None };
+        let idle = if cfg.side == Side::Server { cfg.idle_timeout } else { None };
+        let driver = Driver {
+            io,
+            codec,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            enqueued_total: wbuf.len() as u64,
+            wbuf,
+            flushed_total: 0,
+            needs_flush: false,
+            rx,
+            rx_closed: false,
+            tx: tx.clone(),
+            liveness: Liveness::new(now, heartbeat, idle),
+            stall: WriteStall::default(),
+            partial: PartialFrame::default(),
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer_at: None,
+            shutdown: Box::pin(token.cancelled_owned()),
+            shutdown_seen: false,
+            handshake_done: false,
+            next_id: 1,
+            pending: HashMap::default(),
+            dispatch,
+            tasks: TaskTracker::new(),
+            tasks_idle: None,
+            last_request_id: 0,
+            goaway_sent: None,
+            goaway_received: None,
+            drain_deadline: None,
+            metrics: ConnectionMetrics::new(cfg.side),
+            cfg,
+            shared: shared.clone(),
+        };
+        (ConnectionHandle { tx, shared }, driver)
+    }
+
+    /// Runs the connection until it closes and returns why. After a close in which this side sent
+    /// GOAWAY, it half-closes and lingers (reading and discarding) for up to `linger`.
+    pub async fn run(mut self) -> CloseReason {
+        let reason = std::future::poll_fn(|cx| self.poll_drive(cx)).await;
+        let span_id = self.shared.id;
+        tracing::debug!(conn = span_id, side = self.cfg.side.as_str(), %reason, "connection closed");
+        if self.goaway_sent.is_some() && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer) {
+            let mut io = self.io;
+            let _ = tokio::time::timeout(self.cfg.linger, async move {
+                let _ = io.shutdown().await;
+                let mut scratch = [0u8; 4096];
+                while let Ok(n) = io.read(&mut scratch).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        reason
+    }
+
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        match self.poll_inner(cx) {
+            Poll::Ready(reason) => {
+                self.close(reason.clone(), cx);
+                Poll::Ready(reason)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        loop {
+            let now = Instant::now();
+            if !self.shutdown_seen && self.shutdown.as_mut().poll(cx).is_ready() {
+                self.shutdown_seen = true;
+                self.start_drain(now, GoAwayReason::Shutdown);
+            }
+            let mut budget_used = true;
+            for _ in 0..IO_BUDGET {
+                let read = match self.poll_read(cx, now) {
+                    Ok(r) => r,
+                    Err(reason) => return Poll::Ready(reason),
+                };
+                let pulled = self.poll_outbound(cx, now);
+                let wrote = match self.poll_write(cx, now) {
+                    Ok(w) => w,
+                    Err(reason) => return Poll::Ready(reason),
+                };
+                if !(read || pulled || wrote) {
+                    budget_used = false;
+                    break;
+                }
+            }
+            if let Err(reason) = self.on_timers(now) {
+                return Poll::Ready(reason);
+            }
+            // Timers may have encoded a heartbeat: write it in this pass.
+            if let Err(reason) = self.poll_write(cx, now) {
+                return Poll::Ready(reason);
+            }
+            if let Some(reason) = self.poll_drained(cx) {
+                return Poll::Ready(reason);
+            }
+            if budget_used {
+                // Used the whole budget with work still coming: let other tasks run, then go on.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match self.next_deadline() {
+                Some(at) => {
+                    if self.timer_at != Some(at) {
+                        self.timer.as_mut().reset(at);
+                        self.timer_at = Some(at);
+                    }
+                    if self.timer.as_mut().poll(cx).is_ready() {
+                        self.timer_at = None;
+                        continue;
+                    }
+                }
+                None => self.timer_at = None,
+            }
+            return Poll::Pending;
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, CloseReason> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_RESERVE {
+            self.rbuf.reserve(4 * READ_RESERVE);
+        }
+        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+            Poll::Ready(Ok(0)) => Err(match &self.goaway_received {
+                Some(g) => CloseReason::GoAway { reason: g.reason, last_request_id: g.last_request_id },
+                None => CloseReason::PeerClosed,
+            }),
+            Poll::Ready(Ok(_)) => {
+                self.decode_all(now)?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(CloseReason::from_io(&e)),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn decode_all(&mut self, now: Instant) -> Result<(), CloseReason> {
+        loop {
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(frame)) => {
+                    self.partial.on_frame();
+                    self.liveness.on_frame_read(now);
+                    self.on_frame(frame, now)?;
+                }
+                Ok(None) => break,
+                Err(CodecError::Protocol(e)) => return Err(CloseReason::Protocol(e)),
+                Err(CodecError::Io(e)) => return Err(CloseReason::from_io(&e)),
+            }
+        }
+        self.partial.on_decoded(self.rbuf.len(), now);
+        Ok(())
+    }
+
+    fn on_frame(&mut self, frame: Frame, now: Instant) -> Result<(), CloseReason> {
+        if !self.handshake_done {
+            let Frame::Settings(s) = frame else {
+                return Err(ProtocolError::UnexpectedFrame(frame.kind()).into());
+            };
+            return self.on_settings(s);
+        }
+        match frame {
+            Frame::Settings(_) => {} // later settings updates are reserved; ignore them
+            Frame::Heartbeat { id } => self.encode(&Frame::HeartbeatAck { id }),
+            Frame::HeartbeatAck { .. } => self.metrics.heartbeats_acked.increment(1),
+            Frame::GoAway(g) => self.on_goaway(g),
+            Frame::Response(r) => {
+                if self.cfg.side == Side::Server {
+                    return Err(ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into());
+                }
+                if let Some(p) = self.pending.remove(&r.id) {
+                    let _ = p.reply.send(Ok(r));
+                }
+            }
+            Frame::Request(r) => {
+                let kind = if r.oneway { crate::frame::FrameKind::Oneway } else { crate::frame::FrameKind::Request };
+                if self.cfg.side == Side::Client {
+                    return Err(ProtocolError::UnexpectedFrame(kind).into());
+                }
+                if r.id <= self.last_request_id {
+                    return Err(ProtocolError::Malformed { kind, what: "request id not increasing" }.into());
+                }
+                if self.goaway_sent.is_some_and(|last| r.id > last) {
+                    // Above the id our GOAWAY named: the client knows it was not run and retries it.
+                    return Ok(());
+                }
+                self.last_request_id = r.id;
+                self.on_request(r, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_settings(&mut self, s: Settings) -> Result<(), CloseReason> {
+        if let Some(max) = s.max_frame_size {
+            if max < 64 {
+                return Err(ProtocolError::Handshake("peer max_frame_size below 64 bytes").into());
+            }
+            self.codec.set_max_send_frame_size(max);
+        }
+        let _ = self.shared.peer_settings.set(s);
+        self.handshake_done = true;
+        if self.goaway_sent.is_none() && self.goaway_received.is_none() {
+            self.shared.state.send_replace(ConnectionState::Open);
+        }
+        self.emit(ConnectionEvent::Connected { id: self.shared.id, peer: self.cfg.peer });
+        Ok(())
+    }
+
+    fn on_request(&mut self, r: RequestFrame, now: Instant) {
+        let Some(dispatch) = self.dispatch.as_mut() else { return };
+        let responder = Responder::new(r.id, r.oneway, self.tx.clone());
+        if let Some(resp) = dispatch.dispatch(r, now, responder, &self.tasks) {
+            self.encode_response(resp);
+        }
+    }
+
+    fn on_goaway(&mut self, g: GoAway) {
+        self.metrics.goaway_received(g.reason);
+        self.emit(ConnectionEvent::GoAwayReceived {
+            id: self.shared.id,
+            reason: g.reason,
+            last_request_id: g.last_request_id,
+        });
+        // Requests above the peer's last id were not run: fail them now so callers can retry.
+        let last = g.last_request_id;
+        let not_run: Vec<u64> = self.pending.keys().copied().filter(|id| *id > last).collect();
+        for id in not_run {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Err(ConnectionError::GoAway { reason: g.reason, last_request_id: last }));
+            }
+        }
+        if self.goaway_sent.is_none() {
+            self.shared.state.send_replace(ConnectionState::Draining { reason: g.reason, by_peer: true });
+        }
+        self.drain_deadline.get_or_insert(Instant::now() + self.cfg.drain_timeout);
+        self.tasks.close();
+        self.goaway_received = Some(g);
+    }
+
+    /// Sends GOAWAY (once) and stops taking new work; in-flight work finishes within `drain_timeout`.
+    fn start_drain(&mut self, now: Instant, reason: GoAwayReason) {
+        if self.goaway_sent.is_some() {
+            return;
+        }
+        let last = self.last_request_id;
+        self.encode(&Frame::GoAway(GoAway { reason, last_request_id: last, message: String::new() }));
+        self.goaway_sent = Some(last);
+        if self.goaway_received.is_none() {
+            self.shared.state.send_replace(ConnectionState::Draining { reason, by_peer: false });
+        }
+        self.drain_deadline.get_or_insert(now + self.cfg.drain_timeout);
+        self.tasks.close();
+    }
+
+    /// Once draining, the connection closes when nothing is left in flight.
+    fn poll_drained(&mut self, cx: &mut Context<'_>) -> Option<CloseReason> {
+        if self.goaway_sent.is_none() && self.goaway_received.is_none() {
+            return None;
+        }
+        if !self.pending.is_empty() || !self.wbuf.is_empty() || self.needs_flush || !self.rx.is_empty() {
+            return None;
+        }
+        if self.cfg.side == Side::Server {
+            let tasks = self.tasks.clone();
+            let idle = self.tasks_idle.get_or_insert_with(|| Box::pin(async move { tasks.wait().await }));
+            if idle.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            // A task's response may have been queued between our last pull and its exit.
+            if !self.rx.is_empty() {
+                cx.waker().wake_by_ref();
+                return None;
+            }
+        }
+        Some(self.drain_reason())
+    }
+
+    fn drain_reason(&self) -> CloseReason {
+        match &self.goaway_received {
+            Some(g) => CloseReason::GoAway { reason: g.reason, last_request_id: g.last_request_id },
+            None => CloseReason::Shutdown,
+        }
+    }
+
+    fn poll_outbound(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        let mut progressed = false;
+        while !self.rx_closed && self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(msg)) => {
+                    progressed = true;
+                    self.on_outbound(msg, now);
+                }
+                Poll::Ready(None) => {
+                    // Every handle is gone: close gracefully once the pending requests are answered.
+                    self.rx_closed = true;
+                    self.start_drain(now, GoAwayReason::Shutdown);
+                }
+                Poll::Pending => break,
+            }
+        }
+        progressed
+    }
+
+    fn on_outbound(&mut self, msg: Outbound, now: Instant) {
+        match msg {
+            Outbound::Request { mut frame, deadline, reply } => {
+                let fail = |reply: Option<oneshot::Sender<CallResult>>, e: ConnectionError| {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e));
+                    }
+                };
+                if reply.as_ref().is_some_and(|r| r.is_closed()) {
+                    return; // the caller gave up before we got to it
+                }
+                if let Some(g) = &self.goaway_received {
+                    let e = ConnectionError::GoAway { reason: g.reason, last_request_id: g.last_request_id };
+                    return fail(reply, e);
+                }
+                if self.goaway_sent.is_some() || !self.handshake_done {
+                    return fail(reply, ConnectionError::Draining);
+                }
+                if let Some(d) = deadline {
+                    if d <= now {
+                        return fail(reply, ConnectionError::Expired);
+                    }
+                    frame.timeout = Some(d - now);
+                }
+                let id = self.next_id;
+                frame.id = id;
+                let before = self.wbuf.len();
+                if let Err(e) = self.codec.encode_frame(&Frame::Request(frame), &mut self.wbuf) {
+                    self.wbuf.truncate(before);
+                    return fail(reply, ConnectionError::Encode(e));
+                }
+                self.next_id += 1;
+                self.enqueued_total += (self.wbuf.len() - before) as u64;
+                if let Some(reply) = reply {
+                    self.pending.insert(id, Pending { reply, end_offset: self.enqueued_total });
+                }
+            }
+            Outbound::Response(r) => self.encode_response(r),
+        }
+    }
+
+    fn encode_response(&mut self, r: ResponseFrame) {
+        let before = self.wbuf.len();
+        let id = r.id;
+        if let Err(e) = self.codec.encode_frame(&Frame::Response(r), &mut self.wbuf) {
+            self.wbuf.truncate(before);
+            let status = Status::internal(format!("response not sent: {e}"));
+            self.encode(&Frame::Response(status_frame(id, status)));
+            return;
+        }
+        self.enqueued_total += (self.wbuf.len() - before) as u64;
+    }
+
+    /// Encodes a control frame (or anything known to fit) into the write buffer.
+    fn encode(&mut self, frame: &Frame) {
+        let before = self.wbuf.len();
+        if let Err(e) = self.codec.encode_frame(frame, &mut self.wbuf) {
+            self.wbuf.truncate(before);
+            tracing::error!(conn = self.shared.id, error = %e, "control frame did not encode");
+            return;
+        }
+        self.enqueued_total += (self.wbuf.len() - before) as u64;
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, CloseReason> {
+        let mut progressed = false;
+        while !self.wbuf.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(CloseReason::Io { kind: std::io::ErrorKind::WriteZero, message: "write returned 0".into() })
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.wbuf.advance(n);
+                    self.flushed_total += n as u64;
+                    self.needs_flush = true;
+                    progressed = true;
+                    self.stall.on_progress();
+                    let ms = (now - self.shared.epoch).as_millis() as u64;
+                    self.shared.last_write_ms.store(ms, Ordering::Relaxed);
+                }
+                Poll::Ready(Err(e)) => return Err(CloseReason::from_io(&e)),
+                Poll::Pending => {
+                    self.stall.on_blocked(now);
+                    return Ok(progressed);
+                }
+            }
+        }
+        self.stall.on_progress();
+        if self.needs_flush {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => return Err(CloseReason::from_io(&e)),
+                Poll::Pending => {}
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn on_timers(&mut self, now: Instant) -> Result<(), CloseReason> {
+        while let Some(action) = self.liveness.poll(now) {
+            match action {
+                LivenessAction::SendHeartbeat { id } => {
+                    self.metrics.heartbeats_sent.increment(1);
+                    self.encode(&Frame::Heartbeat { id });
+                }
+                LivenessAction::HeartbeatMissed { failures } => {
+                    self.metrics.heartbeats_failed.increment(1);
+                    self.emit(ConnectionEvent::HeartbeatFailed { id: self.shared.id, failures });
+                }
+                LivenessAction::Close(reason) => {
+                    if reason == CloseReason::HeartbeatTimeout {
+                        self.metrics.heartbeats_failed.increment(1);
+                        let failures = self.liveness.failures();
+                        self.emit(ConnectionEvent::HeartbeatFailed { id: self.shared.id, failures });
+                    }
+                    return Err(reason);
+                }
+            }
+        }
+        let c = &self.cfg.connection;
+        if self.stall.deadline(c.write_stall_timeout).is_some_and(|d| now >= d) {
+            return Err(CloseReason::SlowConsumer);
+        }
+        if self.partial.deadline(c.partial_frame_timeout).is_some_and(|d| now >= d) {
+            return Err(CloseReason::PartialFrameTimeout);
+        }
+        if self.drain_deadline.is_some_and(|d| now >= d) {
+            return Err(self.drain_reason());
+        }
+        Ok(())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let c = &self.cfg.connection;
+        [
+            self.liveness.next_deadline(),
+            self.stall.deadline(c.write_stall_timeout),
+            self.partial.deadline(c.partial_frame_timeout),
+            self.drain_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Ends the connection: a best-effort GOAWAY when the stream still works, every waiter told why.
+    fn close(&mut self, reason: CloseReason, cx: &mut Context<'_>) {
+        let stream_usable = !matches!(
+            reason,
+            CloseReason::Reset | CloseReason::PeerClosed | CloseReason::Io { .. } | CloseReason::SlowConsumer | CloseReason::GoAway { .. }
+        );
+        if stream_usable && self.goaway_sent.is_none() {
+            if let Some(g) = reason.goaway_reason() {
+                let last = self.last_request_id;
+                self.encode(&Frame::GoAway(GoAway { reason: g, last_request_id: last, message: reason.to_string() }));
+                self.goaway_sent = Some(last);
+            }
+        }
+        if stream_usable {
+            // One non-blocking attempt: the peer is told why if its window allows.
+            let _ = self.poll_write(cx, Instant::now());
+        }
+        let flushed = self.flushed_total;
+        let peer_last = self.goaway_received.as_ref().map(|g| (g.reason, g.last_request_id));
+        for (id, p) in self.pending.drain() {
+            let err = match peer_last {
+                Some((r, last)) if id > last => ConnectionError::GoAway { reason: r, last_request_id: last },
+                _ if flushed >= p.end_offset => ConnectionError::ClosedAfterWrite(reason.clone()),
+                _ => ConnectionError::NotWritten(reason.clone()),
+            };
+            let _ = p.reply.send(Err(err));
+        }
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            if let Outbound::Request { reply: Some(r), .. } = msg {
+                let _ = r.send(Err(ConnectionError::NotWritten(reason.clone())));
+            }
+        }
+        self.tasks.close();
+        self.metrics.closed(&reason);
+        self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
+        self.emit(ConnectionEvent::Closed { id: self.shared.id, peer: self.cfg.peer, reason });
+    }
+
+    fn emit(&self, event: ConnectionEvent) {
+        if let Some(tx) = &self.cfg.events {
+            let _ = tx.send(event);
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Connection events users can subscribe to.
+
+use std::net::SocketAddr;
+
+use crate::error::{CloseReason, GoAwayReason};
+
+/// Something that happened to a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionEvent {
+    /// The handshake completed.
+    Connected {
+        /// Connection id.
+        id: u64,
+        /// The peer's address, when known.
+        peer: Option<SocketAddr>,
+    },
+    /// A heartbeat went unanswered (`failures` in a row, below the maximum).
+    HeartbeatFailed {
+        /// Connection id.
+        id: u64,
+        /// Consecutive failures.
+        failures: u32,
+    },
+    /// The peer sent GOAWAY.
+    GoAwayReceived {
+        /// Connection id.
+        id: u64,
+        /// Why.
+        reason: GoAwayReason,
+        /// Last request id the peer processes.
+        last_request_id: u64,
+    },
+    /// The connection closed.
+    Closed {
+        /// Connection id.
+        id: u64,
+        /// The peer's address, when known.
+        peer: Option<SocketAddr>,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Where a connection publishes its events: a bounded broadcast channel, so a slow subscriber lags
+/// (and is told how many events it missed) instead of holding memory or blocking the I/O task.
+pub type EventSender = tokio::sync::broadcast::Sender<ConnectionEvent>;

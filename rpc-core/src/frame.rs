@@ -1,0 +1,157 @@
+//! Frames: the unit of the tether wire protocol. `PROTOCOL.md` documents every byte.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::GoAwayReason;
+use crate::message::Metadata;
+use crate::status::Code;
+
+/// The first byte of every frame: ASCII `T`.
+pub const MAGIC: u8 = 0x54;
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Length of the fixed frame header in bytes.
+pub const HEADER_LEN: usize = 16;
+
+/// The kind byte of a frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// A request that expects a response.
+    Request = 1,
+    /// A response to a request.
+    Response = 2,
+    /// A request that expects no response.
+    Oneway = 3,
+    /// A liveness probe; the peer answers with `HeartbeatAck` on its I/O path.
+    Heartbeat = 4,
+    /// The answer to a heartbeat, carrying the heartbeat's id.
+    HeartbeatAck = 5,
+    /// The sender will process no request above `last_request_id` and is closing.
+    GoAway = 6,
+    /// Handshake: each side sends its settings first.
+    Settings = 7,
+}
+
+impl FrameKind {
+    /// The kind for a header byte, if known.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Request,
+            2 => Self::Response,
+            3 => Self::Oneway,
+            4 => Self::Heartbeat,
+            5 => Self::HeartbeatAck,
+            6 => Self::GoAway,
+            7 => Self::Settings,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A request or a oneway request.
+    Request(RequestFrame),
+    /// A response.
+    Response(ResponseFrame),
+    /// A heartbeat with its sequence number.
+    Heartbeat {
+        /// Sequence number, echoed in the ack.
+        id: u64,
+    },
+    /// A heartbeat ack.
+    HeartbeatAck {
+        /// The acknowledged heartbeat's sequence number.
+        id: u64,
+    },
+    /// The peer is going away.
+    GoAway(GoAway),
+    /// The peer's settings (handshake).
+    Settings(Settings),
+}
+
+impl Frame {
+    /// The kind byte this frame is encoded with.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Request(r) if r.oneway => FrameKind::Oneway,
+            Frame::Request(_) => FrameKind::Request,
+            Frame::Response(_) => FrameKind::Response,
+            Frame::Heartbeat { .. } => FrameKind::Heartbeat,
+            Frame::HeartbeatAck { .. } => FrameKind::HeartbeatAck,
+            Frame::GoAway(_) => FrameKind::GoAway,
+            Frame::Settings(_) => FrameKind::Settings,
+        }
+    }
+}
+
+/// A request on the wire.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RequestFrame {
+    /// Request id, unique and increasing on one connection; assigned by the connection driver.
+    pub id: u64,
+    /// True for a oneway request: no response will be sent.
+    pub oneway: bool,
+    /// Time left until the caller's deadline when the request was written. `None`: no deadline.
+    pub timeout: Option<Duration>,
+    /// `/package.Service/Method`.
+    pub method: String,
+    /// Request metadata.
+    pub metadata: Metadata,
+    /// The encoded protobuf message.
+    pub payload: Bytes,
+}
+
+/// A response on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseFrame {
+    /// The id of the request this answers.
+    pub id: u64,
+    /// Status code.
+    pub code: Code,
+    /// Error message; empty on success.
+    pub message: String,
+    /// Response metadata.
+    pub metadata: Metadata,
+    /// The encoded protobuf message; empty unless `code` is `Ok`.
+    pub payload: Bytes,
+}
+
+/// GOAWAY: why the sender is closing and the last request id it will process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoAway {
+    /// Why.
+    pub reason: GoAwayReason,
+    /// Every request with an id above this one was not and will not be processed.
+    pub last_request_id: u64,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Handshake settings. Each side sends its own as its first frame; unknown ids are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// The largest frame body the sender accepts.
+    pub max_frame_size: Option<u32>,
+    /// Server: it closes a connection that sends nothing for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Server: requests it runs at once across all connections before answering SERVER_BUSY.
+    pub max_concurrent_requests: Option<u32>,
+    /// Client: how often it sends heartbeats when idle.
+    pub heartbeat_interval: Option<Duration>,
+    /// The most metadata entries the sender accepts in one frame.
+    pub max_metadata_entries: Option<u32>,
+}
+
+/// Setting identifiers on the wire.
+pub(crate) mod setting_id {
+    pub(crate) const MAX_FRAME_SIZE: u16 = 1;
+    pub(crate) const IDLE_TIMEOUT_MS: u16 = 2;
+    pub(crate) const MAX_CONCURRENT_REQUESTS: u16 = 3;
+    pub(crate) const HEARTBEAT_INTERVAL_MS: u16 = 4;
+    pub(crate) const MAX_METADATA_ENTRIES: u16 = 5;
+}

@@ -1,0 +1,241 @@
+//! Requests, responses and their metadata, as users and tower services see them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+/// Key/value metadata carried by requests and responses. Keys are UTF-8 strings; values are bytes.
+///
+/// A small vector, not a map: requests carry a handful of entries, and a linear scan over them is
+/// cheaper than hashing. An empty `Metadata` does not allocate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    entries: Vec<(String, Bytes)>,
+}
+
+impl Metadata {
+    /// Empty metadata.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an entry, replacing an earlier one with the same key.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<Bytes>) {
+        let key = key.into();
+        let value = value.into();
+        if let Some(slot) = self.entries.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+        } else {
+            self.entries.push((key, value));
+        }
+    }
+
+    /// The value for `key`.
+    pub fn get(&self, key: &str) -> Option<&Bytes> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The value for `key` if it is UTF-8.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Removes and returns the value for `key`.
+    pub fn remove(&mut self, key: &str) -> Option<Bytes> {
+        let i = self.entries.iter().position(|(k, _)| k == key)?;
+        Some(self.entries.remove(i).1)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Appends without checking for duplicates (the decoder keeps what the peer sent).
+    pub(crate) fn push_raw(&mut self, key: String, value: Bytes) {
+        self.entries.push((key, value));
+    }
+
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Metadata { entries: Vec::with_capacity(n) }
+    }
+}
+
+/// An RPC request: the method, metadata, a deadline and a body (`Bytes` on the wire, a message in
+/// generated code).
+#[derive(Debug, Clone)]
+pub struct Request<T> {
+    method: String,
+    metadata: Metadata,
+    deadline: Option<Instant>,
+    idempotent: bool,
+    body: T,
+}
+
+impl<T> Request<T> {
+    /// A request for `method` (`/package.Service/Method`) with no metadata and the client's default deadline.
+    pub fn new(method: impl Into<String>, body: T) -> Self {
+        Request { method: method.into(), metadata: Metadata::new(), deadline: None, idempotent: false, body }
+    }
+
+    /// The method path.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// Sets the method path.
+    pub fn set_method(&mut self, method: impl Into<String>) {
+        self.method = method.into();
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
+    }
+
+    /// The deadline. On the server, derived from the remaining time the client sent.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Time left until the deadline, zero if it has passed, `None` without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Sets an absolute deadline.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Sets the deadline to `timeout` from now.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.deadline = Some(Instant::now() + timeout);
+    }
+
+    /// Builder form of [`Request::set_timeout`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.set_timeout(timeout);
+        self
+    }
+
+    /// True when the caller says the request may safely run twice, so a client may retry it even
+    /// when the server may have run it.
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// Marks the request idempotent (or not).
+    pub fn set_idempotent(&mut self, idempotent: bool) {
+        self.idempotent = idempotent;
+    }
+
+    /// The body.
+    pub fn body(&self) -> &T {
+        &self.body
+    }
+
+    /// The body, mutably.
+    pub fn body_mut(&mut self) -> &mut T {
+        &mut self.body
+    }
+
+    /// The body, consuming the request.
+    pub fn into_body(self) -> T {
+        self.body
+    }
+
+    /// Replaces the body, keeping everything else.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Request<U> {
+        Request {
+            method: self.method,
+            metadata: self.metadata,
+            deadline: self.deadline,
+            idempotent: self.idempotent,
+            body: f(self.body),
+        }
+    }
+}
+
+/// An RPC response: metadata and a body.
+#[derive(Debug, Clone, Default)]
+pub struct Response<T> {
+    metadata: Metadata,
+    body: T,
+}
+
+impl<T> Response<T> {
+    /// A response with no metadata.
+    pub fn new(body: T) -> Self {
+        Response { metadata: Metadata::new(), body }
+    }
+
+    /// A response with metadata.
+    pub fn from_parts(metadata: Metadata, body: T) -> Self {
+        Response { metadata, body }
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// The metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
+    }
+
+    /// The body.
+    pub fn body(&self) -> &T {
+        &self.body
+    }
+
+    /// The body, consuming the response.
+    pub fn into_body(self) -> T {
+        self.body
+    }
+
+    /// Splits into metadata and body.
+    pub fn into_parts(self) -> (Metadata, T) {
+        (self.metadata, self.body)
+    }
+
+    /// Replaces the body, keeping the metadata.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Response<U> {
+        Response { metadata: self.metadata, body: f(self.body) }
+    }
+}
+
+/// What generated client methods accept: a bare message or a [`Request`] around one.
+pub trait IntoRequest<T> {
+    /// Wraps the message in a request (method path set later by the generated client).
+    fn into_request(self) -> Request<T>;
+}
+
+impl<T> IntoRequest<T> for T {
+    fn into_request(self) -> Request<T> {
+        Request::new("", self)
+    }
+}
+
+impl<T> IntoRequest<T> for Request<T> {
+    fn into_request(self) -> Request<T> {
+        self
+    }
+}

@@ -1,0 +1,40 @@
+//! Socket options through socket2, in one place for both sides. A failure to set an option is
+//! logged with the option's name, never silently ignored; the connection still proceeds, because a
+//! missing tuning option should not take a service down.
+
+use std::io;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+
+use crate::config::TcpConfig;
+
+/// Applies `config` to a connected or accepted socket. Returns the names of options that could not
+/// be set (each also logged at `warn`).
+pub fn apply_tcp_config(stream: &TcpStream, config: &TcpConfig) -> Vec<&'static str> {
+    let sock = SockRef::from(stream);
+    let mut failed = Vec::new();
+    let mut check = |name: &'static str, r: io::Result<()>| {
+        if let Err(e) = r {
+            tracing::warn!(option = name, error = %e, "failed to set socket option");
+            failed.push(name);
+        }
+    };
+    check("TCP_NODELAY", sock.set_tcp_nodelay(config.nodelay));
+    match &config.keepalive {
+        Some(k) => {
+            let ka = TcpKeepalive::new().with_time(k.time).with_interval(k.interval).with_retries(k.retries);
+            check("SO_KEEPALIVE", sock.set_tcp_keepalive(&ka));
+        }
+        None => check("SO_KEEPALIVE", sock.set_keepalive(false)),
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    check("TCP_USER_TIMEOUT", sock.set_tcp_user_timeout(config.user_timeout));
+    if let Some(n) = config.send_buffer_size {
+        check("SO_SNDBUF", sock.set_send_buffer_size(n));
+    }
+    if let Some(n) = config.recv_buffer_size {
+        check("SO_RCVBUF", sock.set_recv_buffer_size(n));
+    }
+    failed
+}

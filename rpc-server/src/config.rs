@@ -1,0 +1,55 @@
+//! Server configuration.
+
+use std::time::Duration;
+
+use rpc_core::config::{ConfigError, ConnectionConfig, TcpConfig};
+
+/// Server settings. Plain struct with `Default`; checked by [`ServerConfig::validate`] when the
+/// server is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// A connection that sends nothing for this long gets GOAWAY(idle) and is closed. `None`: never.
+    /// Default 90 s, as SOFABolt's server idle time; it must stay above the clients' heartbeat
+    /// interval, and is advertised to clients in the handshake so their pools can avoid it.
+    pub idle_timeout: Option<Duration>,
+    /// Connections served at once; the excess is accepted and closed at once. Default 10 000.
+    pub max_connections: usize,
+    /// Requests run at once across all connections; over it the server answers SERVER_BUSY at
+    /// once rather than queueing. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// On graceful shutdown, how long requests in flight may take to finish. Default 30 s.
+    pub shutdown_grace: Duration,
+    /// Per-connection limits (frame size, outbound bytes, write stall, partial frame).
+    pub connection: ConnectionConfig,
+    /// Socket options for accepted sockets.
+    pub tcp: TcpConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            idle_timeout: Some(Duration::from_secs(90)),
+            max_connections: 10_000,
+            max_concurrent_requests: 1024,
+            shutdown_grace: Duration::from_secs(30),
+            connection: ConnectionConfig::default(),
+            tcp: TcpConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the settings for values that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Zero("idle_timeout"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Zero("max_connections"));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(ConfigError::Zero("max_concurrent_requests"));
+        }
+        self.connection.validate()
+    }
+}

@@ -1,0 +1,36 @@
+//! # rpc-server
+//!
+//! The tether server: a [`Server`] builder that routes `/package.Service/Method` to tower services,
+//! runs handlers off the connection's I/O task behind a server-wide concurrency limit (SERVER_BUSY
+//! over it, never an unbounded queue), enforces the deadline each request carries, evicts idle
+//! connections with GOAWAY(idle), and shuts down gracefully.
+//!
+//! Generated code from `rpc-proto` produces a server adapter to pass to [`ServerBuilder::add_service`];
+//! single methods can be routed with [`ServerBuilder::route`]:
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use rpc_core::{Request, Response, Status};
+//! use rpc_server::{handler_fn, Server};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = Server::builder()
+//!     .route("/echo.Echo/Say", handler_fn(|req: Request<Bytes>| async move {
+//!         Ok::<_, Status>(Response::new(req.into_body()))
+//!     }))
+//!     .bind("127.0.0.1:0")
+//!     .await?;
+//! println!("listening on {}", server.local_addr());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod dispatch;
+mod router;
+mod server;
+
+pub use config::ServerConfig;
+pub use dispatch::status_from_error;
+pub use router::{handler_fn, BoxHandler, NamedService, Router, RouterFuture};
+pub use server::{Server, ServerBuilder, ServerError, ServerHandle, CONNECTIONS_REFUSED};

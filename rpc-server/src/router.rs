@@ -1,0 +1,138 @@
+//! Routes a request to a service by its method path, `/package.Service/Method`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use rpc_core::{Request, Response, Status};
+use tower::util::{BoxCloneService, Oneshot, ServiceExt};
+use tower::Service;
+
+/// A service generated from a protobuf service declares its full name (`package.Service`).
+pub trait NamedService {
+    /// `package.Service`.
+    const NAME: &'static str;
+}
+
+/// The boxed form of every handler service.
+pub type BoxHandler = BoxCloneService<Request<Bytes>, Response<Bytes>, Status>;
+
+/// Maps method paths to handlers: whole services by name, or single methods by path. Unknown
+/// methods are answered NOT_FOUND.
+#[derive(Clone, Default)]
+pub struct Router {
+    services: Arc<HashMap<String, BoxHandler>>,
+    methods: Arc<HashMap<String, BoxHandler>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .field("methods", &self.methods.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a generated service under its [`NamedService::NAME`].
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), BoxCloneService::new(svc));
+        self
+    }
+
+    /// Adds a handler for one method path, for example `/echo.Echo/Say`.
+    pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
+    where
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        Arc::make_mut(&mut self.methods).insert(path.into(), BoxCloneService::new(svc));
+        self
+    }
+
+    fn find(&self, method: &str) -> Option<&BoxHandler> {
+        if let Some(h) = self.methods.get(method) {
+            return Some(h);
+        }
+        let rest = method.strip_prefix('/')?;
+        let (service, _) = rest.rsplit_once('/')?;
+        self.services.get(service)
+    }
+}
+
+pub use future::RouterFuture;
+
+mod future {
+    // pin-project-lite cannot document the variants' fields.
+    #![allow(missing_docs)]
+    use super::*;
+
+pin_project_lite::pin_project! {
+    /// The router's future: the handler's, or an immediate NOT_FOUND.
+    #[project = RouterFutureProj]
+    pub enum RouterFuture {
+        /// The handler runs.
+        Handler { #[pin] fut: Oneshot<BoxHandler, Request<Bytes>> },
+        /// No such method.
+        NotFound { status: Option<Status> },
+    }
+}
+
+impl std::fmt::Debug for RouterFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouterFuture")
+    }
+}
+
+impl std::future::Future for RouterFuture {
+    type Output = Result<Response<Bytes>, Status>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RouterFutureProj::Handler { fut } => fut.poll(cx),
+            RouterFutureProj::NotFound { status } => {
+                Poll::Ready(Err(status.take().unwrap_or_else(|| Status::internal("polled after completion"))))
+            }
+        }
+    }
+}
+
+}
+
+impl Service<Request<Bytes>> for Router {
+    type Response = Response<Bytes>;
+    type Error = Status;
+    type Future = RouterFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        // Handlers are cloned per request and driven to readiness by `Oneshot`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        match self.find(req.method()) {
+            Some(h) => RouterFuture::Handler { fut: h.clone().oneshot(req) },
+            None => RouterFuture::NotFound { status: Some(Status::not_found(req.method())) },
+        }
+    }
+}
+
+/// A handler from an async function, for routes that are not generated from protobuf.
+pub fn handler_fn<F, Fut>(f: F) -> tower::util::ServiceFn<F>
+where
+    F: FnMut(Request<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Bytes>, Status>>,
+{
+    tower::service_fn(f)
+}

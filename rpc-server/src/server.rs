@@ -1,0 +1,265 @@
+//! The server: builder, accept loop, per-connection drivers, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpc_core::config::ConfigError;
+use rpc_core::driver::{Driver, DriverConfig};
+use rpc_core::event::{ConnectionEvent, EventSender};
+use rpc_core::frame::Settings;
+use rpc_core::metrics::Side;
+use rpc_core::socket::apply_tcp_config;
+use rpc_core::{BoxError, Request, Response, Status};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{broadcast, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::layer::util::{Identity, Stack};
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceExt};
+use tracing::Instrument;
+
+use crate::config::ServerConfig;
+use crate::dispatch::{ServerDispatch, ServerService};
+use crate::router::{NamedService, Router};
+
+/// Metric: connections accepted and closed at once because `max_connections` were open.
+pub const CONNECTIONS_REFUSED: &str = "tether_server_connections_refused_total";
+
+/// Errors starting a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is contradictory.
+    #[error("invalid server config: {0}")]
+    Config(#[from] ConfigError),
+    /// Binding the listener failed.
+    #[error("bind failed: {0}")]
+    Bind(#[source] std::io::Error),
+}
+
+/// Entry point: `Server::builder()`.
+#[derive(Debug, Clone, Copy)]
+pub struct Server;
+
+impl Server {
+    /// A builder with the default config, no layers and no services.
+    pub fn builder() -> ServerBuilder<Identity> {
+        ServerBuilder { config: ServerConfig::default(), router: Router::new(), layer: Identity::new() }
+    }
+}
+
+/// Collects config, layers and services, then binds.
+#[derive(Debug, Clone)]
+pub struct ServerBuilder<L> {
+    config: ServerConfig,
+    router: Router,
+    layer: L,
+}
+
+impl<L> ServerBuilder<L> {
+    /// Replaces the config.
+    pub fn config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Adds a tower layer around every service (the first added is the outermost).
+    pub fn layer<N>(self, layer: N) -> ServerBuilder<Stack<N, L>> {
+        ServerBuilder { config: self.config, router: self.router, layer: Stack::new(layer, self.layer) }
+    }
+
+    /// Adds a generated service.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        self.router = self.router.add_service(svc);
+        self
+    }
+
+    /// Adds a handler for one method path.
+    pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
+    where
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        self.router = self.router.route(path, svc);
+        self
+    }
+
+    /// Binds `addr` and starts serving in the background.
+    pub async fn bind(self, addr: impl ToSocketAddrs) -> Result<ServerHandle, ServerError>
+    where
+        L: Layer<Router>,
+        L::Service: Service<Request<Bytes>, Response = Response<Bytes>> + Clone + Send + 'static,
+        <L::Service as Service<Request<Bytes>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
+    {
+        self.config.validate()?;
+        let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
+        self.serve(listener)
+    }
+
+    /// Serves connections from `listener` in the background.
+    pub fn serve(self, listener: TcpListener) -> Result<ServerHandle, ServerError>
+    where
+        L: Layer<Router>,
+        L::Service: Service<Request<Bytes>, Response = Response<Bytes>> + Clone + Send + 'static,
+        <L::Service as Service<Request<Bytes>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
+    {
+        self.config.validate()?;
+        let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
+        let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
+        let (events, _) = broadcast::channel(1024);
+        let shutdown = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let accept = AcceptLoop {
+            listener,
+            limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
+            connections: Arc::new(Semaphore::new(self.config.max_connections)),
+            config: self.config,
+            service,
+            events: events.clone(),
+            shutdown: shutdown.clone(),
+            kill: kill.clone(),
+            tasks: TaskTracker::new(),
+        };
+        let join = tokio::spawn(accept.run().instrument(tracing::info_span!("server", %local_addr)));
+        Ok(ServerHandle { local_addr, events, shutdown, kill, join: Some(join) })
+    }
+}
+
+/// A running server. Dropping it starts a graceful shutdown in the background.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    events: EventSender,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    join: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Subscribes to connection events (bounded: a slow subscriber lags rather than blocking).
+    pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.events.subscribe()
+    }
+
+    /// Graceful shutdown: stop accepting (new connections are refused), send GOAWAY on every
+    /// connection, let requests in flight finish within `shutdown_grace`, close. Returns when done.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+    }
+
+    /// Stops at once, like a killed process: the listener and every connection are dropped
+    /// without GOAWAY.
+    pub async fn abort(mut self) {
+        self.kill.cancel();
+        self.shutdown.cancel();
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+struct AcceptLoop {
+    listener: TcpListener,
+    config: ServerConfig,
+    service: ServerService,
+    limit: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    events: EventSender,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl AcceptLoop {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    self.start_connection(stream, peer);
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of spinning; the listener stays.
+                    tracing::warn!(error = %e, ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        drop(self.listener);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn start_connection(&self, stream: TcpStream, peer: SocketAddr) {
+        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            metrics::counter!(CONNECTIONS_REFUSED).increment(1);
+            tracing::warn!(%peer, max = self.config.max_connections, "max_connections reached; connection refused");
+            drop(stream);
+            return;
+        };
+        apply_tcp_config(&stream, &self.config.tcp);
+        let c = &self.config;
+        let mut cfg = DriverConfig::new(Side::Server);
+        cfg.connection = c.connection;
+        cfg.idle_timeout = c.idle_timeout;
+        cfg.drain_timeout = c.shutdown_grace;
+        cfg.peer = Some(peer);
+        cfg.events = Some(self.events.clone());
+        cfg.shutdown = Some(self.shutdown.clone());
+        cfg.settings = Settings {
+            max_frame_size: Some(c.connection.max_frame_size),
+            idle_timeout: c.idle_timeout,
+            max_concurrent_requests: Some(u32::try_from(c.max_concurrent_requests).unwrap_or(u32::MAX)),
+            heartbeat_interval: None,
+            max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
+        };
+        let dispatch = ServerDispatch { service: self.service.clone(), limit: self.limit.clone() };
+        let (handle, driver) = Driver::server(stream, cfg, dispatch);
+        let kill = self.kill.clone();
+        let span = tracing::info_span!("conn", id = handle.id(), %peer);
+        self.tasks.spawn(
+            async move {
+                let _permit = permit;
+                tokio::select! {
+                    reason = driver.run() => tracing::debug!(%reason, "closed"),
+                    _ = kill.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
