@@ -1,1 +1,203 @@
-pub fn f(){}
+//! # rpc-proto
+//!
+//! Build-time code generation for tether. From `.proto` files it generates, next to prost's message
+//! types, a typed client and a server trait for every service. Files are parsed with `protox`, so
+//! no `protoc` binary is needed.
+//!
+//! In `build.rs`:
+//!
+//! ```no_run
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     rpc_proto::compile_protos("proto/echo.proto")?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! and in the crate, `include!(concat!(env!("OUT_DIR"), "/echo.rs"));` (one file per package).
+//!
+//! For a service `Echo` in package `echo` this produces:
+//! - `echo_client::EchoClient<T>`: one `async fn` per method, generic over the transport `T` (an
+//!   `rpc_client::Client`, or any tower stack over one);
+//! - `echo_server::Echo`: the trait to implement, one method per RPC;
+//! - `echo_server::EchoServer<T>`: the adapter to pass to `rpc_server::Server::builder().add_service(..)`.
+//!
+//! Protobuf `bytes` fields are generated as `bytes::Bytes`, so decoding a payload does not copy it.
+//!
+//! Streaming methods are not supported yet: a `.proto` with one fails the build with
+//! [`Error::StreamingNotSupported`], naming the method.
+
+mod generator;
+
+use std::path::{Path, PathBuf};
+
+pub use generator::TetherServiceGenerator;
+
+/// A build-time error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A `.proto` file did not parse or resolve.
+    #[error("failed to parse .proto files: {0}")]
+    Parse(#[source] Box<protox::Error>),
+    /// A method streams requests or responses, which tether does not support yet.
+    #[error(
+        "{service}.{method} is a {kind} method; tether does not support streaming RPCs yet (only unary request/response)"
+    )]
+    StreamingNotSupported {
+        /// Full service name (`package.Service`).
+        service: String,
+        /// Method name.
+        method: String,
+        /// `client-streaming`, `server-streaming` or `bidirectional-streaming`.
+        kind: &'static str,
+    },
+    /// Writing the generated code failed.
+    #[error("code generation failed: {0}")]
+    Generate(#[source] std::io::Error),
+}
+
+/// Compiles one `.proto` file, with its own directory as the include path, into `OUT_DIR`.
+pub fn compile_protos(proto: impl AsRef<Path>) -> Result<(), Error> {
+    let proto = proto.as_ref();
+    let include = proto.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    configure().compile(&[proto], &[include])
+}
+
+/// A builder for more control: which sides to generate, where to write.
+pub fn configure() -> Builder {
+    Builder { build_client: true, build_server: true, out_dir: None }
+}
+
+/// Code generation options.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    build_client: bool,
+    build_server: bool,
+    out_dir: Option<PathBuf>,
+}
+
+impl Builder {
+    /// Generate typed clients (default `true`).
+    pub fn build_client(mut self, yes: bool) -> Self {
+        self.build_client = yes;
+        self
+    }
+
+    /// Generate server traits and adapters (default `true`).
+    pub fn build_server(mut self, yes: bool) -> Self {
+        self.build_server = yes;
+        self
+    }
+
+    /// Where to write the generated files (default `OUT_DIR`).
+    pub fn out_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.out_dir = Some(dir.into());
+        self
+    }
+
+    /// Parses `protos` (searching `includes` for imports) and writes one Rust file per package.
+    pub fn compile(self, protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> Result<(), Error> {
+        for p in protos {
+            println!("cargo:rerun-if-changed={}", p.as_ref().display());
+        }
+        for i in includes {
+            println!("cargo:rerun-if-changed={}", i.as_ref().display());
+        }
+        let fds = protox::compile(protos, includes).map_err(|e| Error::Parse(Box::new(e)))?;
+        reject_streaming(&fds)?;
+        let mut config = prost_build::Config::new();
+        if let Some(dir) = &self.out_dir {
+            config.out_dir(dir);
+        }
+        // `bytes` fields as `bytes::Bytes`: decoding slices the frame instead of copying.
+        config.bytes(["."]);
+        config.service_generator(Box::new(TetherServiceGenerator::new(self.build_client, self.build_server)));
+        config.compile_fds(fds).map_err(Error::Generate)
+    }
+}
+
+/// Fails on the first streaming method: never a silent skip.
+fn reject_streaming(fds: &prost_types::FileDescriptorSet) -> Result<(), Error> {
+    for file in &fds.file {
+        for svc in &file.service {
+            for m in &svc.method {
+                let kind = match (m.client_streaming(), m.server_streaming()) {
+                    (false, false) => continue,
+                    (true, false) => "client-streaming",
+                    (false, true) => "server-streaming",
+                    (true, true) => "bidirectional-streaming",
+                };
+                let service = match file.package() {
+                    "" => svc.name().to_string(),
+                    p => format!("{p}.{}", svc.name()),
+                };
+                return Err(Error::StreamingNotSupported { service, method: m.name().to_string(), kind });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write proto");
+        p
+    }
+
+    #[test]
+    fn streaming_method_is_a_clear_build_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proto = write(
+            dir.path(),
+            "s.proto",
+            r#"syntax = "proto3"; package demo;
+               message A {} message B {}
+               service Feed { rpc Get(A) returns (B); rpc Watch(A) returns (stream B); }"#,
+        );
+        let err = configure().out_dir(dir.path()).compile(&[proto], &[dir.path()]).expect_err("must fail");
+        match &err {
+            Error::StreamingNotSupported { service, method, kind } => {
+                assert_eq!((service.as_str(), method.as_str(), *kind), ("demo.Feed", "Watch", "server-streaming"));
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert!(err.to_string().contains("does not support streaming"), "{err}");
+    }
+
+    #[test]
+    fn unary_service_generates_client_and_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proto = write(
+            dir.path(),
+            "g.proto",
+            r#"syntax = "proto3"; package greet.v1;
+               message Hi { string name = 1; } message Ho { string text = 1; }
+               // Says hello.
+               service Greeter { rpc SayHello(Hi) returns (Ho); rpc SayBye(Hi) returns (Ho); }"#,
+        );
+        configure().out_dir(dir.path()).compile(&[proto], &[dir.path()]).expect("compile");
+        let code = std::fs::read_to_string(dir.path().join("greet.v1.rs")).expect("generated file");
+        for needle in [
+            "pub mod greeter_client",
+            "pub struct GreeterClient<T>",
+            "pub async fn say_hello(",
+            "\"/greet.v1.Greeter/SayHello\"",
+            "pub trait Greeter: Send + Sync + 'static",
+            "const NAME: &'static str = \"greet.v1.Greeter\"",
+        ] {
+            assert!(code.contains(needle), "missing {needle} in:\n{code}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_are_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proto = write(dir.path(), "bad.proto", "syntax = \"proto3\"; message {");
+        let err = configure().out_dir(dir.path()).compile(&[proto], &[dir.path()]).expect_err("must fail");
+        assert!(matches!(err, Error::Parse(_)), "{err:?}");
+    }
+}

@@ -32,3 +32,4 @@ pub use config::ClientConfig;
 pub use connection::connect;
 pub use error::{Error, ErrorKind};
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};
+pub use tokio::net::ToSocketAddrs;

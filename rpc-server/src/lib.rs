@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod codegen;
 mod config;
 mod dispatch;
 mod router;
@@ -33,4 +34,5 @@ mod server;
 pub use config::ServerConfig;
 pub use dispatch::status_from_error;
 pub use router::{handler_fn, BoxHandler, NamedService, Router, RouterFuture};
+pub use rpc_core::{Code, Metadata, Request, Response, Status};
 pub use server::{Server, ServerBuilder, ServerError, ServerHandle, CONNECTIONS_REFUSED};

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use rpc_core::{Request, Response, Status};
-use tower::util::{BoxCloneService, Oneshot, ServiceExt};
+use tower::util::{BoxCloneSyncService, Oneshot, ServiceExt};
 use tower::Service;
 
 /// A service generated from a protobuf service declares its full name (`package.Service`).
@@ -16,7 +16,7 @@ pub trait NamedService {
 }
 
 /// The boxed form of every handler service.
-pub type BoxHandler = BoxCloneService<Request<Bytes>, Response<Bytes>, Status>;
+pub type BoxHandler = BoxCloneSyncService<Request<Bytes>, Response<Bytes>, Status>;
 
 /// Maps method paths to handlers: whole services by name, or single methods by path. Unknown
 /// methods are answered NOT_FOUND.
@@ -44,20 +44,20 @@ impl Router {
     /// Adds a generated service under its [`NamedService::NAME`].
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
-        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), BoxCloneService::new(svc));
+        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), BoxCloneSyncService::new(svc));
         self
     }
 
     /// Adds a handler for one method path, for example `/echo.Echo/Say`.
     pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
     where
-        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.methods).insert(path.into(), BoxCloneService::new(svc));
+        Arc::make_mut(&mut self.methods).insert(path.into(), BoxCloneSyncService::new(svc));
         self
     }
 

@@ -75,7 +75,7 @@ impl<L> ServerBuilder<L> {
     /// Adds a generated service.
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
-        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         self.router = self.router.add_service(svc);
@@ -85,7 +85,7 @@ impl<L> ServerBuilder<L> {
     /// Adds a handler for one method path.
     pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
     where
-        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + 'static,
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         self.router = self.router.route(path, svc);

@@ -1,0 +1,201 @@
+//! The prost-build `ServiceGenerator` that writes tether clients and servers.
+//!
+//! Generated code names everything by absolute path (`::rpc_client::...`, `::rpc_server::...`) so
+//! it cannot clash with user types; message types are referenced relative to the package module.
+
+use std::fmt::Write;
+
+use prost_build::{Method, Service, ServiceGenerator};
+
+/// Writes a typed client and a server trait plus adapter for each service.
+#[derive(Debug, Clone)]
+pub struct TetherServiceGenerator {
+    client: bool,
+    server: bool,
+}
+
+impl TetherServiceGenerator {
+    /// Generates the client side, the server side, or both.
+    pub fn new(client: bool, server: bool) -> Self {
+        TetherServiceGenerator { client, server }
+    }
+}
+
+fn full_name(s: &Service) -> String {
+    if s.package.is_empty() {
+        s.proto_name.clone()
+    } else {
+        format!("{}.{}", s.package, s.proto_name)
+    }
+}
+
+fn path(s: &Service, m: &Method) -> String {
+    format!("/{}/{}", full_name(s), m.proto_name)
+}
+
+fn snake(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn doc(comments: &prost_build::Comments, indent: &str, buf: &mut String) {
+    for line in comments.leading.iter().flat_map(|c| c.lines()) {
+        let _ = writeln!(buf, "{indent}///{line}");
+    }
+}
+
+impl TetherServiceGenerator {
+    fn client(&self, s: &Service, buf: &mut String) {
+        let name = &s.name;
+        let module = format!("{}_client", snake(&s.name));
+        let full = full_name(s);
+        let _ = writeln!(buf, "/// Typed client for `{full}`.");
+        let _ = writeln!(buf, "pub mod {module} {{");
+        let _ = writeln!(buf, "    #![allow(clippy::all, unused_imports)]");
+        let _ = writeln!(buf, "    use ::rpc_client::codegen::{{BoxError, Bytes, Service}};");
+        let _ = writeln!(buf);
+        doc(&s.comments, "    ", buf);
+        let _ = writeln!(buf, "    /// Typed client for `{full}`, generic over the transport: an `rpc_client::Client` or any tower stack over one.");
+        let _ = writeln!(buf, "    #[derive(Debug, Clone)]");
+        let _ = writeln!(buf, "    pub struct {name}Client<T> {{ inner: T }}");
+        let _ = writeln!(
+            buf,
+            r#"
+    impl {name}Client<::rpc_client::Client> {{
+        /// Connects to `addr` (handshake done) and returns a client over the connection.
+        pub async fn connect(addr: impl ::rpc_client::ToSocketAddrs, config: ::rpc_client::ClientConfig) -> Result<Self, ::rpc_client::Error> {{
+            Ok(Self::new(::rpc_client::Client::connect(addr, config).await?))
+        }}
+    }}
+
+    impl<T> {name}Client<T>
+    where
+        T: Service<::rpc_client::Request<Bytes>, Response = ::rpc_client::Response<Bytes>>,
+        T::Error: Into<BoxError>,
+    {{
+        /// Wraps a transport.
+        pub fn new(inner: T) -> Self {{ Self {{ inner }} }}
+        /// The transport.
+        pub fn get_ref(&self) -> &T {{ &self.inner }}
+        /// The transport, mutably.
+        pub fn get_mut(&mut self) -> &mut T {{ &mut self.inner }}
+        /// Unwraps the transport.
+        pub fn into_inner(self) -> T {{ self.inner }}"#
+        );
+        for m in &s.methods {
+            let _ = writeln!(buf);
+            doc(&m.comments, "        ", buf);
+            let _ = writeln!(buf, "        /// Calls `{}`.", path(s, m));
+            let _ = writeln!(
+                buf,
+                r#"        pub async fn {method}(&mut self, request: impl ::rpc_client::IntoRequest<super::{input}>) -> Result<::rpc_client::Response<super::{output}>, ::rpc_client::Error> {{
+            ::rpc_client::codegen::unary(&mut self.inner, "{path}", request.into_request()).await
+        }}"#,
+                method = m.name,
+                input = m.input_type,
+                output = m.output_type,
+                path = path(s, m),
+            );
+        }
+        let _ = writeln!(buf, "    }}\n}}");
+    }
+
+    fn server(&self, s: &Service, buf: &mut String) {
+        let name = &s.name;
+        let module = format!("{}_server", snake(&s.name));
+        let full = full_name(s);
+        let _ = writeln!(buf, "/// Server trait and adapter for `{full}`.");
+        let _ = writeln!(buf, "pub mod {module} {{");
+        let _ = writeln!(buf, "    #![allow(clippy::all, unused_imports)]");
+        let _ = writeln!(buf, "    use ::rpc_server::codegen::{{BoxFuture, Bytes, Context, Poll, Service}};");
+        let _ = writeln!(buf);
+        doc(&s.comments, "    ", buf);
+        let _ = writeln!(buf, "    /// Implement this to serve `{full}`; pass it to the server wrapped in [`{name}Server`].");
+        let _ = writeln!(buf, "    pub trait {name}: Send + Sync + 'static {{");
+        for m in &s.methods {
+            doc(&m.comments, "        ", buf);
+            let _ = writeln!(buf, "        /// Handles `{}`.", path(s, m));
+            let _ = writeln!(
+                buf,
+                "        fn {}(&self, request: ::rpc_server::Request<super::{}>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<super::{}>, ::rpc_server::Status>> + Send;",
+                m.name, m.input_type, m.output_type
+            );
+        }
+        let _ = writeln!(buf, "    }}");
+        let _ = writeln!(
+            buf,
+            r#"
+    /// Routes `{full}` requests to a [`{name}`] implementation.
+    pub struct {name}Server<T> {{ inner: ::std::sync::Arc<T> }}
+
+    impl<T> {name}Server<T> {{
+        /// Wraps an implementation.
+        pub fn new(inner: T) -> Self {{ Self {{ inner: ::std::sync::Arc::new(inner) }} }}
+        /// Wraps a shared implementation.
+        pub fn from_arc(inner: ::std::sync::Arc<T>) -> Self {{ Self {{ inner }} }}
+    }}
+
+    impl<T> Clone for {name}Server<T> {{
+        fn clone(&self) -> Self {{ Self {{ inner: self.inner.clone() }} }}
+    }}
+
+    impl<T> ::core::fmt::Debug for {name}Server<T> {{
+        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{ f.write_str("{name}Server") }}
+    }}
+
+    impl<T: {name}> ::rpc_server::NamedService for {name}Server<T> {{
+        const NAME: &'static str = "{full}";
+    }}
+
+    impl<T: {name}> Service<::rpc_server::Request<Bytes>> for {name}Server<T> {{
+        type Response = ::rpc_server::Response<Bytes>;
+        type Error = ::rpc_server::Status;
+        type Future = BoxFuture;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {{
+            Poll::Ready(Ok(()))
+        }}
+
+        fn call(&mut self, request: ::rpc_server::Request<Bytes>) -> Self::Future {{
+            let inner = self.inner.clone();
+            match request.method() {{"#
+        );
+        for m in &s.methods {
+            let _ = writeln!(
+                buf,
+                r#"                "{path}" => Box::pin(::rpc_server::codegen::unary(request, move |r| async move {{ inner.{method}(r).await }})),"#,
+                path = path(s, m),
+                method = m.name
+            );
+        }
+        let _ = writeln!(
+            buf,
+            r#"                _ => Box::pin(::rpc_server::codegen::not_found(request)),
+            }}
+        }}
+    }}
+}}"#
+        );
+    }
+}
+
+impl ServiceGenerator for TetherServiceGenerator {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        if self.client {
+            self.client(&service, buf);
+        }
+        if self.server {
+            self.server(&service, buf);
+        }
+    }
+}
