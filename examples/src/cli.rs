@@ -16,6 +16,20 @@ pub fn parse_opt_duration(s: &str) -> Result<Option<Duration>, String> {
     }
 }
 
+/// The value of a flag that takes a value or `off` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrOff<T>(pub Option<T>);
+
+/// `500ms`, `15s` or `off`.
+pub fn duration_or_off(s: &str) -> Result<OrOff<Duration>, String> {
+    parse_opt_duration(s).map(OrOff)
+}
+
+/// A count or `off`.
+pub fn count_or_off(s: &str) -> Result<OrOff<u32>, String> {
+    parse_opt_u32(s).map(OrOff)
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
@@ -32,5 +46,84 @@ mod tests {
         assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_opt_duration("off"), Ok(None));
         assert!(parse_duration("soon").is_err());
+    }
+}
+
+/// Socket option flags shared by the probe binaries. Leaving a flag out keeps the default; each
+/// accepts `off`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TcpFlags {
+    /// TCP keepalive idle time before the first probe (default 30s; `off` disables keepalive).
+    #[arg(long, value_parser = duration_or_off)]
+    pub keepalive_time: Option<OrOff<Duration>>,
+    /// Time between keepalive probes (default 10s; `off` disables keepalive).
+    #[arg(long, value_parser = duration_or_off)]
+    pub keepalive_interval: Option<OrOff<Duration>>,
+    /// Unanswered keepalive probes before the kernel drops the connection (default 3; `off` disables keepalive).
+    #[arg(long, value_parser = count_or_off)]
+    pub keepalive_retries: Option<OrOff<u32>>,
+    /// TCP_USER_TIMEOUT (default 30s; `off` keeps the kernel's default, about 15 minutes).
+    #[arg(long, value_parser = duration_or_off)]
+    pub user_timeout: Option<OrOff<Duration>>,
+    /// Close a connection whose writes make no progress for this long (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub write_stall_timeout: Option<Duration>,
+}
+
+/// A count flag that also accepts `off`.
+pub fn parse_opt_u32(s: &str) -> Result<Option<u32>, String> {
+    if s.eq_ignore_ascii_case("off") {
+        Ok(None)
+    } else {
+        s.parse().map(Some).map_err(|e| format!("bad number {s:?}: {e}"))
+    }
+}
+
+impl TcpFlags {
+    /// Applies the flags over defaults.
+    pub fn apply(&self, tcp: &mut rpc_core::config::TcpConfig, conn: &mut rpc_core::config::ConnectionConfig) {
+        let mut ka = tcp.keepalive.unwrap_or_default();
+        let mut off = false;
+        match self.keepalive_time {
+            Some(OrOff(Some(d))) => ka.time = d,
+            Some(OrOff(None)) => off = true,
+            None => {}
+        }
+        match self.keepalive_interval {
+            Some(OrOff(Some(d))) => ka.interval = d,
+            Some(OrOff(None)) => off = true,
+            None => {}
+        }
+        match self.keepalive_retries {
+            Some(OrOff(Some(n))) => ka.retries = n,
+            Some(OrOff(None)) => off = true,
+            None => {}
+        }
+        tcp.keepalive = if off { None } else { Some(ka) };
+        if let Some(OrOff(u)) = self.user_timeout {
+            tcp.user_timeout = u;
+        }
+        if let Some(w) = self.write_stall_timeout {
+            conn.write_stall_timeout = w;
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, for JSON lines that two processes' outputs can be merged by.
+pub fn unix_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+/// One JSON object for a connection event.
+pub fn event_json(side: &str, ev: &rpc_core::event::ConnectionEvent) -> serde_json::Value {
+    use rpc_core::event::ConnectionEvent as E;
+    use serde_json::json;
+    let t = unix_ms() as u64;
+    match ev {
+        E::Connected { id, peer } => json!({"t_ms": t, "side": side, "event": "connected", "conn": id, "peer": peer.map(|p| p.to_string())}),
+        E::HeartbeatFailed { id, failures } => json!({"t_ms": t, "side": side, "event": "heartbeat_failed", "conn": id, "failures": failures}),
+        E::GoAwayReceived { id, reason, last_request_id } => json!({"t_ms": t, "side": side, "event": "goaway_received", "conn": id, "reason": reason.as_str(), "last_request_id": last_request_id}),
+        E::Closed { id, peer, reason } => json!({"t_ms": t, "side": side, "event": "closed", "conn": id, "peer": peer.map(|p| p.to_string()), "reason": reason.as_str(), "detail": reason.to_string()}),
+        other => json!({"t_ms": t, "side": side, "event": format!("{other:?}")}),
     }
 }

@@ -1,1 +1,197 @@
-//! Shared support for the integration tests.
+//! Shared support for the integration tests: servers with the example services, fast configs,
+//! raw-socket helpers, and the fault-injecting proxy.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+pub mod proxy;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use examples::echo::echo_server::EchoServer;
+use examples::greeter::v1::greeter_server::GreeterServer;
+use examples::services::{EchoService, GreeterService};
+use rpc_client::ClientConfig;
+use rpc_core::codec::FrameCodec;
+use rpc_core::event::ConnectionEvent;
+use rpc_core::frame::{Frame, Settings};
+use rpc_core::{Request, Response, Status};
+use rpc_server::{Server, ServerConfig, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn trace() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A server with the echo and greeter services on 127.0.0.1:0.
+pub async fn echo_server(config: ServerConfig) -> ServerHandle {
+    echo_server_with(config, EchoService::default()).await
+}
+
+/// A server with a configured echo service.
+pub async fn echo_server_with(config: ServerConfig, echo: EchoService) -> ServerHandle {
+    Server::builder()
+        .config(config)
+        .add_service(EchoServer::new(echo))
+        .add_service(GreeterServer::new(GreeterService))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap()
+}
+
+/// Client config without heartbeats (tests that want them turn them on).
+pub fn quiet_client() -> ClientConfig {
+    ClientConfig { heartbeat: rpc_core::config::HeartbeatConfig::disabled(), ..ClientConfig::default() }
+}
+
+/// Waits for the first event matching `pred`, up to `limit`.
+pub async fn wait_event(
+    rx: &mut broadcast::Receiver<ConnectionEvent>,
+    limit: Duration,
+    pred: impl Fn(&ConnectionEvent) -> bool,
+) -> Option<ConnectionEvent> {
+    tokio::time::timeout(limit, async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if pred(&ev) => return Some(ev),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A raw TCP peer that speaks frames by hand, for protocol abuse tests.
+pub struct RawPeer {
+    pub stream: TcpStream,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl RawPeer {
+    pub async fn connect(addr: SocketAddr) -> RawPeer {
+        RawPeer { stream: TcpStream::connect(addr).await.unwrap(), codec: FrameCodec::default(), buf: BytesMut::new() }
+    }
+
+    pub async fn send(&mut self, frame: Frame) {
+        let mut out = BytesMut::new();
+        self.codec.encode(frame, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn send_settings(&mut self) {
+        self.send(Frame::Settings(Settings { max_frame_size: Some(1 << 20), ..Settings::default() })).await;
+    }
+
+    /// Reads frames until EOF (or an error), returning them; bounded by `limit`.
+    pub async fn read_until_close(&mut self, limit: Duration) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                while let Ok(Some(f)) = self.codec.decode(&mut self.buf) {
+                    frames.push(f);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        frames
+    }
+
+    /// The next frame, bounded by `limit`.
+    pub async fn next_frame(&mut self, limit: Duration) -> Option<Frame> {
+        tokio::time::timeout(limit, async {
+            loop {
+                if let Ok(Some(f)) = self.codec.decode(&mut self.buf) {
+                    return Some(f);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// A handler that reports each request's arrival and holds it until released: lets tests know a
+/// request reached the server without sleeping.
+#[derive(Clone)]
+pub struct Gate {
+    arrived: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+/// The test side of a [`Gate`].
+pub struct GateControl {
+    pub arrived: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    pub fn new() -> (Gate, GateControl) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        (Gate { arrived: tx, release: release.clone() }, GateControl { arrived: rx, release })
+    }
+
+    /// The handler: echoes the body once released.
+    pub fn handler(
+        self,
+    ) -> impl tower::Service<
+        Request<Bytes>,
+        Response = Response<Bytes>,
+        Error = Status,
+        Future = impl std::future::Future<Output = Result<Response<Bytes>, Status>> + Send,
+    > + Clone
+           + Send
+           + Sync
+           + 'static {
+        rpc_server::handler_fn(move |req: Request<Bytes>| {
+            let gate = self.clone();
+            async move {
+                let body = req.into_body();
+                let _ = gate.arrived.send(body.clone());
+                let permit = gate.release.acquire().await.map_err(|_| Status::internal("gate closed"))?;
+                permit.forget();
+                Ok(Response::new(body))
+            }
+        })
+    }
+}
+
+impl GateControl {
+    /// Waits until `n` requests have arrived; returns their bodies.
+    pub async fn wait_arrivals(&mut self, n: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let got = tokio::time::timeout(Duration::from_secs(10), self.arrived.recv()).await;
+            out.push(got.expect("requests did not arrive in 10 s").expect("gate dropped"));
+        }
+        out
+    }
+
+    /// Lets `n` held requests finish.
+    pub fn release(&self, n: usize) {
+        self.release.add_permits(n);
+    }
+}

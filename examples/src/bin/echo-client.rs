@@ -1,0 +1,165 @@
+//! The echo client, the other half of the liveness probe: a steady request rate (or an idle
+//! connection) against an echo server, printing every connection event and request outcome.
+//!
+//! `echo-client --addr 10.0.0.1:7000 --rate 20 --duration 60s --heartbeat-interval 1s --json`
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use examples::cli::{event_json, init_tracing, parse_duration, unix_ms, TcpFlags};
+use examples::echo::echo_client::EchoClient;
+use examples::echo::EchoRequest;
+use rpc_client::{Client, ClientConfig, Request};
+use serde_json::json;
+use tokio::time::{Instant, MissedTickBehavior};
+
+#[derive(Debug, Parser)]
+#[command(about = "tether echo client (liveness probe, client half)")]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    addr: SocketAddr,
+    /// Read-idle time before a heartbeat (default 15s).
+    #[arg(long, value_parser = parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// Time to wait for an answer to a heartbeat (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    heartbeat_timeout: Option<Duration>,
+    /// Unanswered heartbeats in a row that close the connection (default 3).
+    #[arg(long)]
+    heartbeat_max_failures: Option<u32>,
+    /// Send no heartbeats.
+    #[arg(long)]
+    no_heartbeat: bool,
+    /// Deadline of each request (default 3s).
+    #[arg(long, value_parser = parse_duration)]
+    request_timeout: Option<Duration>,
+    /// Bound on each connection attempt (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    connect_timeout: Option<Duration>,
+    #[command(flatten)]
+    tcp: TcpFlags,
+    /// Requests per second; 0 holds the connection open and idle.
+    #[arg(long, default_value_t = 10)]
+    rate: u32,
+    /// How long to run.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Payload bytes per request.
+    #[arg(long, default_value_t = 0)]
+    payload: usize,
+    /// Print one JSON object per line for each connection event and each finished request, and a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    init_tracing();
+    let args = Args::parse();
+    let mut config = ClientConfig::default();
+    if let Some(d) = args.heartbeat_interval {
+        config.heartbeat.interval = d;
+    }
+    if let Some(d) = args.heartbeat_timeout {
+        config.heartbeat.timeout = d;
+    }
+    if let Some(n) = args.heartbeat_max_failures {
+        config.heartbeat.max_failures = n;
+    }
+    config.heartbeat.enabled = !args.no_heartbeat;
+    if let Some(d) = args.request_timeout {
+        config.request_timeout = d;
+    }
+    if let Some(d) = args.connect_timeout {
+        config.connect_timeout = d;
+    }
+    args.tcp.apply(&mut config.tcp, &mut config.connection);
+    let json = args.json;
+
+    let client = Client::new(args.addr, config).await?;
+    let mut events = client.events();
+    let printer = tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            if json {
+                println!("{}", event_json("client", &ev));
+            } else {
+                println!("{ev:?}");
+            }
+        }
+    });
+    // Connect up front so an idle run (--rate 0) has a connection to hold.
+    if let Err(e) = client.checkout(None).await {
+        report(json, &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "connect_failed", "error": e.to_string()}));
+    }
+
+    let echo = EchoClient::new(client.clone());
+    let payload = Bytes::from(vec![0x5A; args.payload]);
+    let end = Instant::now() + args.duration;
+    let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut sent = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    if args.rate == 0 {
+        tokio::time::sleep_until(end).await;
+    } else {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        while Instant::now() < end {
+            tick.tick().await;
+            sent += 1;
+            let mut echo = echo.clone();
+            let req = EchoRequest { message: sent.to_string(), payload: payload.clone(), ..Default::default() };
+            let seq = sent;
+            tasks.spawn(async move {
+                let start = Instant::now();
+                let result = echo.say(Request::new("", req)).await;
+                (seq, start.elapsed(), result.map(|_| ()))
+            });
+            while let Some(done) = tasks.try_join_next() {
+                record(json, done?, &mut outcomes);
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        record(json, done?, &mut outcomes);
+    }
+    let ok = outcomes.get("ok").copied().unwrap_or(0);
+    let resolved: u64 = outcomes.values().sum();
+    report(
+        json,
+        &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "summary", "sent": sent, "ok": ok,
+                "failed": resolved - ok, "unresolved": sent - resolved, "by_outcome": outcomes}),
+    );
+    client.close();
+    drop(client);
+    drop(echo);
+    let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
+    Ok(())
+}
+
+fn record(json: bool, (seq, latency, result): (u64, Duration, Result<(), rpc_client::Error>), outcomes: &mut BTreeMap<String, u64>) {
+    let line = match &result {
+        Ok(()) => json!({"t_ms": unix_ms() as u64, "side": "client", "event": "request", "seq": seq, "outcome": "ok",
+                         "latency_ms": latency.as_secs_f64() * 1e3}),
+        Err(e) => json!({"t_ms": unix_ms() as u64, "side": "client", "event": "request", "seq": seq, "outcome": "error",
+                         "error_kind": e.kind_str(), "code": e.code().to_string(), "may_have_executed": e.may_have_executed(),
+                         "error": e.to_string(), "latency_ms": latency.as_secs_f64() * 1e3}),
+    };
+    let key = match &result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{}:{}", e.kind_str(), e.code()),
+    };
+    *outcomes.entry(key).or_default() += 1;
+    report(json, &line);
+}
+
+fn report(json: bool, line: &serde_json::Value) {
+    if json {
+        println!("{line}");
+    } else if line["event"] != "request" || line["outcome"] != "ok" {
+        println!("{line}");
+    }
+}

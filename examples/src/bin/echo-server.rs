@@ -1,0 +1,105 @@
+//! The echo server, usable as one half of a liveness probe across a real network.
+//!
+//! `echo-server --addr 0.0.0.0:7000 --idle-timeout 5s --json` prints one JSON line per connection
+//! event. SIGTERM or Ctrl-C shuts it down gracefully (GOAWAY, drain, exit 0).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use examples::cli::{duration_or_off, event_json, init_tracing, parse_duration, OrOff, TcpFlags};
+use examples::echo::echo_server::EchoServer;
+use examples::greeter::v1::greeter_server::GreeterServer;
+use examples::services::{EchoService, GreeterService};
+use rpc_server::{Server, ServerConfig};
+
+#[derive(Debug, Parser)]
+#[command(about = "tether echo server (liveness probe, server half)")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    addr: SocketAddr,
+    /// Close connections that send nothing for this long (default 90s; `off`: never).
+    #[arg(long, value_parser = duration_or_off)]
+    idle_timeout: Option<OrOff<Duration>>,
+    /// Every handler sleeps this long before answering.
+    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
+    handler_delay: Duration,
+    /// Requests run at once before answering SERVER_BUSY (default 1024).
+    #[arg(long)]
+    max_concurrent_requests: Option<usize>,
+    /// Grace period for requests in flight on shutdown (default 30s).
+    #[arg(long, value_parser = parse_duration)]
+    shutdown_grace: Option<Duration>,
+    #[command(flatten)]
+    tcp: TcpFlags,
+    /// Print one JSON object per line for each connection event.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    init_tracing();
+    let args = Args::parse();
+    let mut config = ServerConfig::default();
+    if let Some(OrOff(t)) = args.idle_timeout {
+        config.idle_timeout = t;
+    }
+    if let Some(n) = args.max_concurrent_requests {
+        config.max_concurrent_requests = n;
+    }
+    if let Some(g) = args.shutdown_grace {
+        config.shutdown_grace = g;
+    }
+    args.tcp.apply(&mut config.tcp, &mut config.connection);
+    let server = Server::builder()
+        .config(config)
+        .add_service(EchoServer::new(EchoService { handler_delay: args.handler_delay }))
+        .add_service(GreeterServer::new(GreeterService))
+        .bind(args.addr)
+        .await?;
+    let mut events = server.events();
+    if args.json {
+        println!("{}", serde_json::json!({"t_ms": examples::cli::unix_ms() as u64, "side": "server", "event": "listening", "addr": server.local_addr().to_string()}));
+    } else {
+        println!("listening on {}", server.local_addr());
+    }
+    let json = args.json;
+    let printer = tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(ev) if json => println!("{}", event_json("server", &ev)),
+                Ok(ev) => println!("{ev:?}"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => eprintln!("missed {n} events"),
+                Err(_) => break,
+            }
+        }
+    });
+    shutdown_signal().await;
+    if !json {
+        println!("shutting down gracefully");
+    }
+    server.shutdown().await;
+    let _ = printer.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
