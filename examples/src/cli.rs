@@ -32,8 +32,12 @@ pub fn count_or_off(s: &str) -> Result<OrOff<u32>, String> {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 #[cfg(test)]
@@ -75,13 +79,19 @@ pub fn parse_opt_u32(s: &str) -> Result<Option<u32>, String> {
     if s.eq_ignore_ascii_case("off") {
         Ok(None)
     } else {
-        s.parse().map(Some).map_err(|e| format!("bad number {s:?}: {e}"))
+        s.parse()
+            .map(Some)
+            .map_err(|e| format!("bad number {s:?}: {e}"))
     }
 }
 
 impl TcpFlags {
     /// Applies the flags over defaults.
-    pub fn apply(&self, tcp: &mut rpc_core::config::TcpConfig, conn: &mut rpc_core::config::ConnectionConfig) {
+    pub fn apply(
+        &self,
+        tcp: &mut rpc_core::config::TcpConfig,
+        conn: &mut rpc_core::config::ConnectionConfig,
+    ) {
         let mut ka = tcp.keepalive.unwrap_or_default();
         let mut off = false;
         match self.keepalive_time {
@@ -111,7 +121,9 @@ impl TcpFlags {
 
 /// Milliseconds since the Unix epoch, for JSON lines that two processes' outputs can be merged by.
 pub fn unix_ms() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 /// One JSON object for a connection event.
@@ -120,10 +132,22 @@ pub fn event_json(side: &str, ev: &rpc_core::event::ConnectionEvent) -> serde_js
     use serde_json::json;
     let t = unix_ms() as u64;
     match ev {
-        E::Connected { id, peer } => json!({"t_ms": t, "side": side, "event": "connected", "conn": id, "peer": peer.map(|p| p.to_string())}),
-        E::HeartbeatFailed { id, failures } => json!({"t_ms": t, "side": side, "event": "heartbeat_failed", "conn": id, "failures": failures}),
-        E::GoAwayReceived { id, reason, last_request_id } => json!({"t_ms": t, "side": side, "event": "goaway_received", "conn": id, "reason": reason.as_str(), "last_request_id": last_request_id}),
-        E::Closed { id, peer, reason } => json!({"t_ms": t, "side": side, "event": "closed", "conn": id, "peer": peer.map(|p| p.to_string()), "reason": reason.as_str(), "detail": reason.to_string()}),
+        E::Connected { id, peer } => {
+            json!({"t_ms": t, "side": side, "event": "connected", "conn": id, "peer": peer.map(|p| p.to_string())})
+        }
+        E::HeartbeatFailed { id, failures } => {
+            json!({"t_ms": t, "side": side, "event": "heartbeat_failed", "conn": id, "failures": failures})
+        }
+        E::GoAwayReceived {
+            id,
+            reason,
+            last_request_id,
+        } => {
+            json!({"t_ms": t, "side": side, "event": "goaway_received", "conn": id, "reason": reason.as_str(), "last_request_id": last_request_id})
+        }
+        E::Closed { id, peer, reason } => {
+            json!({"t_ms": t, "side": side, "event": "closed", "conn": id, "peer": peer.map(|p| p.to_string()), "reason": reason.as_str(), "detail": reason.to_string()})
+        }
         other => json!({"t_ms": t, "side": side, "event": format!("{other:?}")}),
     }
 }

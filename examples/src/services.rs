@@ -24,7 +24,11 @@ impl echo_server::Echo for EchoService {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let payload = if req.reply_size > 0 { Bytes::from(vec![0xAB; req.reply_size as usize]) } else { req.payload };
+        let payload = if req.reply_size > 0 {
+            Bytes::from(vec![0xAB; req.reply_size as usize])
+        } else {
+            req.payload
+        };
         Ok(Response::new(EchoReply {
             message: req.message,
             payload,
@@ -42,24 +46,43 @@ impl echo_server::Echo for EchoService {
 pub struct GreeterService;
 
 impl greeter_server::Greeter for GreeterService {
-    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        let person = request.into_body().person.ok_or_else(|| Status::invalid_argument("person is required"))?;
-        let tags: Vec<String> = person.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect();
+    async fn say_hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        let person = request
+            .into_body()
+            .person
+            .ok_or_else(|| Status::invalid_argument("person is required"))?;
+        let tags: Vec<String> = person
+            .tags
+            .iter()
+            .map(|t| format!("{}={}", t.key, t.value))
+            .collect();
         let greeting = if tags.is_empty() {
             format!("Hello, {}!", person.name)
         } else {
             format!("Hello, {} [{}]!", person.name, tags.join(","))
         };
-        Ok(Response::new(HelloReply { greeting, address: person.address }))
+        Ok(Response::new(HelloReply {
+            greeting,
+            address: person.address,
+        }))
     }
 
     async fn count(&self, request: Request<CountRequest>) -> Result<Response<CountReply>, Status> {
         let people = request.into_body().people;
         let mut by_city: HashMap<String, u32> = HashMap::new();
         for p in &people {
-            let city = p.address.as_ref().map_or_else(String::new, |a| a.city.clone());
+            let city = p
+                .address
+                .as_ref()
+                .map_or_else(String::new, |a| a.city.clone());
             *by_city.entry(city).or_default() += 1;
         }
-        Ok(Response::new(CountReply { count: people.len() as u32, by_city }))
+        Ok(Response::new(CountReply {
+            count: people.len() as u32,
+            by_city,
+        }))
     }
 }

@@ -59,13 +59,19 @@ pub enum Error {
 /// Compiles one `.proto` file, with its own directory as the include path, into `OUT_DIR`.
 pub fn compile_protos(proto: impl AsRef<Path>) -> Result<(), Error> {
     let proto = proto.as_ref();
-    let include = proto.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let include = proto
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     configure().compile(&[proto], &[include])
 }
 
 /// A builder for more control: which sides to generate, where to write.
 pub fn configure() -> Builder {
-    Builder { build_client: true, build_server: true, out_dir: None }
+    Builder {
+        build_client: true,
+        build_server: true,
+        out_dir: None,
+    }
 }
 
 /// Code generation options.
@@ -96,7 +102,11 @@ impl Builder {
     }
 
     /// Parses `protos` (searching `includes` for imports) and writes one Rust file per package.
-    pub fn compile(self, protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> Result<(), Error> {
+    pub fn compile(
+        self,
+        protos: &[impl AsRef<Path>],
+        includes: &[impl AsRef<Path>],
+    ) -> Result<(), Error> {
         for p in protos {
             println!("cargo:rerun-if-changed={}", p.as_ref().display());
         }
@@ -111,7 +121,10 @@ impl Builder {
         }
         // `bytes` fields as `bytes::Bytes`: decoding slices the frame instead of copying.
         config.bytes(["."]);
-        config.service_generator(Box::new(TetherServiceGenerator::new(self.build_client, self.build_server)));
+        config.service_generator(Box::new(TetherServiceGenerator::new(
+            self.build_client,
+            self.build_server,
+        )));
         config.compile_fds(fds).map_err(Error::Generate)
     }
 }
@@ -131,7 +144,11 @@ fn reject_streaming(fds: &prost_types::FileDescriptorSet) -> Result<(), Error> {
                     "" => svc.name().to_string(),
                     p => format!("{p}.{}", svc.name()),
                 };
-                return Err(Error::StreamingNotSupported { service, method: m.name().to_string(), kind });
+                return Err(Error::StreamingNotSupported {
+                    service,
+                    method: m.name().to_string(),
+                    kind,
+                });
             }
         }
     }
@@ -158,14 +175,27 @@ mod tests {
                message A {} message B {}
                service Feed { rpc Get(A) returns (B); rpc Watch(A) returns (stream B); }"#,
         );
-        let err = configure().out_dir(dir.path()).compile(&[proto], &[dir.path()]).expect_err("must fail");
+        let err = configure()
+            .out_dir(dir.path())
+            .compile(&[proto], &[dir.path()])
+            .expect_err("must fail");
         match &err {
-            Error::StreamingNotSupported { service, method, kind } => {
-                assert_eq!((service.as_str(), method.as_str(), *kind), ("demo.Feed", "Watch", "server-streaming"));
+            Error::StreamingNotSupported {
+                service,
+                method,
+                kind,
+            } => {
+                assert_eq!(
+                    (service.as_str(), method.as_str(), *kind),
+                    ("demo.Feed", "Watch", "server-streaming")
+                );
             }
             other => panic!("unexpected error {other:?}"),
         }
-        assert!(err.to_string().contains("does not support streaming"), "{err}");
+        assert!(
+            err.to_string().contains("does not support streaming"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -179,7 +209,10 @@ mod tests {
                // Says hello.
                service Greeter { rpc SayHello(Hi) returns (Ho); rpc SayBye(Hi) returns (Ho); }"#,
         );
-        configure().out_dir(dir.path()).compile(&[proto], &[dir.path()]).expect("compile");
+        configure()
+            .out_dir(dir.path())
+            .compile(&[proto], &[dir.path()])
+            .expect("compile");
         let code = std::fs::read_to_string(dir.path().join("greet.v1.rs")).expect("generated file");
         for needle in [
             "pub mod greeter_client",
@@ -197,7 +230,10 @@ mod tests {
     fn parse_errors_are_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let proto = write(dir.path(), "bad.proto", "syntax = \"proto3\"; message {");
-        let err = configure().out_dir(dir.path()).compile(&[proto], &[dir.path()]).expect_err("must fail");
+        let err = configure()
+            .out_dir(dir.path())
+            .compile(&[proto], &[dir.path()])
+            .expect_err("must fail");
         assert!(matches!(err, Error::Parse(_)), "{err:?}");
     }
 }

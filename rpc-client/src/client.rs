@@ -65,25 +65,42 @@ impl Slot {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("addr", &self.inner.addr).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("addr", &self.inner.addr)
+            .finish_non_exhaustive()
     }
 }
 
 impl Client {
     /// A client for `addr` that connects on first use.
     pub async fn new(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Self, Error> {
-        config.validate().map_err(|e| Error::new(ErrorKind::Config(e), false))?;
+        config
+            .validate()
+            .map_err(|e| Error::new(ErrorKind::Config(e), false))?;
         let addr = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| Error::new(ErrorKind::Connect(e), false))?
             .next()
             .ok_or_else(|| {
-                let e = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolved to nothing");
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "address resolved to nothing",
+                );
                 Error::new(ErrorKind::Connect(e), false)
             })?;
         let (events, _) = broadcast::channel(1024);
-        let slots = (0..config.connections_per_endpoint).map(|_| Slot::default()).collect();
-        Ok(Client { inner: Arc::new(Inner { addr, config, slots, next: AtomicUsize::new(0), events }) })
+        let slots = (0..config.connections_per_endpoint)
+            .map(|_| Slot::default())
+            .collect();
+        Ok(Client {
+            inner: Arc::new(Inner {
+                addr,
+                config,
+                slots,
+                next: AtomicUsize::new(0),
+                events,
+            }),
+        })
     }
 
     /// A client for `addr` whose first connection is open (handshake done) before this returns.
@@ -110,7 +127,11 @@ impl Client {
 
     /// The open connections right now.
     pub fn connections(&self) -> Vec<ConnectionHandle> {
-        self.inner.slots.iter().filter_map(|s| s.cell().get().cloned()).collect()
+        self.inner
+            .slots
+            .iter()
+            .filter_map(|s| s.cell().get().cloned())
+            .collect()
     }
 
     /// An open connection, connecting if none is. A connection that is closed or draining is never
@@ -135,7 +156,14 @@ impl Client {
             }
             let inner = &self.inner;
             let h = cell
-                .get_or_try_init(|| connect(inner.addr, &inner.config, Some(inner.events.clone()), deadline))
+                .get_or_try_init(|| {
+                    connect(
+                        inner.addr,
+                        &inner.config,
+                        Some(inner.events.clone()),
+                        deadline,
+                    )
+                })
                 .await?;
             return Ok(h.clone());
         }
@@ -146,18 +174,28 @@ impl Client {
     /// fresh checkout within its deadline; one that may have run is retried only when marked
     /// idempotent.
     pub async fn unary(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
-        let deadline = req.deadline().unwrap_or_else(|| Instant::now() + self.inner.config.request_timeout);
+        let deadline = req
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + self.inner.config.request_timeout);
         let idempotent = req.is_idempotent();
         let mut frame = Some(to_frame(req, false));
         let max = self.inner.config.max_attempts;
         let mut attempt = 1;
         loop {
             // Clone only while another attempt may follow.
-            let this = if attempt < max { frame.clone() } else { frame.take() };
-            let Some(this) = this else { return Err(Error::deadline(false)) };
+            let this = if attempt < max {
+                frame.clone()
+            } else {
+                frame.take()
+            };
+            let Some(this) = this else {
+                return Err(Error::deadline(false));
+            };
             let result = self.attempt(this, deadline).await;
             match result {
-                Err(e) if attempt < max && Instant::now() < deadline && retryable(&e, idempotent) => {
+                Err(e)
+                    if attempt < max && Instant::now() < deadline && retryable(&e, idempotent) =>
+                {
                     metrics::counter!(REQUEST_RETRIES, "cause" => e.kind_str()).increment(1);
                     tracing::debug!(error = %e, attempt, "retrying request");
                     attempt += 1;
@@ -167,11 +205,19 @@ impl Client {
         }
     }
 
-    async fn attempt(&self, frame: RequestFrame, deadline: Instant) -> Result<Response<Bytes>, Error> {
+    async fn attempt(
+        &self,
+        frame: RequestFrame,
+        deadline: Instant,
+    ) -> Result<Response<Bytes>, Error> {
         let conn = self.checkout(Some(deadline)).await?;
         let _in_flight = conn.track_in_flight();
         let (tx, rx) = oneshot::channel();
-        let msg = Outbound::Request { frame, deadline: Some(deadline), reply: Some(tx) };
+        let msg = Outbound::Request {
+            frame,
+            deadline: Some(deadline),
+            reply: Some(tx),
+        };
         match tokio::time::timeout_at(deadline, conn.send(msg)).await {
             Err(_) => return Err(Error::deadline(false)),
             Ok(Err(_)) => {
@@ -183,21 +229,34 @@ impl Client {
         match tokio::time::timeout_at(deadline, rx).await {
             // Sent but unanswered: the server may be running it.
             Err(_) => Err(Error::deadline(true)),
-            Ok(Err(_)) => Err(Error::new(ErrorKind::Handshake(rpc_core::CloseReason::Local), true)),
+            Ok(Err(_)) => Err(Error::new(
+                ErrorKind::Handshake(rpc_core::CloseReason::Local),
+                true,
+            )),
             Ok(Ok(Err(e))) => Err(e.into()),
             Ok(Ok(Ok(r))) if r.code == Code::Ok => Ok(Response::from_parts(r.metadata, r.payload)),
-            Ok(Ok(Ok(r))) => Err(Error::status(Status::from_parts(r.code, r.message, r.metadata))),
+            Ok(Ok(Ok(r))) => Err(Error::status(Status::from_parts(
+                r.code, r.message, r.metadata,
+            ))),
         }
     }
 
     /// Sends a oneway request: resolves once it is queued on a connection; no response comes back.
     pub async fn oneway(&self, req: Request<Bytes>) -> Result<(), Error> {
-        let deadline = req.deadline().unwrap_or_else(|| Instant::now() + self.inner.config.request_timeout);
+        let deadline = req
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + self.inner.config.request_timeout);
         let conn = self.checkout(Some(deadline)).await?;
-        let msg = Outbound::Request { frame: to_frame(req, true), deadline: Some(deadline), reply: None };
+        let msg = Outbound::Request {
+            frame: to_frame(req, true),
+            deadline: Some(deadline),
+            reply: None,
+        };
         match tokio::time::timeout_at(deadline, conn.send(msg)).await {
             Err(_) => Err(Error::deadline(false)),
-            Ok(Err(_)) => Err(rpc_core::driver::ConnectionError::NotWritten(conn.closed().await).into()),
+            Ok(Err(_)) => {
+                Err(rpc_core::driver::ConnectionError::NotWritten(conn.closed().await).into())
+            }
             Ok(Ok(())) => Ok(()),
         }
     }
@@ -215,7 +274,14 @@ impl Client {
 fn to_frame(req: Request<Bytes>, oneway: bool) -> RequestFrame {
     let method = req.method().to_owned();
     let metadata: Metadata = req.metadata().clone();
-    RequestFrame { id: 0, oneway, timeout: None, method, metadata, payload: req.into_body() }
+    RequestFrame {
+        id: 0,
+        oneway,
+        timeout: None,
+        method,
+        metadata,
+        payload: req.into_body(),
+    }
 }
 
 /// Whether a failed attempt may be tried again.

@@ -10,7 +10,11 @@ use crate::error::{Error, ErrorKind};
 
 /// Encodes `req`, sends it to `path` through `svc` (any tower stack over the client), and decodes
 /// the response as `R`.
-pub async fn unary<T, M, R>(svc: &mut T, path: &'static str, req: Request<M>) -> Result<Response<R>, Error>
+pub async fn unary<T, M, R>(
+    svc: &mut T,
+    path: &'static str,
+    req: Request<M>,
+) -> Result<Response<R>, Error>
 where
     T: Service<Request<Bytes>, Response = Response<Bytes>>,
     T::Error: Into<BoxError>,
@@ -19,7 +23,9 @@ where
 {
     let mut req = req.map(|m| Bytes::from(m.encode_to_vec()));
     req.set_method(path);
-    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.map_err(|e| Error::from_box(e.into()))?;
+    std::future::poll_fn(|cx| svc.poll_ready(cx))
+        .await
+        .map_err(|e| Error::from_box(e.into()))?;
     let resp = svc.call(req).await.map_err(|e| Error::from_box(e.into()))?;
     let (metadata, body) = resp.into_parts();
     let msg = R::decode(body).map_err(|e| Error::new(ErrorKind::Decode(e), true))?;

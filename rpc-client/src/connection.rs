@@ -27,7 +27,9 @@ pub async fn connect(
         limit = limit.min(d);
     }
     let attempt = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| Error::new(ErrorKind::Connect(e), false))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect(e), false))?;
         apply_tcp_config(&stream, &config.tcp);
         let mut cfg = DriverConfig::new(Side::Client);
         cfg.connection = config.connection;
@@ -36,14 +38,22 @@ pub async fn connect(
         cfg.events = events;
         cfg.settings = Settings {
             max_frame_size: Some(config.connection.max_frame_size),
-            heartbeat_interval: config.heartbeat.enabled.then_some(config.heartbeat.interval),
-            max_metadata_entries: Some(u32::try_from(config.connection.max_metadata_entries).unwrap_or(u32::MAX)),
+            heartbeat_interval: config
+                .heartbeat
+                .enabled
+                .then_some(config.heartbeat.interval),
+            max_metadata_entries: Some(
+                u32::try_from(config.connection.max_metadata_entries).unwrap_or(u32::MAX),
+            ),
             ..Settings::default()
         };
         let (handle, driver) = Driver::client(stream, cfg);
         let span = tracing::info_span!("conn", id = handle.id(), peer = %addr);
         tokio::spawn(driver.run().instrument(span));
-        handle.ready().await.map_err(|r| Error::new(ErrorKind::Handshake(r), false))?;
+        handle
+            .ready()
+            .await
+            .map_err(|r| Error::new(ErrorKind::Handshake(r), false))?;
         Ok(handle)
     };
     match tokio::time::timeout_at(limit, attempt).await {

@@ -41,7 +41,10 @@ pub struct Error {
 
 impl Error {
     pub(crate) fn new(kind: ErrorKind, may_have_executed: bool) -> Self {
-        Error { kind, may_have_executed }
+        Error {
+            kind,
+            may_have_executed,
+        }
     }
 
     /// The server's answer was not SUCCESS.
@@ -94,7 +97,10 @@ impl Error {
     pub fn is_connection(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::Connection(_) | ErrorKind::Connect(_) | ErrorKind::ConnectTimeout | ErrorKind::Handshake(_)
+            ErrorKind::Connection(_)
+                | ErrorKind::Connect(_)
+                | ErrorKind::ConnectTimeout
+                | ErrorKind::Handshake(_)
         )
     }
 

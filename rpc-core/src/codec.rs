@@ -10,7 +10,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::{CodecError, GoAwayReason, ProtocolError};
-use crate::frame::{setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION};
+use crate::frame::{
+    setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC,
+    VERSION,
+};
 use crate::message::Metadata;
 use crate::status::Code;
 
@@ -36,7 +39,11 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// A codec that accepts frame bodies up to `max_frame_size` bytes and sends bodies of the same size.
     pub fn new(max_frame_size: u32) -> Self {
-        FrameCodec { max_frame_size, max_send_frame_size: max_frame_size, max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES }
+        FrameCodec {
+            max_frame_size,
+            max_send_frame_size: max_frame_size,
+            max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
+        }
     }
 
     /// The largest body accepted from the peer.
@@ -79,7 +86,10 @@ impl FrameCodec {
         let kind = FrameKind::from_u8(src[2]).ok_or(ProtocolError::UnknownFrameKind(src[2]))?;
         let len = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
         if len > self.max_frame_size {
-            return Err(ProtocolError::FrameTooLarge { len: u64::from(len), max: self.max_frame_size });
+            return Err(ProtocolError::FrameTooLarge {
+                len: u64::from(len),
+                max: self.max_frame_size,
+            });
         }
         Ok(Some((kind, len as usize)))
     }
@@ -88,7 +98,10 @@ impl FrameCodec {
     pub fn encode_frame(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtocolError> {
         let body_len = body_len(frame);
         if body_len > u64::from(self.max_send_frame_size) {
-            return Err(ProtocolError::FrameTooLarge { len: body_len, max: self.max_send_frame_size });
+            return Err(ProtocolError::FrameTooLarge {
+                len: body_len,
+                max: self.max_send_frame_size,
+            });
         }
         dst.reserve(HEADER_LEN + body_len as usize);
         let id = match frame {
@@ -142,12 +155,17 @@ fn timeout_to_ms(t: Option<Duration>) -> u32 {
     match t {
         None => 0,
         // Round up so a request with 0.4 ms left is not sent as "no deadline".
-        Some(d) => u32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u32::MAX).max(1),
+        Some(d) => u32::try_from(d.as_micros().div_ceil(1000))
+            .unwrap_or(u32::MAX)
+            .max(1),
     }
 }
 
 fn metadata_len(m: &Metadata) -> u64 {
-    2 + m.iter().map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64).sum::<u64>()
+    2 + m
+        .iter()
+        .map(|(k, v)| 2 + k.len() as u64 + 4 + v.len() as u64)
+        .sum::<u64>()
 }
 
 fn put_metadata(dst: &mut BytesMut, m: &Metadata) {
@@ -211,7 +229,8 @@ fn body_len(frame: &Frame) -> u64 {
 
 fn metadata_fits(m: &Metadata) -> bool {
     m.len() <= usize::from(u16::MAX)
-        && m.iter().all(|(k, v)| k.len() <= usize::from(u16::MAX) && u32::try_from(v.len()).is_ok())
+        && m.iter()
+            .all(|(k, v)| k.len() <= usize::from(u16::MAX) && u32::try_from(v.len()).is_ok())
 }
 
 /// Reads a frame body field by field; every read checks the remaining length first.
@@ -222,7 +241,10 @@ struct BodyReader {
 
 impl BodyReader {
     fn malformed(&self, what: &'static str) -> ProtocolError {
-        ProtocolError::Malformed { kind: self.kind, what }
+        ProtocolError::Malformed {
+            kind: self.kind,
+            what,
+        }
     }
 
     fn need(&self, n: usize, what: &'static str) -> Result<(), ProtocolError> {
@@ -266,7 +288,10 @@ impl BodyReader {
     fn metadata(&mut self, max_entries: usize) -> Result<Metadata, ProtocolError> {
         let count = usize::from(self.u16("metadata count")?);
         if count > max_entries {
-            return Err(ProtocolError::TooManyMetadataEntries { count, max: max_entries });
+            return Err(ProtocolError::TooManyMetadataEntries {
+                count,
+                max: max_entries,
+            });
         }
         let mut m = Metadata::with_capacity(count);
         for _ in 0..count {
@@ -304,11 +329,21 @@ impl Decoder for FrameCodec {
         let header = src.split_to(HEADER_LEN);
         let id = u64::from_be_bytes(header[4..12].try_into().expect("8 header bytes"));
         let body = src.split_to(len).freeze();
-        Ok(Some(decode_body(kind, id, body, self.max_metadata_entries)?))
+        Ok(Some(decode_body(
+            kind,
+            id,
+            body,
+            self.max_metadata_entries,
+        )?))
     }
 }
 
-fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Result<Frame, ProtocolError> {
+fn decode_body(
+    kind: FrameKind,
+    id: u64,
+    body: Bytes,
+    max_metadata: usize,
+) -> Result<Frame, ProtocolError> {
     let mut r = BodyReader { buf: body, kind };
     let frame = match kind {
         FrameKind::Request | FrameKind::Oneway => {
@@ -335,7 +370,13 @@ fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Re
             let message = r.string(ml, "message")?;
             let metadata = r.metadata(max_metadata)?;
             let payload = std::mem::take(&mut r.buf);
-            Frame::Response(ResponseFrame { id, code, message, metadata, payload })
+            Frame::Response(ResponseFrame {
+                id,
+                code,
+                message,
+                metadata,
+                payload,
+            })
         }
         FrameKind::Heartbeat => {
             r.finish()?;
@@ -351,7 +392,11 @@ fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Re
             let ml = usize::from(r.u16("message length")?);
             let message = r.string(ml, "message")?;
             r.finish()?;
-            Frame::GoAway(GoAway { reason, last_request_id, message })
+            Frame::GoAway(GoAway {
+                reason,
+                last_request_id,
+                message,
+            })
         }
         FrameKind::Settings => {
             let count = r.u16("settings count")?;
@@ -363,8 +408,12 @@ fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Re
                 match sid {
                     setting_id::MAX_FRAME_SIZE => s.max_frame_size = Some(clamp32(v)),
                     setting_id::IDLE_TIMEOUT_MS => s.idle_timeout = Some(Duration::from_millis(v)),
-                    setting_id::MAX_CONCURRENT_REQUESTS => s.max_concurrent_requests = Some(clamp32(v)),
-                    setting_id::HEARTBEAT_INTERVAL_MS => s.heartbeat_interval = Some(Duration::from_millis(v)),
+                    setting_id::MAX_CONCURRENT_REQUESTS => {
+                        s.max_concurrent_requests = Some(clamp32(v))
+                    }
+                    setting_id::HEARTBEAT_INTERVAL_MS => {
+                        s.heartbeat_interval = Some(Duration::from_millis(v))
+                    }
                     setting_id::MAX_METADATA_ENTRIES => s.max_metadata_entries = Some(clamp32(v)),
                     _ => {} // unknown settings are ignored so newer peers can add some
                 }

@@ -34,7 +34,10 @@ impl Default for HeartbeatConfig {
 impl HeartbeatConfig {
     /// Heartbeats off.
     pub fn disabled() -> Self {
-        HeartbeatConfig { enabled: false, ..Default::default() }
+        HeartbeatConfig {
+            enabled: false,
+            ..Default::default()
+        }
     }
 
     /// The documented worst-case time from the last frame read to a `HeartbeatTimeout` close.
@@ -56,7 +59,11 @@ pub struct KeepaliveConfig {
 
 impl Default for KeepaliveConfig {
     fn default() -> Self {
-        KeepaliveConfig { time: Duration::from_secs(30), interval: Duration::from_secs(10), retries: 3 }
+        KeepaliveConfig {
+            time: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            retries: 3,
+        }
     }
 }
 
@@ -161,7 +168,10 @@ impl HeartbeatConfig {
             return Err(ConfigError::Zero("heartbeat.max_failures"));
         }
         if self.timeout >= self.interval {
-            return Err(ConfigError::HeartbeatTimeoutNotBelowInterval { timeout: self.timeout, interval: self.interval });
+            return Err(ConfigError::HeartbeatTimeoutNotBelowInterval {
+                timeout: self.timeout,
+                interval: self.interval,
+            });
         }
         Ok(())
     }
@@ -171,7 +181,10 @@ impl ConnectionConfig {
     /// Checks the connection limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_frame_size < 64 {
-            return Err(ConfigError::OutOfRange { field: "max_frame_size", why: "must be at least 64 bytes" });
+            return Err(ConfigError::OutOfRange {
+                field: "max_frame_size",
+                why: "must be at least 64 bytes",
+            });
         }
         if self.outbound_queue == 0 {
             return Err(ConfigError::Zero("outbound_queue"));

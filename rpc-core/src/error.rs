@@ -171,7 +171,10 @@ impl CloseReason {
             CloseReason::GoAway { .. } => "goaway",
             CloseReason::PeerClosed => "peer_closed",
             CloseReason::Reset => "reset",
-            CloseReason::Io { kind: io::ErrorKind::TimedOut, .. } => "timed_out",
+            CloseReason::Io {
+                kind: io::ErrorKind::TimedOut,
+                ..
+            } => "timed_out",
             CloseReason::Io { .. } => "io",
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
@@ -184,11 +187,14 @@ impl CloseReason {
     /// The reason for an I/O error on the socket.
     pub fn from_io(err: &io::Error) -> Self {
         match err.kind() {
-            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
-                CloseReason::Reset
-            }
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => CloseReason::Reset,
             io::ErrorKind::UnexpectedEof => CloseReason::PeerClosed,
-            kind => CloseReason::Io { kind, message: err.to_string() },
+            kind => CloseReason::Io {
+                kind,
+                message: err.to_string(),
+            },
         }
     }
 
@@ -199,7 +205,9 @@ impl CloseReason {
             CloseReason::IdleTimeout => Some(GoAwayReason::Idle),
             CloseReason::SlowConsumer => Some(GoAwayReason::SlowConsumer),
             CloseReason::HeartbeatTimeout => Some(GoAwayReason::HeartbeatTimeout),
-            CloseReason::Protocol(_) | CloseReason::PartialFrameTimeout => Some(GoAwayReason::ProtocolError),
+            CloseReason::Protocol(_) | CloseReason::PartialFrameTimeout => {
+                Some(GoAwayReason::ProtocolError)
+            }
             _ => None,
         }
     }

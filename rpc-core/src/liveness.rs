@@ -48,7 +48,11 @@ pub struct Liveness {
 impl Liveness {
     /// Liveness for a connection that opened at `now`. `heartbeat` is the client's heartbeat policy
     /// (ignored when disabled); `idle_timeout` the server's eviction timeout.
-    pub fn new(now: Instant, heartbeat: Option<HeartbeatConfig>, idle_timeout: Option<Duration>) -> Self {
+    pub fn new(
+        now: Instant,
+        heartbeat: Option<HeartbeatConfig>,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
         Liveness {
             heartbeat: heartbeat.filter(|h| h.enabled),
             idle_timeout,
@@ -105,7 +109,9 @@ impl Liveness {
                 if self.failures >= hb.max_failures {
                     Some(LivenessAction::Close(CloseReason::HeartbeatTimeout))
                 } else {
-                    Some(LivenessAction::HeartbeatMissed { failures: self.failures })
+                    Some(LivenessAction::HeartbeatMissed {
+                        failures: self.failures,
+                    })
                 }
             }
             Some(_) => None,
@@ -196,17 +202,28 @@ mod tests {
                     return now - t0;
                 }
             }
-            now = l.next_deadline().expect("a deadline while heartbeats are on");
+            now = l
+                .next_deadline()
+                .expect("a deadline while heartbeats are on");
         }
     }
 
     #[test]
     fn silent_peer_closes_exactly_at_the_documented_bound() {
         let t0 = Instant::now();
-        for (interval, timeout, max) in [(15_000, 1_000, 3), (100, 50, 3), (200, 100, 1), (1000, 10, 5)] {
+        for (interval, timeout, max) in [
+            (15_000, 1_000, 3),
+            (100, 50, 3),
+            (200, 100, 1),
+            (1000, 10, 5),
+        ] {
             let mut l = Liveness::new(t0, Some(hb(interval, timeout, max)), None);
             let bound = ms(interval) + ms(timeout) * max;
-            assert_eq!(time_to_close(&mut l, t0), bound, "interval {interval} timeout {timeout} max {max}");
+            assert_eq!(
+                time_to_close(&mut l, t0),
+                bound,
+                "interval {interval} timeout {timeout} max {max}"
+            );
         }
     }
 
@@ -215,7 +232,10 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, Some(hb(100, 50, 3)), None);
         assert_eq!(l.poll(t0 + ms(99)), None);
-        assert_eq!(l.poll(t0 + ms(100)), Some(LivenessAction::SendHeartbeat { id: 1 }));
+        assert_eq!(
+            l.poll(t0 + ms(100)),
+            Some(LivenessAction::SendHeartbeat { id: 1 })
+        );
         // Still idle, still waiting for the ack: nothing more is sent.
         assert_eq!(l.poll(t0 + ms(120)), None);
         assert_eq!(l.poll(t0 + ms(149)), None);
@@ -226,15 +246,30 @@ mod tests {
     fn any_frame_resets_the_failure_count() {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, Some(hb(100, 50, 2)), None);
-        assert!(matches!(l.poll(t0 + ms(100)), Some(LivenessAction::SendHeartbeat { .. })));
-        assert_eq!(l.poll(t0 + ms(150)), Some(LivenessAction::HeartbeatMissed { failures: 1 }));
-        assert!(matches!(l.poll(t0 + ms(150)), Some(LivenessAction::SendHeartbeat { .. })));
+        assert!(matches!(
+            l.poll(t0 + ms(100)),
+            Some(LivenessAction::SendHeartbeat { .. })
+        ));
+        assert_eq!(
+            l.poll(t0 + ms(150)),
+            Some(LivenessAction::HeartbeatMissed { failures: 1 })
+        );
+        assert!(matches!(
+            l.poll(t0 + ms(150)),
+            Some(LivenessAction::SendHeartbeat { .. })
+        ));
         // A response (not an ack) arrives: proof of life.
         l.on_frame_read(t0 + ms(170));
         assert_eq!(l.failures(), 0);
         assert_eq!(l.poll(t0 + ms(269)), None);
-        assert!(matches!(l.poll(t0 + ms(270)), Some(LivenessAction::SendHeartbeat { .. })));
-        assert_eq!(l.poll(t0 + ms(320)), Some(LivenessAction::HeartbeatMissed { failures: 1 }));
+        assert!(matches!(
+            l.poll(t0 + ms(270)),
+            Some(LivenessAction::SendHeartbeat { .. })
+        ));
+        assert_eq!(
+            l.poll(t0 + ms(320)),
+            Some(LivenessAction::HeartbeatMissed { failures: 1 })
+        );
     }
 
     #[test]
@@ -264,7 +299,10 @@ mod tests {
         l.on_frame_read(t0 + ms(100));
         assert_eq!(l.next_deadline(), Some(t0 + ms(400)));
         assert_eq!(l.poll(t0 + ms(399)), None);
-        assert_eq!(l.poll(t0 + ms(400)), Some(LivenessAction::Close(CloseReason::IdleTimeout)));
+        assert_eq!(
+            l.poll(t0 + ms(400)),
+            Some(LivenessAction::Close(CloseReason::IdleTimeout))
+        );
     }
 
     #[test]

@@ -68,7 +68,9 @@ impl Metadata {
     }
 
     pub(crate) fn with_capacity(n: usize) -> Self {
-        Metadata { entries: Vec::with_capacity(n) }
+        Metadata {
+            entries: Vec::with_capacity(n),
+        }
     }
 }
 
@@ -86,7 +88,13 @@ pub struct Request<T> {
 impl<T> Request<T> {
     /// A request for `method` (`/package.Service/Method`) with no metadata and the client's default deadline.
     pub fn new(method: impl Into<String>, body: T) -> Self {
-        Request { method: method.into(), metadata: Metadata::new(), deadline: None, idempotent: false, body }
+        Request {
+            method: method.into(),
+            metadata: Metadata::new(),
+            deadline: None,
+            idempotent: false,
+            body,
+        }
     }
 
     /// The method path.
@@ -116,7 +124,8 @@ impl<T> Request<T> {
 
     /// Time left until the deadline, zero if it has passed, `None` without a deadline.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// Sets an absolute deadline.
@@ -183,7 +192,10 @@ pub struct Response<T> {
 impl<T> Response<T> {
     /// A response with no metadata.
     pub fn new(body: T) -> Self {
-        Response { metadata: Metadata::new(), body }
+        Response {
+            metadata: Metadata::new(),
+            body,
+        }
     }
 
     /// A response with metadata.
@@ -218,7 +230,10 @@ impl<T> Response<T> {
 
     /// Replaces the body, keeping the metadata.
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Response<U> {
-        Response { metadata: self.metadata, body: f(self.body) }
+        Response {
+            metadata: self.metadata,
+            body: f(self.body),
+        }
     }
 }
 

@@ -59,11 +59,15 @@ impl ConnectionMetrics {
 
     /// Counts the close (once per connection).
     pub(crate) fn closed(&self, reason: &crate::CloseReason) {
-        let labels = [Label::new("side", self.side.as_str()), Label::new("reason", reason.as_str())];
+        let labels = [
+            Label::new("side", self.side.as_str()),
+            Label::new("reason", reason.as_str()),
+        ];
         counter!(CONNECTIONS_CLOSED, labels.iter()).increment(1);
     }
 
     pub(crate) fn goaway_received(&self, reason: crate::GoAwayReason) {
-        counter!(GOAWAY_RECEIVED, "side" => self.side.as_str(), "reason" => reason.as_str()).increment(1);
+        counter!(GOAWAY_RECEIVED, "side" => self.side.as_str(), "reason" => reason.as_str())
+            .increment(1);
     }
 }

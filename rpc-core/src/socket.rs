@@ -23,13 +23,19 @@ pub fn apply_tcp_config(stream: &TcpStream, config: &TcpConfig) -> Vec<&'static 
     check("TCP_NODELAY", sock.set_tcp_nodelay(config.nodelay));
     match &config.keepalive {
         Some(k) => {
-            let ka = TcpKeepalive::new().with_time(k.time).with_interval(k.interval).with_retries(k.retries);
+            let ka = TcpKeepalive::new()
+                .with_time(k.time)
+                .with_interval(k.interval)
+                .with_retries(k.retries);
             check("SO_KEEPALIVE", sock.set_tcp_keepalive(&ka));
         }
         None => check("SO_KEEPALIVE", sock.set_keepalive(false)),
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    check("TCP_USER_TIMEOUT", sock.set_tcp_user_timeout(config.user_timeout));
+    check(
+        "TCP_USER_TIMEOUT",
+        sock.set_tcp_user_timeout(config.user_timeout),
+    );
     if let Some(n) = config.send_buffer_size {
         check("SO_SNDBUF", sock.set_send_buffer_size(n));
     }

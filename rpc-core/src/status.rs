@@ -113,7 +113,11 @@ pub struct Status {
 impl Status {
     /// A status with a code and message.
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Status { code, message: message.into(), metadata: Metadata::new() }
+        Status {
+            code,
+            message: message.into(),
+            metadata: Metadata::new(),
+        }
     }
 
     /// APPLICATION_ERROR with a message: what a handler returns when its work failed.
@@ -178,7 +182,11 @@ impl Status {
 
     /// Builds from parts.
     pub fn from_parts(code: Code, message: String, metadata: Metadata) -> Self {
-        Status { code, message, metadata }
+        Status {
+            code,
+            message,
+            metadata,
+        }
     }
 }
 

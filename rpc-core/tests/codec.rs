@@ -7,7 +7,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use rpc_core::codec::FrameCodec;
 use rpc_core::error::{CodecError, GoAwayReason, ProtocolError};
-use rpc_core::frame::{Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION};
+use rpc_core::frame::{
+    Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION,
+};
 use rpc_core::{Code, Metadata};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -59,8 +61,16 @@ fn every_kind() -> Vec<Frame> {
         }),
         Frame::Heartbeat { id: 9 },
         Frame::HeartbeatAck { id: 9 },
-        Frame::GoAway(GoAway { reason: GoAwayReason::Idle, last_request_id: 77, message: "idle".into() }),
-        Frame::GoAway(GoAway { reason: GoAwayReason::Unknown(200), last_request_id: 0, message: String::new() }),
+        Frame::GoAway(GoAway {
+            reason: GoAwayReason::Idle,
+            last_request_id: 77,
+            message: "idle".into(),
+        }),
+        Frame::GoAway(GoAway {
+            reason: GoAwayReason::Unknown(200),
+            last_request_id: 0,
+            message: String::new(),
+        }),
         Frame::Settings(Settings {
             max_frame_size: Some(1 << 20),
             idle_timeout: Some(Duration::from_secs(90)),
@@ -89,7 +99,10 @@ fn decode_in_chunks(bytes: &[u8], sizes: impl IntoIterator<Item = usize>) -> Vec
     let mut pos = 0;
     let mut sizes = sizes.into_iter();
     while pos < bytes.len() {
-        let n = sizes.next().unwrap_or(bytes.len()).clamp(1, bytes.len() - pos);
+        let n = sizes
+            .next()
+            .unwrap_or(bytes.len())
+            .clamp(1, bytes.len() - pos);
         buf.extend_from_slice(&bytes[pos..pos + n]);
         pos += n;
         while let Some(f) = codec.decode(&mut buf).expect("valid input decodes") {
@@ -171,7 +184,13 @@ fn oversized_frame_rejected_from_the_header_before_allocating() {
     let mut codec = FrameCodec::new(1024);
     let mut buf = header(MAGIC, VERSION, FrameKind::Request as u8, u32::MAX);
     let cap_before = buf.capacity();
-    assert_eq!(protocol_error(&mut buf, &mut codec), ProtocolError::FrameTooLarge { len: u64::from(u32::MAX), max: 1024 });
+    assert_eq!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::FrameTooLarge {
+            len: u64::from(u32::MAX),
+            max: 1024
+        }
+    );
     assert_eq!(buf.capacity(), cap_before, "nothing reserved for the body");
 }
 
@@ -179,21 +198,30 @@ fn oversized_frame_rejected_from_the_header_before_allocating() {
 fn bad_magic_rejected_at_the_first_byte() {
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(&b"G"[..]); // "GET / HTTP/1.1" from a confused client
-    assert_eq!(protocol_error(&mut buf, &mut codec), ProtocolError::BadMagic(b'G'));
+    assert_eq!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::BadMagic(b'G')
+    );
 }
 
 #[test]
 fn unknown_version_rejected_at_the_second_byte() {
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(&[MAGIC, 9][..]);
-    assert_eq!(protocol_error(&mut buf, &mut codec), ProtocolError::UnsupportedVersion(9));
+    assert_eq!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::UnsupportedVersion(9)
+    );
 }
 
 #[test]
 fn unknown_kind_rejected() {
     let mut codec = FrameCodec::default();
     let mut buf = header(MAGIC, VERSION, 99, 0);
-    assert_eq!(protocol_error(&mut buf, &mut codec), ProtocolError::UnknownFrameKind(99));
+    assert_eq!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::UnknownFrameKind(99)
+    );
 }
 
 #[test]
@@ -216,7 +244,13 @@ fn truncated_body_fields_are_malformed_not_panics() {
     let mut buf = header(MAGIC, VERSION, FrameKind::Request as u8, body.len() as u32);
     buf.extend_from_slice(&body);
     let mut codec = FrameCodec::default();
-    assert!(matches!(protocol_error(&mut buf, &mut codec), ProtocolError::Malformed { kind: FrameKind::Request, .. }));
+    assert!(matches!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::Malformed {
+            kind: FrameKind::Request,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -225,11 +259,19 @@ fn too_many_metadata_entries_rejected() {
     for i in 0..10 {
         m.insert(format!("k{i}"), Bytes::new());
     }
-    let frame = Frame::Request(RequestFrame { id: 1, method: "/a.B/C".into(), metadata: m, ..Default::default() });
+    let frame = Frame::Request(RequestFrame {
+        id: 1,
+        method: "/a.B/C".into(),
+        metadata: m,
+        ..Default::default()
+    });
     let mut buf = encode_all(&[frame]);
     let mut codec = FrameCodec::default();
     codec.set_max_metadata_entries(4);
-    assert_eq!(protocol_error(&mut buf, &mut codec), ProtocolError::TooManyMetadataEntries { count: 10, max: 4 });
+    assert_eq!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::TooManyMetadataEntries { count: 10, max: 4 }
+    );
 }
 
 #[test]
@@ -243,13 +285,21 @@ fn encoder_refuses_frames_over_the_peer_limit() {
         ..Default::default()
     });
     let mut buf = BytesMut::new();
-    assert!(matches!(codec.encode(&frame, &mut buf), Err(CodecError::Protocol(ProtocolError::FrameTooLarge { .. }))));
+    assert!(matches!(
+        codec.encode(&frame, &mut buf),
+        Err(CodecError::Protocol(ProtocolError::FrameTooLarge { .. }))
+    ));
     assert!(buf.is_empty());
 }
 
 #[test]
 fn header_is_sixteen_bytes_as_documented() {
-    let bytes = encode_all(&[Frame::Heartbeat { id: 0x0102030405060708 }]);
+    let bytes = encode_all(&[Frame::Heartbeat {
+        id: 0x0102030405060708,
+    }]);
     assert_eq!(bytes.len(), HEADER_LEN);
-    assert_eq!(&bytes[..], &[MAGIC, VERSION, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]);
+    assert_eq!(
+        &bytes[..],
+        &[MAGIC, VERSION, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]
+    );
 }

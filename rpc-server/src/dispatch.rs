@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 use tower::util::{BoxCloneService, ServiceExt};
 
 /// The server's service after its layers: errors are boxed so tower middleware can add its own.
-pub(crate) type ServerService = BoxCloneService<Request<Bytes>, rpc_core::Response<Bytes>, BoxError>;
+pub(crate) type ServerService =
+    BoxCloneService<Request<Bytes>, rpc_core::Response<Bytes>, BoxError>;
 
 /// Turns an error from the service stack into the status sent to the client.
 pub fn status_from_error(err: BoxError) -> Status {
@@ -56,14 +57,21 @@ impl Dispatch for ServerDispatch {
         tasks.spawn(async move {
             let _permit = permit;
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                responder.error(Status::deadline_exceeded("deadline passed before the handler started")).await;
+                responder
+                    .error(Status::deadline_exceeded(
+                        "deadline passed before the handler started",
+                    ))
+                    .await;
                 return;
             }
             let call = svc.oneshot(req);
             let result = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, call).await {
                     Ok(r) => r,
-                    Err(_) => Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
+                    Err(_) => Err(Status::deadline_exceeded(
+                        "deadline passed while the handler ran",
+                    )
+                    .into()),
                 },
                 None => call.await,
             };

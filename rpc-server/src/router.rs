@@ -44,17 +44,27 @@ impl Router {
     /// Adds a generated service under its [`NamedService::NAME`].
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
-        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
+        S: NamedService
+            + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), BoxCloneSyncService::new(svc));
+        Arc::make_mut(&mut self.services)
+            .insert(S::NAME.to_string(), BoxCloneSyncService::new(svc));
         self
     }
 
     /// Adds a handler for one method path, for example `/echo.Echo/Say`.
     pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
     where
-        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
     {
         Arc::make_mut(&mut self.methods).insert(path.into(), BoxCloneSyncService::new(svc));
@@ -78,36 +88,35 @@ mod future {
     #![allow(missing_docs)]
     use super::*;
 
-pin_project_lite::pin_project! {
-    /// The router's future: the handler's, or an immediate NOT_FOUND.
-    #[project = RouterFutureProj]
-    pub enum RouterFuture {
-        /// The handler runs.
-        Handler { #[pin] fut: Oneshot<BoxHandler, Request<Bytes>> },
-        /// No such method.
-        NotFound { status: Option<Status> },
+    pin_project_lite::pin_project! {
+        /// The router's future: the handler's, or an immediate NOT_FOUND.
+        #[project = RouterFutureProj]
+        pub enum RouterFuture {
+            /// The handler runs.
+            Handler { #[pin] fut: Oneshot<BoxHandler, Request<Bytes>> },
+            /// No such method.
+            NotFound { status: Option<Status> },
+        }
     }
-}
 
-impl std::fmt::Debug for RouterFuture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RouterFuture")
+    impl std::fmt::Debug for RouterFuture {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("RouterFuture")
+        }
     }
-}
 
-impl std::future::Future for RouterFuture {
-    type Output = Result<Response<Bytes>, Status>;
+    impl std::future::Future for RouterFuture {
+        type Output = Result<Response<Bytes>, Status>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            RouterFutureProj::Handler { fut } => fut.poll(cx),
-            RouterFutureProj::NotFound { status } => {
-                Poll::Ready(Err(status.take().unwrap_or_else(|| Status::internal("polled after completion"))))
+        fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.project() {
+                RouterFutureProj::Handler { fut } => fut.poll(cx),
+                RouterFutureProj::NotFound { status } => Poll::Ready(Err(status
+                    .take()
+                    .unwrap_or_else(|| Status::internal("polled after completion")))),
             }
         }
     }
-}
-
 }
 
 impl Service<Request<Bytes>> for Router {
@@ -122,8 +131,12 @@ impl Service<Request<Bytes>> for Router {
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         match self.find(req.method()) {
-            Some(h) => RouterFuture::Handler { fut: h.clone().oneshot(req) },
-            None => RouterFuture::NotFound { status: Some(Status::not_found(req.method())) },
+            Some(h) => RouterFuture::Handler {
+                fut: h.clone().oneshot(req),
+            },
+            None => RouterFuture::NotFound {
+                status: Some(Status::not_found(req.method())),
+            },
         }
     }
 }

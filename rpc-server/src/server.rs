@@ -48,7 +48,11 @@ pub struct Server;
 impl Server {
     /// A builder with the default config, no layers and no services.
     pub fn builder() -> ServerBuilder<Identity> {
-        ServerBuilder { config: ServerConfig::default(), router: Router::new(), layer: Identity::new() }
+        ServerBuilder {
+            config: ServerConfig::default(),
+            router: Router::new(),
+            layer: Identity::new(),
+        }
     }
 }
 
@@ -69,13 +73,22 @@ impl<L> ServerBuilder<L> {
 
     /// Adds a tower layer around every service (the first added is the outermost).
     pub fn layer<N>(self, layer: N) -> ServerBuilder<Stack<N, L>> {
-        ServerBuilder { config: self.config, router: self.router, layer: Stack::new(layer, self.layer) }
+        ServerBuilder {
+            config: self.config,
+            router: self.router,
+            layer: Stack::new(layer, self.layer),
+        }
     }
 
     /// Adds a generated service.
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
-        S: NamedService + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
+        S: NamedService
+            + Service<Request<Bytes>, Response = Response<Bytes>, Error = Status>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
     {
         self.router = self.router.add_service(svc);
@@ -85,7 +98,11 @@ impl<L> ServerBuilder<L> {
     /// Adds a handler for one method path.
     pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
     where
-        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
     {
         self.router = self.router.route(path, svc);
@@ -115,7 +132,8 @@ impl<L> ServerBuilder<L> {
     {
         self.config.validate()?;
         let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
-        let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
+        let service: ServerService =
+            BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
@@ -130,8 +148,18 @@ impl<L> ServerBuilder<L> {
             kill: kill.clone(),
             tasks: TaskTracker::new(),
         };
-        let join = tokio::spawn(accept.run().instrument(tracing::info_span!("server", %local_addr)));
-        Ok(ServerHandle { local_addr, events, shutdown, kill, join: Some(join) })
+        let join = tokio::spawn(
+            accept
+                .run()
+                .instrument(tracing::info_span!("server", %local_addr)),
+        );
+        Ok(ServerHandle {
+            local_addr,
+            events,
+            shutdown,
+            kill,
+            join: Some(join),
+        })
     }
 }
 
@@ -243,11 +271,18 @@ impl AcceptLoop {
         cfg.settings = Settings {
             max_frame_size: Some(c.connection.max_frame_size),
             idle_timeout: c.idle_timeout,
-            max_concurrent_requests: Some(u32::try_from(c.max_concurrent_requests).unwrap_or(u32::MAX)),
+            max_concurrent_requests: Some(
+                u32::try_from(c.max_concurrent_requests).unwrap_or(u32::MAX),
+            ),
             heartbeat_interval: None,
-            max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
+            max_metadata_entries: Some(
+                u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX),
+            ),
         };
-        let dispatch = ServerDispatch { service: self.service.clone(), limit: self.limit.clone() };
+        let dispatch = ServerDispatch {
+            service: self.service.clone(),
+            limit: self.limit.clone(),
+        };
         let (handle, driver) = Driver::server(stream, cfg, dispatch);
         let kill = self.kill.clone();
         let span = tracing::info_span!("conn", id = handle.id(), %peer);

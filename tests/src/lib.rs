@@ -51,7 +51,10 @@ pub async fn echo_server_with(config: ServerConfig, echo: EchoService) -> Server
 
 /// Client config without heartbeats (tests that want them turn them on).
 pub fn quiet_client() -> ClientConfig {
-    ClientConfig { heartbeat: rpc_core::config::HeartbeatConfig::disabled(), ..ClientConfig::default() }
+    ClientConfig {
+        heartbeat: rpc_core::config::HeartbeatConfig::disabled(),
+        ..ClientConfig::default()
+    }
 }
 
 /// Waits for the first event matching `pred`, up to `limit`.
@@ -83,7 +86,11 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn connect(addr: SocketAddr) -> RawPeer {
-        RawPeer { stream: TcpStream::connect(addr).await.unwrap(), codec: FrameCodec::default(), buf: BytesMut::new() }
+        RawPeer {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            codec: FrameCodec::default(),
+            buf: BytesMut::new(),
+        }
     }
 
     pub async fn send(&mut self, frame: Frame) {
@@ -93,7 +100,11 @@ impl RawPeer {
     }
 
     pub async fn send_settings(&mut self) {
-        self.send(Frame::Settings(Settings { max_frame_size: Some(1 << 20), ..Settings::default() })).await;
+        self.send(Frame::Settings(Settings {
+            max_frame_size: Some(1 << 20),
+            ..Settings::default()
+        }))
+        .await;
     }
 
     /// Reads frames until EOF (or an error), returning them; bounded by `limit`.
@@ -151,7 +162,16 @@ impl Gate {
     pub fn new() -> (Gate, GateControl) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let release = Arc::new(tokio::sync::Semaphore::new(0));
-        (Gate { arrived: tx, release: release.clone() }, GateControl { arrived: rx, release })
+        (
+            Gate {
+                arrived: tx,
+                release: release.clone(),
+            },
+            GateControl {
+                arrived: rx,
+                release,
+            },
+        )
     }
 
     /// The handler: echoes the body once released.
@@ -171,7 +191,11 @@ impl Gate {
             async move {
                 let body = req.into_body();
                 let _ = gate.arrived.send(body.clone());
-                let permit = gate.release.acquire().await.map_err(|_| Status::internal("gate closed"))?;
+                let permit = gate
+                    .release
+                    .acquire()
+                    .await
+                    .map_err(|_| Status::internal("gate closed"))?;
                 permit.forget();
                 Ok(Response::new(body))
             }
@@ -185,7 +209,10 @@ impl GateControl {
         let mut out = Vec::new();
         while out.len() < n {
             let got = tokio::time::timeout(Duration::from_secs(10), self.arrived.recv()).await;
-            out.push(got.expect("requests did not arrive in 10 s").expect("gate dropped"));
+            out.push(
+                got.expect("requests did not arrive in 10 s")
+                    .expect("gate dropped"),
+            );
         }
         out
     }

@@ -29,28 +29,68 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut echo = EchoClient::new(client.clone());
     let mut greeter = GreeterClient::new(client.clone());
 
-    let reply = echo.say(EchoRequest { message: "hello tether".into(), ..Default::default() }).await?;
-    println!("Echo/Say            -> {:?} (handler saw {} ms of deadline left)", reply.body().message, reply.body().remaining_deadline_ms);
+    let reply = echo
+        .say(EchoRequest {
+            message: "hello tether".into(),
+            ..Default::default()
+        })
+        .await?;
+    println!(
+        "Echo/Say            -> {:?} (handler saw {} ms of deadline left)",
+        reply.body().message,
+        reply.body().remaining_deadline_ms
+    );
 
     let ada = Person {
         name: "Ada".into(),
-        address: Some(person::Address { city: "London".into(), lines: vec!["12 St James's Sq".into()] }),
-        tags: vec![Tag { key: "role".into(), value: "engineer".into() }],
+        address: Some(person::Address {
+            city: "London".into(),
+            lines: vec!["12 St James's Sq".into()],
+        }),
+        tags: vec![Tag {
+            key: "role".into(),
+            value: "engineer".into(),
+        }],
     };
-    let hello = greeter.say_hello(HelloRequest { person: Some(ada.clone()) }).await?;
+    let hello = greeter
+        .say_hello(HelloRequest {
+            person: Some(ada.clone()),
+        })
+        .await?;
     println!("Greeter/SayHello    -> {:?}", hello.body().greeting);
-    let grace = Person { name: "Grace".into(), address: Some(person::Address { city: "Arlington".into(), lines: vec![] }), tags: vec![] };
-    let count = greeter.count(CountRequest { people: vec![ada.clone(), grace, ada] }).await?;
+    let grace = Person {
+        name: "Grace".into(),
+        address: Some(person::Address {
+            city: "Arlington".into(),
+            lines: vec![],
+        }),
+        tags: vec![],
+    };
+    let count = greeter
+        .count(CountRequest {
+            people: vec![ada.clone(), grace, ada],
+        })
+        .await?;
     let mut cities: Vec<_> = count.body().by_city.iter().collect();
     cities.sort();
-    println!("Greeter/Count       -> {} people, by city {:?}", count.body().count, cities);
+    println!(
+        "Greeter/Count       -> {} people, by city {:?}",
+        count.body().count,
+        cities
+    );
 
     // 100 concurrent calls over the same connection.
     let mut tasks = Vec::new();
     for i in 0..100u32 {
         let mut echo = echo.clone();
         tasks.push(tokio::spawn(async move {
-            let r = echo.say(EchoRequest { message: i.to_string(), delay_ms: (100 - i) % 7, ..Default::default() }).await?;
+            let r = echo
+                .say(EchoRequest {
+                    message: i.to_string(),
+                    delay_ms: (100 - i) % 7,
+                    ..Default::default()
+                })
+                .await?;
             Ok::<bool, rpc_client::Error>(r.into_body().message == i.to_string())
         }));
     }
@@ -60,20 +100,49 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             correct += 1;
         }
     }
-    println!("100 concurrent Says -> {correct} answered correctly over {} connection(s)", client.connections().len());
+    println!(
+        "100 concurrent Says -> {correct} answered correctly over {} connection(s)",
+        client.connections().len()
+    );
 
-    let err = echo.fail(EchoRequest { message: "the disk is full".into(), ..Default::default() }).await.expect_err("Fail fails");
-    println!("Echo/Fail           -> {} (may have executed: {})", err, err.may_have_executed());
+    let err = echo
+        .fail(EchoRequest {
+            message: "the disk is full".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("Fail fails");
+    println!(
+        "Echo/Fail           -> {} (may have executed: {})",
+        err,
+        err.may_have_executed()
+    );
 
-    let err = client.unary(Request::new("/echo.Echo/Nope", Bytes::new())).await.expect_err("no such method");
-    println!("Echo/Nope           -> {} (may have executed: {})", err, err.may_have_executed());
+    let err = client
+        .unary(Request::new("/echo.Echo/Nope", Bytes::new()))
+        .await
+        .expect_err("no such method");
+    println!(
+        "Echo/Nope           -> {} (may have executed: {})",
+        err,
+        err.may_have_executed()
+    );
 
-    let slow = Request::new("", EchoRequest { message: "slow".into(), delay_ms: 500, ..Default::default() })
-        .with_timeout(Duration::from_millis(100));
+    let slow = Request::new(
+        "",
+        EchoRequest {
+            message: "slow".into(),
+            delay_ms: 500,
+            ..Default::default()
+        },
+    )
+    .with_timeout(Duration::from_millis(100));
     let err = echo.say(slow).await.expect_err("deadline");
     println!("Say with 100 ms deadline, 500 ms handler -> {err}");
 
-    client.oneway(Request::new("/echo.Echo/Say", Bytes::new())).await?;
+    client
+        .oneway(Request::new("/echo.Echo/Say", Bytes::new()))
+        .await?;
     println!("oneway Say          -> queued");
 
     let mut events = server.events();

@@ -93,7 +93,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     // Connect up front so an idle run (--rate 0) has a connection to hold.
     if let Err(e) = client.checkout(None).await {
-        report(json, &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "connect_failed", "error": e.to_string()}));
+        report(
+            json,
+            &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "connect_failed", "error": e.to_string()}),
+        );
     }
 
     let echo = EchoClient::new(client.clone());
@@ -111,7 +114,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tick.tick().await;
             sent += 1;
             let mut echo = echo.clone();
-            let req = EchoRequest { message: sent.to_string(), payload: payload.clone(), ..Default::default() };
+            let req = EchoRequest {
+                message: sent.to_string(),
+                payload: payload.clone(),
+                ..Default::default()
+            };
             let seq = sent;
             tasks.spawn(async move {
                 let start = Instant::now();
@@ -140,13 +147,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn record(json: bool, (seq, latency, result): (u64, Duration, Result<(), rpc_client::Error>), outcomes: &mut BTreeMap<String, u64>) {
+fn record(
+    json: bool,
+    (seq, latency, result): (u64, Duration, Result<(), rpc_client::Error>),
+    outcomes: &mut BTreeMap<String, u64>,
+) {
     let line = match &result {
-        Ok(()) => json!({"t_ms": unix_ms() as u64, "side": "client", "event": "request", "seq": seq, "outcome": "ok",
-                         "latency_ms": latency.as_secs_f64() * 1e3}),
-        Err(e) => json!({"t_ms": unix_ms() as u64, "side": "client", "event": "request", "seq": seq, "outcome": "error",
+        Ok(()) => {
+            json!({"t_ms": unix_ms() as u64, "side": "client", "event": "request", "seq": seq, "outcome": "ok",
+                         "latency_ms": latency.as_secs_f64() * 1e3})
+        }
+        Err(e) => {
+            json!({"t_ms": unix_ms() as u64, "side": "client", "event": "request", "seq": seq, "outcome": "error",
                          "error_kind": e.kind_str(), "code": e.code().to_string(), "may_have_executed": e.may_have_executed(),
-                         "error": e.to_string(), "latency_ms": latency.as_secs_f64() * 1e3}),
+                         "error": e.to_string(), "latency_ms": latency.as_secs_f64() * 1e3})
+        }
     };
     let key = match &result {
         Ok(()) => "ok".to_string(),
@@ -157,9 +172,9 @@ fn record(json: bool, (seq, latency, result): (u64, Duration, Result<(), rpc_cli
 }
 
 fn report(json: bool, line: &serde_json::Value) {
-    if json {
-        println!("{line}");
-    } else if line["event"] != "request" || line["outcome"] != "ok" {
+    // Without --json, successful requests are counted in the summary only.
+    let quiet = !json && line["event"] == "request" && line["outcome"] == "ok";
+    if !quiet {
         println!("{line}");
     }
 }

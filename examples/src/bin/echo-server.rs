@@ -55,13 +55,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     args.tcp.apply(&mut config.tcp, &mut config.connection);
     let server = Server::builder()
         .config(config)
-        .add_service(EchoServer::new(EchoService { handler_delay: args.handler_delay }))
+        .add_service(EchoServer::new(EchoService {
+            handler_delay: args.handler_delay,
+        }))
         .add_service(GreeterServer::new(GreeterService))
         .bind(args.addr)
         .await?;
     let mut events = server.events();
     if args.json {
-        println!("{}", serde_json::json!({"t_ms": examples::cli::unix_ms() as u64, "side": "server", "event": "listening", "addr": server.local_addr().to_string()}));
+        println!(
+            "{}",
+            serde_json::json!({"t_ms": examples::cli::unix_ms() as u64, "side": "server", "event": "listening", "addr": server.local_addr().to_string()})
+        );
     } else {
         println!("listening on {}", server.local_addr());
     }
@@ -71,7 +76,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             match events.recv().await {
                 Ok(ev) if json => println!("{}", event_json("server", &ev)),
                 Ok(ev) => println!("{ev:?}"),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => eprintln!("missed {n} events"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("missed {n} events")
+                }
                 Err(_) => break,
             }
         }

@@ -35,7 +35,11 @@ pub struct Responder {
 
 impl Responder {
     pub(crate) fn new(id: u64, oneway: bool, tx: mpsc::Sender<Outbound>) -> Self {
-        Responder { id, oneway, tx: Some(tx) }
+        Responder {
+            id,
+            oneway,
+            tx: Some(tx),
+        }
     }
 
     /// The request id being answered.
@@ -58,7 +62,14 @@ impl Responder {
     /// Sends a successful response.
     pub async fn ok(self, metadata: Metadata, payload: bytes::Bytes) {
         let id = self.id;
-        self.send(ResponseFrame { id, code: Code::Ok, message: String::new(), metadata, payload }).await;
+        self.send(ResponseFrame {
+            id,
+            code: Code::Ok,
+            message: String::new(),
+            metadata,
+            payload,
+        })
+        .await;
     }
 
     /// Sends an error status.
@@ -82,7 +93,10 @@ impl Drop for Responder {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
             if !self.oneway {
-                let frame = status_frame(self.id, Status::internal("handler ended without a response (panicked?)"));
+                let frame = status_frame(
+                    self.id,
+                    Status::internal("handler ended without a response (panicked?)"),
+                );
                 let _ = tx.try_send(Outbound::Response(frame));
             }
         }
@@ -92,5 +106,11 @@ impl Drop for Responder {
 /// A response frame for an error status.
 pub fn status_frame(id: u64, status: Status) -> ResponseFrame {
     let (code, message, metadata) = status.into_parts();
-    ResponseFrame { id, code, message, metadata, payload: bytes::Bytes::new() }
+    ResponseFrame {
+        id,
+        code,
+        message,
+        metadata,
+        payload: bytes::Bytes::new(),
+    }
 }

@@ -113,7 +113,10 @@ pub struct ConnectionHandle {
 
 impl std::fmt::Debug for ConnectionHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionHandle").field("id", &self.shared.id).field("state", &self.state()).finish()
+        f.debug_struct("ConnectionHandle")
+            .field("id", &self.shared.id)
+            .field("state", &self.state())
+            .finish()
     }
 }
 
@@ -141,7 +144,9 @@ impl ConnectionHandle {
     /// Waits until the handshake completes, or returns the close reason.
     pub async fn ready(&self) -> Result<(), CloseReason> {
         let mut rx = self.subscribe();
-        let state = rx.wait_for(|s| !matches!(s, ConnectionState::Handshaking)).await;
+        let state = rx
+            .wait_for(|s| !matches!(s, ConnectionState::Handshaking))
+            .await;
         match state.as_deref() {
             Ok(ConnectionState::Closed(r)) => Err(r.clone()),
             Ok(_) => Ok(()),
@@ -152,7 +157,9 @@ impl ConnectionHandle {
     /// Waits until the connection is closed and returns why.
     pub async fn closed(&self) -> CloseReason {
         let mut rx = self.subscribe();
-        let state = rx.wait_for(|s| matches!(s, ConnectionState::Closed(_))).await;
+        let state = rx
+            .wait_for(|s| matches!(s, ConnectionState::Closed(_)))
+            .await;
         match state.as_deref() {
             Ok(ConnectionState::Closed(r)) => r.clone(),
             _ => CloseReason::Local,
@@ -172,12 +179,15 @@ impl ConnectionHandle {
     /// Counts one request in flight until the guard drops.
     pub fn track_in_flight(&self) -> InFlightGuard {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard { shared: self.shared.clone() }
+        InFlightGuard {
+            shared: self.shared.clone(),
+        }
     }
 
     /// When this side last wrote a frame (the peer's idle clock restarts then).
     pub fn last_write(&self) -> Instant {
-        self.shared.epoch + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
+        self.shared.epoch
+            + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
     }
 
     /// Queues a message for the I/O task, waiting while the outbound queue is full.

@@ -35,8 +35,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 pub use dispatch::{status_frame, Dispatch, Responder};
-pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound};
 use handle::Shared;
+pub use handle::{
+    CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound,
+};
 
 use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
@@ -163,7 +165,10 @@ pub struct Driver<S> {
 
 impl<S> std::fmt::Debug for Driver<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver").field("id", &self.shared.id).field("side", &self.cfg.side).finish_non_exhaustive()
+        f.debug_struct("Driver")
+            .field("id", &self.shared.id)
+            .field("side", &self.cfg.side)
+            .finish_non_exhaustive()
     }
 }
 
@@ -178,11 +183,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         Self::build(io, cfg, Some(Box::new(dispatch)))
     }
 
-    fn build(io: S, cfg: DriverConfig, dispatch: Option<Box<dyn Dispatch>>) -> (ConnectionHandle, Self) {
+    fn build(
+        io: S,
+        cfg: DriverConfig,
+        dispatch: Option<Box<dyn Dispatch>>,
+    ) -> (ConnectionHandle, Self) {
         let now = Instant::now();
         let (tx, rx) = mpsc::channel(cfg.connection.outbound_queue);
         let (state, _) = watch::channel(ConnectionState::Handshaking);
-        let token = cfg.shutdown.as_ref().map_or_else(CancellationToken::new, CancellationToken::child_token);
+        let token = cfg
+            .shutdown
+            .as_ref()
+            .map_or_else(CancellationToken::new, CancellationToken::child_token);
         let shared = Arc::new(Shared {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             state,
@@ -195,9 +207,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
         codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
         let mut wbuf = BytesMut::with_capacity(8 * 1024);
-        codec.encode_frame(&Frame::Settings(cfg.settings), &mut wbuf).expect("settings always fit a frame");
-        let heartbeat = if cfg.side == Side::Client { cfg.heartbeat } else { None };
-        let idle = if cfg.side == Side::Server { cfg.idle_timeout } else { None };
+        codec
+            .encode_frame(&Frame::Settings(cfg.settings), &mut wbuf)
+            .expect("settings always fit a frame");
+        let heartbeat = if cfg.side == Side::Client {
+            cfg.heartbeat
+        } else {
+            None
+        };
+        let idle = if cfg.side == Side::Server {
+            cfg.idle_timeout
+        } else {
+            None
+        };
         let driver = Driver {
             io,
             codec,
@@ -239,7 +261,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let reason = std::future::poll_fn(|cx| self.poll_drive(cx)).await;
         let span_id = self.shared.id;
         tracing::debug!(conn = span_id, side = self.cfg.side.as_str(), %reason, "connection closed");
-        if self.goaway_sent.is_some() && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer) {
+        if self.goaway_sent.is_some()
+            && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer)
+        {
             let mut io = self.io;
             let _ = tokio::time::timeout(self.cfg.linger, async move {
                 let _ = io.shutdown().await;
@@ -326,7 +350,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
         match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
             Poll::Ready(Ok(0)) => Err(match &self.goaway_received {
-                Some(g) => CloseReason::GoAway { reason: g.reason, last_request_id: g.last_request_id },
+                Some(g) => CloseReason::GoAway {
+                    reason: g.reason,
+                    last_request_id: g.last_request_id,
+                },
                 None => CloseReason::PeerClosed,
             }),
             Poll::Ready(Ok(_)) => {
@@ -369,19 +396,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             Frame::GoAway(g) => self.on_goaway(g),
             Frame::Response(r) => {
                 if self.cfg.side == Side::Server {
-                    return Err(ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into());
+                    return Err(
+                        ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into(),
+                    );
                 }
                 if let Some(p) = self.pending.remove(&r.id) {
                     let _ = p.reply.send(Ok(r));
                 }
             }
             Frame::Request(r) => {
-                let kind = if r.oneway { crate::frame::FrameKind::Oneway } else { crate::frame::FrameKind::Request };
+                let kind = if r.oneway {
+                    crate::frame::FrameKind::Oneway
+                } else {
+                    crate::frame::FrameKind::Request
+                };
                 if self.cfg.side == Side::Client {
                     return Err(ProtocolError::UnexpectedFrame(kind).into());
                 }
                 if r.id <= self.last_request_id {
-                    return Err(ProtocolError::Malformed { kind, what: "request id not increasing" }.into());
+                    return Err(ProtocolError::Malformed {
+                        kind,
+                        what: "request id not increasing",
+                    }
+                    .into());
                 }
                 if self.goaway_sent.is_some_and(|last| r.id > last) {
                     // Above the id our GOAWAY named: the client knows it was not run and retries it.
@@ -406,12 +443,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if self.goaway_sent.is_none() && self.goaway_received.is_none() {
             self.shared.state.send_replace(ConnectionState::Open);
         }
-        self.emit(ConnectionEvent::Connected { id: self.shared.id, peer: self.cfg.peer });
+        self.emit(ConnectionEvent::Connected {
+            id: self.shared.id,
+            peer: self.cfg.peer,
+        });
         Ok(())
     }
 
     fn on_request(&mut self, r: RequestFrame, now: Instant) {
-        let Some(dispatch) = self.dispatch.as_mut() else { return };
+        let Some(dispatch) = self.dispatch.as_mut() else {
+            return;
+        };
         let responder = Responder::new(r.id, r.oneway, self.tx.clone());
         if let Some(resp) = dispatch.dispatch(r, now, responder, &self.tasks) {
             self.encode_response(resp);
@@ -427,16 +469,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         });
         // Requests above the peer's last id were not run: fail them now so callers can retry.
         let last = g.last_request_id;
-        let not_run: Vec<u64> = self.pending.keys().copied().filter(|id| *id > last).collect();
+        let not_run: Vec<u64> = self
+            .pending
+            .keys()
+            .copied()
+            .filter(|id| *id > last)
+            .collect();
         for id in not_run {
             if let Some(p) = self.pending.remove(&id) {
-                let _ = p.reply.send(Err(ConnectionError::GoAway { reason: g.reason, last_request_id: last }));
+                let _ = p.reply.send(Err(ConnectionError::GoAway {
+                    reason: g.reason,
+                    last_request_id: last,
+                }));
             }
         }
         if self.goaway_sent.is_none() {
-            self.shared.state.send_replace(ConnectionState::Draining { reason: g.reason, by_peer: true });
+            self.shared.state.send_replace(ConnectionState::Draining {
+                reason: g.reason,
+                by_peer: true,
+            });
         }
-        self.drain_deadline.get_or_insert(Instant::now() + self.cfg.drain_timeout);
+        self.drain_deadline
+            .get_or_insert(Instant::now() + self.cfg.drain_timeout);
         self.tasks.close();
         self.goaway_received = Some(g);
     }
@@ -447,12 +501,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             return;
         }
         let last = self.last_request_id;
-        self.encode(&Frame::GoAway(GoAway { reason, last_request_id: last, message: String::new() }));
+        self.encode(&Frame::GoAway(GoAway {
+            reason,
+            last_request_id: last,
+            message: String::new(),
+        }));
         self.goaway_sent = Some(last);
         if self.goaway_received.is_none() {
-            self.shared.state.send_replace(ConnectionState::Draining { reason, by_peer: false });
+            self.shared.state.send_replace(ConnectionState::Draining {
+                reason,
+                by_peer: false,
+            });
         }
-        self.drain_deadline.get_or_insert(now + self.cfg.drain_timeout);
+        self.drain_deadline
+            .get_or_insert(now + self.cfg.drain_timeout);
         self.tasks.close();
     }
 
@@ -461,12 +523,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if self.goaway_sent.is_none() && self.goaway_received.is_none() {
             return None;
         }
-        if !self.pending.is_empty() || !self.wbuf.is_empty() || self.needs_flush || !self.rx.is_empty() {
+        if !self.pending.is_empty()
+            || !self.wbuf.is_empty()
+            || self.needs_flush
+            || !self.rx.is_empty()
+        {
             return None;
         }
         if self.cfg.side == Side::Server {
             let tasks = self.tasks.clone();
-            let idle = self.tasks_idle.get_or_insert_with(|| Box::pin(async move { tasks.wait().await }));
+            let idle = self
+                .tasks_idle
+                .get_or_insert_with(|| Box::pin(async move { tasks.wait().await }));
             if idle.as_mut().poll(cx).is_pending() {
                 return None;
             }
@@ -481,7 +549,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn drain_reason(&self) -> CloseReason {
         match &self.goaway_received {
-            Some(g) => CloseReason::GoAway { reason: g.reason, last_request_id: g.last_request_id },
+            Some(g) => CloseReason::GoAway {
+                reason: g.reason,
+                last_request_id: g.last_request_id,
+            },
             None => CloseReason::Shutdown,
         }
     }
@@ -507,7 +578,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn on_outbound(&mut self, msg: Outbound, now: Instant) {
         match msg {
-            Outbound::Request { mut frame, deadline, reply } => {
+            Outbound::Request {
+                mut frame,
+                deadline,
+                reply,
+            } => {
                 let fail = |reply: Option<oneshot::Sender<CallResult>>, e: ConnectionError| {
                     if let Some(r) = reply {
                         let _ = r.send(Err(e));
@@ -517,7 +592,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     return; // the caller gave up before we got to it
                 }
                 if let Some(g) = &self.goaway_received {
-                    let e = ConnectionError::GoAway { reason: g.reason, last_request_id: g.last_request_id };
+                    let e = ConnectionError::GoAway {
+                        reason: g.reason,
+                        last_request_id: g.last_request_id,
+                    };
                     return fail(reply, e);
                 }
                 if self.goaway_sent.is_some() || !self.handshake_done {
@@ -532,14 +610,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 let id = self.next_id;
                 frame.id = id;
                 let before = self.wbuf.len();
-                if let Err(e) = self.codec.encode_frame(&Frame::Request(frame), &mut self.wbuf) {
+                if let Err(e) = self
+                    .codec
+                    .encode_frame(&Frame::Request(frame), &mut self.wbuf)
+                {
                     self.wbuf.truncate(before);
                     return fail(reply, ConnectionError::Encode(e));
                 }
                 self.next_id += 1;
                 self.enqueued_total += (self.wbuf.len() - before) as u64;
                 if let Some(reply) = reply {
-                    self.pending.insert(id, Pending { reply, end_offset: self.enqueued_total });
+                    self.pending.insert(
+                        id,
+                        Pending {
+                            reply,
+                            end_offset: self.enqueued_total,
+                        },
+                    );
                 }
             }
             Outbound::Response(r) => self.encode_response(r),
@@ -574,7 +661,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         while !self.wbuf.is_empty() {
             match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
                 Poll::Ready(Ok(0)) => {
-                    return Err(CloseReason::Io { kind: std::io::ErrorKind::WriteZero, message: "write returned 0".into() })
+                    return Err(CloseReason::Io {
+                        kind: std::io::ErrorKind::WriteZero,
+                        message: "write returned 0".into(),
+                    })
                 }
                 Poll::Ready(Ok(n)) => {
                     self.wbuf.advance(n);
@@ -612,23 +702,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 }
                 LivenessAction::HeartbeatMissed { failures } => {
                     self.metrics.heartbeats_failed.increment(1);
-                    self.emit(ConnectionEvent::HeartbeatFailed { id: self.shared.id, failures });
+                    self.emit(ConnectionEvent::HeartbeatFailed {
+                        id: self.shared.id,
+                        failures,
+                    });
                 }
                 LivenessAction::Close(reason) => {
                     if reason == CloseReason::HeartbeatTimeout {
                         self.metrics.heartbeats_failed.increment(1);
                         let failures = self.liveness.failures();
-                        self.emit(ConnectionEvent::HeartbeatFailed { id: self.shared.id, failures });
+                        self.emit(ConnectionEvent::HeartbeatFailed {
+                            id: self.shared.id,
+                            failures,
+                        });
                     }
                     return Err(reason);
                 }
             }
         }
         let c = &self.cfg.connection;
-        if self.stall.deadline(c.write_stall_timeout).is_some_and(|d| now >= d) {
+        if self
+            .stall
+            .deadline(c.write_stall_timeout)
+            .is_some_and(|d| now >= d)
+        {
             return Err(CloseReason::SlowConsumer);
         }
-        if self.partial.deadline(c.partial_frame_timeout).is_some_and(|d| now >= d) {
+        if self
+            .partial
+            .deadline(c.partial_frame_timeout)
+            .is_some_and(|d| now >= d)
+        {
             return Err(CloseReason::PartialFrameTimeout);
         }
         if self.drain_deadline.is_some_and(|d| now >= d) {
@@ -654,12 +758,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     fn close(&mut self, reason: CloseReason, cx: &mut Context<'_>) {
         let stream_usable = !matches!(
             reason,
-            CloseReason::Reset | CloseReason::PeerClosed | CloseReason::Io { .. } | CloseReason::SlowConsumer | CloseReason::GoAway { .. }
+            CloseReason::Reset
+                | CloseReason::PeerClosed
+                | CloseReason::Io { .. }
+                | CloseReason::SlowConsumer
+                | CloseReason::GoAway { .. }
         );
         if stream_usable && self.goaway_sent.is_none() {
             if let Some(g) = reason.goaway_reason() {
                 let last = self.last_request_id;
-                self.encode(&Frame::GoAway(GoAway { reason: g, last_request_id: last, message: reason.to_string() }));
+                self.encode(&Frame::GoAway(GoAway {
+                    reason: g,
+                    last_request_id: last,
+                    message: reason.to_string(),
+                }));
                 self.goaway_sent = Some(last);
             }
         }
@@ -668,10 +780,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             let _ = self.poll_write(cx, Instant::now());
         }
         let flushed = self.flushed_total;
-        let peer_last = self.goaway_received.as_ref().map(|g| (g.reason, g.last_request_id));
+        let peer_last = self
+            .goaway_received
+            .as_ref()
+            .map(|g| (g.reason, g.last_request_id));
         for (id, p) in self.pending.drain() {
             let err = match peer_last {
-                Some((r, last)) if id > last => ConnectionError::GoAway { reason: r, last_request_id: last },
+                Some((r, last)) if id > last => ConnectionError::GoAway {
+                    reason: r,
+                    last_request_id: last,
+                },
                 _ if flushed >= p.end_offset => ConnectionError::ClosedAfterWrite(reason.clone()),
                 _ => ConnectionError::NotWritten(reason.clone()),
             };
@@ -685,8 +803,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
         self.tasks.close();
         self.metrics.closed(&reason);
-        self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
-        self.emit(ConnectionEvent::Closed { id: self.shared.id, peer: self.cfg.peer, reason });
+        self.shared
+            .state
+            .send_replace(ConnectionState::Closed(reason.clone()));
+        self.emit(ConnectionEvent::Closed {
+            id: self.shared.id,
+            peer: self.cfg.peer,
+            reason,
+        });
     }
 
     fn emit(&self, event: ConnectionEvent) {
