@@ -6,7 +6,7 @@ use rpc_core::driver::{ConnectionHandle, Driver, DriverConfig};
 use rpc_core::event::EventSender;
 use rpc_core::frame::Settings;
 use rpc_core::metrics::Side;
-use rpc_core::socket::apply_tcp_config;
+use rpc_core::socket::configure_tcp;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -30,10 +30,11 @@ pub async fn connect(
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| Error::new(ErrorKind::Connect(e), false))?;
-        apply_tcp_config(&stream, &config.tcp);
+        let tcp_options = configure_tcp(&stream, &config.tcp);
         let mut cfg = DriverConfig::new(Side::Client);
         cfg.connection = config.connection;
         cfg.heartbeat = Some(config.heartbeat);
+        cfg.tcp_options = tcp_options;
         cfg.peer = Some(addr);
         cfg.events = events;
         cfg.settings = Settings {

@@ -44,3 +44,41 @@ pub fn apply_tcp_config(stream: &TcpStream, config: &TcpConfig) -> Vec<&'static 
     }
     failed
 }
+
+/// Reads the options back from the socket with getsockopt: what the kernel actually applied (Linux,
+/// for example, doubles buffer sizes). Keepalive fields are read only while SO_KEEPALIVE is on.
+pub fn read_tcp_config(stream: &TcpStream) -> io::Result<TcpConfig> {
+    let sock = SockRef::from(stream);
+    let keepalive = if sock.keepalive()? {
+        Some(crate::config::KeepaliveConfig {
+            time: sock.tcp_keepalive_time()?,
+            interval: sock.tcp_keepalive_interval()?,
+            retries: sock.tcp_keepalive_retries()?,
+        })
+    } else {
+        None
+    };
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let user_timeout = sock.tcp_user_timeout()?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let user_timeout = None;
+    Ok(TcpConfig {
+        nodelay: sock.tcp_nodelay()?,
+        keepalive,
+        user_timeout,
+        send_buffer_size: Some(sock.send_buffer_size()?),
+        recv_buffer_size: Some(sock.recv_buffer_size()?),
+    })
+}
+
+/// Applies `config`, then reads back what the kernel applied (`None` if the read failed, logged).
+pub fn configure_tcp(stream: &TcpStream, config: &TcpConfig) -> Option<TcpConfig> {
+    apply_tcp_config(stream, config);
+    match read_tcp_config(stream) {
+        Ok(applied) => Some(applied),
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to read socket options back");
+            None
+        }
+    }
+}

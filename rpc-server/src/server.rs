@@ -1,16 +1,17 @@
 //! The server: builder, accept loop, per-connection drivers, graceful shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rpc_core::config::ConfigError;
-use rpc_core::driver::{Driver, DriverConfig};
+use rpc_core::driver::{ConnectionHandle, Driver, DriverConfig};
 use rpc_core::event::{ConnectionEvent, EventSender};
 use rpc_core::frame::Settings;
 use rpc_core::metrics::Side;
-use rpc_core::socket::apply_tcp_config;
+use rpc_core::socket::configure_tcp;
 use rpc_core::{BoxError, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{broadcast, Semaphore};
@@ -137,7 +138,9 @@ impl<L> ServerBuilder<L> {
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
+        let registry = Registry::default();
         let accept = AcceptLoop {
+            registry: registry.clone(),
             listener,
             limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
@@ -158,6 +161,7 @@ impl<L> ServerBuilder<L> {
             events,
             shutdown,
             kill,
+            registry,
             join: Some(join),
         })
     }
@@ -170,10 +174,26 @@ pub struct ServerHandle {
     events: EventSender,
     shutdown: CancellationToken,
     kill: CancellationToken,
+    registry: Registry,
     join: Option<JoinHandle<()>>,
 }
 
+/// The open connections of a server, for inspection.
+#[derive(Debug, Clone, Default)]
+struct Registry(Arc<Mutex<HashMap<u64, ConnectionHandle>>>);
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnectionHandle>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl ServerHandle {
+    /// The connections open right now (state, requests in flight, bytes waiting to be written).
+    pub fn connections(&self) -> Vec<ConnectionHandle> {
+        self.registry.lock().values().cloned().collect()
+    }
+
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -211,6 +231,7 @@ impl Drop for ServerHandle {
 }
 
 struct AcceptLoop {
+    registry: Registry,
     listener: TcpListener,
     config: ServerConfig,
     service: ServerService,
@@ -259,12 +280,13 @@ impl AcceptLoop {
             drop(stream);
             return;
         };
-        apply_tcp_config(&stream, &self.config.tcp);
+        let tcp_options = configure_tcp(&stream, &self.config.tcp);
         let c = &self.config;
         let mut cfg = DriverConfig::new(Side::Server);
         cfg.connection = c.connection;
         cfg.idle_timeout = c.idle_timeout;
         cfg.drain_timeout = c.shutdown_grace;
+        cfg.tcp_options = tcp_options;
         cfg.peer = Some(peer);
         cfg.events = Some(self.events.clone());
         cfg.shutdown = Some(self.shutdown.clone());
@@ -285,7 +307,10 @@ impl AcceptLoop {
         };
         let (handle, driver) = Driver::server(stream, cfg, dispatch);
         let kill = self.kill.clone();
-        let span = tracing::info_span!("conn", id = handle.id(), %peer);
+        let id = handle.id();
+        let span = tracing::info_span!("conn", id, %peer);
+        let registry = self.registry.clone();
+        registry.lock().insert(id, handle);
         self.tasks.spawn(
             async move {
                 let _permit = permit;
@@ -293,6 +318,7 @@ impl AcceptLoop {
                     reason = driver.run() => tracing::debug!(%reason, "closed"),
                     _ = kill.cancelled() => {}
                 }
+                registry.lock().remove(&id);
             }
             .instrument(span),
         );

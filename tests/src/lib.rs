@@ -82,15 +82,27 @@ pub struct RawPeer {
     pub stream: TcpStream,
     codec: FrameCodec,
     buf: BytesMut,
+    next_id: u64,
 }
 
 impl RawPeer {
     pub async fn connect(addr: SocketAddr) -> RawPeer {
+        RawPeer::from_stream(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> RawPeer {
         RawPeer {
-            stream: TcpStream::connect(addr).await.unwrap(),
+            stream,
             codec: FrameCodec::default(),
             buf: BytesMut::new(),
+            next_id: 0,
         }
+    }
+
+    /// The next request id (1, 2, ...).
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
     }
 
     pub async fn send(&mut self, frame: Frame) {

@@ -1,6 +1,5 @@
 //! How the server side of a driver hands requests to handlers without running them on the I/O task.
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -8,7 +7,7 @@ use crate::frame::{RequestFrame, ResponseFrame};
 use crate::message::Metadata;
 use crate::status::{Code, Status};
 
-use super::handle::Outbound;
+use super::handle::{Outbound, OutboundSender};
 
 /// Receives the requests a connection reads. Called on the I/O task: it must not block or await.
 pub trait Dispatch: Send + 'static {
@@ -30,11 +29,11 @@ pub trait Dispatch: Send + 'static {
 pub struct Responder {
     id: u64,
     oneway: bool,
-    tx: Option<mpsc::Sender<Outbound>>,
+    tx: Option<OutboundSender>,
 }
 
 impl Responder {
-    pub(crate) fn new(id: u64, oneway: bool, tx: mpsc::Sender<Outbound>) -> Self {
+    pub(crate) fn new(id: u64, oneway: bool, tx: OutboundSender) -> Self {
         Responder {
             id,
             oneway,
@@ -97,7 +96,7 @@ impl Drop for Responder {
                     self.id,
                     Status::internal("handler ended without a response (panicked?)"),
                 );
-                let _ = tx.try_send(Outbound::Response(frame));
+                tx.try_send(Outbound::Response(frame));
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -93,6 +93,65 @@ pub enum Outbound {
     Response(ResponseFrame),
 }
 
+impl Outbound {
+    fn payload_len(&self) -> usize {
+        match self {
+            Outbound::Request { frame, .. } => frame.payload.len() + frame.method.len(),
+            Outbound::Response(r) => r.payload.len() + r.message.len(),
+        }
+    }
+}
+
+/// A message on its way to the I/O task, holding its share of the connection's byte budget until
+/// the driver has encoded it.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) msg: Outbound,
+    pub(crate) _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// The sending side of a connection's outbound queue. The queue is bounded twice: in frames (the
+/// channel) and in bytes (a semaphore of `max_outbound_bytes` permits), so large frames cannot pile
+/// up behind a peer that does not read.
+#[derive(Debug, Clone)]
+pub(crate) struct OutboundSender {
+    pub(crate) tx: mpsc::Sender<Queued>,
+    pub(crate) budget: Arc<Semaphore>,
+    pub(crate) max: usize,
+}
+
+impl OutboundSender {
+    /// Waits for byte budget and a queue slot, then queues `msg`. Fails if the connection is gone.
+    pub(crate) async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
+        let n = msg.payload_len().min(self.max) as u32;
+        let permit = if n == 0 {
+            None
+        } else {
+            match self.budget.clone().acquire_many_owned(n).await {
+                Ok(p) => Some(p),
+                Err(_) => return Err(msg),
+            }
+        };
+        self.tx
+            .send(Queued {
+                msg,
+                _budget: permit,
+            })
+            .await
+            .map_err(|e| e.0.msg)
+    }
+
+    /// Queues a small message without waiting (used for the answer of a handler that panicked).
+    pub(crate) fn try_send(&self, msg: Outbound) {
+        let _ = self.tx.try_send(Queued { msg, _budget: None });
+    }
+
+    /// Bytes queued and not yet taken by the driver.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.max.saturating_sub(self.budget.available_permits())
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) id: u64,
     pub(crate) state: watch::Sender<ConnectionState>,
@@ -102,12 +161,16 @@ pub(crate) struct Shared {
     pub(crate) last_write_ms: AtomicU64,
     pub(crate) epoch: Instant,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) outbound_buffered: AtomicUsize,
+    pub(crate) heartbeats_sent: AtomicU64,
+    pub(crate) heartbeats_acked: AtomicU64,
+    pub(crate) tcp_options: Option<crate::config::TcpConfig>,
 }
 
 /// A handle on one connection: cheap to clone, shared by every task that uses the connection.
 #[derive(Clone)]
 pub struct ConnectionHandle {
-    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) tx: OutboundSender,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -190,9 +253,33 @@ impl ConnectionHandle {
             + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
     }
 
-    /// Queues a message for the I/O task, waiting while the outbound queue is full.
+    /// Bytes this side holds for the peer and has not written yet: queued for the I/O task (at most
+    /// `max_outbound_bytes`) plus encoded in its write buffer (at most `max_outbound_bytes` plus one
+    /// frame, as of the driver's last pass).
+    pub fn outbound_buffered(&self) -> usize {
+        self.tx.queued_bytes() + self.shared.outbound_buffered.load(Ordering::Relaxed)
+    }
+
+    /// The socket options the kernel applied to the TCP socket under this connection, read back
+    /// with getsockopt when it was set up (`None` for a stream that is not plain TCP or if the read failed).
+    pub fn tcp_options(&self) -> Option<crate::config::TcpConfig> {
+        self.shared.tcp_options
+    }
+
+    /// Heartbeats this side has sent on the connection.
+    pub fn heartbeats_sent(&self) -> u64 {
+        self.shared.heartbeats_sent.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeat acks this side has received on the connection.
+    pub fn heartbeats_acked(&self) -> u64 {
+        self.shared.heartbeats_acked.load(Ordering::Relaxed)
+    }
+
+    /// Queues a message for the I/O task, waiting while the outbound queue is full (in frames or
+    /// in bytes). Gives the message back if the connection is gone.
     pub async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
-        self.tx.send(msg).await.map_err(|e| e.0)
+        self.tx.send(msg).await
     }
 
     /// Starts a graceful close: GOAWAY, let requests in flight finish (within the drain timeout), close.

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
 use tokio_util::io::poll_read_buf;
@@ -35,10 +35,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 pub use dispatch::{status_frame, Dispatch, Responder};
-use handle::Shared;
 pub use handle::{
     CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound,
 };
+use handle::{OutboundSender, Queued, Shared};
 
 use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
@@ -78,6 +78,8 @@ pub struct DriverConfig {
     pub peer: Option<SocketAddr>,
     /// Where connection events go.
     pub events: Option<EventSender>,
+    /// The socket options read back from the TCP socket under the stream, if the caller set them.
+    pub tcp_options: Option<crate::config::TcpConfig>,
     /// Cancelling this token starts a graceful drain of the connection (a server cancels one token
     /// for all its connections). Each connection gets a child token of it.
     pub shutdown: Option<CancellationToken>,
@@ -96,6 +98,7 @@ impl DriverConfig {
             linger: Duration::from_secs(1),
             peer: None,
             events: None,
+            tcp_options: None,
             shutdown: None,
         }
     }
@@ -139,9 +142,12 @@ pub struct Driver<S> {
     enqueued_total: u64,
     flushed_total: u64,
     needs_flush: bool,
-    rx: mpsc::Receiver<Outbound>,
+    rx: mpsc::Receiver<Queued>,
     rx_closed: bool,
-    tx: mpsc::Sender<Outbound>,
+    /// Server only: responders send through it. A client driver holds none, so its queue closes
+    /// when the last handle is dropped.
+    responder_tx: Option<OutboundSender>,
+    budget: Arc<Semaphore>,
     shared: Arc<Shared>,
     liveness: Liveness,
     stall: WriteStall,
@@ -190,6 +196,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     ) -> (ConnectionHandle, Self) {
         let now = Instant::now();
         let (tx, rx) = mpsc::channel(cfg.connection.outbound_queue);
+        let max_bytes = cfg
+            .connection
+            .max_outbound_bytes
+            .min(Semaphore::MAX_PERMITS);
+        let tx = OutboundSender {
+            tx,
+            budget: Arc::new(Semaphore::new(max_bytes)),
+            max: max_bytes,
+        };
         let (state, _) = watch::channel(ConnectionState::Handshaking);
         let token = cfg
             .shutdown
@@ -203,6 +218,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             last_write_ms: AtomicU64::new(0),
             epoch: now,
             shutdown: token.clone(),
+            outbound_buffered: Default::default(),
+            heartbeats_sent: Default::default(),
+            heartbeats_acked: Default::default(),
+            tcp_options: cfg.tcp_options,
         });
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
         codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
@@ -230,7 +249,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             needs_flush: false,
             rx,
             rx_closed: false,
-            tx: tx.clone(),
+            responder_tx: dispatch.is_some().then(|| tx.clone()),
+            budget: tx.budget.clone(),
             liveness: Liveness::new(now, heartbeat, idle),
             stall: WriteStall::default(),
             partial: PartialFrame::default(),
@@ -322,6 +342,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             if let Some(reason) = self.poll_drained(cx) {
                 return Poll::Ready(reason);
             }
+            self.shared
+                .outbound_buffered
+                .store(self.wbuf.len(), Ordering::Relaxed);
             if budget_used {
                 // Used the whole budget with work still coming: let other tasks run, then go on.
                 cx.waker().wake_by_ref();
@@ -392,7 +415,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         match frame {
             Frame::Settings(_) => {} // later settings updates are reserved; ignore them
             Frame::Heartbeat { id } => self.encode(&Frame::HeartbeatAck { id }),
-            Frame::HeartbeatAck { .. } => self.metrics.heartbeats_acked.increment(1),
+            Frame::HeartbeatAck { .. } => {
+                self.metrics.heartbeats_acked.increment(1);
+                self.shared.heartbeats_acked.fetch_add(1, Ordering::Relaxed);
+            }
             Frame::GoAway(g) => self.on_goaway(g),
             Frame::Response(r) => {
                 if self.cfg.side == Side::Server {
@@ -454,7 +480,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let Some(dispatch) = self.dispatch.as_mut() else {
             return;
         };
-        let responder = Responder::new(r.id, r.oneway, self.tx.clone());
+        let Some(tx) = self.responder_tx.clone() else {
+            return;
+        };
+        let responder = Responder::new(r.id, r.oneway, tx);
         if let Some(resp) = dispatch.dispatch(r, now, responder, &self.tasks) {
             self.encode_response(resp);
         }
@@ -561,9 +590,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let mut progressed = false;
         while !self.rx_closed && self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(msg)) => {
+                Poll::Ready(Some(queued)) => {
                     progressed = true;
-                    self.on_outbound(msg, now);
+                    // The byte budget is released once the frame is encoded (the write buffer has its own bound).
+                    self.on_outbound(queued.msg, now);
                 }
                 Poll::Ready(None) => {
                     // Every handle is gone: close gracefully once the pending requests are answered.
@@ -698,6 +728,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             match action {
                 LivenessAction::SendHeartbeat { id } => {
                     self.metrics.heartbeats_sent.increment(1);
+                    self.shared.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                     self.encode(&Frame::Heartbeat { id });
                 }
                 LivenessAction::HeartbeatMissed { failures } => {
@@ -796,8 +827,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             let _ = p.reply.send(Err(err));
         }
         self.rx.close();
-        while let Ok(msg) = self.rx.try_recv() {
-            if let Outbound::Request { reply: Some(r), .. } = msg {
+        self.budget.close();
+        self.responder_tx = None;
+        while let Ok(queued) = self.rx.try_recv() {
+            if let Outbound::Request { reply: Some(r), .. } = queued.msg {
                 let _ = r.send(Err(ConnectionError::NotWritten(reason.clone())));
             }
         }
