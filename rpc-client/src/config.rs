@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use rpc_core::config::{ConfigError, ConnectionConfig, HeartbeatConfig, TcpConfig};
 
+use crate::backoff::BackoffConfig;
+use crate::holder::Balance;
+
 /// Client settings. Plain struct with `Default`; checked by [`ClientConfig::validate`] when a client
 /// is built.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     /// Per connection attempt, TCP connect plus handshake; also capped by the request's remaining
     /// deadline. Default 1 s, as SOFABolt's connect timeout: a short bound keeps a dead switch from
@@ -20,6 +23,20 @@ pub struct ClientConfig {
     /// Attempts for a request that provably did not run (never written, GOAWAY above its id,
     /// SERVER_BUSY), all within its deadline. Default 3.
     pub max_attempts: u32,
+    /// How often the holder's checker validates alive connections and looks for due reconnects
+    /// (it also wakes at once when a connection closes or a backoff elapses). Default 10 s.
+    pub check_interval: Duration,
+    /// Reconnect backoff. Default 1 s, ×1.6, ±20 %, at most 120 s, as gRPC.
+    pub backoff: BackoffConfig,
+    /// Failed connect attempts in a row after which an endpoint is discarded. `None` (the
+    /// default): never discard, keep retrying at the maximum backoff.
+    pub max_reconnect_attempts: Option<u32>,
+    /// Endpoint selection. Default round robin.
+    pub balance: Balance,
+    /// A pooled connection is not reused once it has been idle (nothing written) for the server's
+    /// advertised idle timeout minus this margin (at most a fifth of the timeout is taken).
+    /// Default 1 s.
+    pub idle_margin: Duration,
     /// Heartbeats on idle connections.
     pub heartbeat: HeartbeatConfig,
     /// Per-connection limits.
@@ -35,6 +52,11 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(3),
             connections_per_endpoint: 1,
             max_attempts: 3,
+            check_interval: Duration::from_secs(10),
+            backoff: BackoffConfig::default(),
+            max_reconnect_attempts: None,
+            balance: Balance::default(),
+            idle_margin: Duration::from_secs(1),
             heartbeat: HeartbeatConfig::default(),
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
@@ -56,6 +78,21 @@ impl ClientConfig {
         }
         if self.max_attempts == 0 {
             return Err(ConfigError::Zero("max_attempts"));
+        }
+        if self.check_interval.is_zero() {
+            return Err(ConfigError::Zero("check_interval"));
+        }
+        if self.backoff.initial.is_zero()
+            || self.backoff.multiplier < 1.0
+            || !(0.0..1.0).contains(&self.backoff.jitter)
+        {
+            return Err(ConfigError::OutOfRange {
+                field: "backoff",
+                why: "initial must be positive, multiplier at least 1, jitter in [0, 1)",
+            });
+        }
+        if self.max_reconnect_attempts == Some(0) {
+            return Err(ConfigError::Zero("max_reconnect_attempts"));
         }
         self.heartbeat.validate()?;
         self.connection.validate()

@@ -23,6 +23,8 @@ pub enum ErrorKind {
     ConnectTimeout,
     /// The peer did not complete the handshake.
     Handshake(CloseReason),
+    /// No endpoint is alive and none is due for a reconnect attempt (all backing off or discarded).
+    NoEndpoint,
     /// The response body did not decode as the method's output message.
     Decode(prost::DecodeError),
     /// The client configuration is invalid.
@@ -101,6 +103,7 @@ impl Error {
                 | ErrorKind::Connect(_)
                 | ErrorKind::ConnectTimeout
                 | ErrorKind::Handshake(_)
+                | ErrorKind::NoEndpoint
         )
     }
 
@@ -122,6 +125,7 @@ impl Error {
             ErrorKind::Connect(_) => "connect",
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::Handshake(_) => "handshake",
+            ErrorKind::NoEndpoint => "no_endpoint",
             ErrorKind::Decode(_) => "decode",
             ErrorKind::Config(_) => "config",
             ErrorKind::Middleware(_) => "middleware",
@@ -169,6 +173,9 @@ impl fmt::Display for Error {
             ErrorKind::Connect(e) => write!(f, "connect failed: {e}")?,
             ErrorKind::ConnectTimeout => f.write_str("connect timed out")?,
             ErrorKind::Handshake(r) => write!(f, "handshake failed: {r}")?,
+            ErrorKind::NoEndpoint => {
+                f.write_str("no endpoint available (all backing off or discarded)")?
+            }
             ErrorKind::Decode(e) => write!(f, "response did not decode: {e}")?,
             ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
             ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,
@@ -190,7 +197,7 @@ impl std::error::Error for Error {
             ErrorKind::Decode(e) => Some(e),
             ErrorKind::Config(e) => Some(e),
             ErrorKind::Middleware(e) => Some(e.as_ref()),
-            ErrorKind::DeadlineExceeded | ErrorKind::ConnectTimeout => None,
+            ErrorKind::DeadlineExceeded | ErrorKind::ConnectTimeout | ErrorKind::NoEndpoint => None,
         }
     }
 }

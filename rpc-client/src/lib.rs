@@ -21,15 +21,19 @@
 //! # Ok(()) }
 //! ```
 
+mod backoff;
 mod client;
 pub mod codegen;
 mod config;
 mod connection;
 mod error;
+pub mod holder;
 
+pub use backoff::BackoffConfig;
 pub use client::{Client, REQUEST_RETRIES};
 pub use config::ClientConfig;
 pub use connection::connect;
 pub use error::{Error, ErrorKind};
+pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};
 pub use tokio::net::ToSocketAddrs;

@@ -31,6 +31,27 @@ pub enum ConnectionEvent {
         /// Last request id the peer processes.
         last_request_id: u64,
     },
+    /// Client: an endpoint's connect attempt failed; the next is due after `delay`.
+    Reconnecting {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The attempt that just failed (1 for the first).
+        attempt: u32,
+        /// Delay before the next attempt.
+        delay: std::time::Duration,
+    },
+    /// Client: an endpoint that had lost its connections (or never had one) is alive again.
+    Reconnected {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
+    /// Client: an endpoint was given up after `max_reconnect_attempts`.
+    Discarded {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Attempts made.
+        attempts: u32,
+    },
     /// The connection closed.
     Closed {
         /// Connection id.

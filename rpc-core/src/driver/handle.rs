@@ -164,6 +164,7 @@ pub(crate) struct Shared {
     pub(crate) outbound_buffered: AtomicUsize,
     pub(crate) heartbeats_sent: AtomicU64,
     pub(crate) heartbeats_acked: AtomicU64,
+    pub(crate) heartbeat_failures: std::sync::atomic::AtomicU32,
     pub(crate) tcp_options: Option<crate::config::TcpConfig>,
 }
 
@@ -269,6 +270,11 @@ impl ConnectionHandle {
     /// Heartbeats this side has sent on the connection.
     pub fn heartbeats_sent(&self) -> u64 {
         self.shared.heartbeats_sent.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeats in a row that went unanswered (0 once anything is read again).
+    pub fn heartbeat_failures(&self) -> u32 {
+        self.shared.heartbeat_failures.load(Ordering::Relaxed)
     }
 
     /// Heartbeat acks this side has received on the connection.

@@ -221,6 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             outbound_buffered: Default::default(),
             heartbeats_sent: Default::default(),
             heartbeats_acked: Default::default(),
+            heartbeat_failures: Default::default(),
             tcp_options: cfg.tcp_options,
         });
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
@@ -402,6 +403,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         self.partial.on_decoded(self.rbuf.len(), now);
+        if self.shared.heartbeat_failures.load(Ordering::Relaxed) != 0
+            && self.liveness.failures() == 0
+        {
+            self.shared.heartbeat_failures.store(0, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -733,6 +739,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 }
                 LivenessAction::HeartbeatMissed { failures } => {
                     self.metrics.heartbeats_failed.increment(1);
+                    self.shared
+                        .heartbeat_failures
+                        .store(failures, Ordering::Relaxed);
                     self.emit(ConnectionEvent::HeartbeatFailed {
                         id: self.shared.id,
                         failures,

@@ -1,0 +1,652 @@
+//! The connection holder: per endpoint, `connections_per_endpoint` multiplexed connections in an
+//! alive pool or a retry pool, moved by events and by one background checker.
+//!
+//! - A connection that closes leaves the alive pool the moment its `Closed` event is seen (and
+//!   every checkout re-validates, so a closed one is never handed out even before that).
+//! - The checker runs every `check_interval`, and earlier when a reconnect falls due: it validates
+//!   alive connections, moves endpoints without usable connections to the retry pool, reconnects
+//!   retry entries whose backoff has elapsed, and tops up endpoints below their connection count.
+//! - Every checkout validates the connection: open, not draining (no GOAWAY, FIN or RST seen), no
+//!   heartbeat failing, and not idle past the server's advertised idle timeout minus a margin.
+//! - With no alive endpoint, a checkout connects on demand to an endpoint whose backoff has
+//!   elapsed, within the request's deadline.
+
+mod balance;
+mod pool;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rpc_core::driver::ConnectionHandle;
+use rpc_core::event::{ConnectionEvent, EventSender};
+use tokio::sync::{broadcast, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tower::discover::{Change, Discover};
+
+pub use balance::Balance;
+pub use pool::{AfterFailure, EndpointPool, PoolState};
+
+use crate::config::ClientConfig;
+use crate::connection::connect;
+use crate::error::{Error, ErrorKind};
+
+/// Metric: checkouts that rejected a pooled connection, label `reason`.
+pub const VALIDATION_REJECTED: &str = "tether_client_validation_rejected_total";
+/// Metric: reconnect attempts, label `result` (`ok` or `failed`).
+pub const RECONNECT_ATTEMPTS: &str = "tether_client_reconnect_attempts_total";
+/// Metric (gauge): endpoints per pool, label `pool` (`alive`, `retry`, `discarded`).
+pub const POOL_ENDPOINTS: &str = "tether_client_pool_endpoints";
+
+/// Why a pooled connection was not handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Closed (FIN, RST, error, heartbeat timeout).
+    Closed,
+    /// Draining: GOAWAY sent or received.
+    Draining,
+    /// Heartbeats are going unanswered.
+    HeartbeatFailing,
+    /// Idle for longer than the server's idle timeout minus the margin: the server may be closing it.
+    IdleExpired,
+}
+
+impl Rejection {
+    fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Closed => "closed",
+            Rejection::Draining => "draining",
+            Rejection::HeartbeatFailing => "heartbeat_failing",
+            Rejection::IdleExpired => "idle_expired",
+        }
+    }
+}
+
+/// Validation before reuse. `margin` is subtracted from the server's advertised idle timeout (at
+/// most a fifth of it is taken, so short timeouts keep a usable window).
+pub fn validate(conn: &ConnectionHandle, now: Instant, margin: Duration) -> Result<(), Rejection> {
+    match conn.state() {
+        rpc_core::driver::ConnectionState::Open => {}
+        rpc_core::driver::ConnectionState::Closed(_) => return Err(Rejection::Closed),
+        _ => return Err(Rejection::Draining),
+    }
+    if conn.heartbeat_failures() > 0 {
+        return Err(Rejection::HeartbeatFailing);
+    }
+    if let Some(idle) = conn.peer_settings().and_then(|s| s.idle_timeout) {
+        let limit = idle.saturating_sub(margin.min(idle / 5));
+        if now.saturating_duration_since(conn.last_write()) >= limit {
+            return Err(Rejection::IdleExpired);
+        }
+    }
+    Ok(())
+}
+
+/// What users can see of one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointStatus {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Alive, retry or discarded.
+    pub state: PoolState,
+    /// Open connections in the alive pool.
+    pub connections: usize,
+    /// Requests in flight on them.
+    pub in_flight: usize,
+}
+
+struct Endpoint {
+    addr: SocketAddr,
+    pool: EndpointPool,
+    conns: Vec<ConnectionHandle>,
+    connecting: usize,
+    /// Set once the endpoint has lost its connections or failed to connect, so its return is
+    /// reported as `Reconnected`.
+    lost: bool,
+}
+
+impl Endpoint {
+    fn in_flight(&self) -> usize {
+        self.conns.iter().map(ConnectionHandle::in_flight).sum()
+    }
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoints: Mutex<Vec<Endpoint>>,
+    events: EventSender,
+    /// Wakes the checker (endpoints changed, a connection was lost).
+    wake: Notify,
+    /// Wakes checkouts waiting for a connect attempt to finish.
+    connect_done: Notify,
+    rr: AtomicUsize,
+    shutdown: CancellationToken,
+}
+
+/// The pools of a client. Cheap to clone; the checker stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct ConnectionHolder {
+    inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+}
+
+impl std::fmt::Debug for ConnectionHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionHolder")
+            .field("endpoints", &self.endpoints())
+            .finish()
+    }
+}
+
+enum Next {
+    Use(SocketAddr, ConnectionHandle),
+    Connect(SocketAddr),
+    Wait,
+    Unavailable,
+}
+
+impl ConnectionHolder {
+    /// A holder for `addrs` (more can be added later). Starts the checker; needs a Tokio runtime.
+    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>, config: ClientConfig) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let shutdown = CancellationToken::new();
+        let now = Instant::now();
+        let endpoints = addrs
+            .into_iter()
+            .map(|addr| Endpoint {
+                addr,
+                pool: EndpointPool::new(now),
+                conns: Vec::new(),
+                connecting: 0,
+                lost: false,
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            config,
+            endpoints: Mutex::new(endpoints),
+            events,
+            wake: Notify::new(),
+            connect_done: Notify::new(),
+            rr: AtomicUsize::new(0),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(checker(inner.clone()));
+        ConnectionHolder {
+            inner,
+            _guard: Arc::new(shutdown.drop_guard()),
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Connection and endpoint events (bounded: a slow subscriber lags rather than blocking).
+    pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Every endpoint and where it stands.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.inner
+            .lock()
+            .iter()
+            .map(|e| EndpointStatus {
+                addr: e.addr,
+                state: e.pool.state(),
+                connections: e.conns.len(),
+                in_flight: e.in_flight(),
+            })
+            .collect()
+    }
+
+    /// Endpoints in the alive pool.
+    pub fn alive_endpoints(&self) -> usize {
+        self.inner
+            .lock()
+            .iter()
+            .filter(|e| e.pool.state() == PoolState::Alive)
+            .count()
+    }
+
+    /// The open connections of every endpoint.
+    pub fn connections(&self) -> Vec<ConnectionHandle> {
+        self.inner
+            .lock()
+            .iter()
+            .flat_map(|e| e.conns.iter().cloned())
+            .collect()
+    }
+
+    /// Adds an endpoint, or brings a discarded one back.
+    pub fn add_endpoint(&self, addr: SocketAddr) {
+        self.inner.add_endpoint(addr);
+    }
+
+    /// Removes an endpoint; its connections drain gracefully.
+    pub fn remove_endpoint(&self, addr: SocketAddr) {
+        self.inner.remove_endpoint(addr);
+    }
+
+    /// Replaces the endpoint set: adds the new, removes the missing.
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        self.inner.set_endpoints(addrs);
+    }
+
+    /// Re-resolves `host` (`name:port`) every `interval` and replaces the endpoint set with the
+    /// answer; a failed or empty lookup keeps the current set. Stops with the holder.
+    pub fn resolve_periodically(&self, host: String, interval: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        let token = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(&host).await {
+                    Ok(it) => it.collect(),
+                    Err(e) => {
+                        tracing::warn!(%host, error = %e, "DNS re-resolution failed; keeping endpoints");
+                        Vec::new()
+                    }
+                };
+                let Some(inner) = weak.upgrade() else { return };
+                if !resolved.is_empty() {
+                    inner.set_endpoints(&resolved);
+                }
+                drop(inner);
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        });
+    }
+
+    /// Follows a `tower::discover::Discover` stream of endpoint changes (`Insert(key, addr)`,
+    /// `Remove(key)`). Stops when the stream ends or the holder is dropped.
+    pub fn discover<D>(&self, discover: D)
+    where
+        D: Discover<Service = SocketAddr> + Send + 'static,
+        D::Key: Eq + std::hash::Hash + Send,
+        D::Error: std::fmt::Display,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        let token = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            let mut discover = std::pin::pin!(discover);
+            let mut keys: std::collections::HashMap<D::Key, SocketAddr> =
+                std::collections::HashMap::new();
+            loop {
+                let change = tokio::select! {
+                    _ = token.cancelled() => return,
+                    c = std::future::poll_fn(|cx| discover.as_mut().poll_discover(cx)) => c,
+                };
+                let Some(holder) = weak.upgrade() else { return };
+                match change {
+                    Some(Ok(Change::Insert(k, addr))) => {
+                        if let Some(old) = keys.insert(k, addr) {
+                            if old != addr {
+                                holder.remove_endpoint(old);
+                            }
+                        }
+                        holder.add_endpoint(addr);
+                    }
+                    Some(Ok(Change::Remove(k))) => {
+                        if let Some(addr) = keys.remove(&k) {
+                            holder.remove_endpoint(addr);
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "discovery stream error"),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// A validated connection, chosen by the balance strategy among alive endpoints (`avoid` is
+    /// skipped when another endpoint is alive). With none alive, connects on demand to an endpoint
+    /// whose backoff has elapsed, within `deadline`.
+    pub async fn checkout(
+        &self,
+        deadline: Option<Instant>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<(SocketAddr, ConnectionHandle), Error> {
+        let limit = deadline.unwrap_or_else(|| Instant::now() + self.inner.config.connect_timeout);
+        loop {
+            let notified = self.inner.connect_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.inner.next(avoid) {
+                Next::Use(addr, conn) => return Ok((addr, conn)),
+                Next::Connect(addr) => {
+                    match self.inner.connect_endpoint(addr, Some(limit)).await {
+                        Ok(conn) => return Ok((addr, conn)),
+                        Err(e) if Instant::now() >= limit => return Err(e),
+                        Err(_) => continue, // backoff recorded; another endpoint may be due
+                    }
+                }
+                Next::Wait => {
+                    if tokio::time::timeout_at(limit, notified).await.is_err() {
+                        return Err(Error::new(ErrorKind::ConnectTimeout, false));
+                    }
+                }
+                Next::Unavailable => return Err(Error::new(ErrorKind::NoEndpoint, false)),
+            }
+        }
+    }
+
+    /// Gracefully closes every connection and stops the checker.
+    pub fn close(&self) {
+        self.inner.shutdown.cancel();
+        for c in self.connections() {
+            c.shutdown();
+        }
+    }
+}
+
+impl Inner {
+    /// Adds an endpoint, or brings a discarded one back.
+    fn add_endpoint(&self, addr: SocketAddr) {
+        let now = Instant::now();
+        {
+            let mut eps = self.lock();
+            match eps.iter_mut().find(|e| e.addr == addr) {
+                Some(e) => e.pool.revive(now),
+                None => eps.push(Endpoint {
+                    addr,
+                    pool: EndpointPool::new(now),
+                    conns: Vec::new(),
+                    connecting: 0,
+                    lost: false,
+                }),
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Removes an endpoint; its connections drain gracefully.
+    fn remove_endpoint(&self, addr: SocketAddr) {
+        let removed = {
+            let mut eps = self.lock();
+            let i = eps.iter().position(|e| e.addr == addr);
+            i.map(|i| eps.remove(i))
+        };
+        if let Some(e) = removed {
+            e.conns.iter().for_each(ConnectionHandle::shutdown);
+        }
+        self.publish_pool_sizes();
+    }
+
+    /// Replaces the endpoint set (DNS re-resolution): adds the new, removes the missing.
+    fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        let current: Vec<SocketAddr> = self.lock().iter().map(|e| e.addr).collect();
+        for a in current.iter().filter(|a| !addrs.contains(a)) {
+            self.remove_endpoint(*a);
+        }
+        for a in addrs {
+            self.add_endpoint(*a);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Endpoint>> {
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides what a checkout does next, validating and pruning as it goes.
+    fn next(&self, avoid: Option<SocketAddr>) -> Next {
+        let now = Instant::now();
+        let margin = self.config.idle_margin;
+        let mut eps = self.lock();
+        let mut lost_any = false;
+        for e in eps
+            .iter_mut()
+            .filter(|e| e.pool.state() == PoolState::Alive)
+        {
+            prune(e, now, margin);
+            if e.conns.is_empty() {
+                e.pool.on_lost(now);
+                e.lost = true;
+                lost_any = true;
+            }
+        }
+        let alive: Vec<usize> = (0..eps.len())
+            .filter(|&i| eps[i].pool.state() == PoolState::Alive)
+            .collect();
+        let preferred: Vec<usize> = match avoid {
+            Some(a) if alive.iter().any(|&i| eps[i].addr != a) => alive
+                .iter()
+                .copied()
+                .filter(|&i| eps[i].addr != a)
+                .collect(),
+            _ => alive,
+        };
+        let decision = if preferred.is_empty() {
+            if let Some(e) = eps
+                .iter_mut()
+                .find(|e| e.connecting == 0 && e.pool.is_due(now))
+            {
+                e.connecting += 1;
+                Next::Connect(e.addr)
+            } else if eps.iter().any(|e| e.connecting > 0) {
+                Next::Wait
+            } else {
+                Next::Unavailable
+            }
+        } else {
+            let loads: Vec<usize> = preferred.iter().map(|&i| eps[i].in_flight()).collect();
+            let counter = self.rr.fetch_add(1, Ordering::Relaxed);
+            let (r1, r2) = (
+                rand::random::<u32>() as usize,
+                rand::random::<u32>() as usize,
+            );
+            let i = balance::pick(self.config.balance, &loads, counter, r1, r2)
+                .map_or(preferred[0], |k| preferred[k]);
+            let e = &eps[i];
+            // Within an endpoint: healthy before heartbeat-failing, then the fewest requests in flight.
+            let conn = e.conns.iter().min_by_key(|c| (c.heartbeat_failures() > 0, c.in_flight())).cloned();
+            match conn {
+                Some(c) => Next::Use(e.addr, c),
+                None => Next::Wait,
+            }
+        };
+        drop(eps);
+        if lost_any {
+            self.publish_pool_sizes();
+            self.wake.notify_one();
+        }
+        decision
+    }
+
+    /// One connect attempt to `addr`, whose `connecting` count the caller has already raised.
+    async fn connect_endpoint(
+        &self,
+        addr: SocketAddr,
+        deadline: Option<Instant>,
+    ) -> Result<ConnectionHandle, Error> {
+        let result = connect(addr, &self.config, Some(self.events.clone()), deadline).await;
+        let now = Instant::now();
+        let mut event = None;
+        {
+            let mut eps = self.lock();
+            if let Some(e) = eps.iter_mut().find(|e| e.addr == addr) {
+                e.connecting = e.connecting.saturating_sub(1);
+                match &result {
+                    Ok(conn) => {
+                        e.conns.push(conn.clone());
+                        if e.pool.state() != PoolState::Alive && e.lost {
+                            event = Some(ConnectionEvent::Reconnected { addr });
+                        }
+                        e.lost = false;
+                        e.pool.on_connected();
+                    }
+                    Err(err) => {
+                        e.lost = true;
+                        let unit = rand::random::<f64>();
+                        event = Some(
+                            match e.pool.on_connect_failed(
+                                now,
+                                &self.config.backoff,
+                                self.config.max_reconnect_attempts,
+                                unit,
+                            ) {
+                                AfterFailure::RetryIn { attempt, delay } => {
+                                    tracing::debug!(%addr, attempt, ?delay, error = %err, "connect failed; backing off");
+                                    ConnectionEvent::Reconnecting {
+                                        addr,
+                                        attempt,
+                                        delay,
+                                    }
+                                }
+                                AfterFailure::Discard { attempts } => {
+                                    tracing::warn!(%addr, attempts, "endpoint discarded after max_reconnect_attempts");
+                                    ConnectionEvent::Discarded { addr, attempts }
+                                }
+                            },
+                        );
+                    }
+                }
+            } else if let Ok(conn) = &result {
+                conn.shutdown(); // the endpoint was removed while connecting
+            }
+        }
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        metrics::counter!(RECONNECT_ATTEMPTS, "result" => outcome).increment(1);
+        if let Some(ev) = event {
+            let _ = self.events.send(ev);
+        }
+        self.publish_pool_sizes();
+        self.connect_done.notify_waiters();
+        self.wake.notify_one();
+        result
+    }
+
+    fn publish_pool_sizes(&self) {
+        let (mut alive, mut retry, mut discarded) = (0.0, 0.0, 0.0);
+        for e in self.lock().iter() {
+            match e.pool.state() {
+                PoolState::Alive => alive += 1.0,
+                PoolState::Retry { .. } => retry += 1.0,
+                PoolState::Discarded => discarded += 1.0,
+            }
+        }
+        metrics::gauge!(POOL_ENDPOINTS, "pool" => "alive").set(alive);
+        metrics::gauge!(POOL_ENDPOINTS, "pool" => "retry").set(retry);
+        metrics::gauge!(POOL_ENDPOINTS, "pool" => "discarded").set(discarded);
+    }
+
+    /// One checker pass: validate, move, and start due reconnects and top-ups.
+    fn check(self: &Arc<Self>, now: Instant) -> Option<Instant> {
+        let margin = self.config.idle_margin;
+        let per_endpoint = self.config.connections_per_endpoint;
+        let mut to_connect = Vec::new();
+        let mut next_due: Option<Instant> = None;
+        {
+            let mut eps = self.lock();
+            for e in eps.iter_mut() {
+                if e.pool.state() == PoolState::Alive {
+                    prune(e, now, margin);
+                    if e.conns.is_empty() && e.connecting == 0 {
+                        e.pool.on_lost(now);
+                        e.lost = true;
+                    }
+                }
+                let wanted = match e.pool.state() {
+                    PoolState::Alive => per_endpoint.saturating_sub(e.conns.len() + e.connecting),
+                    PoolState::Retry { .. } if e.connecting == 0 && e.pool.is_due(now) => 1,
+                    _ => 0,
+                };
+                for _ in 0..wanted {
+                    e.connecting += 1;
+                    to_connect.push(e.addr);
+                }
+                if e.connecting == 0 {
+                    if let Some(at) = e.pool.next_attempt() {
+                        next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                    }
+                }
+            }
+        }
+        self.publish_pool_sizes();
+        for addr in to_connect {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _ = inner.connect_endpoint(addr, None).await;
+            });
+        }
+        next_due
+    }
+
+    /// A connection closed: it leaves the alive pool now.
+    fn on_closed(&self, id: u64) {
+        let now = Instant::now();
+        let mut changed = false;
+        {
+            let mut eps = self.lock();
+            for e in eps.iter_mut() {
+                let before = e.conns.len();
+                e.conns.retain(|c| c.id() != id);
+                if e.conns.len() != before {
+                    changed = true;
+                    if e.conns.is_empty() && e.pool.state() == PoolState::Alive {
+                        e.pool.on_lost(now);
+                        e.lost = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.publish_pool_sizes();
+        }
+    }
+}
+
+/// Drops connections that fail validation; those idle past the server's timeout are closed
+/// gracefully so the server does not have to. A connection whose heartbeats are going unanswered
+/// stays (one lost ack is not a dead peer; the driver closes it at `max_failures`) but is chosen
+/// only when no healthier connection exists.
+fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
+    e.conns.retain(|c| match validate(c, now, margin) {
+        Ok(()) | Err(Rejection::HeartbeatFailing) => true,
+        Err(r) => {
+            metrics::counter!(VALIDATION_REJECTED, "reason" => r.as_str()).increment(1);
+            if r == Rejection::IdleExpired {
+                c.shutdown();
+            }
+            false
+        }
+    });
+}
+
+async fn checker(inner: Arc<Inner>) {
+    let mut events = inner.events.subscribe();
+    let interval = inner.config.check_interval;
+    let mut next_check = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_check {
+            let due = inner.check(now);
+            next_check = now + interval;
+            if let Some(d) = due {
+                next_check = next_check.min(d.max(now));
+            }
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => break,
+            ev = events.recv() => match ev {
+                Ok(ConnectionEvent::Closed { id, .. }) => {
+                    inner.on_closed(id);
+                    next_check = Instant::now(); // reconnect (or top up) without waiting for the tick
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => next_check = Instant::now(),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = inner.wake.notified() => next_check = Instant::now(),
+            _ = tokio::time::sleep_until(next_check) => {}
+        }
+    }
+    for e in inner.lock().iter() {
+        e.conns.iter().for_each(ConnectionHandle::shutdown);
+    }
+}
