@@ -216,8 +216,8 @@ impl ServerHandle {
     /// Stops at once, like a killed process: the listener and every connection are dropped
     /// without GOAWAY.
     pub async fn abort(mut self) {
+        // Only the kill token: the graceful one would let drivers send GOAWAY first.
         self.kill.cancel();
-        self.shutdown.cancel();
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
@@ -250,6 +250,7 @@ impl AcceptLoop {
             let accepted = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
+                _ = self.kill.cancelled() => break,
                 r = self.listener.accept() => r,
             };
             match accepted {
@@ -315,8 +316,9 @@ impl AcceptLoop {
             async move {
                 let _permit = permit;
                 tokio::select! {
-                    reason = driver.run() => tracing::debug!(%reason, "closed"),
+                    biased;
                     _ = kill.cancelled() => {}
+                    reason = driver.run() => tracing::debug!(%reason, "closed"),
                 }
                 registry.lock().remove(&id);
             }

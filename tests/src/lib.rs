@@ -234,3 +234,65 @@ impl GateControl {
         self.release.add_permits(n);
     }
 }
+
+/// A server whose `/t.T/Who` answers its `name` and counts the calls it ran.
+pub struct NamedServer {
+    pub handle: ServerHandle,
+    pub calls: Arc<std::sync::atomic::AtomicUsize>,
+    pub name: &'static str,
+}
+
+/// Starts a [`NamedServer`] on `addr` (use port 0 for any), with an optional handler delay.
+pub async fn named_server(
+    name: &'static str,
+    addr: SocketAddr,
+    config: ServerConfig,
+    delay: Duration,
+) -> NamedServer {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let handle = Server::builder()
+        .config(config)
+        .route(
+            "/t.T/Who",
+            rpc_server::handler_fn(move |_req: Request<Bytes>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok(Response::new(Bytes::from_static(name.as_bytes())))
+                }
+            }),
+        )
+        .bind(addr)
+        .await
+        .unwrap();
+    NamedServer {
+        handle,
+        calls,
+        name,
+    }
+}
+
+impl NamedServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Calls `/t.T/Who` and returns the answering server's name.
+pub async fn who(
+    client: &rpc_client::Client,
+    timeout: Duration,
+) -> Result<String, rpc_client::Error> {
+    let resp = client
+        .unary(Request::new("/t.T/Who", Bytes::new()).with_timeout(timeout))
+        .await?;
+    Ok(String::from_utf8_lossy(resp.body()).into_owned())
+}

@@ -12,16 +12,23 @@ use clap::Parser;
 use examples::cli::{event_json, init_tracing, parse_duration, unix_ms, TcpFlags};
 use examples::echo::echo_client::EchoClient;
 use examples::echo::EchoRequest;
-use rpc_client::{Client, ClientConfig, Request};
+use rpc_client::{Balance, Client, ClientConfig, Request};
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 
 #[derive(Debug, Parser)]
 #[command(about = "tether echo client (liveness probe, client half)")]
 struct Args {
-    /// Server address.
-    #[arg(long, default_value = "127.0.0.1:7000")]
-    addr: SocketAddr,
+    /// Server address; repeat for several endpoints (the client balances over them and moves
+    /// dead ones to its retry pool).
+    #[arg(long = "addr", default_value = "127.0.0.1:7000")]
+    addrs: Vec<SocketAddr>,
+    /// Endpoint selection: round-robin, random or least-in-flight.
+    #[arg(long, default_value = "round-robin", value_parser = parse_balance)]
+    balance: Balance,
+    /// Multiplexed connections per endpoint.
+    #[arg(long)]
+    connections_per_endpoint: Option<usize>,
     /// Read-idle time before a heartbeat (default 15s).
     #[arg(long, value_parser = parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -51,6 +58,9 @@ struct Args {
     /// Payload bytes per request.
     #[arg(long, default_value_t = 0)]
     payload: usize,
+    /// Bytes the server answers each request with (large replies fill a client that stops reading).
+    #[arg(long, default_value_t = 0)]
+    reply_size: u32,
     /// Print one JSON object per line for each connection event and each finished request, and a summary.
     #[arg(long)]
     json: bool,
@@ -80,7 +90,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     args.tcp.apply(&mut config.tcp, &mut config.connection);
     let json = args.json;
 
-    let client = Client::new(args.addr, config).await?;
+    config.balance = args.balance;
+    if let Some(n) = args.connections_per_endpoint {
+        config.connections_per_endpoint = n;
+    }
+    let client = Client::with_endpoints(args.addrs.iter().copied(), config)?;
     let mut events = client.events();
     let printer = tokio::spawn(async move {
         while let Ok(ev) = events.recv().await {
@@ -145,6 +159,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(echo);
     let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
     Ok(())
+}
+
+fn parse_balance(s: &str) -> Result<Balance, String> {
+    match s {
+        "round-robin" => Ok(Balance::RoundRobin),
+        "random" => Ok(Balance::Random),
+        "least-in-flight" => Ok(Balance::LeastInFlight),
+        other => Err(format!(
+            "unknown balance {other:?} (round-robin, random, least-in-flight)"
+        )),
+    }
 }
 
 fn record(

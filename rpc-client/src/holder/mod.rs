@@ -444,7 +444,11 @@ impl Inner {
                 .map_or(preferred[0], |k| preferred[k]);
             let e = &eps[i];
             // Within an endpoint: healthy before heartbeat-failing, then the fewest requests in flight.
-            let conn = e.conns.iter().min_by_key(|c| (c.heartbeat_failures() > 0, c.in_flight())).cloned();
+            let conn = e
+                .conns
+                .iter()
+                .min_by_key(|c| (c.heartbeat_failures() > 0, c.in_flight()))
+                .cloned();
             match conn {
                 Some(c) => Next::Use(e.addr, c),
                 None => Next::Wait,
