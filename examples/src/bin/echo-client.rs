@@ -131,6 +131,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let req = EchoRequest {
                 message: sent.to_string(),
                 payload: payload.clone(),
+                reply_size: args.reply_size,
                 ..Default::default()
             };
             let seq = sent;
