@@ -72,6 +72,12 @@ pub struct TcpFlags {
     /// Close a connection whose writes make no progress for this long (default 10s).
     #[arg(long, value_parser = parse_duration)]
     pub write_stall_timeout: Option<Duration>,
+    /// SO_SNDBUF in bytes (default: the kernel's autotuning).
+    #[arg(long)]
+    pub send_buffer: Option<usize>,
+    /// SO_RCVBUF in bytes (default: the kernel's autotuning).
+    #[arg(long)]
+    pub recv_buffer: Option<usize>,
 }
 
 /// A count flag that also accepts `off`.
@@ -115,6 +121,12 @@ impl TcpFlags {
         }
         if let Some(w) = self.write_stall_timeout {
             conn.write_stall_timeout = w;
+        }
+        if self.send_buffer.is_some() {
+            tcp.send_buffer_size = self.send_buffer;
+        }
+        if self.recv_buffer.is_some() {
+            tcp.recv_buffer_size = self.recv_buffer;
         }
     }
 }

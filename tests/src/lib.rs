@@ -3,6 +3,7 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+pub mod netns;
 pub mod proxy;
 
 use std::net::SocketAddr;
