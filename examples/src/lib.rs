@@ -14,5 +14,6 @@ pub mod greeter {
     }
 }
 
+pub mod auth;
 pub mod cli;
 pub mod services;

@@ -28,6 +28,7 @@ mod config;
 mod connection;
 mod error;
 pub mod holder;
+mod retry;
 
 pub use backoff::BackoffConfig;
 pub use client::{Client, REQUEST_RETRIES};
@@ -35,5 +36,6 @@ pub use config::ClientConfig;
 pub use connection::connect;
 pub use error::{Error, ErrorKind};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
+pub use retry::SafeRetry;
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};
 pub use tokio::net::ToSocketAddrs;
