@@ -10,9 +10,7 @@ use tower::util::MapRequestLayer;
 /// Server layer: requests must carry `authorization: Bearer <token>`.
 pub fn require_bearer(
     token: &'static str,
-) -> FilterLayer<
-    impl Fn(Request<Bytes>) -> Result<Request<Bytes>, Status> + Clone + Send + Sync + 'static,
-> {
+) -> FilterLayer<impl Fn(Request<Bytes>) -> Result<Request<Bytes>, Status> + Clone + Send + Sync + 'static> {
     FilterLayer::new(move |req: Request<Bytes>| {
         let ok = req
             .metadata()
@@ -32,8 +30,7 @@ pub fn with_bearer(
     token: &'static str,
 ) -> MapRequestLayer<impl Fn(Request<Bytes>) -> Request<Bytes> + Clone + Send + Sync + 'static> {
     MapRequestLayer::new(move |mut req: Request<Bytes>| {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}"));
+        req.metadata_mut().insert("authorization", format!("Bearer {token}"));
         req
     })
 }

@@ -32,8 +32,7 @@ pub fn count_or_off(s: &str) -> Result<OrOff<u32>, String> {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`).
 pub fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -85,19 +84,13 @@ pub fn parse_opt_u32(s: &str) -> Result<Option<u32>, String> {
     if s.eq_ignore_ascii_case("off") {
         Ok(None)
     } else {
-        s.parse()
-            .map(Some)
-            .map_err(|e| format!("bad number {s:?}: {e}"))
+        s.parse().map(Some).map_err(|e| format!("bad number {s:?}: {e}"))
     }
 }
 
 impl TcpFlags {
     /// Applies the flags over defaults.
-    pub fn apply(
-        &self,
-        tcp: &mut rpc_core::config::TcpConfig,
-        conn: &mut rpc_core::config::ConnectionConfig,
-    ) {
+    pub fn apply(&self, tcp: &mut rpc_core::config::TcpConfig, conn: &mut rpc_core::config::ConnectionConfig) {
         let mut ka = tcp.keepalive.unwrap_or_default();
         let mut off = false;
         match self.keepalive_time {

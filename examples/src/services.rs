@@ -46,19 +46,12 @@ impl echo_server::Echo for EchoService {
 pub struct GreeterService;
 
 impl greeter_server::Greeter for GreeterService {
-    async fn say_hello(
-        &self,
-        request: Request<HelloRequest>,
-    ) -> Result<Response<HelloReply>, Status> {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let person = request
             .into_body()
             .person
             .ok_or_else(|| Status::invalid_argument("person is required"))?;
-        let tags: Vec<String> = person
-            .tags
-            .iter()
-            .map(|t| format!("{}={}", t.key, t.value))
-            .collect();
+        let tags: Vec<String> = person.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect();
         let greeting = if tags.is_empty() {
             format!("Hello, {}!", person.name)
         } else {
@@ -74,10 +67,7 @@ impl greeter_server::Greeter for GreeterService {
         let people = request.into_body().people;
         let mut by_city: HashMap<String, u32> = HashMap::new();
         for p in &people {
-            let city = p
-                .address
-                .as_ref()
-                .map_or_else(String::new, |a| a.city.clone());
+            let city = p.address.as_ref().map_or_else(String::new, |a| a.city.clone());
             *by_city.entry(city).or_default() += 1;
         }
         Ok(Response::new(CountReply {

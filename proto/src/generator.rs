@@ -62,10 +62,7 @@ impl TetherServiceGenerator {
         let _ = writeln!(buf, "/// Typed client for `{full}`.");
         let _ = writeln!(buf, "pub mod {module} {{");
         let _ = writeln!(buf, "    #![allow(clippy::all, unused_imports)]");
-        let _ = writeln!(
-            buf,
-            "    use ::rpc_client::codegen::{{BoxError, Bytes, Service}};"
-        );
+        let _ = writeln!(buf, "    use ::rpc_client::codegen::{{BoxError, Bytes, Service}};");
         let _ = writeln!(buf);
         doc(&s.comments, "    ", buf);
         let _ = writeln!(buf, "    /// Typed client for `{full}`, generic over the transport: an `rpc_client::Client` or any tower stack over one.");
@@ -126,7 +123,10 @@ impl TetherServiceGenerator {
         );
         let _ = writeln!(buf);
         doc(&s.comments, "    ", buf);
-        let _ = writeln!(buf, "    /// Implement this to serve `{full}`; pass it to the server wrapped in [`{name}Server`].");
+        let _ = writeln!(
+            buf,
+            "    /// Implement this to serve `{full}`; pass it to the server wrapped in [`{name}Server`]."
+        );
         let _ = writeln!(buf, "    pub trait {name}: Send + Sync + 'static {{");
         for m in &s.methods {
             doc(&m.comments, "        ", buf);

@@ -59,9 +59,7 @@ pub enum Error {
 /// Compiles one `.proto` file, with its own directory as the include path, into `OUT_DIR`.
 pub fn compile_protos(proto: impl AsRef<Path>) -> Result<(), Error> {
     let proto = proto.as_ref();
-    let include = proto
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let include = proto.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     configure().compile(&[proto], &[include])
 }
 
@@ -102,11 +100,7 @@ impl Builder {
     }
 
     /// Parses `protos` (searching `includes` for imports) and writes one Rust file per package.
-    pub fn compile(
-        self,
-        protos: &[impl AsRef<Path>],
-        includes: &[impl AsRef<Path>],
-    ) -> Result<(), Error> {
+    pub fn compile(self, protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> Result<(), Error> {
         for p in protos {
             println!("cargo:rerun-if-changed={}", p.as_ref().display());
         }
@@ -180,11 +174,7 @@ mod tests {
             .compile(&[proto], &[dir.path()])
             .expect_err("must fail");
         match &err {
-            Error::StreamingNotSupported {
-                service,
-                method,
-                kind,
-            } => {
+            Error::StreamingNotSupported { service, method, kind } => {
                 assert_eq!(
                     (service.as_str(), method.as_str(), *kind),
                     ("demo.Feed", "Watch", "server-streaming")
@@ -192,10 +182,7 @@ mod tests {
             }
             other => panic!("unexpected error {other:?}"),
         }
-        assert!(
-            err.to_string().contains("does not support streaming"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("does not support streaming"), "{err}");
     }
 
     #[test]

@@ -30,9 +30,7 @@ impl Default for BackoffConfig {
 impl BackoffConfig {
     /// The delay before retry number `attempt` (1 for the first retry), without jitter.
     pub fn base_delay(&self, attempt: u32) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(attempt.saturating_sub(1).min(1000) as i32);
+        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(1000) as i32);
         let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         Duration::from_secs_f64(secs)
     }
@@ -57,10 +55,7 @@ mod tests {
             .collect();
         assert_eq!(
             secs,
-            vec![
-                1.0, 1.6, 2.56, 4.096, 6.554, 10.486, 16.777, 26.844, 42.950, 68.719, 109.951,
-                120.0
-            ]
+            vec![1.0, 1.6, 2.56, 4.096, 6.554, 10.486, 16.777, 26.844, 42.950, 68.719, 109.951, 120.0]
         );
         assert_eq!(b.base_delay(500), Duration::from_secs(120));
     }

@@ -3,12 +3,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use rpc_core::driver::{ConnectionError, ConnectionHandle, Outbound};
 use rpc_core::event::ConnectionEvent;
 use rpc_core::frame::RequestFrame;
+use rpc_core::metrics::{RequestMetrics, Side};
 use rpc_core::{Code, Metadata, Request, Response, Status};
 use tokio::net::ToSocketAddrs;
 use tokio::sync::{broadcast, oneshot};
@@ -27,13 +29,12 @@ pub const REQUEST_RETRIES: &str = "tether_client_retries_total";
 #[derive(Clone)]
 pub struct Client {
     holder: ConnectionHolder,
+    metrics: Arc<RequestMetrics>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("holder", &self.holder)
-            .finish()
+        f.debug_struct("Client").field("holder", &self.holder).finish()
     }
 }
 
@@ -64,29 +65,19 @@ impl Client {
     }
 
     /// A client balancing over `addrs`; connections open in the background.
-    pub fn with_endpoints(
-        addrs: impl IntoIterator<Item = SocketAddr>,
-        config: ClientConfig,
-    ) -> Result<Self, Error> {
-        config
-            .validate()
-            .map_err(|e| Error::new(ErrorKind::Config(e), false))?;
+    pub fn with_endpoints(addrs: impl IntoIterator<Item = SocketAddr>, config: ClientConfig) -> Result<Self, Error> {
+        config.validate().map_err(|e| Error::new(ErrorKind::Config(e), false))?;
         Ok(Client {
             holder: ConnectionHolder::new(addrs, config),
+            metrics: Arc::new(RequestMetrics::new(Side::Client)),
         })
     }
 
     /// A client whose endpoints are `host` (`name:port`) re-resolved every `interval`.
-    pub async fn with_dns(
-        host: &str,
-        interval: std::time::Duration,
-        config: ClientConfig,
-    ) -> Result<Self, Error> {
+    pub async fn with_dns(host: &str, interval: std::time::Duration, config: ClientConfig) -> Result<Self, Error> {
         let addrs = resolve(host).await?;
         let client = Self::with_endpoints(addrs, config)?;
-        client
-            .holder
-            .resolve_periodically(host.to_string(), interval);
+        client.holder.resolve_periodically(host.to_string(), interval);
         Ok(client)
     }
 
@@ -120,6 +111,18 @@ impl Client {
     /// fresh checkout within its deadline; one that may have run is retried only when marked
     /// idempotent.
     pub async fn unary(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
+        let start = Instant::now();
+        let method = req.method().to_owned();
+        let result = self.unary_with_retries(req).await;
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(e) => e.code(),
+        };
+        self.metrics.record(&method, code, start.elapsed());
+        result
+    }
+
+    async fn unary_with_retries(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
         let deadline = req
             .deadline()
             .unwrap_or_else(|| Instant::now() + self.config().request_timeout);
@@ -130,21 +133,13 @@ impl Client {
         let mut avoid = None;
         loop {
             // Clone only while another attempt may follow.
-            let this = if attempt < max {
-                frame.clone()
-            } else {
-                frame.take()
-            };
+            let this = if attempt < max { frame.clone() } else { frame.take() };
             let Some(this) = this else {
                 return Err(Error::deadline(false));
             };
             let (addr, result) = self.attempt(this, deadline, avoid).await;
             match result {
-                Err(e)
-                    if attempt < max
-                        && Instant::now() < deadline
-                        && self.retryable(&e, idempotent) =>
-                {
+                Err(e) if attempt < max && Instant::now() < deadline && self.retryable(&e, idempotent) => {
                     metrics::counter!(REQUEST_RETRIES, "cause" => e.kind_str()).increment(1);
                     tracing::debug!(error = %e, attempt, "retrying request");
                     avoid = addr; // prefer another endpoint for the retry
@@ -197,25 +192,17 @@ impl Client {
     fn retryable(&self, e: &Error, idempotent: bool) -> bool {
         match e.kind() {
             ErrorKind::Connection(
-                ConnectionError::NotWritten(_)
-                | ConnectionError::GoAway { .. }
-                | ConnectionError::Draining,
+                ConnectionError::NotWritten(_) | ConnectionError::GoAway { .. } | ConnectionError::Draining,
             ) => true,
             ErrorKind::Connection(ConnectionError::ClosedAfterWrite(_)) => idempotent,
-            ErrorKind::Status(s) if s.code() == Code::ServerBusy => {
-                self.holder.alive_endpoints() > 1
-            }
+            ErrorKind::Status(s) if s.code() == Code::ServerBusy => self.holder.alive_endpoints() > 1,
             ErrorKind::Status(s) => s.code() == Code::Unavailable,
             _ => false,
         }
     }
 }
 
-async fn send_on(
-    conn: &ConnectionHandle,
-    frame: RequestFrame,
-    deadline: Instant,
-) -> Result<Response<Bytes>, Error> {
+async fn send_on(conn: &ConnectionHandle, frame: RequestFrame, deadline: Instant) -> Result<Response<Bytes>, Error> {
     let _in_flight = conn.track_in_flight();
     let (tx, rx) = oneshot::channel();
     let msg = Outbound::Request {
@@ -235,9 +222,7 @@ async fn send_on(
         Ok(Err(_)) => Err(ConnectionError::ClosedAfterWrite(rpc_core::CloseReason::Local).into()),
         Ok(Ok(Err(e))) => Err(e.into()),
         Ok(Ok(Ok(r))) if r.code == Code::Ok => Ok(Response::from_parts(r.metadata, r.payload)),
-        Ok(Ok(Ok(r))) => Err(Error::status(Status::from_parts(
-            r.code, r.message, r.metadata,
-        ))),
+        Ok(Ok(Ok(r))) => Err(Error::status(Status::from_parts(r.code, r.message, r.metadata))),
     }
 }
 

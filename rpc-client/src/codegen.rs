@@ -10,11 +10,7 @@ use crate::error::{Error, ErrorKind};
 
 /// Encodes `req`, sends it to `path` through `svc` (any tower stack over the client), and decodes
 /// the response as `R`.
-pub async fn unary<T, M, R>(
-    svc: &mut T,
-    path: &'static str,
-    req: Request<M>,
-) -> Result<Response<R>, Error>
+pub async fn unary<T, M, R>(svc: &mut T, path: &'static str, req: Request<M>) -> Result<Response<R>, Error>
 where
     T: Service<Request<Bytes>, Response = Response<Bytes>>,
     T::Error: Into<BoxError>,

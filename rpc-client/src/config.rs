@@ -82,9 +82,7 @@ impl ClientConfig {
         if self.check_interval.is_zero() {
             return Err(ConfigError::Zero("check_interval"));
         }
-        if self.backoff.initial.is_zero()
-            || self.backoff.multiplier < 1.0
-            || !(0.0..1.0).contains(&self.backoff.jitter)
+        if self.backoff.initial.is_zero() || self.backoff.multiplier < 1.0 || !(0.0..1.0).contains(&self.backoff.jitter)
         {
             return Err(ConfigError::OutOfRange {
                 field: "backoff",

@@ -173,9 +173,7 @@ impl fmt::Display for Error {
             ErrorKind::Connect(e) => write!(f, "connect failed: {e}")?,
             ErrorKind::ConnectTimeout => f.write_str("connect timed out")?,
             ErrorKind::Handshake(r) => write!(f, "handshake failed: {r}")?,
-            ErrorKind::NoEndpoint => {
-                f.write_str("no endpoint available (all backing off or discarded)")?
-            }
+            ErrorKind::NoEndpoint => f.write_str("no endpoint available (all backing off or discarded)")?,
             ErrorKind::Decode(e) => write!(f, "response did not decode: {e}")?,
             ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
             ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,

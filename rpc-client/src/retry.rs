@@ -25,19 +25,12 @@ impl SafeRetry {
 impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry {
     type Future = Ready<()>;
 
-    fn retry(
-        &mut self,
-        req: &mut Request<Bytes>,
-        result: &mut Result<Response<Bytes>, Error>,
-    ) -> Option<Self::Future> {
+    fn retry(&mut self, req: &mut Request<Bytes>, result: &mut Result<Response<Bytes>, Error>) -> Option<Self::Future> {
         let Err(e) = result else { return None };
         if self.attempts == 0 || (e.may_have_executed() && !req.is_idempotent()) {
             return None;
         }
-        if req
-            .deadline()
-            .is_some_and(|d| d <= tokio::time::Instant::now())
-        {
+        if req.deadline().is_some_and(|d| d <= tokio::time::Instant::now()) {
             return None;
         }
         self.attempts -= 1;

@@ -11,8 +11,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::{CodecError, GoAwayReason, ProtocolError};
 use crate::frame::{
-    setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC,
-    VERSION,
+    setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION,
 };
 use crate::message::Metadata;
 use crate::status::Code;
@@ -155,9 +154,7 @@ fn timeout_to_ms(t: Option<Duration>) -> u32 {
     match t {
         None => 0,
         // Round up so a request with 0.4 ms left is not sent as "no deadline".
-        Some(d) => u32::try_from(d.as_micros().div_ceil(1000))
-            .unwrap_or(u32::MAX)
-            .max(1),
+        Some(d) => u32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u32::MAX).max(1),
     }
 }
 
@@ -241,10 +238,7 @@ struct BodyReader {
 
 impl BodyReader {
     fn malformed(&self, what: &'static str) -> ProtocolError {
-        ProtocolError::Malformed {
-            kind: self.kind,
-            what,
-        }
+        ProtocolError::Malformed { kind: self.kind, what }
     }
 
     fn need(&self, n: usize, what: &'static str) -> Result<(), ProtocolError> {
@@ -329,21 +323,11 @@ impl Decoder for FrameCodec {
         let header = src.split_to(HEADER_LEN);
         let id = u64::from_be_bytes(header[4..12].try_into().expect("8 header bytes"));
         let body = src.split_to(len).freeze();
-        Ok(Some(decode_body(
-            kind,
-            id,
-            body,
-            self.max_metadata_entries,
-        )?))
+        Ok(Some(decode_body(kind, id, body, self.max_metadata_entries)?))
     }
 }
 
-fn decode_body(
-    kind: FrameKind,
-    id: u64,
-    body: Bytes,
-    max_metadata: usize,
-) -> Result<Frame, ProtocolError> {
+fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Result<Frame, ProtocolError> {
     let mut r = BodyReader { buf: body, kind };
     let frame = match kind {
         FrameKind::Request | FrameKind::Oneway => {
@@ -408,12 +392,8 @@ fn decode_body(
                 match sid {
                     setting_id::MAX_FRAME_SIZE => s.max_frame_size = Some(clamp32(v)),
                     setting_id::IDLE_TIMEOUT_MS => s.idle_timeout = Some(Duration::from_millis(v)),
-                    setting_id::MAX_CONCURRENT_REQUESTS => {
-                        s.max_concurrent_requests = Some(clamp32(v))
-                    }
-                    setting_id::HEARTBEAT_INTERVAL_MS => {
-                        s.heartbeat_interval = Some(Duration::from_millis(v))
-                    }
+                    setting_id::MAX_CONCURRENT_REQUESTS => s.max_concurrent_requests = Some(clamp32(v)),
+                    setting_id::HEARTBEAT_INTERVAL_MS => s.heartbeat_interval = Some(Duration::from_millis(v)),
                     setting_id::MAX_METADATA_ENTRIES => s.max_metadata_entries = Some(clamp32(v)),
                     _ => {} // unknown settings are ignored so newer peers can add some
                 }

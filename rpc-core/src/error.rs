@@ -187,9 +187,9 @@ impl CloseReason {
     /// The reason for an I/O error on the socket.
     pub fn from_io(err: &io::Error) -> Self {
         match err.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe => CloseReason::Reset,
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
+                CloseReason::Reset
+            }
             io::ErrorKind::UnexpectedEof => CloseReason::PeerClosed,
             kind => CloseReason::Io {
                 kind,
@@ -205,9 +205,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => Some(GoAwayReason::Idle),
             CloseReason::SlowConsumer => Some(GoAwayReason::SlowConsumer),
             CloseReason::HeartbeatTimeout => Some(GoAwayReason::HeartbeatTimeout),
-            CloseReason::Protocol(_) | CloseReason::PartialFrameTimeout => {
-                Some(GoAwayReason::ProtocolError)
-            }
+            CloseReason::Protocol(_) | CloseReason::PartialFrameTimeout => Some(GoAwayReason::ProtocolError),
             _ => None,
         }
     }

@@ -48,11 +48,7 @@ pub struct Liveness {
 impl Liveness {
     /// Liveness for a connection that opened at `now`. `heartbeat` is the client's heartbeat policy
     /// (ignored when disabled); `idle_timeout` the server's eviction timeout.
-    pub fn new(
-        now: Instant,
-        heartbeat: Option<HeartbeatConfig>,
-        idle_timeout: Option<Duration>,
-    ) -> Self {
+    pub fn new(now: Instant, heartbeat: Option<HeartbeatConfig>, idle_timeout: Option<Duration>) -> Self {
         Liveness {
             heartbeat: heartbeat.filter(|h| h.enabled),
             idle_timeout,
@@ -202,21 +198,14 @@ mod tests {
                     return now - t0;
                 }
             }
-            now = l
-                .next_deadline()
-                .expect("a deadline while heartbeats are on");
+            now = l.next_deadline().expect("a deadline while heartbeats are on");
         }
     }
 
     #[test]
     fn silent_peer_closes_exactly_at_the_documented_bound() {
         let t0 = Instant::now();
-        for (interval, timeout, max) in [
-            (15_000, 1_000, 3),
-            (100, 50, 3),
-            (200, 100, 1),
-            (1000, 10, 5),
-        ] {
+        for (interval, timeout, max) in [(15_000, 1_000, 3), (100, 50, 3), (200, 100, 1), (1000, 10, 5)] {
             let mut l = Liveness::new(t0, Some(hb(interval, timeout, max)), None);
             let bound = ms(interval) + ms(timeout) * max;
             assert_eq!(
@@ -232,10 +221,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, Some(hb(100, 50, 3)), None);
         assert_eq!(l.poll(t0 + ms(99)), None);
-        assert_eq!(
-            l.poll(t0 + ms(100)),
-            Some(LivenessAction::SendHeartbeat { id: 1 })
-        );
+        assert_eq!(l.poll(t0 + ms(100)), Some(LivenessAction::SendHeartbeat { id: 1 }));
         // Still idle, still waiting for the ack: nothing more is sent.
         assert_eq!(l.poll(t0 + ms(120)), None);
         assert_eq!(l.poll(t0 + ms(149)), None);

@@ -124,8 +124,7 @@ impl<T> Request<T> {
 
     /// Time left until the deadline, zero if it has passed, `None` without a deadline.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
+        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// Sets an absolute deadline.

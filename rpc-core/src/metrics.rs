@@ -67,7 +67,83 @@ impl ConnectionMetrics {
     }
 
     pub(crate) fn goaway_received(&self, reason: crate::GoAwayReason) {
-        counter!(GOAWAY_RECEIVED, "side" => self.side.as_str(), "reason" => reason.as_str())
-            .increment(1);
+        counter!(GOAWAY_RECEIVED, "side" => self.side.as_str(), "reason" => reason.as_str()).increment(1);
+    }
+}
+
+/// Requests finished, labels `side`, `method`, `code` (a [`crate::Code`] name).
+pub const REQUESTS: &str = "tether_requests_total";
+/// Request latency in seconds, labels `side`, `method`.
+pub const REQUEST_DURATION: &str = "tether_request_duration_seconds";
+
+/// The codes that get their own counter; anything else counts as `UNKNOWN`.
+const CODES: [crate::Code; 12] = [
+    crate::Code::Ok,
+    crate::Code::ServerBusy,
+    crate::Code::DeadlineExceeded,
+    crate::Code::NotFound,
+    crate::Code::ApplicationError,
+    crate::Code::ProtocolError,
+    crate::Code::InvalidArgument,
+    crate::Code::Unauthenticated,
+    crate::Code::PermissionDenied,
+    crate::Code::Unavailable,
+    crate::Code::Cancelled,
+    crate::Code::Internal,
+];
+
+/// Handles for one method: a latency histogram and a counter per status code, registered once
+/// when the method is first seen.
+#[derive(Debug)]
+struct MethodHandles {
+    duration: metrics::Histogram,
+    by_code: Vec<Counter>,
+}
+
+/// Request counters and latency histograms per method for one side (one per server or client,
+/// shared by its connections). Each method's handles are registered once; recording is a map
+/// lookup under a read lock, never a registry lookup.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    side: Side,
+    methods: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<MethodHandles>>>,
+}
+
+impl RequestMetrics {
+    /// Metrics for `side`.
+    pub fn new(side: Side) -> Self {
+        RequestMetrics {
+            side,
+            methods: Default::default(),
+        }
+    }
+
+    /// Records one finished request. A server passes `method = "unknown"` for NOT_FOUND so that
+    /// clients cannot grow the label set without bound.
+    pub fn record(&self, method: &str, code: crate::Code, elapsed: std::time::Duration) {
+        let handles = self.handles(method);
+        handles.duration.record(elapsed.as_secs_f64());
+        let i = CODES.iter().position(|c| *c == code).unwrap_or(CODES.len());
+        handles.by_code[i].increment(1);
+    }
+
+    fn handles(&self, method: &str) -> std::sync::Arc<MethodHandles> {
+        if let Some(h) = self.methods.read().unwrap_or_else(|e| e.into_inner()).get(method) {
+            return h.clone();
+        }
+        let mut map = self.methods.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(method.to_string())
+            .or_insert_with(|| {
+                let side = self.side.as_str();
+                let m = method.to_string();
+                let mut by_code: Vec<Counter> = CODES
+                    .iter()
+                    .map(|c| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => c.to_string()))
+                    .collect();
+                by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => "UNKNOWN"));
+                let duration = metrics::histogram!(REQUEST_DURATION, "side" => side, "method" => m);
+                std::sync::Arc::new(MethodHandles { duration, by_code })
+            })
+            .clone()
     }
 }

@@ -32,10 +32,7 @@ pub fn apply_tcp_config(stream: &TcpStream, config: &TcpConfig) -> Vec<&'static 
         None => check("SO_KEEPALIVE", sock.set_keepalive(false)),
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    check(
-        "TCP_USER_TIMEOUT",
-        sock.set_tcp_user_timeout(config.user_timeout),
-    );
+    check("TCP_USER_TIMEOUT", sock.set_tcp_user_timeout(config.user_timeout));
     if let Some(n) = config.send_buffer_size {
         check("SO_SNDBUF", sock.set_send_buffer_size(n));
     }

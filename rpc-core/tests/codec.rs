@@ -7,9 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use rpc_core::codec::FrameCodec;
 use rpc_core::error::{CodecError, GoAwayReason, ProtocolError};
-use rpc_core::frame::{
-    Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION,
-};
+use rpc_core::frame::{Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION};
 use rpc_core::{Code, Metadata};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -99,10 +97,7 @@ fn decode_in_chunks(bytes: &[u8], sizes: impl IntoIterator<Item = usize>) -> Vec
     let mut pos = 0;
     let mut sizes = sizes.into_iter();
     while pos < bytes.len() {
-        let n = sizes
-            .next()
-            .unwrap_or(bytes.len())
-            .clamp(1, bytes.len() - pos);
+        let n = sizes.next().unwrap_or(bytes.len()).clamp(1, bytes.len() - pos);
         buf.extend_from_slice(&bytes[pos..pos + n]);
         pos += n;
         while let Some(f) = codec.decode(&mut buf).expect("valid input decodes") {
@@ -198,10 +193,7 @@ fn oversized_frame_rejected_from_the_header_before_allocating() {
 fn bad_magic_rejected_at_the_first_byte() {
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::from(&b"G"[..]); // "GET / HTTP/1.1" from a confused client
-    assert_eq!(
-        protocol_error(&mut buf, &mut codec),
-        ProtocolError::BadMagic(b'G')
-    );
+    assert_eq!(protocol_error(&mut buf, &mut codec), ProtocolError::BadMagic(b'G'));
 }
 
 #[test]
@@ -294,12 +286,7 @@ fn encoder_refuses_frames_over_the_peer_limit() {
 
 #[test]
 fn header_is_sixteen_bytes_as_documented() {
-    let bytes = encode_all(&[Frame::Heartbeat {
-        id: 0x0102030405060708,
-    }]);
+    let bytes = encode_all(&[Frame::Heartbeat { id: 0x0102030405060708 }]);
     assert_eq!(bytes.len(), HEADER_LEN);
-    assert_eq!(
-        &bytes[..],
-        &[MAGIC, VERSION, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]
-    );
+    assert_eq!(&bytes[..], &[MAGIC, VERSION, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]);
 }

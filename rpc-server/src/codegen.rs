@@ -14,10 +14,7 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Status>
 
 /// Decodes the request body as `M` (INVALID_ARGUMENT if it does not decode), runs `handler`, and
 /// encodes its response.
-pub async fn unary<M, R, F, Fut>(
-    request: Request<Bytes>,
-    handler: F,
-) -> Result<Response<Bytes>, Status>
+pub async fn unary<M, R, F, Fut>(request: Request<Bytes>, handler: F) -> Result<Response<Bytes>, Status>
 where
     M: prost::Message + Default,
     R: prost::Message,
@@ -32,9 +29,7 @@ where
         })
     });
     if let Some(e) = decode_error {
-        return Err(Status::invalid_argument(format!(
-            "request body did not decode: {e}"
-        )));
+        return Err(Status::invalid_argument(format!("request body did not decode: {e}")));
     }
     let response = handler(request).await?;
     Ok(response.map(|m| Bytes::from(m.encode_to_vec())))

@@ -6,15 +6,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
-use rpc_core::{BoxError, Request, Status};
+use std::time::Duration;
+
+use rpc_core::metrics::RequestMetrics;
+use rpc_core::{BoxError, Code, Request, Status};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tower::util::{BoxCloneService, ServiceExt};
 
 /// The server's service after its layers: errors are boxed so tower middleware can add its own.
-pub(crate) type ServerService =
-    BoxCloneService<Request<Bytes>, rpc_core::Response<Bytes>, BoxError>;
+pub(crate) type ServerService = BoxCloneService<Request<Bytes>, rpc_core::Response<Bytes>, BoxError>;
 
 /// Turns an error from the service stack into the status sent to the client.
 pub fn status_from_error(err: BoxError) -> Status {
@@ -35,6 +37,7 @@ pub fn status_from_error(err: BoxError) -> Status {
 pub(crate) struct ServerDispatch {
     pub(crate) service: ServerService,
     pub(crate) limit: Arc<Semaphore>,
+    pub(crate) metrics: Arc<RequestMetrics>,
 }
 
 impl Dispatch for ServerDispatch {
@@ -47,20 +50,23 @@ impl Dispatch for ServerDispatch {
     ) -> Option<ResponseFrame> {
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             // Never an unbounded queue: the client learns at once that the request did not run.
+            self.metrics.record(&frame.method, Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
         let deadline = frame.timeout.map(|t| received_at + t);
+        let method = frame.method.clone();
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
         let svc = self.service.clone();
-        tasks.spawn(async move {
+        let metrics = self.metrics.clone();
+        let span = tracing::debug_span!("request", %method, id = responder.id());
+        let work = async move {
             let _permit = permit;
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                metrics.record(&method, Code::DeadlineExceeded, received_at.elapsed());
                 responder
-                    .error(Status::deadline_exceeded(
-                        "deadline passed before the handler started",
-                    ))
+                    .error(Status::deadline_exceeded("deadline passed before the handler started"))
                     .await;
                 return;
             }
@@ -68,21 +74,30 @@ impl Dispatch for ServerDispatch {
             let result = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, call).await {
                     Ok(r) => r,
-                    Err(_) => Err(Status::deadline_exceeded(
-                        "deadline passed while the handler ran",
-                    )
-                    .into()),
+                    Err(_) => Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
                 },
                 None => call.await,
             };
             match result {
                 Ok(resp) => {
+                    metrics.record(&method, Code::Ok, received_at.elapsed());
                     let (metadata, body) = resp.into_parts();
                     responder.ok(metadata, body).await;
                 }
-                Err(e) => responder.error(status_from_error(e)).await,
+                Err(e) => {
+                    let status = status_from_error(e);
+                    // Unknown methods share one label, so clients cannot grow the label set.
+                    let label = if status.code() == Code::NotFound {
+                        "unknown"
+                    } else {
+                        method.as_str()
+                    };
+                    metrics.record(label, status.code(), received_at.elapsed());
+                    responder.error(status).await;
+                }
             }
-        });
+        };
+        tasks.spawn(tracing::Instrument::instrument(work, span));
         None
     }
 }

@@ -52,19 +52,14 @@ impl Router {
             + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.services)
-            .insert(S::NAME.to_string(), BoxCloneSyncService::new(svc));
+        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), BoxCloneSyncService::new(svc));
         self
     }
 
     /// Adds a handler for one method path, for example `/echo.Echo/Say`.
     pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
     where
-        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         Arc::make_mut(&mut self.methods).insert(path.into(), BoxCloneSyncService::new(svc));

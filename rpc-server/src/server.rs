@@ -10,7 +10,7 @@ use rpc_core::config::ConfigError;
 use rpc_core::driver::{ConnectionHandle, Driver, DriverConfig};
 use rpc_core::event::{ConnectionEvent, EventSender};
 use rpc_core::frame::Settings;
-use rpc_core::metrics::Side;
+use rpc_core::metrics::{RequestMetrics, Side};
 use rpc_core::socket::configure_tcp;
 use rpc_core::{BoxError, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -99,11 +99,7 @@ impl<L> ServerBuilder<L> {
     /// Adds a handler for one method path.
     pub fn route<S>(mut self, path: impl Into<String>, svc: S) -> Self
     where
-        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
         self.router = self.router.route(path, svc);
@@ -133,8 +129,7 @@ impl<L> ServerBuilder<L> {
     {
         self.config.validate()?;
         let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
-        let service: ServerService =
-            BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
+        let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
@@ -143,6 +138,7 @@ impl<L> ServerBuilder<L> {
             registry: registry.clone(),
             listener,
             limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
+            metrics: Arc::new(RequestMetrics::new(Side::Server)),
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
             config: self.config,
             service,
@@ -151,11 +147,7 @@ impl<L> ServerBuilder<L> {
             kill: kill.clone(),
             tasks: TaskTracker::new(),
         };
-        let join = tokio::spawn(
-            accept
-                .run()
-                .instrument(tracing::info_span!("server", %local_addr)),
-        );
+        let join = tokio::spawn(accept.run().instrument(tracing::info_span!("server", %local_addr)));
         Ok(ServerHandle {
             local_addr,
             events,
@@ -236,6 +228,7 @@ struct AcceptLoop {
     config: ServerConfig,
     service: ServerService,
     limit: Arc<Semaphore>,
+    metrics: Arc<RequestMetrics>,
     connections: Arc<Semaphore>,
     events: EventSender,
     shutdown: CancellationToken,
@@ -294,17 +287,14 @@ impl AcceptLoop {
         cfg.settings = Settings {
             max_frame_size: Some(c.connection.max_frame_size),
             idle_timeout: c.idle_timeout,
-            max_concurrent_requests: Some(
-                u32::try_from(c.max_concurrent_requests).unwrap_or(u32::MAX),
-            ),
+            max_concurrent_requests: Some(u32::try_from(c.max_concurrent_requests).unwrap_or(u32::MAX)),
             heartbeat_interval: None,
-            max_metadata_entries: Some(
-                u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX),
-            ),
+            max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
         };
         let dispatch = ServerDispatch {
             service: self.service.clone(),
             limit: self.limit.clone(),
+            metrics: self.metrics.clone(),
         };
         let (handle, driver) = Driver::server(stream, cfg, dispatch);
         let kill = self.kill.clone();

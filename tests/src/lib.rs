@@ -180,10 +180,7 @@ impl Gate {
                 arrived: tx,
                 release: release.clone(),
             },
-            GateControl {
-                arrived: rx,
-                release,
-            },
+            GateControl { arrived: rx, release },
         )
     }
 
@@ -222,10 +219,7 @@ impl GateControl {
         let mut out = Vec::new();
         while out.len() < n {
             let got = tokio::time::timeout(Duration::from_secs(10), self.arrived.recv()).await;
-            out.push(
-                got.expect("requests did not arrive in 10 s")
-                    .expect("gate dropped"),
-            );
+            out.push(got.expect("requests did not arrive in 10 s").expect("gate dropped"));
         }
         out
     }
@@ -244,12 +238,7 @@ pub struct NamedServer {
 }
 
 /// Starts a [`NamedServer`] on `addr` (use port 0 for any), with an optional handler delay.
-pub async fn named_server(
-    name: &'static str,
-    addr: SocketAddr,
-    config: ServerConfig,
-    delay: Duration,
-) -> NamedServer {
+pub async fn named_server(name: &'static str, addr: SocketAddr, config: ServerConfig, delay: Duration) -> NamedServer {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
     let handle = Server::builder()
@@ -270,11 +259,7 @@ pub async fn named_server(
         .bind(addr)
         .await
         .unwrap();
-    NamedServer {
-        handle,
-        calls,
-        name,
-    }
+    NamedServer { handle, calls, name }
 }
 
 impl NamedServer {
@@ -288,10 +273,7 @@ impl NamedServer {
 }
 
 /// Calls `/t.T/Who` and returns the answering server's name.
-pub async fn who(
-    client: &rpc_client::Client,
-    timeout: Duration,
-) -> Result<String, rpc_client::Error> {
+pub async fn who(client: &rpc_client::Client, timeout: Duration) -> Result<String, rpc_client::Error> {
     let resp = client
         .unary(Request::new("/t.T/Who", Bytes::new()).with_timeout(timeout))
         .await?;

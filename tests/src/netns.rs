@@ -70,10 +70,7 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
 }
 
 fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("run command");
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("run command");
     assert!(
         out.status.success(),
         "{args:?} failed: {}",
@@ -131,16 +128,7 @@ impl Hosts {
             (&h.server_ns, &h.server_if, &h.server_ip),
             (&h.client_ns, &client_if, &h.client_ip),
         ] {
-            run(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                ifname,
-            ]);
+            run(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname]);
             run(&["ip", "-n", ns, "link", "set", ifname, "up"]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
@@ -194,7 +182,9 @@ impl Hosts {
 
     /// New connections blackholed: SYNs to the server dropped.
     pub fn drop_syn(&self) {
-        self.nft("chain input { type filter hook input priority 0; tcp dport 7000 tcp flags & (syn | ack) == syn drop; }");
+        self.nft(
+            "chain input { type filter hook input priority 0; tcp dport 7000 tcp flags & (syn | ack) == syn drop; }",
+        );
     }
 
     /// Removes the fault rules.
@@ -215,15 +205,7 @@ impl Hosts {
     /// Established TCP connections in the client's namespace, as `ss` prints them.
     pub fn client_established(&self) -> Vec<String> {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.client_ns,
-                "ss",
-                "-tnH",
-                "state",
-                "established",
-            ])
+            .args(["netns", "exec", &self.client_ns, "ss", "-tnH", "state", "established"])
             .output()
             .expect("ss");
         String::from_utf8_lossy(&out.stdout)
@@ -267,12 +249,8 @@ impl Hosts {
 impl Drop for Hosts {
     fn drop(&mut self) {
         // Deleting a namespace kills the veth pair with it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.server_ns])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.client_ns])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.server_ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.client_ns]).status();
     }
 }
 
@@ -285,17 +263,10 @@ pub struct Probe {
 
 impl Probe {
     /// Waits for a line matching `pred` (among the lines not yet examined), up to `limit`.
-    pub async fn wait(
-        &mut self,
-        limit: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Option<(Instant, Value)> {
+    pub async fn wait(&mut self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<(Instant, Value)> {
         let deadline = Instant::now() + limit;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .ok()
-                .flatten()?;
+            let next = tokio::time::timeout_at(deadline, self.rx.recv()).await.ok().flatten()?;
             self.seen.push(next.clone());
             if pred(&next.1) {
                 return Some(next);
@@ -355,11 +326,7 @@ pub fn report(row: Row<'_>) {
     );
     eprintln!("{line}");
     let path = bin_path("liveness-report.md");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
         let _ = writeln!(f, "{line}");
     }
 }

@@ -82,12 +82,7 @@ impl FaultProxy {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue; // upstream down: the client sees the proxy close
                     };
-                    tokio::spawn(proxy_connection(
-                        client,
-                        server,
-                        fault.subscribe(),
-                        kill.subscribe(),
-                    ));
+                    tokio::spawn(proxy_connection(client, server, fault.subscribe(), kill.subscribe()));
                 }
             })
         };
@@ -134,8 +129,7 @@ async fn proxy_connection(
 ) {
     // Keep a duplicate descriptor of each socket so a reset can set SO_LINGER 0 after the pumps
     // are gone: the last close of a socket with linger 0 sends RST instead of FIN.
-    let (Ok((client, client_dup)), Ok((server, server_dup))) = (with_dup(client), with_dup(server))
-    else {
+    let (Ok((client, client_dup)), Ok((server, server_dup))) = (with_dup(client), with_dup(server)) else {
         return;
     };
     // `io::split`, not `into_split`: tokio's owned write half sends FIN when dropped, which would

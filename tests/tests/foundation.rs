@@ -55,25 +55,14 @@ async fn generated_client_calls_generated_server_with_nested_messages() {
     assert_eq!(addr.city, "London");
     assert_eq!(addr.lines, vec!["1 Main St", "Flat 2"]);
 
-    let people = vec![
-        person("a", "Oslo"),
-        person("b", "Lima"),
-        person("c", "Oslo"),
-    ];
-    let count = greeter
-        .count(CountRequest { people })
-        .await
-        .unwrap()
-        .into_body();
+    let people = vec![person("a", "Oslo"), person("b", "Lima"), person("c", "Oslo")];
+    let count = greeter.count(CountRequest { people }).await.unwrap().into_body();
     assert_eq!(count.count, 3);
     assert_eq!(count.by_city.get("Oslo"), Some(&2));
     assert_eq!(count.by_city.get("Lima"), Some(&1));
 
     // A missing required field comes back as the handler's typed status.
-    let err = greeter
-        .say_hello(HelloRequest { person: None })
-        .await
-        .unwrap_err();
+    let err = greeter.say_hello(HelloRequest { person: None }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
@@ -81,9 +70,7 @@ async fn generated_client_calls_generated_server_with_nested_messages() {
 async fn ten_thousand_requests_from_64_tasks_over_one_connection_answered_out_of_order() {
     let server = echo_server(ServerConfig::default()).await;
     let mut server_events = server.events();
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     // Completion order across all tasks; request n is the n-th sent by the test overall.
     let finished = Arc::new(std::sync::Mutex::new(Vec::with_capacity(10_000)));
     let mut tasks = Vec::new();
@@ -114,11 +101,7 @@ async fn ten_thousand_requests_from_64_tasks_over_one_connection_answered_out_of
     assert_eq!(finished.len(), 10_000);
     let mut sorted = finished.clone();
     sorted.sort_unstable();
-    assert_eq!(
-        sorted,
-        (0..10_000).collect::<Vec<_>>(),
-        "each request answered once"
-    );
+    assert_eq!(sorted, (0..10_000).collect::<Vec<_>>(), "each request answered once");
     assert_ne!(
         *finished, sorted,
         "answers came back in a different order than requests were made"
@@ -147,17 +130,12 @@ async fn responses_arrive_in_any_order_on_one_connection() {
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let held = {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .unary(Request::new(
-                    "/test.Gate/Hold",
-                    Bytes::from_static(b"first"),
-                ))
+                .unary(Request::new("/test.Gate/Hold", Bytes::from_static(b"first")))
                 .await
         })
     };
@@ -173,30 +151,21 @@ async fn responses_arrive_in_any_order_on_one_connection() {
     assert_eq!(fast.into_body().message, "second");
     assert!(!held.is_finished(), "the first request is still held");
     control.release(1);
-    assert_eq!(
-        held.await.unwrap().unwrap().into_body(),
-        Bytes::from_static(b"first")
-    );
+    assert_eq!(held.await.unwrap().unwrap().into_body(), Bytes::from_static(b"first"));
     assert_eq!(client.connections().len(), 1);
 }
 
 #[tokio::test]
 async fn unknown_method_is_not_found_and_handler_error_is_application_error() {
     let server = echo_server(ServerConfig::default()).await;
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
 
     let err = client
         .unary(Request::new("/echo.Echo/NoSuchMethod", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err
-        .as_status()
-        .unwrap()
-        .message()
-        .contains("/echo.Echo/NoSuchMethod"));
+    assert!(err.as_status().unwrap().message().contains("/echo.Echo/NoSuchMethod"));
     assert!(!err.may_have_executed(), "NOT_FOUND proves nothing ran");
 
     let err = client
@@ -221,9 +190,7 @@ async fn unknown_method_is_not_found_and_handler_error_is_application_error() {
 #[tokio::test]
 async fn deadline_fails_on_the_client_at_the_deadline_and_the_handler_sees_it() {
     let server = echo_server(ServerConfig::default()).await;
-    let mut echo = EchoClient::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let mut echo = EchoClient::connect(server.local_addr(), quiet_client()).await.unwrap();
 
     // The handler reads the remaining deadline it was sent.
     let req = Request::new(
@@ -234,12 +201,7 @@ async fn deadline_fails_on_the_client_at_the_deadline_and_the_handler_sees_it() 
         },
     )
     .with_timeout(1500 * ms(1));
-    let seen = echo
-        .say(req)
-        .await
-        .unwrap()
-        .into_body()
-        .remaining_deadline_ms;
+    let seen = echo.say(req).await.unwrap().into_body().remaining_deadline_ms;
     assert!((1000..=1500).contains(&seen), "handler saw {seen} ms");
 
     // A handler slower than the deadline: the client fails at its deadline, not when the handler ends.
@@ -292,9 +254,7 @@ async fn abuse(bytes: Vec<u8>, settings_first: bool, expected: ProtocolError) {
     })
     .await;
     let mut events = server.events();
-    let mut good = EchoClient::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let mut good = EchoClient::connect(server.local_addr(), quiet_client()).await.unwrap();
     good.say(EchoRequest {
         message: "before".into(),
         ..Default::default()
@@ -315,11 +275,7 @@ async fn abuse(bytes: Vec<u8>, settings_first: bool, expected: ProtocolError) {
     });
     let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY in {frames:?}"));
     assert_eq!(goaway.reason, GoAwayReason::ProtocolError);
-    assert!(
-        goaway.message.contains("protocol error"),
-        "{}",
-        goaway.message
-    );
+    assert!(goaway.message.contains("protocol error"), "{}", goaway.message);
 
     let want = CloseReason::Protocol(expected);
     let ev = wait_event(
@@ -328,10 +284,7 @@ async fn abuse(bytes: Vec<u8>, settings_first: bool, expected: ProtocolError) {
         |e| matches!(e, ConnectionEvent::Closed { reason, .. } if *reason == want),
     )
     .await;
-    assert!(
-        ev.is_some(),
-        "server did not report the close with {want:?}"
-    );
+    assert!(ev.is_some(), "server did not report the close with {want:?}");
 
     // The other connection is untouched.
     let reply = good
@@ -371,12 +324,7 @@ async fn frame_over_max_frame_size_closes_only_that_connection() {
 
 #[tokio::test]
 async fn bad_magic_closes_only_that_connection() {
-    abuse(
-        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-        false,
-        ProtocolError::BadMagic(b'G'),
-    )
-    .await;
+    abuse(b"GET / HTTP/1.1\r\n\r\n".to_vec(), false, ProtocolError::BadMagic(b'G')).await;
 }
 
 #[tokio::test]
@@ -393,15 +341,8 @@ async fn unknown_version_closes_only_that_connection() {
 async fn request_before_handshake_is_a_protocol_error() {
     let mut b = BytesMut::new();
     let codec = rpc_core::codec::FrameCodec::default();
-    codec
-        .encode_frame(&Frame::Heartbeat { id: 1 }, &mut b)
-        .unwrap();
-    abuse(
-        b.to_vec(),
-        false,
-        ProtocolError::UnexpectedFrame(FrameKind::Heartbeat),
-    )
-    .await;
+    codec.encode_frame(&Frame::Heartbeat { id: 1 }, &mut b).unwrap();
+    abuse(b.to_vec(), false, ProtocolError::UnexpectedFrame(FrameKind::Heartbeat)).await;
 }
 
 #[tokio::test]
@@ -423,9 +364,7 @@ async fn oneway_requests_arrive() {
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     for i in 0..10u8 {
         client
             .oneway(Request::new("/log.Log/Write", Bytes::from(vec![i])))
@@ -434,12 +373,7 @@ async fn oneway_requests_arrive() {
     }
     let mut got = Vec::new();
     for _ in 0..10 {
-        got.push(
-            tokio::time::timeout(5 * SECOND, rx.recv())
-                .await
-                .unwrap()
-                .unwrap()[0],
-        );
+        got.push(tokio::time::timeout(5 * SECOND, rx.recv()).await.unwrap().unwrap()[0]);
     }
     got.sort();
     assert_eq!(got, (0..10).collect::<Vec<u8>>());
@@ -468,9 +402,7 @@ async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
         let client = client.clone();
         in_flight.push(tokio::spawn(async move {
             client
-                .unary(
-                    Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(10 * SECOND),
-                )
+                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(10 * SECOND))
                 .await
         }));
     }
@@ -488,10 +420,7 @@ async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
             ..
         }) => {
             assert_eq!(reason, GoAwayReason::Shutdown);
-            assert_eq!(
-                last_request_id, 8,
-                "GOAWAY names the last request in flight"
-            );
+            assert_eq!(last_request_id, 8, "GOAWAY names the last request in flight");
         }
         other => panic!("no GOAWAY: {other:?}"),
     }
@@ -500,10 +429,7 @@ async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "listener still accepting"
     );
-    assert!(
-        !shutdown.is_finished(),
-        "shutdown waits for requests in flight"
-    );
+    assert!(!shutdown.is_finished(), "shutdown waits for requests in flight");
 
     control.release(8);
     for (i, t) in in_flight.into_iter().enumerate() {
@@ -513,10 +439,7 @@ async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
             .unwrap_or_else(|e| panic!("in-flight request {i} failed: {e}"));
         assert_eq!(reply.into_body(), Bytes::from(vec![i as u8]));
     }
-    tokio::time::timeout(5 * SECOND, shutdown)
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(5 * SECOND, shutdown).await.unwrap().unwrap();
     let closed = wait_event(&mut client_events, 5 * SECOND, |e| {
         matches!(e, ConnectionEvent::Closed { .. })
     })

@@ -53,18 +53,14 @@ fn state_of(client: &Client, addr: SocketAddr) -> PoolState {
 async fn wait_until(limit: Duration, cond: impl Fn() -> bool) -> Duration {
     let start = Instant::now();
     while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
+        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
         tokio::time::sleep(ms(5)).await;
     }
     start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_server_leaves_the_alive_pool_at_once_and_traffic_resumes_within_the_backoff_after_restart(
-) {
+async fn killed_server_leaves_the_alive_pool_at_once_and_traffic_resumes_within_the_backoff_after_restart() {
     let server = named_server("a", any_port(), ServerConfig::default(), Duration::ZERO).await;
     let addr = server.addr();
     // The checker's tick is far away: leaving the pool must be event-driven.
@@ -81,10 +77,7 @@ async fn killed_server_leaves_the_alive_pool_at_once_and_traffic_resumes_within_
     server.handle.abort().await; // like SIGKILL: sockets closed, no GOAWAY
     let left = wait_until(ms(500), || state_of(&client, addr) != PoolState::Alive).await;
     assert!(left < ms(200), "left the alive pool after {left:?}");
-    let closed = wait_event(&mut events, SLACK, |e| {
-        matches!(e, ConnectionEvent::Closed { .. })
-    })
-    .await;
+    let closed = wait_event(&mut events, SLACK, |e| matches!(e, ConnectionEvent::Closed { .. })).await;
     assert!(
         matches!(
             closed,
@@ -158,11 +151,7 @@ async fn pooled_socket_incident(requests: usize, lo: u64, hi: u64, idle_margin: 
             failures.push(format!("request {i} after {gap} ms: {e}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failed: {failures:#?}",
-        failures.len()
-    );
+    assert!(failures.is_empty(), "{} failed: {failures:#?}", failures.len());
     // The scenario happened: connections were closed for idleness along the way.
     let mut closes = 0;
     while let Ok(ev) = server_events.try_recv() {
@@ -190,8 +179,7 @@ async fn pooled_socket_race_without_validation_margin_is_covered_by_goaway_retry
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blackholed_endpoint_gets_no_requests_after_detection_and_returns_when_the_blackhole_lifts()
-{
+async fn blackholed_endpoint_gets_no_requests_after_detection_and_returns_when_the_blackhole_lifts() {
     let servers = [
         named_server("a", any_port(), ServerConfig::default(), Duration::ZERO).await,
         named_server("b", any_port(), ServerConfig::default(), Duration::ZERO).await,
@@ -218,10 +206,7 @@ async fn blackholed_endpoint_gets_no_requests_after_detection_and_returns_when_t
     let client = Client::with_endpoints(proxies.iter().map(FaultProxy::addr), config).unwrap();
     let mut events = client.events();
     let bad = proxies[0].addr();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().alive_endpoints() == 3
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 3).await;
 
     // Closed-loop load: 6 callers, one request outstanding each.
     let callers = 6;
@@ -297,14 +282,8 @@ async fn blackholed_endpoint_gets_no_requests_after_detection_and_returns_when_t
 
     // The blackhole lifts: the checker brings it back to alive and it serves again.
     proxies[0].set(Fault::Pass);
-    let back = wait_until(Duration::from_secs(5), || {
-        state_of(&client, bad) == PoolState::Alive
-    })
-    .await;
-    assert!(
-        back <= fast_backoff().max + ms(300) + SLACK,
-        "back after {back:?}"
-    );
+    let back = wait_until(Duration::from_secs(5), || state_of(&client, bad) == PoolState::Alive).await;
+    assert!(back <= fast_backoff().max + ms(300) + SLACK, "back after {back:?}");
     let calls_a = servers[0].calls();
     wait_until(Duration::from_secs(2), || servers[0].calls() > calls_a).await;
     stop.store(true, Ordering::Relaxed);
@@ -332,18 +311,14 @@ async fn rolling_restart_with_graceful_shutdown_under_load_has_zero_failed_reque
         ..quiet_client()
     };
     let client = Client::with_endpoints(addrs.clone(), config).unwrap();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().alive_endpoints() == 3
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 3).await;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let done = Arc::new(AtomicUsize::new(0));
     let mut load = Vec::new();
     for _ in 0..8 {
-        let (client, stop, failures, done) =
-            (client.clone(), stop.clone(), failures.clone(), done.clone());
+        let (client, stop, failures, done) = (client.clone(), stop.clone(), failures.clone(), done.clone());
         load.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match who(&client, ms(3000)).await {
@@ -360,10 +335,7 @@ async fn rolling_restart_with_graceful_shutdown_under_load_has_zero_failed_reque
         let old = servers.remove(i);
         old.handle.shutdown().await; // GOAWAY, drain, close
         let before = done.load(Ordering::Relaxed);
-        wait_until(Duration::from_secs(2), || {
-            done.load(Ordering::Relaxed) > before + 50
-        })
-        .await; // load goes on
+        wait_until(Duration::from_secs(2), || done.load(Ordering::Relaxed) > before + 50).await; // load goes on
         servers.insert(
             i,
             named_server(names[i], addrs[i], ServerConfig::default(), ms(2)).await,
@@ -410,15 +382,10 @@ async fn server_busy_on_one_endpoint_is_retried_on_another() {
         .unwrap();
     let free = named_server("free", any_port(), ServerConfig::default(), Duration::ZERO).await;
     let client = Client::with_endpoints([busy.local_addr(), free.addr()], quiet_client()).unwrap();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().alive_endpoints() == 2
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 2).await;
     // Fill the busy server's only slot.
     let held = {
-        let client = Client::connect(busy.local_addr(), quiet_client())
-            .await
-            .unwrap();
+        let client = Client::connect(busy.local_addr(), quiet_client()).await.unwrap();
         tokio::spawn(async move {
             client
                 .unary(Request::new("/test.Gate/Hold", Bytes::new()).with_timeout(ms(10_000)))
@@ -450,10 +417,7 @@ async fn request_that_may_have_run_is_retried_only_when_idempotent() {
         ..quiet_client()
     };
     let client = Client::with_endpoints([proxy.addr(), other.addr()], config).unwrap();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().alive_endpoints() == 2
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 2).await;
 
     for idempotent in [false, true] {
         let calls_before = other.calls();
@@ -461,8 +425,7 @@ async fn request_that_may_have_run_is_retried_only_when_idempotent() {
         let call = {
             let client = client.clone();
             tokio::spawn(async move {
-                let mut req =
-                    Request::new("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
+                let mut req = Request::new("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
                 req.set_idempotent(idempotent);
                 client.unary(req).await
             })
@@ -474,8 +437,7 @@ async fn request_that_may_have_run_is_retried_only_when_idempotent() {
             let call = {
                 let client = client.clone();
                 tokio::spawn(async move {
-                    let mut req =
-                        Request::new("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
+                    let mut req = Request::new("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
                     req.set_idempotent(idempotent);
                     client.unary(req).await
                 })
@@ -485,10 +447,7 @@ async fn request_that_may_have_run_is_retried_only_when_idempotent() {
         } else {
             check_reset_outcome(&proxy, call, idempotent, &other, calls_before).await;
         }
-        wait_until(Duration::from_secs(3), || {
-            client.holder().alive_endpoints() == 2
-        })
-        .await;
+        wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 2).await;
     }
 }
 
@@ -530,9 +489,7 @@ async fn endpoint_whose_connects_keep_failing_is_discarded_and_discovery_brings_
     };
     let client = Client::with_endpoints([], config).unwrap();
     let mut events = client.events();
-    let (tx, rx) = tokio::sync::mpsc::channel::<
-        Result<Change<&'static str, SocketAddr>, std::convert::Infallible>,
-    >(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Change<&'static str, SocketAddr>, std::convert::Infallible>>(4);
     client
         .holder()
         .discover(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -542,10 +499,7 @@ async fn endpoint_whose_connects_keep_failing_is_discarded_and_discovery_brings_
         matches!(e, ConnectionEvent::Discarded { .. })
     })
     .await;
-    assert_eq!(
-        discarded,
-        Some(ConnectionEvent::Discarded { addr, attempts: 3 })
-    );
+    assert_eq!(discarded, Some(ConnectionEvent::Discarded { addr, attempts: 3 }));
     assert_eq!(state_of(&client, addr), PoolState::Discarded);
     let err = who(&client, ms(300)).await.unwrap_err();
     assert!(matches!(err.kind(), ErrorKind::NoEndpoint), "{err}");
@@ -554,17 +508,11 @@ async fn endpoint_whose_connects_keep_failing_is_discarded_and_discovery_brings_
     // The service comes up and discovery names it again.
     let server = named_server("back", addr, ServerConfig::default(), Duration::ZERO).await;
     tx.send(Ok(Change::Insert("svc-1", addr))).await.unwrap();
-    wait_until(Duration::from_secs(3), || {
-        state_of(&client, addr) == PoolState::Alive
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || state_of(&client, addr) == PoolState::Alive).await;
     assert_eq!(who(&client, ms(1000)).await.unwrap(), "back");
     // And a removal takes it out.
     tx.send(Ok(Change::Remove("svc-1"))).await.unwrap();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().endpoints().is_empty()
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || client.holder().endpoints().is_empty()).await;
     assert_eq!(server.calls(), 1);
 }
 
@@ -597,11 +545,7 @@ async fn connect_timeout_holds_against_a_peer_that_never_completes_the_handshake
     let start = Instant::now();
     let err = who(&client, ms(100)).await.unwrap_err();
     assert!(!err.may_have_executed());
-    assert!(
-        start.elapsed() < ms(100) + SLACK,
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < ms(100) + SLACK, "took {:?}", start.elapsed());
 }
 
 #[tokio::test]
@@ -611,12 +555,8 @@ async fn round_robin_spreads_exactly() {
         named_server("b", any_port(), ServerConfig::default(), Duration::ZERO).await,
         named_server("c", any_port(), ServerConfig::default(), Duration::ZERO).await,
     ];
-    let client =
-        Client::with_endpoints(servers.iter().map(NamedServer::addr), quiet_client()).unwrap();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().alive_endpoints() == 3
-    })
-    .await;
+    let client = Client::with_endpoints(servers.iter().map(NamedServer::addr), quiet_client()).unwrap();
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 3).await;
     for _ in 0..300 {
         who(&client, ms(1000)).await.unwrap();
     }
@@ -633,10 +573,7 @@ async fn power_of_two_choices_sends_fewer_requests_to_a_slow_endpoint() {
         ..quiet_client()
     };
     let client = Client::with_endpoints([slow.addr(), fast.addr()], config).unwrap();
-    wait_until(Duration::from_secs(3), || {
-        client.holder().alive_endpoints() == 2
-    })
-    .await;
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 2).await;
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let client = client.clone();
@@ -662,9 +599,7 @@ async fn power_of_two_choices_sends_fewer_requests_to_a_slow_endpoint() {
 async fn dropping_every_client_handle_closes_its_connections() {
     let server = named_server("s", any_port(), ServerConfig::default(), Duration::ZERO).await;
     let mut server_events = server.handle.events();
-    let client = Client::connect(server.addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.addr(), quiet_client()).await.unwrap();
     who(&client, ms(1000)).await.unwrap();
     drop(client);
     let closed = wait_event(&mut server_events, Duration::from_secs(2), |e| {

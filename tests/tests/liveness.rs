@@ -69,9 +69,7 @@ async fn blackholed_idle_connection_client_heartbeat_timeout_and_server_idle_evi
     let server = echo_server(server_idle(800)).await;
     let mut server_events = server.events();
     let proxy = FaultProxy::start(server.local_addr()).await;
-    let client = Client::connect(proxy.addr(), client_with(hb))
-        .await
-        .unwrap();
+    let client = Client::connect(proxy.addr(), client_with(hb)).await.unwrap();
     let mut events = client.events();
     let conn = client.connections()[0].clone();
     // Heartbeats flow and are answered while the path works.
@@ -86,10 +84,7 @@ async fn blackholed_idle_connection_client_heartbeat_timeout_and_server_idle_evi
         detected <= bound + SLACK,
         "client detected after {detected:?}, bound {bound:?}"
     );
-    assert!(
-        detected >= hb.timeout * 2,
-        "closed suspiciously early: {detected:?}"
-    );
+    assert!(detected >= hb.timeout * 2, "closed suspiciously early: {detected:?}");
 
     let reason = close_reason(wait_event(&mut server_events, idle + SLACK, is_closed).await);
     let evicted = fault_at.elapsed();
@@ -110,9 +105,7 @@ async fn blackhole_with_requests_in_flight_fails_them_by_their_deadline_as_maybe
         .await
         .unwrap();
     let proxy = FaultProxy::start(server.local_addr()).await;
-    let client = Client::connect(proxy.addr(), client_with(hb))
-        .await
-        .unwrap();
+    let client = Client::connect(proxy.addr(), client_with(hb)).await.unwrap();
     let mut events = client.events();
 
     let deadline = ms(2000);
@@ -140,30 +133,23 @@ async fn blackhole_with_requests_in_flight_fails_them_by_their_deadline_as_maybe
         assert!(err.may_have_executed(), "the server had the request: {err}");
         assert!(err.is_connection() || err.is_deadline_exceeded(), "{err}");
     }
-    let reason =
-        close_reason(wait_event(&mut events, hb.detection_bound() + SLACK, is_closed).await);
+    let reason = close_reason(wait_event(&mut events, hb.detection_bound() + SLACK, is_closed).await);
     assert_eq!(reason, CloseReason::HeartbeatTimeout);
     assert!(fault_at.elapsed() <= hb.detection_bound() + SLACK);
     control.release(5);
 }
 
 #[tokio::test]
-async fn idle_client_with_heartbeats_is_never_evicted_by_a_server_idle_timeout_three_intervals_long(
-) {
+async fn idle_client_with_heartbeats_is_never_evicted_by_a_server_idle_timeout_three_intervals_long() {
     let hb = heartbeat(100, 50, 3);
     let server = echo_server(server_idle(300)).await;
     let mut server_events = server.events();
-    let client = Client::connect(server.local_addr(), client_with(hb))
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), client_with(hb)).await.unwrap();
     let mut events = client.events();
     let conn = client.connections()[0].clone();
 
     // Ten intervals with no requests at all: nothing closes on either side.
-    assert_eq!(
-        wait_event(&mut server_events, hb.interval * 10, is_closed).await,
-        None
-    );
+    assert_eq!(wait_event(&mut server_events, hb.interval * 10, is_closed).await, None);
     assert!(events.try_recv().is_err(), "no client event either");
     assert!(conn.is_open());
     assert!(
@@ -178,9 +164,7 @@ async fn idle_client_with_heartbeats_is_never_evicted_by_a_server_idle_timeout_t
 async fn idle_client_without_heartbeats_is_evicted_and_sees_goaway_idle_then_close() {
     let idle = ms(300);
     let server = echo_server(server_idle(300)).await;
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let mut events = client.events();
     let start = Instant::now();
 
@@ -200,10 +184,7 @@ async fn idle_client_without_heartbeats_is_evicted_and_sees_goaway_idle_then_clo
         ),
         "{goaway:?}"
     );
-    assert!(
-        evicted >= idle && evicted <= idle + SLACK,
-        "evicted after {evicted:?}"
-    );
+    assert!(evicted >= idle && evicted <= idle + SLACK, "evicted after {evicted:?}");
     let reason = close_reason(wait_event(&mut events, SLACK, is_closed).await);
     assert_eq!(
         reason,
@@ -277,10 +258,7 @@ async fn one_lost_heartbeat_ack_followed_by_traffic_does_not_close_the_connectio
     })
     .await;
     assert!(
-        matches!(
-            failed,
-            Some(ConnectionEvent::HeartbeatFailed { failures: 1, .. })
-        ),
+        matches!(failed, Some(ConnectionEvent::HeartbeatFailed { failures: 1, .. })),
         "{failed:?}"
     );
     // Traffic right after the miss, while the second heartbeat is also going unanswered.
@@ -290,10 +268,7 @@ async fn one_lost_heartbeat_ack_followed_by_traffic_does_not_close_the_connectio
         .unwrap();
     assert_eq!(reply.into_body(), Bytes::from_static(b"ping"));
     // Several more intervals: later heartbeats are acked and nothing closes.
-    assert_eq!(
-        wait_event(&mut events, hb.interval * 4, is_closed).await,
-        None
-    );
+    assert_eq!(wait_event(&mut events, hb.interval * 4, is_closed).await, None);
     let conn = client.connections()[0].clone();
     assert!(conn.is_open());
     assert!(conn.heartbeats_acked() >= 1);
@@ -306,8 +281,7 @@ async fn without_traffic_the_same_lost_acks_do_close_the_connection() {
     let addr = raw_server_losing_acks(2).await;
     let client = Client::connect(addr, client_with(hb)).await.unwrap();
     let mut events = client.events();
-    let reason =
-        close_reason(wait_event(&mut events, hb.detection_bound() + SLACK, is_closed).await);
+    let reason = close_reason(wait_event(&mut events, hb.detection_bound() + SLACK, is_closed).await);
     assert_eq!(reason, CloseReason::HeartbeatTimeout);
 }
 
@@ -324,9 +298,7 @@ async fn slow_handlers_and_a_full_handler_pool_do_not_delay_heartbeat_acks() {
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    let client = Client::connect(server.local_addr(), client_with(hb))
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), client_with(hb)).await.unwrap();
     let mut events = client.events();
     let conn = client.connections()[0].clone();
     // Two handlers that stay busy far longer than the heartbeat timeout fill the pool.
@@ -335,9 +307,7 @@ async fn slow_handlers_and_a_full_handler_pool_do_not_delay_heartbeat_acks() {
         let client = client.clone();
         slow.push(tokio::spawn(async move {
             client
-                .unary(
-                    Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)),
-                )
+                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
                 .await
         }));
     }
@@ -385,9 +355,7 @@ async fn client_that_stops_reading_is_closed_as_slow_consumer_with_bounded_serve
     };
     let server = echo_server(config).await;
     let mut server_events = server.events();
-    let mut good = EchoClient::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let mut good = EchoClient::connect(server.local_addr(), quiet_client()).await.unwrap();
     good.say(EchoRequest::default()).await.unwrap();
     let good_id = server.connections()[0].id();
 
@@ -439,18 +407,12 @@ async fn client_that_stops_reading_is_closed_as_slow_consumer_with_bounded_serve
             t.elapsed()
         );
         good_calls += 1;
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "slow consumer never closed"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "slow consumer never closed");
     };
     let took = start.elapsed();
     assert_eq!(closed, CloseReason::SlowConsumer);
     assert!(took >= stall, "closed before the stall timeout: {took:?}");
-    assert!(
-        took <= stall + Duration::from_secs(2),
-        "closed late: {took:?}"
-    );
+    assert!(took <= stall + Duration::from_secs(2), "closed late: {took:?}");
     // Queue and write buffer are each bounded by max_outbound_bytes (the write buffer by one more frame).
     let frame = reply + 64;
     assert!(
@@ -488,9 +450,7 @@ async fn peer_gone(reset: bool) {
         let client = client.clone();
         calls.push(tokio::spawn(async move {
             client
-                .unary(
-                    Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)),
-                )
+                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
                 .await
         }));
     }
@@ -510,16 +470,10 @@ async fn peer_gone(reset: bool) {
         let err = c.await.unwrap().unwrap_err();
         assert!(err.is_connection(), "{err}");
         assert_eq!(err.close_reason(), Some(&expected), "{err}");
-        assert!(
-            err.may_have_executed(),
-            "the requests had been written: {err}"
-        );
+        assert!(err.may_have_executed(), "the requests had been written: {err}");
     }
     assert!(at.elapsed() < ms(200), "detection took {:?}", at.elapsed());
-    assert_eq!(
-        close_reason(wait_event(&mut events, SLACK, is_closed).await),
-        expected
-    );
+    assert_eq!(close_reason(wait_event(&mut events, SLACK, is_closed).await), expected);
     control.release(4);
 }
 
@@ -541,28 +495,15 @@ async fn socket_options_are_applied_to_both_the_client_and_the_accepted_socket()
         ..ServerConfig::default()
     })
     .await;
-    let client = Client::connect(
-        server.local_addr(),
-        ClientConfig {
-            tcp,
-            ..quiet_client()
-        },
-    )
-    .await
-    .unwrap();
-    let client_side = client.connections()[0]
-        .tcp_options()
-        .expect("client options read back");
-    let server_side = server.connections()[0]
-        .tcp_options()
-        .expect("server options read back");
+    let client = Client::connect(server.local_addr(), ClientConfig { tcp, ..quiet_client() })
+        .await
+        .unwrap();
+    let client_side = client.connections()[0].tcp_options().expect("client options read back");
+    let server_side = server.connections()[0].tcp_options().expect("server options read back");
     for (side, got) in [("client", client_side), ("server", server_side)] {
         assert!(got.nodelay, "{side}: TCP_NODELAY");
         assert_eq!(got.keepalive, tcp.keepalive, "{side}: keepalive");
-        assert_eq!(
-            got.user_timeout, tcp.user_timeout,
-            "{side}: TCP_USER_TIMEOUT"
-        );
+        assert_eq!(got.user_timeout, tcp.user_timeout, "{side}: TCP_USER_TIMEOUT");
         // Linux doubles the requested size for bookkeeping; it must be at least what was asked.
         assert!(
             got.send_buffer_size.unwrap() >= 96 * 1024,
@@ -602,10 +543,7 @@ async fn socket_options_are_applied_to_both_the_client_and_the_accepted_socket()
 async fn wait_until(limit: Duration, cond: impl Fn() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
+        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
         tokio::time::sleep(ms(10)).await;
     }
 }

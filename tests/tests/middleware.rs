@@ -38,20 +38,13 @@ fn slow(delay_ms: u32) -> EchoRequest {
 #[tokio::test]
 async fn timeout_layer_bounds_a_call_on_the_client() {
     let server = echo_server(ServerConfig::default()).await;
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
-    let stack = ServiceBuilder::new()
-        .layer(TimeoutLayer::new(ms(100)))
-        .service(client);
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let stack = ServiceBuilder::new().layer(TimeoutLayer::new(ms(100))).service(client);
     let mut echo = EchoClient::new(stack);
     let start = Instant::now();
     let err = echo.say(slow(2000)).await.unwrap_err();
     assert!(err.is_deadline_exceeded(), "{err}");
-    assert!(
-        err.may_have_executed(),
-        "timed out after sending: it may have run"
-    );
+    assert!(err.may_have_executed(), "timed out after sending: it may have run");
     assert!(start.elapsed() < ms(400), "{:?}", start.elapsed());
     // Fast calls pass through.
     echo.say(slow(0)).await.unwrap();
@@ -65,9 +58,7 @@ async fn concurrency_limit_layer_caps_requests_in_flight() {
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     // Buffer makes the limited stack cloneable for the callers.
     let stack = ServiceBuilder::new()
         .buffer(64)
@@ -87,9 +78,7 @@ async fn concurrency_limit_layer_caps_requests_in_flight() {
     control.wait_arrivals(2).await;
     // Only two are let through while those two are held.
     assert!(
-        tokio::time::timeout(ms(300), control.arrived.recv())
-            .await
-            .is_err(),
+        tokio::time::timeout(ms(300), control.arrived.recv()).await.is_err(),
         "a third request got through"
     );
     control.release(5);
@@ -102,9 +91,7 @@ async fn concurrency_limit_layer_caps_requests_in_flight() {
 #[tokio::test]
 async fn rate_limit_layer_spaces_requests() {
     let server = echo_server(ServerConfig::default()).await;
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let stack = ServiceBuilder::new()
         .buffer(16)
         .layer(RateLimitLayer::new(2, ms(200)))
@@ -126,9 +113,7 @@ async fn load_shed_over_a_concurrency_limit_refuses_at_once_without_sending() {
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let mut stack = ServiceBuilder::new()
         .layer(LoadShedLayer::new())
         .layer(ConcurrencyLimitLayer::new(1))
@@ -155,9 +140,7 @@ async fn load_shed_over_a_concurrency_limit_refuses_at_once_without_sending() {
     control.release(1);
     held.await.unwrap().unwrap();
     assert!(
-        tokio::time::timeout(ms(100), control.arrived.recv())
-            .await
-            .is_err(),
+        tokio::time::timeout(ms(100), control.arrived.recv()).await.is_err(),
         "the shed request never reached the server"
     );
 }
@@ -197,9 +180,7 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
         ..quiet_client()
     };
     let (server, calls) = flaky_server(2).await;
-    let client = Client::connect(server.local_addr(), config.clone())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), config.clone()).await.unwrap();
     let mut bare = client.clone();
     let err = bare
         .ready()
@@ -257,9 +238,7 @@ async fn server_load_shed_over_concurrency_limit_answers_server_busy() {
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let mut echo = EchoClient::new(client);
     let held = {
         let mut echo = echo.clone();
@@ -296,9 +275,7 @@ async fn interceptor_refuses_requests_without_the_token() {
             .unwrap();
         (server, calls)
     };
-    let client = Client::connect(server.local_addr(), quiet_client())
-        .await
-        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let err = client
         .unary(Request::new("/t.T/Secret", Bytes::new()))
         .await
@@ -308,14 +285,9 @@ async fn interceptor_refuses_requests_without_the_token() {
 
     let mut wrong = Request::new("/t.T/Secret", Bytes::new());
     wrong.metadata_mut().insert("authorization", "Bearer guess");
-    assert_eq!(
-        client.unary(wrong).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    assert_eq!(client.unary(wrong).await.unwrap_err().code(), Code::Unauthenticated);
 
-    let mut authed = ServiceBuilder::new()
-        .layer(with_bearer("s3cret"))
-        .service(client);
+    let mut authed = ServiceBuilder::new().layer(with_bearer("s3cret")).service(client);
     let resp = authed
         .ready()
         .await

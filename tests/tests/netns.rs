@@ -166,10 +166,7 @@ async fn power_loss_between_the_hosts() {
         .await
         .expect("server detects");
     let server_detect = ts - t0;
-    assert!(
-        client_detect <= HEARTBEAT_BOUND + SLACK,
-        "client {client_detect:?}"
-    );
+    assert!(client_detect <= HEARTBEAT_BOUND + SLACK, "client {client_detect:?}");
     assert!(
         server_detect <= IDLE_TIMEOUT + SLACK,
         "server {server_detect:?} ({})",
@@ -184,17 +181,9 @@ async fn power_loss_between_the_hosts() {
     let unresolved = finish_client(&mut client, true).await;
     report(Row {
         fault: "power loss (all packets dropped)",
-        bound: format!(
-            "client {}; server {}",
-            secs(HEARTBEAT_BOUND),
-            secs(IDLE_TIMEOUT)
-        ),
+        bound: format!("client {}; server {}", secs(HEARTBEAT_BOUND), secs(IDLE_TIMEOUT)),
         client: format!("{} (heartbeat_timeout)", secs(client_detect)),
-        server: format!(
-            "{} ({})",
-            secs(server_detect),
-            sv["reason"].as_str().unwrap_or("?")
-        ),
+        server: format!("{} ({})", secs(server_detect), sv["reason"].as_str().unwrap_or("?")),
         recovery: secs(recovery),
         unresolved,
     });
@@ -234,10 +223,7 @@ async fn nat_forgets_the_flow_of_a_quiet_connection() {
         .expect("client detects");
     assert_eq!(cv["reason"], "heartbeat_timeout", "{cv}");
     let client_detect = tc - t0;
-    assert!(
-        client_detect <= HEARTBEAT_BOUND + SLACK,
-        "client {client_detect:?}"
-    );
+    assert!(client_detect <= HEARTBEAT_BOUND + SLACK, "client {client_detect:?}");
     let recovery = recovered_after(&mut client, tc, Duration::from_secs(3))
         .await
         .expect("a new flow works");
@@ -248,24 +234,13 @@ async fn nat_forgets_the_flow_of_a_quiet_connection() {
         .await
         .expect("server evicts");
     let server_detect = ts - t0;
-    assert!(
-        server_detect <= IDLE_TIMEOUT + SLACK,
-        "server {server_detect:?}"
-    );
+    assert!(server_detect <= IDLE_TIMEOUT + SLACK, "server {server_detect:?}");
     let unresolved = finish_client(&mut client, true).await;
     report(Row {
         fault: "NAT forgets the flow",
-        bound: format!(
-            "client {}; server {}",
-            secs(HEARTBEAT_BOUND),
-            secs(IDLE_TIMEOUT)
-        ),
+        bound: format!("client {}; server {}", secs(HEARTBEAT_BOUND), secs(IDLE_TIMEOUT)),
         client: format!("{} (heartbeat_timeout)", secs(client_detect)),
-        server: format!(
-            "{} ({})",
-            secs(server_detect),
-            sv["reason"].as_str().unwrap_or("?")
-        ),
+        server: format!("{} ({})", secs(server_detect), sv["reason"].as_str().unwrap_or("?")),
         recovery: format!("{} (new flow)", secs(recovery)),
         unresolved,
     });
@@ -287,15 +262,9 @@ async fn server_process_killed_and_restarted() {
 
     server.signal("KILL");
     let t0 = Instant::now();
-    let (tc, cv) = client
-        .wait(SLACK * 2, is_closed)
-        .await
-        .expect("client detects");
+    let (tc, cv) = client.wait(SLACK * 2, is_closed).await.expect("client detects");
     let client_detect = tc - t0;
-    assert!(
-        matches!(cv["reason"].as_str(), Some("peer_closed" | "reset")),
-        "{cv}"
-    );
+    assert!(matches!(cv["reason"].as_str(), Some("peer_closed" | "reset")), "{cv}");
     assert!(client_detect <= SLACK, "client {client_detect:?}");
     drop(server);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -311,11 +280,7 @@ async fn server_process_killed_and_restarted() {
     report(Row {
         fault: "server SIGKILL, restarted after 1 s",
         bound: format!("client immediate; recovery {}", secs(bound)),
-        client: format!(
-            "{} ({})",
-            secs(client_detect),
-            cv["reason"].as_str().unwrap_or("?")
-        ),
+        client: format!("{} ({})", secs(client_detect), cv["reason"].as_str().unwrap_or("?")),
         server: "—".into(),
         recovery: secs(recovery),
         unresolved,
@@ -344,10 +309,7 @@ async fn server_process_frozen_then_resumed() {
         .expect("client detects");
     assert_eq!(cv["reason"], "heartbeat_timeout", "{cv}");
     let client_detect = tc - t0;
-    assert!(
-        client_detect <= HEARTBEAT_BOUND + SLACK,
-        "client {client_detect:?}"
-    );
+    assert!(client_detect <= HEARTBEAT_BOUND + SLACK, "client {client_detect:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.signal("CONT");
     let resumed = Instant::now();
@@ -381,14 +343,9 @@ async fn zero_window_client_stops_reading_large_responses() {
     let h = Hosts::new(5);
     // Handlers take 300 ms, so requests are always waiting on the server; small socket buffers on
     // both sides, so their 256 KiB answers cannot all fit in the kernels once the client stops.
-    let mut server =
-        start_server(&h, &["--handler-delay", "300ms", "--send-buffer", "65536"]).await;
+    let mut server = start_server(&h, &["--handler-delay", "300ms", "--send-buffer", "65536"]).await;
     let extra = ["--reply-size", "262144", "--recv-buffer", "65536"];
-    let mut client = h.spawn(
-        &h.client_ns,
-        "echo-client",
-        &client_args(&h, 20, "10s", &extra),
-    );
+    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 20, "10s", &extra));
     client
         .wait(Duration::from_secs(5), ok_request)
         .await
@@ -450,10 +407,7 @@ async fn syn_blackholed_while_connecting() {
         "a request waited {longest:?} on a blackholed connect"
     );
     for (_, v) in client.matching(|v| is_event(v, "request") && v["outcome"] == "error") {
-        assert_eq!(
-            v["may_have_executed"], false,
-            "never connected, never executed: {v}"
-        );
+        assert_eq!(v["may_have_executed"], false, "never connected, never executed: {v}");
     }
     let unresolved = finish_client(&mut client, true).await;
     report(Row {
@@ -483,11 +437,7 @@ async fn data_in_flight_under_total_loss_ends_at_tcp_user_timeout_with_heartbeat
         "--request-timeout",
         "30s",
     ];
-    let mut client = h.spawn(
-        &h.client_ns,
-        "echo-client",
-        &client_args(&h, 5, "9s", &extra),
-    );
+    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 5, "9s", &extra));
     client
         .wait(Duration::from_secs(5), ok_request)
         .await
@@ -516,10 +466,7 @@ async fn data_in_flight_under_total_loss_ends_at_tcp_user_timeout_with_heartbeat
     client.finish(Duration::from_secs(2)).await;
     report(Row {
         fault: "total loss, data in flight, heartbeats off",
-        bound: format!(
-            "TCP_USER_TIMEOUT {} (+ retransmission timer)",
-            secs(user_timeout)
-        ),
+        bound: format!("TCP_USER_TIMEOUT {} (+ retransmission timer)", secs(user_timeout)),
         client: format!("{} (timed_out)", secs(client_detect)),
         server: "—".into(),
         recovery: secs(recovery),
@@ -551,11 +498,7 @@ async fn control_with_every_liveness_mechanism_off_the_connection_stays_establis
         "--request-timeout",
         "30s",
     ];
-    let mut client = h.spawn(
-        &h.client_ns,
-        "echo-client",
-        &client_args(&h, 5, "10s", &extra),
-    );
+    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 5, "10s", &extra));
     client
         .wait(Duration::from_secs(5), ok_request)
         .await

@@ -140,9 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let err = echo.say(slow).await.expect_err("deadline");
     println!("Say with 100 ms deadline, 500 ms handler -> {err}");
 
-    client
-        .oneway(Request::new("/echo.Echo/Say", Bytes::new()))
-        .await?;
+    client.oneway(Request::new("/echo.Echo/Say", Bytes::new())).await?;
     println!("oneway Say          -> queued");
 
     let mut events = server.events();

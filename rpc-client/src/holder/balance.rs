@@ -15,13 +15,7 @@ pub enum Balance {
 
 /// Picks an index into `loads` (requests in flight per candidate). `counter` is a round-robin
 /// counter; `r1` and `r2` are random values.
-pub(crate) fn pick(
-    strategy: Balance,
-    loads: &[usize],
-    counter: usize,
-    r1: usize,
-    r2: usize,
-) -> Option<usize> {
+pub(crate) fn pick(strategy: Balance, loads: &[usize], counter: usize, r1: usize, r2: usize) -> Option<usize> {
     let n = loads.len();
     if n == 0 {
         return None;

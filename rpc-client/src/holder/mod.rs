@@ -214,11 +214,7 @@ impl ConnectionHolder {
 
     /// The open connections of every endpoint.
     pub fn connections(&self) -> Vec<ConnectionHandle> {
-        self.inner
-            .lock()
-            .iter()
-            .flat_map(|e| e.conns.iter().cloned())
-            .collect()
+        self.inner.lock().iter().flat_map(|e| e.conns.iter().cloned()).collect()
     }
 
     /// Adds an endpoint, or brings a discarded one back.
@@ -275,8 +271,7 @@ impl ConnectionHolder {
         let token = self.inner.shutdown.clone();
         tokio::spawn(async move {
             let mut discover = std::pin::pin!(discover);
-            let mut keys: std::collections::HashMap<D::Key, SocketAddr> =
-                std::collections::HashMap::new();
+            let mut keys: std::collections::HashMap<D::Key, SocketAddr> = std::collections::HashMap::new();
             loop {
                 let change = tokio::select! {
                     _ = token.cancelled() => return,
@@ -399,10 +394,7 @@ impl Inner {
         let margin = self.config.idle_margin;
         let mut eps = self.lock();
         let mut lost_any = false;
-        for e in eps
-            .iter_mut()
-            .filter(|e| e.pool.state() == PoolState::Alive)
-        {
+        for e in eps.iter_mut().filter(|e| e.pool.state() == PoolState::Alive) {
             prune(e, now, margin);
             if e.conns.is_empty() {
                 e.pool.on_lost(now);
@@ -414,18 +406,13 @@ impl Inner {
             .filter(|&i| eps[i].pool.state() == PoolState::Alive)
             .collect();
         let preferred: Vec<usize> = match avoid {
-            Some(a) if alive.iter().any(|&i| eps[i].addr != a) => alive
-                .iter()
-                .copied()
-                .filter(|&i| eps[i].addr != a)
-                .collect(),
+            Some(a) if alive.iter().any(|&i| eps[i].addr != a) => {
+                alive.iter().copied().filter(|&i| eps[i].addr != a).collect()
+            }
             _ => alive,
         };
         let decision = if preferred.is_empty() {
-            if let Some(e) = eps
-                .iter_mut()
-                .find(|e| e.connecting == 0 && e.pool.is_due(now))
-            {
+            if let Some(e) = eps.iter_mut().find(|e| e.connecting == 0 && e.pool.is_due(now)) {
                 e.connecting += 1;
                 Next::Connect(e.addr)
             } else if eps.iter().any(|e| e.connecting > 0) {
@@ -436,12 +423,8 @@ impl Inner {
         } else {
             let loads: Vec<usize> = preferred.iter().map(|&i| eps[i].in_flight()).collect();
             let counter = self.rr.fetch_add(1, Ordering::Relaxed);
-            let (r1, r2) = (
-                rand::random::<u32>() as usize,
-                rand::random::<u32>() as usize,
-            );
-            let i = balance::pick(self.config.balance, &loads, counter, r1, r2)
-                .map_or(preferred[0], |k| preferred[k]);
+            let (r1, r2) = (rand::random::<u32>() as usize, rand::random::<u32>() as usize);
+            let i = balance::pick(self.config.balance, &loads, counter, r1, r2).map_or(preferred[0], |k| preferred[k]);
             let e = &eps[i];
             // Within an endpoint: healthy before heartbeat-failing, then the fewest requests in flight.
             let conn = e
@@ -463,11 +446,7 @@ impl Inner {
     }
 
     /// One connect attempt to `addr`, whose `connecting` count the caller has already raised.
-    async fn connect_endpoint(
-        &self,
-        addr: SocketAddr,
-        deadline: Option<Instant>,
-    ) -> Result<ConnectionHandle, Error> {
+    async fn connect_endpoint(&self, addr: SocketAddr, deadline: Option<Instant>) -> Result<ConnectionHandle, Error> {
         let result = connect(addr, &self.config, Some(self.events.clone()), deadline).await;
         let now = Instant::now();
         let mut event = None;
@@ -496,11 +475,7 @@ impl Inner {
                             ) {
                                 AfterFailure::RetryIn { attempt, delay } => {
                                     tracing::debug!(%addr, attempt, ?delay, error = %err, "connect failed; backing off");
-                                    ConnectionEvent::Reconnecting {
-                                        addr,
-                                        attempt,
-                                        delay,
-                                    }
+                                    ConnectionEvent::Reconnecting { addr, attempt, delay }
                                 }
                                 AfterFailure::Discard { attempts } => {
                                     tracing::warn!(%addr, attempts, "endpoint discarded after max_reconnect_attempts");

@@ -132,13 +132,7 @@ impl OutboundSender {
                 Err(_) => return Err(msg),
             }
         };
-        self.tx
-            .send(Queued {
-                msg,
-                _budget: permit,
-            })
-            .await
-            .map_err(|e| e.0.msg)
+        self.tx.send(Queued { msg, _budget: permit }).await.map_err(|e| e.0.msg)
     }
 
     /// Queues a small message without waiting (used for the answer of a handler that panicked).
@@ -208,9 +202,7 @@ impl ConnectionHandle {
     /// Waits until the handshake completes, or returns the close reason.
     pub async fn ready(&self) -> Result<(), CloseReason> {
         let mut rx = self.subscribe();
-        let state = rx
-            .wait_for(|s| !matches!(s, ConnectionState::Handshaking))
-            .await;
+        let state = rx.wait_for(|s| !matches!(s, ConnectionState::Handshaking)).await;
         match state.as_deref() {
             Ok(ConnectionState::Closed(r)) => Err(r.clone()),
             Ok(_) => Ok(()),
@@ -221,9 +213,7 @@ impl ConnectionHandle {
     /// Waits until the connection is closed and returns why.
     pub async fn closed(&self) -> CloseReason {
         let mut rx = self.subscribe();
-        let state = rx
-            .wait_for(|s| matches!(s, ConnectionState::Closed(_)))
-            .await;
+        let state = rx.wait_for(|s| matches!(s, ConnectionState::Closed(_))).await;
         match state.as_deref() {
             Ok(ConnectionState::Closed(r)) => r.clone(),
             _ => CloseReason::Local,
@@ -250,8 +240,7 @@ impl ConnectionHandle {
 
     /// When this side last wrote a frame (the peer's idle clock restarts then).
     pub fn last_write(&self) -> Instant {
-        self.shared.epoch
-            + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
+        self.shared.epoch + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
     }
 
     /// Bytes this side holds for the peer and has not written yet: queued for the I/O task (at most

@@ -35,9 +35,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 pub use dispatch::{status_frame, Dispatch, Responder};
-pub use handle::{
-    CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound,
-};
+pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound};
 use handle::{OutboundSender, Queued, Shared};
 
 use crate::codec::FrameCodec;
@@ -189,17 +187,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         Self::build(io, cfg, Some(Box::new(dispatch)))
     }
 
-    fn build(
-        io: S,
-        cfg: DriverConfig,
-        dispatch: Option<Box<dyn Dispatch>>,
-    ) -> (ConnectionHandle, Self) {
+    fn build(io: S, cfg: DriverConfig, dispatch: Option<Box<dyn Dispatch>>) -> (ConnectionHandle, Self) {
         let now = Instant::now();
         let (tx, rx) = mpsc::channel(cfg.connection.outbound_queue);
-        let max_bytes = cfg
-            .connection
-            .max_outbound_bytes
-            .min(Semaphore::MAX_PERMITS);
+        let max_bytes = cfg.connection.max_outbound_bytes.min(Semaphore::MAX_PERMITS);
         let tx = OutboundSender {
             tx,
             budget: Arc::new(Semaphore::new(max_bytes)),
@@ -230,11 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         codec
             .encode_frame(&Frame::Settings(cfg.settings), &mut wbuf)
             .expect("settings always fit a frame");
-        let heartbeat = if cfg.side == Side::Client {
-            cfg.heartbeat
-        } else {
-            None
-        };
+        let heartbeat = if cfg.side == Side::Client { cfg.heartbeat } else { None };
         let idle = if cfg.side == Side::Server {
             cfg.idle_timeout
         } else {
@@ -280,11 +267,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// GOAWAY, it half-closes and lingers (reading and discarding) for up to `linger`.
     pub async fn run(mut self) -> CloseReason {
         let reason = std::future::poll_fn(|cx| self.poll_drive(cx)).await;
-        let span_id = self.shared.id;
-        tracing::debug!(conn = span_id, side = self.cfg.side.as_str(), %reason, "connection closed");
-        if self.goaway_sent.is_some()
-            && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer)
-        {
+        let (conn, side) = (self.shared.id, self.cfg.side.as_str());
+        // Logged once per connection, at a level that says whether someone should look.
+        match &reason {
+            CloseReason::Protocol(_)
+            | CloseReason::SlowConsumer
+            | CloseReason::HeartbeatTimeout
+            | CloseReason::PartialFrameTimeout
+            | CloseReason::Io { .. } => tracing::warn!(conn, side, %reason, "connection closed"),
+            CloseReason::Reset | CloseReason::PeerClosed | CloseReason::IdleTimeout | CloseReason::GoAway { .. } => {
+                tracing::info!(conn, side, %reason, "connection closed")
+            }
+            _ => tracing::debug!(conn, side, %reason, "connection closed"),
+        }
+        if self.goaway_sent.is_some() && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer) {
             let mut io = self.io;
             let _ = tokio::time::timeout(self.cfg.linger, async move {
                 let _ = io.shutdown().await;
@@ -343,9 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             if let Some(reason) = self.poll_drained(cx) {
                 return Poll::Ready(reason);
             }
-            self.shared
-                .outbound_buffered
-                .store(self.wbuf.len(), Ordering::Relaxed);
+            self.shared.outbound_buffered.store(self.wbuf.len(), Ordering::Relaxed);
             if budget_used {
                 // Used the whole budget with work still coming: let other tasks run, then go on.
                 cx.waker().wake_by_ref();
@@ -403,9 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         self.partial.on_decoded(self.rbuf.len(), now);
-        if self.shared.heartbeat_failures.load(Ordering::Relaxed) != 0
-            && self.liveness.failures() == 0
-        {
+        if self.shared.heartbeat_failures.load(Ordering::Relaxed) != 0 && self.liveness.failures() == 0 {
             self.shared.heartbeat_failures.store(0, Ordering::Relaxed);
         }
         Ok(())
@@ -428,9 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             Frame::GoAway(g) => self.on_goaway(g),
             Frame::Response(r) => {
                 if self.cfg.side == Side::Server {
-                    return Err(
-                        ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into(),
-                    );
+                    return Err(ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into());
                 }
                 if let Some(p) = self.pending.remove(&r.id) {
                     let _ = p.reply.send(Ok(r));
@@ -504,12 +494,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         });
         // Requests above the peer's last id were not run: fail them now so callers can retry.
         let last = g.last_request_id;
-        let not_run: Vec<u64> = self
-            .pending
-            .keys()
-            .copied()
-            .filter(|id| *id > last)
-            .collect();
+        let not_run: Vec<u64> = self.pending.keys().copied().filter(|id| *id > last).collect();
         for id in not_run {
             if let Some(p) = self.pending.remove(&id) {
                 let _ = p.reply.send(Err(ConnectionError::GoAway {
@@ -543,13 +528,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }));
         self.goaway_sent = Some(last);
         if self.goaway_received.is_none() {
-            self.shared.state.send_replace(ConnectionState::Draining {
-                reason,
-                by_peer: false,
-            });
+            self.shared
+                .state
+                .send_replace(ConnectionState::Draining { reason, by_peer: false });
         }
-        self.drain_deadline
-            .get_or_insert(now + self.cfg.drain_timeout);
+        self.drain_deadline.get_or_insert(now + self.cfg.drain_timeout);
         self.tasks.close();
     }
 
@@ -558,11 +541,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if self.goaway_sent.is_none() && self.goaway_received.is_none() {
             return None;
         }
-        if !self.pending.is_empty()
-            || !self.wbuf.is_empty()
-            || self.needs_flush
-            || !self.rx.is_empty()
-        {
+        if !self.pending.is_empty() || !self.wbuf.is_empty() || self.needs_flush || !self.rx.is_empty() {
             return None;
         }
         if self.cfg.side == Side::Server {
@@ -646,10 +625,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 let id = self.next_id;
                 frame.id = id;
                 let before = self.wbuf.len();
-                if let Err(e) = self
-                    .codec
-                    .encode_frame(&Frame::Request(frame), &mut self.wbuf)
-                {
+                if let Err(e) = self.codec.encode_frame(&Frame::Request(frame), &mut self.wbuf) {
                     self.wbuf.truncate(before);
                     return fail(reply, ConnectionError::Encode(e));
                 }
@@ -739,9 +715,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 }
                 LivenessAction::HeartbeatMissed { failures } => {
                     self.metrics.heartbeats_failed.increment(1);
-                    self.shared
-                        .heartbeat_failures
-                        .store(failures, Ordering::Relaxed);
+                    self.shared.heartbeat_failures.store(failures, Ordering::Relaxed);
                     self.emit(ConnectionEvent::HeartbeatFailed {
                         id: self.shared.id,
                         failures,
@@ -761,18 +735,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         let c = &self.cfg.connection;
-        if self
-            .stall
-            .deadline(c.write_stall_timeout)
-            .is_some_and(|d| now >= d)
-        {
+        if self.stall.deadline(c.write_stall_timeout).is_some_and(|d| now >= d) {
             return Err(CloseReason::SlowConsumer);
         }
-        if self
-            .partial
-            .deadline(c.partial_frame_timeout)
-            .is_some_and(|d| now >= d)
-        {
+        if self.partial.deadline(c.partial_frame_timeout).is_some_and(|d| now >= d) {
             return Err(CloseReason::PartialFrameTimeout);
         }
         if self.drain_deadline.is_some_and(|d| now >= d) {
@@ -820,10 +786,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             let _ = self.poll_write(cx, Instant::now());
         }
         let flushed = self.flushed_total;
-        let peer_last = self
-            .goaway_received
-            .as_ref()
-            .map(|g| (g.reason, g.last_request_id));
+        let peer_last = self.goaway_received.as_ref().map(|g| (g.reason, g.last_request_id));
         for (id, p) in self.pending.drain() {
             let err = match peer_last {
                 Some((r, last)) if id > last => ConnectionError::GoAway {
@@ -845,9 +808,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
         self.tasks.close();
         self.metrics.closed(&reason);
-        self.shared
-            .state
-            .send_replace(ConnectionState::Closed(reason.clone()));
+        self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
         self.emit(ConnectionEvent::Closed {
             id: self.shared.id,
             peer: self.cfg.peer,
