@@ -5,14 +5,17 @@ use std::time::Duration;
 /// Exponential backoff with jitter. Defaults follow gRPC's connection backoff: 1 s, ×1.6,
 /// ±20 % jitter, at most 120 s.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct BackoffConfig {
     /// Delay before the first retry. Default 1 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub initial: Duration,
     /// Growth per failed attempt. Default 1.6.
     pub multiplier: f64,
     /// Fraction of the delay added or removed at random. Default 0.2 (±20 %).
     pub jitter: f64,
     /// Largest delay before jitter. Default 120 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max: Duration,
 }
 

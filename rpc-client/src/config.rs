@@ -10,12 +10,15 @@ use crate::holder::Balance;
 /// Client settings. Plain struct with `Default`; checked by [`ClientConfig::validate`] when a client
 /// is built.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct ClientConfig {
     /// Per connection attempt, TCP connect plus handshake; also capped by the request's remaining
     /// deadline. Default 1 s, as SOFABolt's connect timeout: a short bound keeps a dead switch from
     /// tying up callers.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub connect_timeout: Duration,
     /// Deadline for a request that sets none. Default 3 s, as SOFARPC's invoke timeout.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub request_timeout: Duration,
     /// Multiplexed connections kept to each endpoint. Default 1: one connection carries many
     /// requests at once.
@@ -25,6 +28,7 @@ pub struct ClientConfig {
     pub max_attempts: u32,
     /// How often the holder's checker validates alive connections and looks for due reconnects
     /// (it also wakes at once when a connection closes or a backoff elapses). Default 10 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub check_interval: Duration,
     /// Reconnect backoff. Default 1 s, ×1.6, ±20 %, at most 120 s, as gRPC.
     pub backoff: BackoffConfig,
@@ -36,6 +40,7 @@ pub struct ClientConfig {
     /// A pooled connection is not reused once it has been idle (nothing written) for the server's
     /// advertised idle timeout minus this margin (at most a fifth of the timeout is taken).
     /// Default 1 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub idle_margin: Duration,
     /// Heartbeats on idle connections.
     pub heartbeat: HeartbeatConfig,
@@ -94,5 +99,14 @@ impl ClientConfig {
         }
         self.heartbeat.validate()?;
         self.connection.validate()
+    }
+}
+
+impl ClientConfig {
+    /// Checks this config against a server's idle timeout (see
+    /// [`rpc_core::config::check_idle_vs_heartbeat`]). The client also checks the idle timeout
+    /// each server advertises in its handshake and logs a warning when it is too short.
+    pub fn validate_against(&self, server_idle_timeout: Option<Duration>) -> Result<(), ConfigError> {
+        rpc_core::config::check_idle_vs_heartbeat(server_idle_timeout, &self.heartbeat)
     }
 }

@@ -8,13 +8,16 @@ use crate::codec::{DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METADATA_ENTRIES};
 /// Client heartbeats. Worst-case detection of a silent peer: `interval + max_failures × timeout`
 /// after the last frame was read (see [`crate::liveness`]). With the defaults, 18 s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct HeartbeatConfig {
     /// Send heartbeats at all. Default `true`.
     pub enabled: bool,
     /// Read-idle time before a heartbeat is sent. Default 15 s, as SOFABolt's client idle time.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub interval: Duration,
     /// How long to wait for any inbound frame after a heartbeat before counting a failure.
     /// Default 1 s, as SOFABolt's heartbeat timeout. Must be below `interval`.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub timeout: Duration,
     /// Consecutive failures that close the connection. Default 3, as SOFABolt's max count.
     pub max_failures: u32,
@@ -48,10 +51,13 @@ impl HeartbeatConfig {
 
 /// TCP keepalive probes (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct KeepaliveConfig {
     /// Idle time before the first probe. Default 30 s: well below common NAT idle timeouts (about 5 min).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub time: Duration,
     /// Time between probes. Default 10 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub interval: Duration,
     /// Unanswered probes before the kernel drops the connection. Default 3.
     pub retries: u32,
@@ -69,6 +75,7 @@ impl Default for KeepaliveConfig {
 
 /// Socket options applied through socket2 to every connected and accepted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct TcpConfig {
     /// TCP_NODELAY. Default `true`: tether coalesces writes itself, Nagle only adds latency.
     pub nodelay: bool,
@@ -76,6 +83,7 @@ pub struct TcpConfig {
     pub keepalive: Option<KeepaliveConfig>,
     /// TCP_USER_TIMEOUT (Linux): unacknowledged data older than this ends the connection, where the
     /// kernel default retransmits for about 15 minutes. `None` keeps the kernel default. Default 30 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub user_timeout: Option<Duration>,
     /// SO_SNDBUF; `None` keeps the kernel's autotuning. Default `None`.
     pub send_buffer_size: Option<usize>,
@@ -97,6 +105,7 @@ impl Default for TcpConfig {
 
 /// Limits of one connection, the same on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct ConnectionConfig {
     /// Largest frame body accepted. Default 4 MiB, gRPC's default maximum receive message size.
     pub max_frame_size: u32,
@@ -108,9 +117,11 @@ pub struct ConnectionConfig {
     /// Frames queued for the connection's I/O task. Default 1024; senders wait when it is full.
     pub outbound_queue: usize,
     /// No write progress for this long while bytes wait closes with `SlowConsumer`. Default 10 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub write_stall_timeout: Duration,
     /// A frame whose first byte arrived but whose last did not within this time closes the
     /// connection with `PartialFrameTimeout` (slowloris). Default 30 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub partial_frame_timeout: Duration,
 }
 
@@ -137,6 +148,15 @@ pub enum ConfigError {
         /// The timeout.
         timeout: Duration,
         /// The interval.
+        interval: Duration,
+    },
+    /// The server's idle timeout must be above the client's heartbeat interval, or it evicts idle
+    /// clients before they send a heartbeat.
+    #[error("server idle timeout {idle_timeout:?} must be above the client heartbeat interval {interval:?}")]
+    IdleTimeoutNotAboveHeartbeat {
+        /// The server's idle timeout.
+        idle_timeout: Duration,
+        /// The client's heartbeat interval.
         interval: Duration,
     },
     /// A duration or count that must be positive was zero.
@@ -199,5 +219,16 @@ impl ConnectionConfig {
             return Err(ConfigError::Zero("partial_frame_timeout"));
         }
         Ok(())
+    }
+}
+
+/// Checks a server idle timeout against a client heartbeat policy, when both are known (a
+/// deployment's config file holding both, or a client reading the server's handshake).
+pub fn check_idle_vs_heartbeat(idle_timeout: Option<Duration>, heartbeat: &HeartbeatConfig) -> Result<(), ConfigError> {
+    match idle_timeout {
+        Some(idle) if heartbeat.enabled && idle <= heartbeat.interval => {
+            Err(ConfigError::IdleTimeoutNotAboveHeartbeat { idle_timeout: idle, interval: heartbeat.interval })
+        }
+        _ => Ok(()),
     }
 }

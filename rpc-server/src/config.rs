@@ -7,10 +7,12 @@ use rpc_core::config::{ConfigError, ConnectionConfig, TcpConfig};
 /// Server settings. Plain struct with `Default`; checked by [`ServerConfig::validate`] when the
 /// server is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
 pub struct ServerConfig {
     /// A connection that sends nothing for this long gets GOAWAY(idle) and is closed. `None`: never.
     /// Default 90 s, as SOFABolt's server idle time; it must stay above the clients' heartbeat
     /// interval, and is advertised to clients in the handshake so their pools can avoid it.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub idle_timeout: Option<Duration>,
     /// Connections served at once; the excess is accepted and closed at once. Default 10 000.
     pub max_connections: usize,
@@ -18,6 +20,7 @@ pub struct ServerConfig {
     /// once rather than queueing. Default 1024.
     pub max_concurrent_requests: usize,
     /// On graceful shutdown, how long requests in flight may take to finish. Default 30 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub shutdown_grace: Duration,
     /// Per-connection limits (frame size, outbound bytes, write stall, partial frame).
     pub connection: ConnectionConfig,
