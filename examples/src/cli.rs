@@ -156,3 +156,17 @@ pub fn event_json(side: &str, ev: &rpc_core::event::ConnectionEvent) -> serde_js
         other => json!({"t_ms": t, "side": side, "event": format!("{other:?}")}),
     }
 }
+
+/// Serves the process's metrics in the Prometheus text format on `http://ADDR/metrics`
+/// (metrics-exporter-prometheus; request latencies as histograms with buckets from 100 µs to 10 s).
+pub fn serve_prometheus(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Full(rpc_core::metrics::REQUEST_DURATION.to_string()), &buckets)?
+        .install()?;
+    Ok(())
+}

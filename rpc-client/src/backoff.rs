@@ -5,7 +5,11 @@ use std::time::Duration;
 /// Exponential backoff with jitter. Defaults follow gRPC's connection backoff: 1 s, ×1.6,
 /// ±20 % jitter, at most 120 s.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct BackoffConfig {
     /// Delay before the first retry. Default 1 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]

@@ -113,7 +113,8 @@ impl Client {
     pub async fn unary(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
         let start = Instant::now();
         let method = req.method().to_owned();
-        let result = self.unary_with_retries(req).await;
+        let span = tracing::debug_span!("request", %method);
+        let result = tracing::Instrument::instrument(self.unary_with_retries(req), span).await;
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(e) => e.code(),

@@ -10,7 +10,11 @@ use crate::holder::Balance;
 /// Client settings. Plain struct with `Default`; checked by [`ClientConfig::validate`] when a client
 /// is built.
 #[derive(Debug, Clone, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct ClientConfig {
     /// Per connection attempt, TCP connect plus handshake; also capped by the request's remaining
     /// deadline. Default 1 s, as SOFABolt's connect timeout: a short bound keeps a dead switch from

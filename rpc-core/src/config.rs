@@ -8,7 +8,11 @@ use crate::codec::{DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METADATA_ENTRIES};
 /// Client heartbeats. Worst-case detection of a silent peer: `interval + max_failures × timeout`
 /// after the last frame was read (see [`crate::liveness`]). With the defaults, 18 s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct HeartbeatConfig {
     /// Send heartbeats at all. Default `true`.
     pub enabled: bool,
@@ -51,7 +55,11 @@ impl HeartbeatConfig {
 
 /// TCP keepalive probes (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct KeepaliveConfig {
     /// Idle time before the first probe. Default 30 s: well below common NAT idle timeouts (about 5 min).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -75,7 +83,11 @@ impl Default for KeepaliveConfig {
 
 /// Socket options applied through socket2 to every connected and accepted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct TcpConfig {
     /// TCP_NODELAY. Default `true`: tether coalesces writes itself, Nagle only adds latency.
     pub nodelay: bool,
@@ -105,7 +117,11 @@ impl Default for TcpConfig {
 
 /// Limits of one connection, the same on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct ConnectionConfig {
     /// Largest frame body accepted. Default 4 MiB, gRPC's default maximum receive message size.
     pub max_frame_size: u32,
@@ -227,7 +243,10 @@ impl ConnectionConfig {
 pub fn check_idle_vs_heartbeat(idle_timeout: Option<Duration>, heartbeat: &HeartbeatConfig) -> Result<(), ConfigError> {
     match idle_timeout {
         Some(idle) if heartbeat.enabled && idle <= heartbeat.interval => {
-            Err(ConfigError::IdleTimeoutNotAboveHeartbeat { idle_timeout: idle, interval: heartbeat.interval })
+            Err(ConfigError::IdleTimeoutNotAboveHeartbeat {
+                idle_timeout: idle,
+                interval: heartbeat.interval,
+            })
         }
         _ => Ok(()),
     }

@@ -7,7 +7,11 @@ use rpc_core::config::{ConfigError, ConnectionConfig, TcpConfig};
 /// Server settings. Plain struct with `Default`; checked by [`ServerConfig::validate`] when the
 /// server is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(default, deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct ServerConfig {
     /// A connection that sends nothing for this long gets GOAWAY(idle) and is closed. `None`: never.
     /// Default 90 s, as SOFABolt's server idle time; it must stay above the clients' heartbeat

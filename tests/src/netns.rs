@@ -217,10 +217,22 @@ impl Hosts {
 
     /// Starts `bin` in `ns` with `args`, reading its JSON lines.
     pub fn spawn(&self, ns: &str, bin: &str, args: &[String]) -> Probe {
-        let mut child = AsyncCommand::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin_path(bin))
-            .args(args)
+        let mut cmd = AsyncCommand::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(bin_path(bin)).args(args);
+        Probe::start(cmd)
+    }
+}
+
+impl Probe {
+    /// Starts a probe binary in this network namespace (no `ip netns exec`).
+    pub fn local(bin: &str, args: &[String]) -> Probe {
+        let mut cmd = AsyncCommand::new(bin_path(bin));
+        cmd.args(args);
+        Probe::start(cmd)
+    }
+
+    fn start(mut cmd: AsyncCommand) -> Probe {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -85,10 +85,16 @@ fn toml_file_loads_into_the_config_structs_with_defaults_for_the_rest() {
 fn config_round_trips_through_toml() {
     let d: Deployment = toml::from_str(FILE).unwrap();
     let text = toml::to_string(&d).unwrap();
-    assert!(text.contains("\"250ms\""), "durations are written human-readable:\n{text}");
+    assert!(
+        text.contains("\"250ms\""),
+        "durations are written human-readable:\n{text}"
+    );
     let back: Deployment = toml::from_str(&text).unwrap();
     assert_eq!(back, d);
-    let defaults = Deployment { client: ClientConfig::default(), server: ServerConfig::default() };
+    let defaults = Deployment {
+        client: ClientConfig::default(),
+        server: ServerConfig::default(),
+    };
     let back: Deployment = toml::from_str(&toml::to_string(&defaults).unwrap()).unwrap();
     assert_eq!(back, defaults);
 }
@@ -105,28 +111,54 @@ fn contradictions_give_typed_errors() {
     c.heartbeat.timeout = c.heartbeat.interval;
     assert_eq!(
         c.validate(),
-        Err(ConfigError::HeartbeatTimeoutNotBelowInterval { timeout: c.heartbeat.interval, interval: c.heartbeat.interval })
+        Err(ConfigError::HeartbeatTimeoutNotBelowInterval {
+            timeout: c.heartbeat.interval,
+            interval: c.heartbeat.interval
+        })
     );
 
     let c = ClientConfig::default();
     let idle = Some(Duration::from_secs(10));
     assert_eq!(
         c.validate_against(idle),
-        Err(ConfigError::IdleTimeoutNotAboveHeartbeat { idle_timeout: Duration::from_secs(10), interval: Duration::from_secs(15) })
+        Err(ConfigError::IdleTimeoutNotAboveHeartbeat {
+            idle_timeout: Duration::from_secs(10),
+            interval: Duration::from_secs(15)
+        })
     );
     let mut quiet = ClientConfig::default();
     quiet.heartbeat.enabled = false;
-    assert_eq!(quiet.validate_against(idle), Ok(()), "no heartbeats, nothing to contradict");
+    assert_eq!(
+        quiet.validate_against(idle),
+        Ok(()),
+        "no heartbeats, nothing to contradict"
+    );
     assert_eq!(check_idle_vs_heartbeat(None, &c.heartbeat), Ok(()));
 
-    let d: Deployment = toml::from_str("[client]\n[client.heartbeat]\ninterval = \"30s\"\n[server]\nidle_timeout = \"30s\"").unwrap();
-    assert!(matches!(d.client.validate_against(d.server.idle_timeout), Err(ConfigError::IdleTimeoutNotAboveHeartbeat { .. })));
+    let d: Deployment =
+        toml::from_str("[client]\n[client.heartbeat]\ninterval = \"30s\"\n[server]\nidle_timeout = \"30s\"").unwrap();
+    assert!(matches!(
+        d.client.validate_against(d.server.idle_timeout),
+        Err(ConfigError::IdleTimeoutNotAboveHeartbeat { .. })
+    ));
 
-    let s = ServerConfig { max_concurrent_requests: 0, ..ServerConfig::default() };
+    let s = ServerConfig {
+        max_concurrent_requests: 0,
+        ..ServerConfig::default()
+    };
     assert_eq!(s.validate(), Err(ConfigError::Zero("max_concurrent_requests")));
-    let c = ClientConfig { connect_timeout: Duration::ZERO, ..ClientConfig::default() };
+    let c = ClientConfig {
+        connect_timeout: Duration::ZERO,
+        ..ClientConfig::default()
+    };
     assert_eq!(c.validate(), Err(ConfigError::Zero("connect_timeout")));
     // And a client built from a bad config fails at build time with the typed error.
     let err = rpc_client::Client::with_endpoints([], c).unwrap_err();
-    assert!(matches!(err.kind(), rpc_client::ErrorKind::Config(ConfigError::Zero("connect_timeout"))), "{err}");
+    assert!(
+        matches!(
+            err.kind(),
+            rpc_client::ErrorKind::Config(ConfigError::Zero("connect_timeout"))
+        ),
+        "{err}"
+    );
 }

@@ -64,12 +64,18 @@ struct Args {
     /// Print one JSON object per line for each connection event and each finished request, and a summary.
     #[arg(long)]
     json: bool,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     init_tracing();
     let args = Args::parse();
+    if let Some(addr) = args.metrics_addr {
+        examples::cli::serve_prometheus(addr)?;
+    }
     let mut config = ClientConfig::default();
     if let Some(d) = args.heartbeat_interval {
         config.heartbeat.interval = d;

@@ -36,12 +36,18 @@ struct Args {
     /// Print one JSON object per line for each connection event.
     #[arg(long)]
     json: bool,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     init_tracing();
     let args = Args::parse();
+    if let Some(addr) = args.metrics_addr {
+        examples::cli::serve_prometheus(addr)?;
+    }
     let mut config = ServerConfig::default();
     if let Some(OrOff(t)) = args.idle_timeout {
         config.idle_timeout = t;
