@@ -20,6 +20,8 @@ pub enum GoAwayReason {
     SlowConsumer,
     /// The peer's liveness checks failed (heartbeat timeout).
     HeartbeatTimeout,
+    /// The server is at `max_connections` and refused this connection.
+    Overloaded,
     /// A reason this build does not know.
     Unknown(u8),
 }
@@ -33,6 +35,7 @@ impl GoAwayReason {
             GoAwayReason::ProtocolError => 3,
             GoAwayReason::SlowConsumer => 4,
             GoAwayReason::HeartbeatTimeout => 5,
+            GoAwayReason::Overloaded => 6,
             GoAwayReason::Unknown(v) => v,
         }
     }
@@ -45,6 +48,7 @@ impl GoAwayReason {
             3 => GoAwayReason::ProtocolError,
             4 => GoAwayReason::SlowConsumer,
             5 => GoAwayReason::HeartbeatTimeout,
+            6 => GoAwayReason::Overloaded,
             v => GoAwayReason::Unknown(v),
         }
     }
@@ -57,6 +61,7 @@ impl GoAwayReason {
             GoAwayReason::ProtocolError => "protocol_error",
             GoAwayReason::SlowConsumer => "slow_consumer",
             GoAwayReason::HeartbeatTimeout => "heartbeat_timeout",
+            GoAwayReason::Overloaded => "overloaded",
             GoAwayReason::Unknown(_) => "unknown",
         }
     }

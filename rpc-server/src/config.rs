@@ -23,6 +23,9 @@ pub struct ServerConfig {
     /// Requests run at once across all connections; over it the server answers SERVER_BUSY at
     /// once rather than queueing. Default 1024.
     pub max_concurrent_requests: usize,
+    /// Requests run at once on one connection; over it that connection's requests are answered
+    /// SERVER_BUSY, so one client cannot take the whole server-wide limit. Default 256.
+    pub max_requests_per_connection: usize,
     /// On graceful shutdown, how long requests in flight may take to finish. Default 30 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub shutdown_grace: Duration,
@@ -38,6 +41,7 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(90)),
             max_connections: 10_000,
             max_concurrent_requests: 1024,
+            max_requests_per_connection: 256,
             shutdown_grace: Duration::from_secs(30),
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
@@ -56,6 +60,9 @@ impl ServerConfig {
         }
         if self.max_concurrent_requests == 0 {
             return Err(ConfigError::Zero("max_concurrent_requests"));
+        }
+        if self.max_requests_per_connection == 0 {
+            return Err(ConfigError::Zero("max_requests_per_connection"));
         }
         self.connection.validate()
     }

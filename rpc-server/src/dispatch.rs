@@ -37,6 +37,8 @@ pub fn status_from_error(err: BoxError) -> Status {
 pub(crate) struct ServerDispatch {
     pub(crate) service: ServerService,
     pub(crate) limit: Arc<Semaphore>,
+    /// This connection's own cap on requests in flight.
+    pub(crate) per_connection: Arc<Semaphore>,
     pub(crate) metrics: Arc<RequestMetrics>,
 }
 
@@ -48,8 +50,12 @@ impl Dispatch for ServerDispatch {
         responder: Responder,
         tasks: &TaskTracker,
     ) -> Option<ResponseFrame> {
+        // Never an unbounded queue: over either limit the client learns at once that nothing ran.
+        let Ok(conn_permit) = self.per_connection.clone().try_acquire_owned() else {
+            self.metrics.record(&frame.method, Code::ServerBusy, Duration::ZERO);
+            return responder.immediate(Status::busy("connection at max_requests_per_connection"));
+        };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-            // Never an unbounded queue: the client learns at once that the request did not run.
             self.metrics.record(&frame.method, Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
@@ -62,7 +68,7 @@ impl Dispatch for ServerDispatch {
         let metrics = self.metrics.clone();
         let span = tracing::debug_span!("request", %method, id = responder.id());
         let work = async move {
-            let _permit = permit;
+            let _permits = (permit, conn_permit);
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 metrics.record(&method, Code::DeadlineExceeded, received_at.elapsed());
                 responder

@@ -271,7 +271,7 @@ impl AcceptLoop {
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             metrics::counter!(CONNECTIONS_REFUSED).increment(1);
             tracing::warn!(%peer, max = self.config.max_connections, "max_connections reached; connection refused");
-            drop(stream);
+            refuse(stream);
             return;
         };
         let tcp_options = configure_tcp(&stream, &self.config.tcp);
@@ -294,6 +294,7 @@ impl AcceptLoop {
         let dispatch = ServerDispatch {
             service: self.service.clone(),
             limit: self.limit.clone(),
+            per_connection: Arc::new(Semaphore::new(c.max_requests_per_connection)),
             metrics: self.metrics.clone(),
         };
         let (handle, driver) = Driver::server(stream, cfg, dispatch);
@@ -315,4 +316,35 @@ impl AcceptLoop {
             .instrument(span),
         );
     }
+}
+
+/// Tells a connection over `max_connections` why it is refused (SETTINGS, then GOAWAY(overloaded)),
+/// half-closes, and reads what the client sent for at most 500 ms so the close does not become an
+/// RST that destroys the GOAWAY. Its task holds no connection permit.
+fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let codec = rpc_core::codec::FrameCodec::default();
+    let mut buf = bytes::BytesMut::new();
+    let goaway = rpc_core::frame::GoAway {
+        reason: rpc_core::GoAwayReason::Overloaded,
+        last_request_id: 0,
+        message: "max_connections reached".into(),
+    };
+    let frames = [
+        rpc_core::frame::Frame::Settings(Settings::default()),
+        rpc_core::frame::Frame::GoAway(goaway),
+    ];
+    if !frames.iter().all(|f| codec.encode_frame(f, &mut buf).is_ok()) {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            stream.write_all(&buf).await?;
+            stream.shutdown().await?;
+            let mut scratch = [0u8; 1024];
+            while stream.read(&mut scratch).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
 }

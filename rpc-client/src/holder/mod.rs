@@ -308,25 +308,25 @@ impl ConnectionHolder {
         avoid: Option<SocketAddr>,
     ) -> Result<(SocketAddr, ConnectionHandle), Error> {
         let limit = deadline.unwrap_or_else(|| Instant::now() + self.inner.config.connect_timeout);
+        // When this checkout's own connect attempt failed, that error says more than "no endpoint".
+        let mut last_error = None;
         loop {
             let notified = self.inner.connect_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.inner.next(avoid) {
                 Next::Use(addr, conn) => return Ok((addr, conn)),
-                Next::Connect(addr) => {
-                    match self.inner.connect_endpoint(addr, Some(limit)).await {
-                        Ok(conn) => return Ok((addr, conn)),
-                        Err(e) if Instant::now() >= limit => return Err(e),
-                        Err(_) => continue, // backoff recorded; another endpoint may be due
-                    }
-                }
+                Next::Connect(addr) => match self.inner.connect_endpoint(addr, Some(limit)).await {
+                    Ok(conn) => return Ok((addr, conn)),
+                    Err(e) if Instant::now() >= limit => return Err(e),
+                    Err(e) => last_error = Some(e), // backoff recorded; another endpoint may be due
+                },
                 Next::Wait => {
                     if tokio::time::timeout_at(limit, notified).await.is_err() {
-                        return Err(Error::new(ErrorKind::ConnectTimeout, false));
+                        return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false)));
                     }
                 }
-                Next::Unavailable => return Err(Error::new(ErrorKind::NoEndpoint, false)),
+                Next::Unavailable => return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false))),
             }
         }
     }

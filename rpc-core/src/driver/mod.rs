@@ -405,10 +405,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn on_frame(&mut self, frame: Frame, now: Instant) -> Result<(), CloseReason> {
         if !self.handshake_done {
-            let Frame::Settings(s) = frame else {
-                return Err(ProtocolError::UnexpectedFrame(frame.kind()).into());
+            return match frame {
+                Frame::Settings(s) => self.on_settings(s),
+                // Refused before the handshake (for example over max_connections): close with its reason.
+                Frame::GoAway(g) => {
+                    let reason = CloseReason::GoAway {
+                        reason: g.reason,
+                        last_request_id: g.last_request_id,
+                    };
+                    self.on_goaway(g);
+                    Err(reason)
+                }
+                other => Err(ProtocolError::UnexpectedFrame(other.kind()).into()),
             };
-            return self.on_settings(s);
         }
         match frame {
             Frame::Settings(_) => {} // later settings updates are reserved; ignore them
