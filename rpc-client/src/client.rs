@@ -68,7 +68,7 @@ impl Client {
     pub fn with_endpoints(addrs: impl IntoIterator<Item = SocketAddr>, config: ClientConfig) -> Result<Self, Error> {
         config.validate().map_err(|e| Error::new(ErrorKind::Config(e), false))?;
         Ok(Client {
-            holder: ConnectionHolder::new(addrs, config),
+            holder: ConnectionHolder::new(addrs, config)?,
             metrics: Arc::new(RequestMetrics::new(Side::Client)),
         })
     }

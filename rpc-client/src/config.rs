@@ -52,6 +52,8 @@ pub struct ClientConfig {
     pub connection: ConnectionConfig,
     /// Socket options.
     pub tcp: TcpConfig,
+    /// TLS; `None` (the default) speaks plain TCP. The TLS handshake counts inside `connect_timeout`.
+    pub tls: Option<rpc_core::tls::TlsClientConfig>,
 }
 
 impl Default for ClientConfig {
@@ -69,6 +71,7 @@ impl Default for ClientConfig {
             heartbeat: HeartbeatConfig::default(),
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
+            tls: None,
         }
     }
 }

@@ -23,6 +23,10 @@ pub enum ErrorKind {
     ConnectTimeout,
     /// The peer did not complete the handshake.
     Handshake(CloseReason),
+    /// The TLS handshake failed (untrusted certificate, no client certificate, not TLS, ...).
+    Tls(io::Error),
+    /// The TLS configuration could not be loaded.
+    TlsConfig(rpc_core::tls::TlsConfigError),
     /// No endpoint is alive and none is due for a reconnect attempt (all backing off or discarded).
     NoEndpoint,
     /// The response body did not decode as the method's output message.
@@ -76,7 +80,7 @@ impl Error {
             ErrorKind::Status(s) => s.code(),
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             ErrorKind::Decode(_) => Code::Internal,
-            ErrorKind::Config(_) => Code::InvalidArgument,
+            ErrorKind::Config(_) | ErrorKind::TlsConfig(_) => Code::InvalidArgument,
             ErrorKind::Middleware(_) => Code::Unknown(0xFFFF),
             _ => Code::Unavailable,
         }
@@ -104,6 +108,7 @@ impl Error {
                 | ErrorKind::ConnectTimeout
                 | ErrorKind::Handshake(_)
                 | ErrorKind::NoEndpoint
+                | ErrorKind::Tls(_)
         )
     }
 
@@ -126,6 +131,8 @@ impl Error {
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::Handshake(_) => "handshake",
             ErrorKind::NoEndpoint => "no_endpoint",
+            ErrorKind::Tls(_) => "tls",
+            ErrorKind::TlsConfig(_) => "tls_config",
             ErrorKind::Decode(_) => "decode",
             ErrorKind::Config(_) => "config",
             ErrorKind::Middleware(_) => "middleware",
@@ -174,6 +181,8 @@ impl fmt::Display for Error {
             ErrorKind::ConnectTimeout => f.write_str("connect timed out")?,
             ErrorKind::Handshake(r) => write!(f, "handshake failed: {r}")?,
             ErrorKind::NoEndpoint => f.write_str("no endpoint available (all backing off or discarded)")?,
+            ErrorKind::Tls(e) => write!(f, "TLS handshake failed: {e}")?,
+            ErrorKind::TlsConfig(e) => write!(f, "TLS configuration: {e}")?,
             ErrorKind::Decode(e) => write!(f, "response did not decode: {e}")?,
             ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
             ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,
@@ -192,6 +201,8 @@ impl std::error::Error for Error {
             ErrorKind::Connection(e) => Some(e),
             ErrorKind::Connect(e) => Some(e),
             ErrorKind::Handshake(r) => Some(r),
+            ErrorKind::Tls(e) => Some(e),
+            ErrorKind::TlsConfig(e) => Some(e),
             ErrorKind::Decode(e) => Some(e),
             ErrorKind::Config(e) => Some(e),
             ErrorKind::Middleware(e) => Some(e.as_ref()),

@@ -32,6 +32,7 @@ pub mod message;
 pub mod metrics;
 pub mod socket;
 pub mod status;
+pub mod tls;
 
 pub use error::{CloseReason, GoAwayReason, ProtocolError};
 pub use message::{IntoRequest, Metadata, Request, Response};

@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub connection: ConnectionConfig,
     /// Socket options for accepted sockets.
     pub tcp: TcpConfig,
+    /// TLS; `None` (the default) serves plain TCP.
+    pub tls: Option<rpc_core::tls::TlsServerConfig>,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +47,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
+            tls: None,
         }
     }
 }

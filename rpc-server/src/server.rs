@@ -27,6 +27,8 @@ use crate::config::ServerConfig;
 use crate::dispatch::{ServerDispatch, ServerService};
 use crate::router::{NamedService, Router};
 
+/// Metric: accepted connections whose TLS handshake failed or timed out.
+pub const TLS_HANDSHAKE_FAILURES: &str = "tether_server_tls_handshake_failures_total";
 /// Metric: connections accepted and closed at once because `max_connections` were open.
 pub const CONNECTIONS_REFUSED: &str = "tether_server_connections_refused_total";
 
@@ -37,6 +39,9 @@ pub enum ServerError {
     /// The configuration is contradictory.
     #[error("invalid server config: {0}")]
     Config(#[from] ConfigError),
+    /// The TLS configuration could not be loaded.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rpc_core::tls::TlsConfigError),
     /// Binding the listener failed.
     #[error("bind failed: {0}")]
     Bind(#[source] std::io::Error),
@@ -133,8 +138,13 @@ impl<L> ServerBuilder<L> {
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
+        let tls = match &self.config.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(rpc_core::tls::server_config(t)?)),
+            None => None,
+        };
         let registry = Registry::default();
         let accept = AcceptLoop {
+            tls,
             registry: registry.clone(),
             listener,
             limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
@@ -223,6 +233,7 @@ impl Drop for ServerHandle {
 }
 
 struct AcceptLoop {
+    tls: Option<tokio_rustls::TlsAcceptor>,
     registry: Registry,
     listener: TcpListener,
     config: ServerConfig,
@@ -297,25 +308,51 @@ impl AcceptLoop {
             per_connection: Arc::new(Semaphore::new(c.max_requests_per_connection)),
             metrics: self.metrics.clone(),
         };
-        let (handle, driver) = Driver::server(stream, cfg, dispatch);
         let kill = self.kill.clone();
-        let id = handle.id();
-        let span = tracing::info_span!("conn", id, %peer);
         let registry = self.registry.clone();
-        registry.lock().insert(id, handle);
-        self.tasks.spawn(
-            async move {
-                let _permit = permit;
-                tokio::select! {
-                    biased;
-                    _ = kill.cancelled() => {}
-                    reason = driver.run() => tracing::debug!(%reason, "closed"),
+        let tls = self.tls.clone();
+        let handshake_timeout = c.tls.as_ref().map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            let serve = async {
+                match tls {
+                    None => run_connection(stream, cfg, dispatch, &registry).await,
+                    // The handshake runs here, in the connection's task, never in the accept loop.
+                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => run_connection(tls_stream, cfg, dispatch, &registry).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                            tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                            tracing::warn!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                        }
+                    },
                 }
-                registry.lock().remove(&id);
+            };
+            tokio::select! {
+                biased;
+                _ = kill.cancelled() => {}
+                _ = serve => {}
             }
-            .instrument(span),
-        );
+        });
     }
+}
+
+/// Runs one connection's driver over a plain or TLS stream, listed in the registry meanwhile.
+async fn run_connection<S>(stream: S, cfg: DriverConfig, dispatch: ServerDispatch, registry: &Registry)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = cfg.peer;
+    let (handle, driver) = Driver::server(stream, cfg, dispatch);
+    let id = handle.id();
+    registry.lock().insert(id, handle);
+    let span = tracing::info_span!("conn", id, peer = ?peer);
+    let reason = driver.run().instrument(span).await;
+    tracing::debug!(id, %reason, "closed");
+    registry.lock().remove(&id);
 }
 
 /// Tells a connection over `max_connections` why it is refused (SETTINGS, then GOAWAY(overloaded)),

@@ -4,6 +4,7 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 pub mod netns;
+pub mod pki;
 pub mod proxy;
 
 use std::net::SocketAddr;

@@ -64,6 +64,18 @@ struct Args {
     /// Print one JSON object per line for each connection event and each finished request, and a summary.
     #[arg(long)]
     json: bool,
+    /// Connect with TLS, trusting the CAs in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate for mutual TLS (needs --tls-key and --tls-ca).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name to verify the server certificate against (default: the server's IP address).
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -94,6 +106,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.connect_timeout = d;
     }
     args.tcp.apply(&mut config.tcp, &mut config.connection);
+    if let Some(ca) = &args.tls_ca {
+        let mut tls = rpc_core::tls::TlsClientConfig::new(ca);
+        tls.cert_file = args.tls_cert.clone();
+        tls.key_file = args.tls_key.clone();
+        tls.server_name = args.tls_server_name.clone();
+        config.tls = Some(tls);
+    }
     let json = args.json;
 
     config.balance = args.balance;

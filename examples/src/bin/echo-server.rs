@@ -36,6 +36,15 @@ struct Args {
     /// Print one JSON object per line for each connection event.
     #[arg(long)]
     json: bool,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by the CAs in this PEM file (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -59,6 +68,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.shutdown_grace = g;
     }
     args.tcp.apply(&mut config.tcp, &mut config.connection);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let mut tls = rpc_core::tls::TlsServerConfig::new(cert, key);
+        tls.client_ca_file = args.tls_ca.clone();
+        config.tls = Some(tls);
+    }
     let server = Server::builder()
         .config(config)
         .add_service(EchoServer::new(EchoService {

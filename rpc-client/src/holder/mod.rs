@@ -115,6 +115,7 @@ impl Endpoint {
 
 struct Inner {
     config: ClientConfig,
+    tls: Option<tokio_rustls::TlsConnector>,
     endpoints: Mutex<Vec<Endpoint>>,
     events: EventSender,
     /// Wakes the checker (endpoints changed, a connection was lost).
@@ -149,7 +150,14 @@ enum Next {
 
 impl ConnectionHolder {
     /// A holder for `addrs` (more can be added later). Starts the checker; needs a Tokio runtime.
-    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>, config: ClientConfig) -> Self {
+    /// Loads the TLS configuration, if any, once here.
+    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>, config: ClientConfig) -> Result<Self, Error> {
+        let tls = match &config.tls {
+            Some(t) => Some(tokio_rustls::TlsConnector::from(
+                rpc_core::tls::client_config(t).map_err(|e| Error::new(ErrorKind::TlsConfig(e), false))?,
+            )),
+            None => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
         let now = Instant::now();
@@ -165,6 +173,7 @@ impl ConnectionHolder {
             .collect();
         let inner = Arc::new(Inner {
             config,
+            tls,
             endpoints: Mutex::new(endpoints),
             events,
             wake: Notify::new(),
@@ -173,10 +182,10 @@ impl ConnectionHolder {
             shutdown: shutdown.clone(),
         });
         tokio::spawn(checker(inner.clone()));
-        ConnectionHolder {
+        Ok(ConnectionHolder {
             inner,
             _guard: Arc::new(shutdown.drop_guard()),
-        }
+        })
     }
 
     /// The config.
@@ -447,7 +456,14 @@ impl Inner {
 
     /// One connect attempt to `addr`, whose `connecting` count the caller has already raised.
     async fn connect_endpoint(&self, addr: SocketAddr, deadline: Option<Instant>) -> Result<ConnectionHandle, Error> {
-        let result = connect(addr, &self.config, Some(self.events.clone()), deadline).await;
+        let result = connect(
+            addr,
+            &self.config,
+            self.tls.as_ref(),
+            Some(self.events.clone()),
+            deadline,
+        )
+        .await;
         let now = Instant::now();
         let mut event = None;
         {
