@@ -290,3 +290,24 @@ fn header_is_sixteen_bytes_as_documented() {
     assert_eq!(bytes.len(), HEADER_LEN);
     assert_eq!(&bytes[..], &[MAGIC, VERSION, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]);
 }
+
+#[test]
+fn seed_frames_written_from_protocol_md_decode() {
+    // fuzz/make_seeds.py builds these bytes from PROTOCOL.md's layout, independently of the encoder.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/decode_frame");
+    let mut decoded = 0;
+    for entry in std::fs::read_dir(&dir).expect("seed directory") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("seed");
+        let mut buf = BytesMut::from(&bytes[1..]); // the first byte is the fuzzer's chunk size
+        let frame = FrameCodec::default().decode(&mut buf).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let frame = frame.unwrap_or_else(|| panic!("{}: incomplete", path.display()));
+        assert!(buf.is_empty(), "{}: trailing bytes", path.display());
+        // And the encoder writes exactly the documented bytes back.
+        let mut out = BytesMut::new();
+        FrameCodec::default().encode(&frame, &mut out).expect("encode");
+        assert_eq!(&out[..], &bytes[1..], "{}", path.display());
+        decoded += 1;
+    }
+    assert!(decoded >= 27, "only {decoded} seeds");
+}
