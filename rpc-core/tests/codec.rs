@@ -300,7 +300,9 @@ fn seed_frames_written_from_protocol_md_decode() {
         let path = entry.expect("entry").path();
         let bytes = std::fs::read(&path).expect("seed");
         let mut buf = BytesMut::from(&bytes[1..]); // the first byte is the fuzzer's chunk size
-        let frame = FrameCodec::default().decode(&mut buf).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let frame = FrameCodec::default()
+            .decode(&mut buf)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let frame = frame.unwrap_or_else(|| panic!("{}: incomplete", path.display()));
         assert!(buf.is_empty(), "{}: trailing bytes", path.display());
         // And the encoder writes exactly the documented bytes back.

@@ -136,9 +136,13 @@ async fn proxy_connection(
     // reach the peer before the RST.
     let (cr, cw) = tokio::io::split(client);
     let (sr, sw) = tokio::io::split(server);
-    let up = tokio::spawn(pump(cr, sw, Direction::ToServer, fault.clone()));
-    let down = tokio::spawn(pump(sr, cw, Direction::ToClient, fault));
-    let how = kill.recv().await.unwrap_or(Kill::Close);
+    let mut up = tokio::spawn(pump(cr, sw, Direction::ToServer, fault.clone()));
+    let mut down = tokio::spawn(pump(sr, cw, Direction::ToClient, fault));
+    let how = tokio::select! {
+        k = kill.recv() => k.unwrap_or(Kill::Close),
+        // Both directions ended on their own: nothing left to kill.
+        _ = async { let _ = (&mut up).await; let _ = (&mut down).await; } => return,
+    };
     if how == Kill::Reset {
         for s in [&client_dup, &server_dup] {
             let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
@@ -185,9 +189,12 @@ async fn pump(
         let fault_now = *fault.borrow();
         match n {
             Ok(0) | Err(_) => {
-                if fault_now == Fault::Blackhole {
-                    // A silent path does not carry the FIN either: keep the other side open.
-                    std::future::pending::<()>().await;
+                // A silent path does not carry the FIN either: hold it until the path heals, as a
+                // retransmitted FIN would arrive then.
+                while *fault.borrow_and_update() == Fault::Blackhole {
+                    if fault.changed().await.is_err() {
+                        break;
+                    }
                 }
                 let _ = to.shutdown().await;
                 break;
