@@ -611,3 +611,12 @@ async fn dropping_every_client_handle_closes_its_connections() {
         "the server still holds the connection of a dropped client"
     );
 }
+
+#[tokio::test]
+async fn a_repeated_endpoint_address_is_one_endpoint() {
+    let server = named_server("s", any_port(), ServerConfig::default(), Duration::ZERO).await;
+    let client = Client::with_endpoints([server.addr(), server.addr(), server.addr()], quiet_client()).unwrap();
+    assert_eq!(client.holder().endpoints().len(), 1);
+    wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 1).await;
+    assert_eq!(who(&client, ms(1000)).await.unwrap(), "s");
+}

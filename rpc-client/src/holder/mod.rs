@@ -161,16 +161,19 @@ impl ConnectionHolder {
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
         let now = Instant::now();
-        let endpoints = addrs
-            .into_iter()
-            .map(|addr| Endpoint {
-                addr,
-                pool: EndpointPool::new(now),
-                conns: Vec::new(),
-                connecting: 0,
-                lost: false,
-            })
-            .collect();
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for addr in addrs {
+            // One endpoint per address: a repeated address would never come alive.
+            if !endpoints.iter().any(|e| e.addr == addr) {
+                endpoints.push(Endpoint {
+                    addr,
+                    pool: EndpointPool::new(now),
+                    conns: Vec::new(),
+                    connecting: 0,
+                    lost: false,
+                });
+            }
+        }
         let inner = Arc::new(Inner {
             config,
             tls,

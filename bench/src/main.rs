@@ -1,0 +1,303 @@
+//! `tether-bench`: the same protobuf echo service on three systems, measured side by side in one
+//! run so a shared machine's noise hits all of them alike.
+//!
+//! - `tether-bench run` runs the whole matrix: for each (connections, callers, payload) cell and
+//!   each system, it starts that system's server as a child process, drives it from this process
+//!   with a closed-loop load generator, and reports QPS, latency percentiles (hdrhistogram) and
+//!   CPU microseconds per request for the client (this process) and the server (from /proc).
+//! - `tether-bench server --system S` is the child.
+
+mod raw;
+mod systems;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+use systems::{System, Target};
+
+#[derive(Debug, Parser)]
+#[command(about = "tether vs tonic vs a raw framed-TCP floor")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the matrix and print the tables.
+    Run {
+        /// Warm-up per cell.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        warmup: Duration,
+        /// Measured time per cell.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+        /// Only these systems (default all).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<System>,
+    },
+    /// Serve one system's echo service (used by `run`).
+    Server {
+        #[arg(long)]
+        system: System,
+    },
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    connections: usize,
+    callers: usize,
+    payload: usize,
+}
+
+const MATRIX: [Cell; 4] = [
+    Cell {
+        connections: 1,
+        callers: 1,
+        payload: 64,
+    },
+    Cell {
+        connections: 1,
+        callers: 64,
+        payload: 64,
+    },
+    Cell {
+        connections: 4,
+        callers: 256,
+        payload: 64,
+    },
+    Cell {
+        connections: 1,
+        callers: 64,
+        payload: 16 * 1024,
+    },
+];
+
+#[derive(Debug, Clone)]
+struct Outcome {
+    qps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    client_cpu_us: f64,
+    server_cpu_us: f64,
+    errors: u64,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Server { system } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(systems::serve(system))
+        }
+        Cmd::Run {
+            warmup,
+            duration,
+            systems,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run(
+                warmup,
+                duration,
+                if systems.is_empty() {
+                    System::ALL.to_vec()
+                } else {
+                    systems
+                },
+            ))
+        }
+    }
+}
+
+async fn run(warmup: Duration, duration: Duration, systems: Vec<System>) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "machine: {} cores; warm-up {warmup:?}, measured {duration:?} per cell",
+        std::thread::available_parallelism()?
+    );
+    let mut results = Vec::new();
+    for cell in MATRIX {
+        for &system in &systems {
+            let outcome = measure(system, cell, warmup, duration).await?;
+            eprintln!("{system:?} {cell:?}: {outcome:?}");
+            results.push((cell, system, outcome));
+        }
+    }
+    println!();
+    println!("| connections, callers, payload | system | QPS | p50 µs | p99 µs | p99.9 µs | client CPU µs/req | server CPU µs/req | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (cell, system, o) in &results {
+        println!(
+            "| {}, {}, {} B | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            cell.connections,
+            cell.callers,
+            cell.payload,
+            system.name(),
+            o.qps,
+            o.p50_us,
+            o.p99_us,
+            o.p999_us,
+            o.client_cpu_us,
+            o.server_cpu_us,
+            o.errors
+        );
+    }
+    println!();
+    println!("Ratios (targets at 1 connection, 64 callers, 64 B: QPS at least 3x tonic and 70 % of the floor; p99 at most 1/3 of tonic; CPU at most 2x the floor; at 16 KiB QPS at least 1.5x tonic):");
+    println!();
+    println!("| connections, callers, payload | tether QPS / tonic | tether QPS / raw floor | tether p99 / tonic p99 | tether CPU / raw CPU (client + server) |");
+    println!("|---|---|---|---|---|");
+    for cell in MATRIX {
+        let get = |s: System| {
+            results
+                .iter()
+                .find(|(c, sys, _)| {
+                    c.payload == cell.payload
+                        && c.callers == cell.callers
+                        && c.connections == cell.connections
+                        && *sys == s
+                })
+                .map(|r| r.2.clone())
+        };
+        if let (Some(t), Some(g), Some(r)) = (get(System::Tether), get(System::Tonic), get(System::Raw)) {
+            println!(
+                "| {}, {}, {} B | {:.2}x | {:.0} % | {:.2} | {:.2}x |",
+                cell.connections,
+                cell.callers,
+                cell.payload,
+                t.qps / g.qps,
+                100.0 * t.qps / r.qps,
+                t.p99_us / g.p99_us,
+                (t.client_cpu_us + t.server_cpu_us) / (r.client_cpu_us + r.server_cpu_us),
+            );
+        }
+    }
+    checkout_cost().await?;
+    Ok(())
+}
+
+/// The cost of one checkout with validation (pick an alive endpoint, validate its connection:
+/// open, not draining, heartbeats answered, not idle past the server's timeout), per call.
+async fn checkout_cost() -> Result<(), Box<dyn std::error::Error>> {
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let echo = examples::echo::echo_server::EchoServer::new(examples::services::EchoService::default());
+        servers.push(
+            rpc_server::Server::builder()
+                .add_service(echo)
+                .bind("127.0.0.1:0")
+                .await?,
+        );
+    }
+    for endpoints in [1usize, 3] {
+        let addrs: Vec<_> = servers.iter().take(endpoints).map(|s| s.local_addr()).collect();
+        let client = rpc_client::Client::with_endpoints(addrs, Default::default())?;
+        client.checkout(None).await?;
+        while client.holder().alive_endpoints() < endpoints {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let n = 1_000_000u32;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(client.holder().checkout(None, None).await?);
+        }
+        let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
+        println!("checkout with validation, {endpoints} endpoint(s): {ns:.0} ns per call");
+    }
+    Ok(())
+}
+
+/// Clock ticks of user + system CPU time of a process, from /proc.
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12) // utime, stime (fields 14 and 15 of stat)
+}
+
+/// Linux's USER_HZ: /proc times are in 1/100 s on every mainstream architecture.
+const TICKS_PER_SEC: f64 = 100.0;
+
+async fn measure(
+    system: System,
+    cell: Cell,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["server", "--system", system.name()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().ok_or("server exited")?.to_string();
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let addr = loop {
+        let line = lines.next_line().await?.ok_or("server printed no address")?;
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            break a.parse()?;
+        }
+    };
+    let target = Target::connect(system, addr, cell.connections).await?;
+    let payload = bytes::Bytes::from(vec![0x5Au8; cell.payload]);
+
+    let warm_end = Instant::now() + warmup;
+    let end = warm_end + duration;
+    let mut tasks = Vec::new();
+    for i in 0..cell.callers {
+        let mut caller = target.caller(i);
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let (mut count, mut errors) = (0u64, 0u64);
+            loop {
+                let start = Instant::now();
+                if start >= end {
+                    break;
+                }
+                let ok = caller.call(payload.clone()).await;
+                if start >= warm_end {
+                    if ok {
+                        hist.record(start.elapsed().as_micros().max(1) as u64).expect("record");
+                        count += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (hist, count, errors)
+        }));
+    }
+    tokio::time::sleep_until(warm_end).await;
+    let (client0, server0) = (cpu_ticks("self"), cpu_ticks(&pid));
+    tokio::time::sleep_until(end).await;
+    let (client1, server1) = (cpu_ticks("self"), cpu_ticks(&pid));
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut count, mut errors) = (0u64, 0u64);
+    for t in tasks {
+        let (h, c, e) = t.await?;
+        hist.add(h)?;
+        count += c;
+        errors += e;
+    }
+    drop(target);
+    let _ = child.kill().await;
+    let per_req = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / count.max(1) as f64;
+    Ok(Outcome {
+        qps: count as f64 / duration.as_secs_f64(),
+        p50_us: hist.value_at_quantile(0.5) as f64,
+        p99_us: hist.value_at_quantile(0.99) as f64,
+        p999_us: hist.value_at_quantile(0.999) as f64,
+        client_cpu_us: per_req(client1 - client0),
+        server_cpu_us: per_req(server1 - server0),
+        errors,
+    })
+}

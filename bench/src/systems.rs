@@ -1,0 +1,181 @@
+//! The three systems behind one interface: serve, connect, call.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+
+use crate::raw::{self, RawClient};
+
+/// The tonic side's generated code (`echo.proto`, same service).
+pub(crate) mod pb {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("echo");
+}
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum System {
+    /// tether: rpc-server and rpc-client with generated code.
+    Tether,
+    /// tonic 0.14 with prost (gRPC over HTTP/2).
+    Tonic,
+    /// The floor: tokio, LengthDelimitedCodec and prost, no framework.
+    Raw,
+}
+
+impl System {
+    pub(crate) const ALL: [System; 3] = [System::Tether, System::Tonic, System::Raw];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            System::Tether => "tether",
+            System::Tonic => "tonic",
+            System::Raw => "raw",
+        }
+    }
+}
+
+struct TonicEcho;
+
+#[tonic::async_trait]
+impl pb::echo_server::Echo for TonicEcho {
+    async fn say(&self, req: tonic::Request<pb::EchoRequest>) -> Result<tonic::Response<pb::EchoReply>, tonic::Status> {
+        let r = req.into_inner();
+        Ok(tonic::Response::new(pb::EchoReply {
+            message: r.message,
+            payload: r.payload,
+            remaining_deadline_ms: 0,
+        }))
+    }
+
+    async fn fail(
+        &self,
+        req: tonic::Request<pb::EchoRequest>,
+    ) -> Result<tonic::Response<pb::EchoReply>, tonic::Status> {
+        Err(tonic::Status::unknown(req.into_inner().message))
+    }
+}
+
+/// Serves `system` on 127.0.0.1 and prints `LISTENING <addr>`.
+pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("LISTENING {}", listener.local_addr()?);
+    match system {
+        System::Tether => {
+            let server = rpc_server::Server::builder()
+                .add_service(examples::echo::echo_server::EchoServer::new(
+                    examples::services::EchoService::default(),
+                ))
+                .serve(listener)?;
+            std::future::pending::<()>().await;
+            drop(server);
+        }
+        System::Tonic => {
+            tonic::transport::Server::builder()
+                .add_service(pb::echo_server::EchoServer::new(TonicEcho))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await?;
+        }
+        System::Raw => raw::serve(listener).await?,
+    }
+    Ok(())
+}
+
+/// Connections to a server under test.
+pub(crate) enum Target {
+    Tether(rpc_client::Client),
+    Tonic(Vec<tonic::transport::Channel>),
+    Raw(Vec<RawClient>),
+}
+
+impl Target {
+    /// Opens `connections` connections to `addr`.
+    pub(crate) async fn connect(
+        system: System,
+        addr: SocketAddr,
+        connections: usize,
+    ) -> Result<Target, Box<dyn std::error::Error>> {
+        Ok(match system {
+            System::Tether => {
+                let config = rpc_client::ClientConfig {
+                    connections_per_endpoint: connections,
+                    ..Default::default()
+                };
+                let client = rpc_client::Client::with_endpoints([addr], config)?;
+                client.checkout(None).await?;
+                while client.connections().len() < connections {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Target::Tether(client)
+            }
+            System::Tonic => {
+                let mut channels = Vec::new();
+                for _ in 0..connections {
+                    channels.push(
+                        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                            .connect()
+                            .await?,
+                    );
+                }
+                Target::Tonic(channels)
+            }
+            System::Raw => {
+                let mut conns = Vec::new();
+                for _ in 0..connections {
+                    conns.push(RawClient::connect(addr).await?);
+                }
+                Target::Raw(conns)
+            }
+        })
+    }
+
+    /// The caller for load task `i` (spread over the connections).
+    pub(crate) fn caller(&self, i: usize) -> Caller {
+        match self {
+            Target::Tether(c) => Caller::Tether(examples::echo::echo_client::EchoClient::new(c.clone())),
+            Target::Tonic(chs) => Caller::Tonic(pb::echo_client::EchoClient::new(chs[i % chs.len()].clone())),
+            Target::Raw(conns) => Caller::Raw(conns[i % conns.len()].clone()),
+        }
+    }
+}
+
+/// One load task's handle on a system.
+pub(crate) enum Caller {
+    Tether(examples::echo::echo_client::EchoClient<rpc_client::Client>),
+    Tonic(pb::echo_client::EchoClient<tonic::transport::Channel>),
+    Raw(RawClient),
+}
+
+impl Caller {
+    /// One echo call; true on success with the payload echoed.
+    pub(crate) async fn call(&mut self, payload: Bytes) -> bool {
+        let len = payload.len();
+        match self {
+            Caller::Tether(c) => {
+                let req = examples::echo::EchoRequest {
+                    message: "bench".into(),
+                    payload,
+                    ..Default::default()
+                };
+                c.say(req).await.is_ok_and(|r| r.body().payload.len() == len)
+            }
+            Caller::Tonic(c) => {
+                let req = pb::EchoRequest {
+                    message: "bench".into(),
+                    payload,
+                    ..Default::default()
+                };
+                c.say(req).await.is_ok_and(|r| r.get_ref().payload.len() == len)
+            }
+            Caller::Raw(c) => {
+                let req = pb::EchoRequest {
+                    message: "bench".into(),
+                    payload,
+                    ..Default::default()
+                };
+                c.call(&req).await.is_some_and(|r| r.payload.len() == len)
+            }
+        }
+    }
+}
