@@ -204,7 +204,7 @@ impl ConnectionHolder {
     /// Every endpoint and where it stands.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         self.inner
-            .lock()
+            .refreshed()
             .iter()
             .map(|e| EndpointStatus {
                 addr: e.addr,
@@ -218,7 +218,7 @@ impl ConnectionHolder {
     /// Endpoints in the alive pool.
     pub fn alive_endpoints(&self) -> usize {
         self.inner
-            .lock()
+            .refreshed()
             .iter()
             .filter(|e| e.pool.state() == PoolState::Alive)
             .count()
@@ -226,7 +226,11 @@ impl ConnectionHolder {
 
     /// The open connections of every endpoint.
     pub fn connections(&self) -> Vec<ConnectionHandle> {
-        self.inner.lock().iter().flat_map(|e| e.conns.iter().cloned()).collect()
+        self.inner
+            .refreshed()
+            .iter()
+            .flat_map(|e| e.conns.iter().cloned())
+            .collect()
     }
 
     /// Adds an endpoint, or brings a discarded one back.
@@ -400,20 +404,22 @@ impl Inner {
         self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The endpoints with closed connections already pruned, so a query never shows a connection
+    /// (or an alive endpoint) that the checker has not caught up with yet.
+    fn refreshed(&self) -> MutexGuard<'_, Vec<Endpoint>> {
+        let mut eps = self.lock();
+        if refresh(&mut eps, Instant::now(), self.config.idle_margin) {
+            self.wake.notify_one();
+        }
+        eps
+    }
+
     /// Decides what a checkout does next, validating and pruning as it goes.
     fn next(&self, avoid: Option<SocketAddr>) -> Next {
         let now = Instant::now();
         let margin = self.config.idle_margin;
         let mut eps = self.lock();
-        let mut lost_any = false;
-        for e in eps.iter_mut().filter(|e| e.pool.state() == PoolState::Alive) {
-            prune(e, now, margin);
-            if e.conns.is_empty() {
-                e.pool.on_lost(now);
-                e.lost = true;
-                lost_any = true;
-            }
-        }
+        let lost_any = refresh(&mut eps, now, margin);
         let alive: Vec<usize> = (0..eps.len())
             .filter(|&i| eps[i].pool.state() == PoolState::Alive)
             .collect();
@@ -597,6 +603,21 @@ impl Inner {
             self.publish_pool_sizes();
         }
     }
+}
+
+/// Prunes every alive endpoint and moves those left without connections to the retry pool.
+/// Returns true when one moved.
+fn refresh(eps: &mut [Endpoint], now: Instant, margin: Duration) -> bool {
+    let mut lost_any = false;
+    for e in eps.iter_mut().filter(|e| e.pool.state() == PoolState::Alive) {
+        prune(e, now, margin);
+        if e.conns.is_empty() && e.connecting == 0 {
+            e.pool.on_lost(now);
+            e.lost = true;
+            lost_any = true;
+        }
+    }
+    lost_any
 }
 
 /// Drops connections that fail validation; those idle past the server's timeout are closed
