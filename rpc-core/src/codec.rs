@@ -20,6 +20,8 @@ use crate::status::Code;
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 4 * 1024 * 1024;
 /// Default cap on metadata entries in one frame.
 pub const DEFAULT_MAX_METADATA_ENTRIES: usize = 64;
+/// Default cap on the bytes of metadata keys and values in one frame: 16 KiB.
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// Encodes and decodes tether frames.
 #[derive(Debug, Clone)]
@@ -27,6 +29,7 @@ pub struct FrameCodec {
     max_frame_size: u32,
     max_send_frame_size: u32,
     max_metadata_entries: usize,
+    max_metadata_bytes: usize,
 }
 
 impl Default for FrameCodec {
@@ -42,6 +45,7 @@ impl FrameCodec {
             max_frame_size,
             max_send_frame_size: max_frame_size,
             max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
         }
     }
 
@@ -63,6 +67,11 @@ impl FrameCodec {
     /// Sets the cap on metadata entries accepted in one frame.
     pub fn set_max_metadata_entries(&mut self, max: usize) {
         self.max_metadata_entries = max;
+    }
+
+    /// Sets the cap on the bytes of metadata keys and values accepted in one frame.
+    pub fn set_max_metadata_bytes(&mut self, max: usize) {
+        self.max_metadata_bytes = max;
     }
 
     /// Checks a complete or partial header at the front of `src` without consuming it. Returns the
@@ -279,7 +288,7 @@ impl BodyReader {
         String::from_utf8(b.to_vec()).map_err(|_| self.malformed(what))
     }
 
-    fn metadata(&mut self, max_entries: usize) -> Result<Metadata, ProtocolError> {
+    fn metadata(&mut self, max_entries: usize, max_bytes: usize) -> Result<Metadata, ProtocolError> {
         let count = usize::from(self.u16("metadata count")?);
         if count > max_entries {
             return Err(ProtocolError::TooManyMetadataEntries {
@@ -288,10 +297,15 @@ impl BodyReader {
             });
         }
         let mut m = Metadata::with_capacity(count);
+        let mut size = 0usize;
         for _ in 0..count {
             let kl = usize::from(self.u16("metadata key length")?);
             let key = self.string(kl, "metadata key")?;
             let vl = self.u32("metadata value length")? as usize;
+            size = size.saturating_add(kl).saturating_add(vl);
+            if size > max_bytes {
+                return Err(ProtocolError::MetadataTooLarge { max: max_bytes });
+            }
             let value = self.bytes(vl, "metadata value")?;
             m.push_raw(key, value);
         }
@@ -323,11 +337,16 @@ impl Decoder for FrameCodec {
         let header = src.split_to(HEADER_LEN);
         let id = u64::from_be_bytes(header[4..12].try_into().expect("8 header bytes"));
         let body = src.split_to(len).freeze();
-        Ok(Some(decode_body(kind, id, body, self.max_metadata_entries)?))
+        Ok(Some(decode_body(
+            kind,
+            id,
+            body,
+            (self.max_metadata_entries, self.max_metadata_bytes),
+        )?))
     }
 }
 
-fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Result<Frame, ProtocolError> {
+fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: (usize, usize)) -> Result<Frame, ProtocolError> {
     let mut r = BodyReader { buf: body, kind };
     let frame = match kind {
         FrameKind::Request | FrameKind::Oneway => {
@@ -337,7 +356,7 @@ fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Re
             if !method.starts_with('/') {
                 return Err(r.malformed("method must start with '/'"));
             }
-            let metadata = r.metadata(max_metadata)?;
+            let metadata = r.metadata(max_metadata.0, max_metadata.1)?;
             let payload = std::mem::take(&mut r.buf);
             Frame::Request(RequestFrame {
                 id,
@@ -352,7 +371,7 @@ fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: usize) -> Re
             let code = Code::from_u16(r.u16("status")?);
             let ml = r.u32("message length")? as usize;
             let message = r.string(ml, "message")?;
-            let metadata = r.metadata(max_metadata)?;
+            let metadata = r.metadata(max_metadata.0, max_metadata.1)?;
             let payload = std::mem::take(&mut r.buf);
             Frame::Response(ResponseFrame {
                 id,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::codec::{DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METADATA_ENTRIES};
+use crate::codec::{DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_ENTRIES};
 
 /// Client heartbeats. Worst-case detection of a silent peer: `interval + max_failures × timeout`
 /// after the last frame was read (see [`crate::liveness`]). With the defaults, 18 s.
@@ -127,6 +127,9 @@ pub struct ConnectionConfig {
     pub max_frame_size: u32,
     /// Most metadata entries accepted in one frame. Default 64.
     pub max_metadata_entries: usize,
+    /// Most bytes of metadata keys and values accepted in one frame. Default 16 KiB, as common
+    /// HTTP/2 header-list limits.
+    pub max_metadata_bytes: usize,
     /// Encoded bytes buffered for writing before the connection stops taking frames from its
     /// outbound queue; senders then wait (backpressure). Default 1 MiB.
     pub max_outbound_bytes: usize,
@@ -146,6 +149,7 @@ impl Default for ConnectionConfig {
         ConnectionConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
             max_outbound_bytes: 1024 * 1024,
             outbound_queue: 1024,
             write_stall_timeout: Duration::from_secs(10),

@@ -110,6 +110,12 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+    /// Metadata keys and values larger in total than the receiver accepts.
+    #[error("metadata exceeds {max} bytes")]
+    MetadataTooLarge {
+        /// The limit.
+        max: usize,
+    },
     /// A frame that is valid on its own but not allowed here (for example a request before the handshake).
     #[error("unexpected {0:?} frame")]
     UnexpectedFrame(FrameKind),

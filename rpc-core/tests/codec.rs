@@ -313,3 +313,26 @@ fn seed_frames_written_from_protocol_md_decode() {
     }
     assert!(decoded >= 27, "only {decoded} seeds");
 }
+
+#[test]
+fn metadata_over_the_byte_cap_is_rejected() {
+    let mut m = Metadata::new();
+    m.insert("big", Bytes::from(vec![b'x'; 2000]));
+    let frame = Frame::Request(RequestFrame {
+        id: 1,
+        method: "/a.B/C".into(),
+        metadata: m,
+        ..Default::default()
+    });
+    let bytes = encode_all(&[frame]);
+    let mut codec = FrameCodec::default();
+    codec.set_max_metadata_bytes(1024);
+    let mut buf = bytes.clone();
+    assert_eq!(
+        protocol_error(&mut buf, &mut codec),
+        ProtocolError::MetadataTooLarge { max: 1024 }
+    );
+    codec.set_max_metadata_bytes(4096);
+    let mut buf = bytes;
+    assert!(matches!(codec.decode(&mut buf), Ok(Some(_))));
+}

@@ -217,6 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         });
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
         codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
+        codec.set_max_metadata_bytes(cfg.connection.max_metadata_bytes);
         let mut wbuf = BytesMut::with_capacity(8 * 1024);
         codec
             .encode_frame(&Frame::Settings(cfg.settings), &mut wbuf)
