@@ -1,8 +1,9 @@
-//! Generates the tonic echo service (parsed with protox: no protoc needed).
+//! Generates the tonic echo service from the examples' `echo.proto` (the same service tether
+//! serves), parsed with protox: no protoc needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/echo.proto");
-    let fds = protox::compile(["proto/echo.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=../examples/proto/echo.proto");
+    let fds = protox::compile(["../examples/proto/echo.proto"], ["../examples/proto"])?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

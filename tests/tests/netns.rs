@@ -91,6 +91,22 @@ async fn start_server(h: &Hosts, extra: &[&str]) -> Probe {
     p
 }
 
+/// Starts the server and a client with steady load, and returns once traffic flows.
+async fn running(h: &Hosts, server_extra: &[&str], rate: u32, duration: &str, client_extra: &[&str]) -> (Probe, Probe) {
+    let server = start_server(h, server_extra).await;
+    let mut client = h.spawn(
+        &h.client_ns,
+        "echo-client",
+        &client_args(h, rate, duration, client_extra),
+    );
+    client
+        .wait(Duration::from_secs(5), ok_request)
+        .await
+        .expect("traffic flows");
+    tokio::time::sleep(Duration::from_millis(500)).await; // steady state before the fault
+    (server, client)
+}
+
 fn is_closed(v: &Value) -> bool {
     is_event(v, "closed")
 }
@@ -145,13 +161,7 @@ async fn power_loss_between_the_hosts() {
         return;
     }
     let h = Hosts::new(1);
-    let mut server = start_server(&h, &[]).await;
-    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 20, "9s", &[]));
-    client
-        .wait(Duration::from_secs(5), ok_request)
-        .await
-        .expect("traffic flows");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut server, mut client) = running(&h, &[], 20, "9s", &[]).await;
 
     h.drop_all();
     let t0 = Instant::now();
@@ -252,13 +262,7 @@ async fn server_process_killed_and_restarted() {
         return;
     }
     let h = Hosts::new(3);
-    let server = start_server(&h, &[]).await;
-    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 20, "8s", &[]));
-    client
-        .wait(Duration::from_secs(5), ok_request)
-        .await
-        .expect("traffic flows");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (server, mut client) = running(&h, &[], 20, "8s", &[]).await;
 
     server.signal("KILL");
     let t0 = Instant::now();
@@ -293,13 +297,7 @@ async fn server_process_frozen_then_resumed() {
         return;
     }
     let h = Hosts::new(4);
-    let mut server = start_server(&h, &[]).await;
-    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 20, "9s", &[]));
-    client
-        .wait(Duration::from_secs(5), ok_request)
-        .await
-        .expect("traffic flows");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut server, mut client) = running(&h, &[], 20, "9s", &[]).await;
 
     server.signal("STOP"); // its kernel still acknowledges: only application liveness can see it
     let t0 = Instant::now();
@@ -343,14 +341,9 @@ async fn zero_window_client_stops_reading_large_responses() {
     let h = Hosts::new(5);
     // Handlers take 300 ms, so requests are always waiting on the server; small socket buffers on
     // both sides, so their 256 KiB answers cannot all fit in the kernels once the client stops.
-    let mut server = start_server(&h, &["--handler-delay", "300ms", "--send-buffer", "65536"]).await;
+    let server_extra = ["--handler-delay", "300ms", "--send-buffer", "65536"];
     let extra = ["--reply-size", "262144", "--recv-buffer", "65536"];
-    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 20, "10s", &extra));
-    client
-        .wait(Duration::from_secs(5), ok_request)
-        .await
-        .expect("traffic flows");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut server, mut client) = running(&h, &server_extra, 20, "10s", &extra).await;
 
     client.signal("STOP"); // the client's kernel fills its receive window, then advertises zero
     let t0 = Instant::now();
@@ -426,7 +419,6 @@ async fn data_in_flight_under_total_loss_ends_at_tcp_user_timeout_with_heartbeat
         return;
     }
     let h = Hosts::new(7);
-    let _server = start_server(&h, &["--idle-timeout", "off"]).await;
     let user_timeout = Duration::from_secs(2);
     let extra = [
         "--no-heartbeat",
@@ -437,12 +429,7 @@ async fn data_in_flight_under_total_loss_ends_at_tcp_user_timeout_with_heartbeat
         "--request-timeout",
         "30s",
     ];
-    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 5, "9s", &extra));
-    client
-        .wait(Duration::from_secs(5), ok_request)
-        .await
-        .expect("traffic flows");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_server, mut client) = running(&h, &["--idle-timeout", "off"], 5, "9s", &extra).await;
 
     h.drop_all();
     let t0 = Instant::now();
@@ -488,7 +475,6 @@ async fn control_with_every_liveness_mechanism_off_the_connection_stays_establis
         "--user-timeout",
         "off",
     ];
-    let _server = start_server(&h, &off).await;
     let extra = [
         "--no-heartbeat",
         "--keepalive-time",
@@ -498,12 +484,7 @@ async fn control_with_every_liveness_mechanism_off_the_connection_stays_establis
         "--request-timeout",
         "30s",
     ];
-    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 5, "10s", &extra));
-    client
-        .wait(Duration::from_secs(5), ok_request)
-        .await
-        .expect("traffic flows");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_server, mut client) = running(&h, &off, 5, "10s", &extra).await;
 
     h.drop_all();
     let watch = Duration::from_secs(6);
