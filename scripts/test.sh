@@ -8,7 +8,7 @@ report=target/debug/liveness-report.md
 rm -f "$report"
 # The real-kernel suite and the Prometheus test run the probe binaries; `cargo test` alone builds
 # binary targets only as test harnesses, so build them first.
-cargo build -p examples --bins
+cargo build --workspace --bins
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 if [ -s "$report" ]; then
