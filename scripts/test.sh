@@ -9,7 +9,7 @@ rm -f "$report"
 # The real-kernel suite and the Prometheus test run the probe binaries; `cargo test` alone builds
 # binary targets only as test harnesses, so build them first.
 cargo build --workspace --bins
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast
 cargo test --workspace --doc
 if [ -s "$report" ]; then
   echo
