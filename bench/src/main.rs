@@ -41,6 +41,16 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         systems: Vec<System>,
     },
+    /// The cost of idle connections: open N, heartbeats every second, measure memory per connection
+    /// and steady CPU on both sides (tether and tonic).
+    Idle {
+        /// Connections to open.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Steady-state window over which CPU is measured.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        window: Duration,
+    },
     /// Serve one system's echo service (used by `run`).
     Server {
         #[arg(long)]
@@ -96,6 +106,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Cmd::Server { system } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(systems::serve(system))
+        }
+        Cmd::Idle { connections, window } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(idle(connections, window))
         }
         Cmd::Run {
             warmup,
@@ -209,6 +223,70 @@ async fn checkout_cost() -> Result<(), Box<dyn std::error::Error>> {
         }
         let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
         println!("checkout with validation, {endpoints} endpoint(s): {ns:.0} ns per call");
+    }
+    Ok(())
+}
+
+/// Resident memory of a process in KiB, from /proc.
+fn rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn idle(connections: usize, window: Duration) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "{connections} idle connections, heartbeats (HTTP/2 keepalive pings for tonic) every 1 s; CPU over {window:?}"
+    );
+    println!();
+    println!("| system | client KiB per connection | server KiB per connection | client CPU (% of a core) | server CPU (% of a core) |");
+    println!("|---|---|---|---|---|");
+    for system in [System::Tether, System::Tonic] {
+        let exe = std::env::current_exe()?;
+        let mut child = tokio::process::Command::new(exe)
+            .args(["server", "--system", system.name()])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().ok_or("server exited")?.to_string();
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let addr: std::net::SocketAddr = loop {
+            let line = lines.next_line().await?.ok_or("server printed no address")?;
+            if let Some(a) = line.strip_prefix("LISTENING ") {
+                break a.parse()?;
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (client0, server0) = (rss_kib("self"), rss_kib(&pid));
+        let held = systems::open_idle(system, addr, connections).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await; // settle: every connection heartbeats
+        let (client1, server1) = (rss_kib("self"), rss_kib(&pid));
+        let (c0, s0) = (cpu_ticks("self"), cpu_ticks(&pid));
+        tokio::time::sleep(window).await;
+        let (c1, s1) = (cpu_ticks("self"), cpu_ticks(&pid));
+        let open = held.len();
+        if open != connections {
+            return Err(format!(
+                "{}: only {open} of {connections} connections stayed open",
+                system.name()
+            )
+            .into());
+        }
+        let pct = |t: u64| 100.0 * t as f64 / TICKS_PER_SEC / window.as_secs_f64();
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            system.name(),
+            client1.saturating_sub(client0) as f64 / connections as f64,
+            server1.saturating_sub(server0) as f64 / connections as f64,
+            pct(c1 - c0),
+            pct(s1 - s0),
+        );
+        drop(held);
+        let _ = child.kill().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Ok(())
 }

@@ -179,3 +179,70 @@ impl Caller {
         }
     }
 }
+
+/// Connections held open and idle for the idle-cost measurement.
+pub(crate) enum Idle {
+    Tether(Vec<rpc_core::driver::ConnectionHandle>),
+    Tonic(Vec<tonic::transport::Channel>),
+}
+
+impl Idle {
+    /// Connections held.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Idle::Tether(v) => v.iter().filter(|c| c.is_open()).count(),
+            Idle::Tonic(v) => v.len(),
+        }
+    }
+}
+
+/// Opens `n` connections (100 at a time) that then sit idle, heartbeating every second.
+pub(crate) async fn open_idle(system: System, addr: SocketAddr, n: usize) -> Result<Idle, Box<dyn std::error::Error>> {
+    use std::time::Duration;
+    let batch = 100;
+    match system {
+        System::Tether => {
+            let config = rpc_client::ClientConfig {
+                heartbeat: rpc_core::config::HeartbeatConfig {
+                    enabled: true,
+                    interval: Duration::from_secs(1),
+                    timeout: Duration::from_millis(500),
+                    max_failures: 3,
+                },
+                connect_timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            let mut held = Vec::with_capacity(n);
+            while held.len() < n {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..batch.min(n - held.len()) {
+                    let config = config.clone();
+                    set.spawn(async move { rpc_client::connect(addr, &config, None, None, None).await });
+                }
+                while let Some(r) = set.join_next().await {
+                    held.push(r??);
+                }
+            }
+            Ok(Idle::Tether(held))
+        }
+        System::Tonic => {
+            let mut held = Vec::with_capacity(n);
+            while held.len() < n {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..batch.min(n - held.len()) {
+                    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                        .http2_keep_alive_interval(Duration::from_secs(1))
+                        .keep_alive_timeout(Duration::from_millis(500))
+                        .keep_alive_while_idle(true)
+                        .connect_timeout(Duration::from_secs(10));
+                    set.spawn(async move { endpoint.connect().await });
+                }
+                while let Some(r) = set.join_next().await {
+                    held.push(r??);
+                }
+            }
+            Ok(Idle::Tonic(held))
+        }
+        System::Raw => Err("the raw floor has no heartbeats".into()),
+    }
+}

@@ -53,6 +53,8 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 const IO_BUDGET: usize = 32;
 /// Spare read-buffer capacity below which the buffer grows before the next read.
 const READ_RESERVE: usize = 8 * 1024;
+/// Buffer capacity an idle connection may keep; larger empty buffers are released.
+const IDLE_BUFFER_KEEP: usize = 1024;
 
 /// Everything a driver needs besides the stream.
 #[derive(Debug, Clone)]
@@ -218,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
         codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
         codec.set_max_metadata_bytes(cfg.connection.max_metadata_bytes);
-        let mut wbuf = BytesMut::with_capacity(8 * 1024);
+        let mut wbuf = BytesMut::new();
         codec
             .encode_frame(&Frame::Settings(cfg.settings), &mut wbuf)
             .expect("settings always fit a frame");
@@ -231,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let driver = Driver {
             io,
             codec,
-            rbuf: BytesMut::with_capacity(16 * 1024),
+            rbuf: BytesMut::new(),
             enqueued_total: wbuf.len() as u64,
             wbuf,
             flushed_total: 0,
@@ -341,6 +343,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 return Poll::Ready(reason);
             }
             self.shared.outbound_buffered.store(self.wbuf.len(), Ordering::Relaxed);
+            if !budget_used {
+                self.release_idle_buffers();
+            }
             if budget_used {
                 // Used the whole budget with work still coming: let other tasks run, then go on.
                 cx.waker().wake_by_ref();
@@ -360,6 +365,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 None => self.timer_at = None,
             }
             return Poll::Pending;
+        }
+    }
+
+    /// An idle connection should cost little memory: buffers left empty by this pass go back to
+    /// the allocator (a busy connection reallocates them, which costs far less than its syscalls).
+    fn release_idle_buffers(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_KEEP {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && !self.needs_flush && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
+            self.wbuf = BytesMut::new();
         }
     }
 
