@@ -227,6 +227,25 @@ async fn checkout_cost() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Starts `system`'s server as a child process; returns it, its pid and the address it printed.
+async fn spawn_server(
+    system: System,
+) -> Result<(tokio::process::Child, String, std::net::SocketAddr), Box<dyn std::error::Error>> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["server", "--system", system.name()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().ok_or("server exited")?.to_string();
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    loop {
+        let line = lines.next_line().await?.ok_or("server printed no address")?;
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            return Ok((child, pid, a.parse()?));
+        }
+    }
+}
+
 /// Resident memory of a process in KiB, from /proc.
 fn rss_kib(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -245,20 +264,7 @@ async fn idle(connections: usize, window: Duration) -> Result<(), Box<dyn std::e
     println!("| system | client KiB per connection | server KiB per connection | client CPU (% of a core) | server CPU (% of a core) |");
     println!("|---|---|---|---|---|");
     for system in [System::Tether, System::Tonic] {
-        let exe = std::env::current_exe()?;
-        let mut child = tokio::process::Command::new(exe)
-            .args(["server", "--system", system.name()])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().ok_or("server exited")?.to_string();
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        let addr: std::net::SocketAddr = loop {
-            let line = lines.next_line().await?.ok_or("server printed no address")?;
-            if let Some(a) = line.strip_prefix("LISTENING ") {
-                break a.parse()?;
-            }
-        };
+        let (mut child, pid, addr) = spawn_server(system).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (client0, server0) = (rss_kib("self"), rss_kib(&pid));
         let held = systems::open_idle(system, addr, connections).await?;
@@ -310,20 +316,7 @@ async fn measure(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["server", "--system", system.name()])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().ok_or("server exited")?.to_string();
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    let addr = loop {
-        let line = lines.next_line().await?.ok_or("server printed no address")?;
-        if let Some(a) = line.strip_prefix("LISTENING ") {
-            break a.parse()?;
-        }
-    };
+    let (mut child, pid, addr) = spawn_server(system).await?;
     let target = Target::connect(system, addr, cell.connections).await?;
     let payload = bytes::Bytes::from(vec![0x5Au8; cell.payload]);
 

@@ -280,3 +280,14 @@ pub async fn who(client: &rpc_client::Client, timeout: Duration) -> Result<Strin
         .await?;
     Ok(String::from_utf8_lossy(resp.body()).into_owned())
 }
+
+/// Polls `cond` every 5 ms until it holds; returns how long that took, or fails the test after
+/// `limit`. For state that has no event to wait on.
+pub async fn wait_until(limit: Duration, cond: impl Fn() -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start.elapsed()
+}

@@ -16,7 +16,7 @@ use rpc_core::event::ConnectionEvent;
 use rpc_core::CloseReason;
 use rpc_server::{Server, ServerConfig};
 use tests::proxy::{Fault, FaultProxy};
-use tests::{named_server, quiet_client, wait_event, who, Gate, NamedServer};
+use tests::{named_server, quiet_client, wait_event, wait_until, who, Gate, NamedServer};
 use tokio::time::Instant;
 use tower::discover::Change;
 
@@ -47,16 +47,6 @@ fn state_of(client: &Client, addr: SocketAddr) -> PoolState {
         .find(|e| e.addr == addr)
         .unwrap()
         .state
-}
-
-/// Polls `cond` every 5 ms until it holds; returns how long that took, or fails after `limit`.
-async fn wait_until(limit: Duration, cond: impl Fn() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
-        tokio::time::sleep(ms(5)).await;
-    }
-    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

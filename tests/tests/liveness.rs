@@ -16,7 +16,7 @@ use rpc_core::frame::{Frame, ResponseFrame, Settings};
 use rpc_core::{CloseReason, GoAwayReason, Metadata};
 use rpc_server::{Server, ServerConfig};
 use tests::proxy::{Fault, FaultProxy};
-use tests::{echo_server, quiet_client, wait_event, Gate, RawPeer};
+use tests::{echo_server, quiet_client, wait_event, wait_until, Gate, RawPeer};
 use tokio::time::Instant;
 
 /// Scheduling and loopback latency allowed on top of a documented bound. The suite runs on shared
@@ -537,13 +537,4 @@ async fn socket_options_are_applied_to_both_the_client_and_the_accepted_socket()
     assert!(!got.nodelay);
     assert_eq!(got.keepalive, None);
     assert_eq!(got.user_timeout, None);
-}
-
-/// Polls `cond` every 10 ms until it holds, failing the test after `limit`.
-async fn wait_until(limit: Duration, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "condition not met within {limit:?}");
-        tokio::time::sleep(ms(10)).await;
-    }
 }

@@ -650,13 +650,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 }
                 let id = self.next_id;
                 frame.id = id;
-                let before = self.wbuf.len();
-                if let Err(e) = self.codec.encode_frame(&Frame::Request(frame), &mut self.wbuf) {
-                    self.wbuf.truncate(before);
+                if let Err(e) = self.try_encode(&Frame::Request(frame)) {
                     return fail(reply, ConnectionError::Encode(e));
                 }
                 self.next_id += 1;
-                self.enqueued_total += (self.wbuf.len() - before) as u64;
                 if let Some(reply) = reply {
                     self.pending.insert(
                         id,
@@ -672,26 +669,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     }
 
     fn encode_response(&mut self, r: ResponseFrame) {
-        let before = self.wbuf.len();
         let id = r.id;
-        if let Err(e) = self.codec.encode_frame(&Frame::Response(r), &mut self.wbuf) {
-            self.wbuf.truncate(before);
+        if let Err(e) = self.try_encode(&Frame::Response(r)) {
             let status = Status::internal(format!("response not sent: {e}"));
             self.encode(&Frame::Response(status_frame(id, status)));
-            return;
         }
-        self.enqueued_total += (self.wbuf.len() - before) as u64;
     }
 
     /// Encodes a control frame (or anything known to fit) into the write buffer.
     fn encode(&mut self, frame: &Frame) {
+        if let Err(e) = self.try_encode(frame) {
+            tracing::error!(conn = self.shared.id, error = %e, "control frame did not encode");
+        }
+    }
+
+    /// Appends `frame` to the write buffer and counts its bytes as enqueued; on error the buffer
+    /// is left as it was.
+    fn try_encode(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
         let before = self.wbuf.len();
         if let Err(e) = self.codec.encode_frame(frame, &mut self.wbuf) {
             self.wbuf.truncate(before);
-            tracing::error!(conn = self.shared.id, error = %e, "control frame did not encode");
-            return;
+            return Err(e);
         }
         self.enqueued_total += (self.wbuf.len() - before) as u64;
+        Ok(())
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, CloseReason> {
