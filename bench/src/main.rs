@@ -40,6 +40,12 @@ enum Cmd {
         /// Only these systems (default all).
         #[arg(long, value_delimiter = ',')]
         systems: Vec<System>,
+        /// Only this cell, as `connections,callers,payload` (default the whole matrix); for profiling.
+        #[arg(long, value_parser = parse_cell)]
+        cell: Option<Cell>,
+        /// Skip the checkout microbenchmark.
+        #[arg(long)]
+        no_checkout: bool,
     },
     /// The cost of idle connections: open N, heartbeats every second, measure memory per connection
     /// and steady CPU on both sides (tether and tonic).
@@ -56,6 +62,22 @@ enum Cmd {
         #[arg(long)]
         system: System,
     },
+}
+
+/// Parses `connections,callers,payload`.
+fn parse_cell(s: &str) -> Result<Cell, String> {
+    let n: Vec<usize> = s
+        .split(',')
+        .map(|v| v.trim().parse::<usize>().map_err(|e| format!("{v:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    match n[..] {
+        [connections, callers, payload] if connections > 0 && callers > 0 => Ok(Cell {
+            connections,
+            callers,
+            payload,
+        }),
+        _ => Err("expected connections,callers,payload (connections and callers at least 1)".into()),
+    }
 }
 
 /// One cell of the matrix.
@@ -115,6 +137,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             warmup,
             duration,
             systems,
+            cell,
+            no_checkout,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(
@@ -125,18 +149,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 } else {
                     systems
                 },
+                cell.map_or(MATRIX.to_vec(), |c| vec![c]),
+                !no_checkout,
             ))
         }
     }
 }
 
-async fn run(warmup: Duration, duration: Duration, systems: Vec<System>) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(
+    warmup: Duration,
+    duration: Duration,
+    systems: Vec<System>,
+    cells: Vec<Cell>,
+    checkout: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "machine: {} cores; warm-up {warmup:?}, measured {duration:?} per cell",
         std::thread::available_parallelism()?
     );
     let mut results = Vec::new();
-    for cell in MATRIX {
+    for &cell in &cells {
         for &system in &systems {
             let outcome = measure(system, cell, warmup, duration).await?;
             eprintln!("{system:?} {cell:?}: {outcome:?}");
@@ -167,7 +199,7 @@ async fn run(warmup: Duration, duration: Duration, systems: Vec<System>) -> Resu
     println!();
     println!("| connections, callers, payload | tether QPS / tonic | tether QPS / raw floor | tether p99 / tonic p99 | tether CPU / raw CPU (client + server) |");
     println!("|---|---|---|---|---|");
-    for cell in MATRIX {
+    for &cell in &cells {
         let get = |s: System| {
             results
                 .iter()
@@ -192,7 +224,9 @@ async fn run(warmup: Duration, duration: Duration, systems: Vec<System>) -> Resu
             );
         }
     }
-    checkout_cost().await?;
+    if checkout {
+        checkout_cost().await?;
+    }
     Ok(())
 }
 
