@@ -13,7 +13,8 @@ use super::handle::{Outbound, OutboundSender};
 pub trait Dispatch: Send + 'static {
     /// Starts the work for `request` (spawned on `tasks`, so graceful shutdown can wait for it) and
     /// answers through `responder`; or returns a response to write at once (for example SERVER_BUSY)
-    /// without running anything.
+    /// without running anything. The work may be held back until [`Dispatch::flush`], so the
+    /// requests of one read can share a spawn.
     fn dispatch(
         &mut self,
         request: RequestFrame,
@@ -21,6 +22,12 @@ pub trait Dispatch: Send + 'static {
         responder: Responder,
         tasks: &TaskTracker,
     ) -> Option<ResponseFrame>;
+
+    /// Starts any work `dispatch` held back. The driver calls it after every read it decoded
+    /// requests from, before it waits again.
+    fn flush(&mut self, tasks: &TaskTracker) {
+        let _ = tasks;
+    }
 }
 
 /// Sends one request's response back through its connection's outbound queue. Dropped without

@@ -55,6 +55,12 @@ const IO_BUDGET: usize = 32;
 const READ_RESERVE: usize = 8 * 1024;
 /// Buffer capacity an idle connection may keep; larger empty buffers are released.
 const IDLE_BUFFER_KEEP: usize = 1024;
+/// A read (or write) this long after the previous one marks a quiet connection, whose buffers are
+/// released once they are empty (see [`Driver::release_idle_buffers`]).
+const QUIET_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+/// Encoded bytes up to which a write waits for the other ready tasks to queue theirs (see
+/// [`Driver::coalesce`]); beyond it the driver writes at once.
+const COALESCE_LIMIT: usize = 64 * 1024;
 
 /// Everything a driver needs besides the stream.
 #[derive(Debug, Clone)]
@@ -166,6 +172,13 @@ pub struct Driver<S> {
     goaway_sent: Option<u64>,
     goaway_received: Option<GoAway>,
     drain_deadline: Option<Instant>,
+    /// True when the next frames pulled from the queue may wait for the others (see `coalesce`).
+    coalesce_armed: bool,
+    /// When the last read and the last write returned data, and whether each came after a quiet gap.
+    read_at: Option<Instant>,
+    write_at: Option<Instant>,
+    read_quiet: bool,
+    write_quiet: bool,
     metrics: ConnectionMetrics,
 }
 
@@ -259,6 +272,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             goaway_sent: None,
             goaway_received: None,
             drain_deadline: None,
+            coalesce_armed: true,
+            read_at: None,
+            write_at: None,
+            read_quiet: true,
+            write_quiet: true,
             metrics: ConnectionMetrics::new(cfg.side),
             cfg,
             shared: shared.clone(),
@@ -317,16 +335,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 self.start_drain(now, GoAwayReason::Shutdown);
             }
             let mut budget_used = true;
+            let mut deferred = false;
             for _ in 0..IO_BUDGET {
                 let read = match self.poll_read(cx, now) {
                     Ok(r) => r,
                     Err(reason) => return Poll::Ready(reason),
                 };
                 let pulled = self.poll_outbound(cx, now);
+                if pulled && self.coalesce(cx) {
+                    deferred = true;
+                    budget_used = false;
+                    break;
+                }
                 let wrote = match self.poll_write(cx, now) {
                     Ok(w) => w,
                     Err(reason) => return Poll::Ready(reason),
                 };
+                if wrote {
+                    self.coalesce_armed = true;
+                }
                 if !(read || pulled || wrote) {
                     budget_used = false;
                     break;
@@ -335,9 +362,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             if let Err(reason) = self.on_timers(now) {
                 return Poll::Ready(reason);
             }
-            // Timers may have encoded a heartbeat: write it in this pass.
-            if let Err(reason) = self.poll_write(cx, now) {
-                return Poll::Ready(reason);
+            // Timers may have encoded a heartbeat: write it in this pass (or with the deferred write).
+            if !deferred {
+                if let Err(reason) = self.poll_write(cx, now) {
+                    return Poll::Ready(reason);
+                }
             }
             if let Some(reason) = self.poll_drained(cx) {
                 return Poll::Ready(reason);
@@ -368,15 +397,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
     }
 
-    /// An idle connection should cost little memory: buffers left empty by this pass go back to
-    /// the allocator (a busy connection reallocates them, which costs far less than its syscalls).
+    /// Write coalescing. Frames reach the queue from other tasks, typically many woken together
+    /// (callers woken by a read of responses, handlers of one batch); writing as soon as the first
+    /// arrives costs a syscall per frame. So once per write, when frames were just pulled and the
+    /// buffer is small, the write waits until the tasks ready on this worker have run: tokio wakes
+    /// a deferred task after its run queue is empty (or at the latest at its next maintenance
+    /// tick), and the frames queued meanwhile go out in the same syscall. Returns true if it deferred.
+    fn coalesce(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.coalesce_armed || self.wbuf.is_empty() || self.wbuf.len() >= COALESCE_LIMIT {
+            return false;
+        }
+        self.coalesce_armed = false;
+        // `yield_now` hands the waker to the scheduler's deferred list on its first poll; the
+        // future itself is not needed after that.
+        let mut yielded = std::pin::pin!(tokio::task::yield_now());
+        yielded.as_mut().poll(cx).is_pending()
+    }
+
+    /// An idle connection should cost little memory: a buffer left empty by a pass goes back to the
+    /// allocator when that pass's read (or write) came after a quiet gap, as a heartbeat on an idle
+    /// connection does. A busy connection keeps its buffers (reallocating them on every pass would
+    /// cost an allocation of tens of KiB per read); once it falls quiet, it releases them at its next
+    /// heartbeat.
     fn release_idle_buffers(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_KEEP {
+        if self.read_quiet && self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_KEEP {
             self.rbuf = BytesMut::new();
         }
-        if self.wbuf.is_empty() && !self.needs_flush && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
+        if self.write_quiet && self.wbuf.is_empty() && !self.needs_flush && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
             self.wbuf = BytesMut::new();
         }
+    }
+
+    /// Records traffic at `now`; true if it came after a quiet gap.
+    fn after_quiet(last: &mut Option<Instant>, now: Instant) -> bool {
+        let quiet = last.is_none_or(|t| now.saturating_duration_since(t) >= QUIET_GAP);
+        *last = Some(now);
+        quiet
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, CloseReason> {
@@ -392,6 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 None => CloseReason::PeerClosed,
             }),
             Poll::Ready(Ok(_)) => {
+                self.read_quiet = Self::after_quiet(&mut self.read_at, now);
                 self.decode_all(now)?;
                 Ok(true)
             }
@@ -401,6 +458,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     }
 
     fn decode_all(&mut self, now: Instant) -> Result<(), CloseReason> {
+        let decoded = self.decode_frames(now);
+        // Requests accepted before any error count as received (a GOAWAY names them): start them.
+        if let Some(dispatch) = self.dispatch.as_mut() {
+            dispatch.flush(&self.tasks);
+        }
+        decoded
+    }
+
+    fn decode_frames(&mut self, now: Instant) -> Result<(), CloseReason> {
         loop {
             match self.codec.decode(&mut self.rbuf) {
                 Ok(Some(frame)) => {
@@ -707,6 +773,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 }
                 Poll::Ready(Ok(n)) => {
                     self.wbuf.advance(n);
+                    self.write_quiet = Self::after_quiet(&mut self.write_at, now);
                     self.flushed_total += n as u64;
                     self.needs_flush = true;
                     progressed = true;
