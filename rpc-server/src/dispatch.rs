@@ -1,9 +1,12 @@
 //! Runs requests read by a connection's driver: off the I/O task, behind the server-wide
 //! concurrency limit, within the deadline the client sent.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
 use std::time::Duration;
@@ -13,7 +16,9 @@ use rpc_core::{BoxError, Code, Request, Status};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tower::util::{BoxCloneService, ServiceExt};
+use std::task::{Context, Poll};
+use tower::util::{BoxCloneService, Oneshot, ServiceExt};
+use tower::Service;
 
 /// The server's service after its layers: errors are boxed so tower middleware can add its own.
 pub(crate) type ServerService = BoxCloneService<Request<Bytes>, rpc_core::Response<Bytes>, BoxError>;
@@ -33,13 +38,88 @@ pub fn status_from_error(err: BoxError) -> Status {
     Status::internal(err.to_string())
 }
 
+/// The most requests that share one spawned task. Spawning wakes a sleeping worker thread, which
+/// costs more than the spawn itself, so the requests of one read share a task; a cap keeps a large
+/// read spread over several tasks that other workers can take.
+const MAX_BATCH: usize = 16;
+
+type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// One per connection; shares the service and the concurrency limit with every other connection.
 pub(crate) struct ServerDispatch {
-    pub(crate) service: ServerService,
-    pub(crate) limit: Arc<Semaphore>,
+    /// This connection's copy of the service stack.
+    service: ServerService,
+    /// The stack is the router alone (see [`ServerDispatch::start`]).
+    stateless: bool,
+    limit: Arc<Semaphore>,
     /// This connection's own cap on requests in flight.
-    pub(crate) per_connection: Arc<Semaphore>,
-    pub(crate) metrics: Arc<RequestMetrics>,
+    per_connection: Arc<Semaphore>,
+    metrics: Arc<RequestMetrics>,
+    /// Requests accepted from the current read, not yet spawned.
+    batch: Vec<Work>,
+}
+
+/// A request handed to the service stack.
+enum Started {
+    /// `call` has made the future (nothing of the handler has run yet: it runs when the spawned
+    /// task polls it).
+    Called(<ServerService as Service<Request<Bytes>>>::Future),
+    /// A clone of the stack that the spawned task drives to readiness, then calls.
+    Waiting(Oneshot<ServerService, Request<Bytes>>),
+}
+
+impl ServerDispatch {
+    /// Hands `req` to the service stack without waiting. A stack with layers is cloned per request
+    /// and driven by the spawned task, as tower expects: a layer may keep state from `poll_ready`
+    /// to `call` (a concurrency limit's permit, or a wait for one) that must go with the request,
+    /// not stay with the connection. The router alone is always ready and keeps no such state, so
+    /// it is called on this connection's copy, which saves a clone per request.
+    fn start(&mut self, req: Request<Bytes>) -> Started {
+        if self.stateless {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Ok(())) = self.service.poll_ready(&mut cx) {
+                return Started::Called(self.service.call(req));
+            }
+        }
+        Started::Waiting(self.service.clone().oneshot(req))
+    }
+
+    pub(crate) fn new(
+        service: ServerService,
+        stateless: bool,
+        limit: Arc<Semaphore>,
+        per_connection: Arc<Semaphore>,
+        metrics: Arc<RequestMetrics>,
+    ) -> Self {
+        ServerDispatch {
+            service,
+            stateless,
+            limit,
+            per_connection,
+            metrics,
+            batch: Vec::new(),
+        }
+    }
+
+    /// Spawns the held requests: one alone as it is, several as one task that runs them
+    /// concurrently (each answers as soon as it is done, not when the batch is).
+    fn spawn_batch(&mut self, tasks: &TaskTracker) {
+        match self.batch.len() {
+            0 => {}
+            1 => {
+                if let Some(work) = self.batch.pop() {
+                    tasks.spawn(work);
+                }
+            }
+            _ => {
+                let mut set: FuturesUnordered<Work> = self.batch.drain(..).collect();
+                tasks.spawn(async move { while set.next().await.is_some() {} });
+            }
+        }
+        if self.batch.capacity() > MAX_BATCH {
+            self.batch = Vec::new();
+        }
+    }
 }
 
 impl Dispatch for ServerDispatch {
@@ -64,7 +144,7 @@ impl Dispatch for ServerDispatch {
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
-        let svc = self.service.clone();
+        let started = self.start(req);
         let metrics = self.metrics.clone();
         let span = tracing::debug_span!("request", %method, id = responder.id());
         let work = async move {
@@ -76,7 +156,12 @@ impl Dispatch for ServerDispatch {
                     .await;
                 return;
             }
-            let call = svc.oneshot(req);
+            let call = async move {
+                match started {
+                    Started::Called(fut) => fut.await,
+                    Started::Waiting(oneshot) => oneshot.await,
+                }
+            };
             let result = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, call).await {
                     Ok(r) => r,
@@ -103,7 +188,14 @@ impl Dispatch for ServerDispatch {
                 }
             }
         };
-        tasks.spawn(tracing::Instrument::instrument(work, span));
+        self.batch.push(Box::pin(tracing::Instrument::instrument(work, span)));
+        if self.batch.len() >= MAX_BATCH {
+            self.spawn_batch(tasks);
+        }
         None
+    }
+
+    fn flush(&mut self, tasks: &TaskTracker) {
+        self.spawn_batch(tasks);
     }
 }

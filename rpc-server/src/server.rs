@@ -58,6 +58,7 @@ impl Server {
             config: ServerConfig::default(),
             router: Router::new(),
             layer: Identity::new(),
+            layered: false,
         }
     }
 }
@@ -68,6 +69,9 @@ pub struct ServerBuilder<L> {
     config: ServerConfig,
     router: Router,
     layer: L,
+    /// Whether any layer was added: without one the stack is the router alone, which is always
+    /// ready and keeps no state between calls, so a connection may call it without cloning.
+    layered: bool,
 }
 
 impl<L> ServerBuilder<L> {
@@ -83,6 +87,7 @@ impl<L> ServerBuilder<L> {
             config: self.config,
             router: self.router,
             layer: Stack::new(layer, self.layer),
+            layered: true,
         }
     }
 
@@ -152,6 +157,7 @@ impl<L> ServerBuilder<L> {
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
             config: self.config,
             service,
+            stateless: !self.layered,
             events: events.clone(),
             shutdown: shutdown.clone(),
             kill: kill.clone(),
@@ -238,6 +244,8 @@ struct AcceptLoop {
     listener: TcpListener,
     config: ServerConfig,
     service: ServerService,
+    /// The stack is the router alone (no layers): see `ServerBuilder::layered`.
+    stateless: bool,
     limit: Arc<Semaphore>,
     metrics: Arc<RequestMetrics>,
     connections: Arc<Semaphore>,
@@ -302,12 +310,13 @@ impl AcceptLoop {
             heartbeat_interval: None,
             max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
         };
-        let dispatch = ServerDispatch {
-            service: self.service.clone(),
-            limit: self.limit.clone(),
-            per_connection: Arc::new(Semaphore::new(c.max_requests_per_connection)),
-            metrics: self.metrics.clone(),
-        };
+        let dispatch = ServerDispatch::new(
+            self.service.clone(),
+            self.stateless,
+            self.limit.clone(),
+            Arc::new(Semaphore::new(c.max_requests_per_connection)),
+            self.metrics.clone(),
+        );
         let kill = self.kill.clone();
         let registry = self.registry.clone();
         let tls = self.tls.clone();

@@ -231,29 +231,33 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_load_shed_over_concurrency_limit_answers_server_busy() {
+    let (gate, mut control) = Gate::new();
     let server = Server::builder()
         .layer(LoadShedLayer::new())
         .layer(ConcurrencyLimitLayer::new(1))
+        .route("/test.Gate/Hold", gate.handler())
         .add_service(EchoServer::new(EchoService::default()))
         .bind("127.0.0.1:0")
         .await
         .unwrap();
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let mut echo = EchoClient::new(client);
     let held = {
-        let mut echo = echo.clone();
-        tokio::spawn(async move { echo.say(slow(500)).await })
+        let client = client.clone();
+        tokio::spawn(async move { client.unary(Request::new("/test.Gate/Hold", Bytes::new())).await })
     };
-    // Until the slow one holds the limit, a probe may still get through.
-    let busy = loop {
-        match echo.say(slow(0)).await {
-            Err(e) => break e,
-            Ok(_) => tokio::time::sleep(ms(5)).await,
-        }
-    };
+    // The held request is running in its handler: it has the only slot.
+    control.wait_arrivals(1).await;
+    let mut echo = EchoClient::new(client);
+    let busy = echo.say(slow(0)).await.unwrap_err();
     assert_eq!(busy.code(), Code::ServerBusy, "{busy}");
     assert!(!busy.may_have_executed());
+    control.release(1);
     held.await.unwrap().unwrap();
+    // The slot is free again, for a request on another connection too (the refused probe left
+    // nothing behind on its connection that holds the slot).
+    let other = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    EchoClient::new(other).say(slow(0)).await.unwrap();
+    echo.say(slow(0)).await.unwrap();
 }
 
 #[tokio::test]
