@@ -11,7 +11,7 @@ use rpc_core::driver::{ConnectionError, ConnectionHandle, Outbound};
 use rpc_core::event::ConnectionEvent;
 use rpc_core::frame::RequestFrame;
 use rpc_core::metrics::{RequestMetrics, Side};
-use rpc_core::{Code, Metadata, Request, Response, Status};
+use rpc_core::{Code, Request, Response, Status};
 use tokio::net::ToSocketAddrs;
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
@@ -112,7 +112,7 @@ impl Client {
     /// idempotent.
     pub async fn unary(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
         let start = Instant::now();
-        let method = req.method().to_owned();
+        let method = req.method_path().clone();
         let span = tracing::debug_span!("request", %method);
         let result = tracing::Instrument::instrument(self.unary_with_retries(req), span).await;
         let code = match &result {
@@ -228,15 +228,14 @@ async fn send_on(conn: &ConnectionHandle, frame: RequestFrame, deadline: Instant
 }
 
 fn to_frame(req: Request<Bytes>, oneway: bool) -> RequestFrame {
-    let method = req.method().to_owned();
-    let metadata: Metadata = req.metadata().clone();
+    let (method, metadata, payload) = req.into_parts();
     RequestFrame {
         id: 0,
         oneway,
         timeout: None,
         method,
         metadata,
-        payload: req.into_body(),
+        payload,
     }
 }
 

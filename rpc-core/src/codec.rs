@@ -13,7 +13,7 @@ use crate::error::{CodecError, GoAwayReason, ProtocolError};
 use crate::frame::{
     setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION,
 };
-use crate::message::Metadata;
+use crate::message::{Metadata, Method};
 use crate::status::Code;
 
 /// Default `max_frame_size`: 4 MiB, gRPC's default maximum receive message size.
@@ -30,6 +30,30 @@ pub struct FrameCodec {
     max_send_frame_size: u32,
     max_metadata_entries: usize,
     max_metadata_bytes: usize,
+    methods: MethodCache,
+}
+
+/// The method paths a connection has received, so each request shares one string rather than
+/// allocating its own. Bounded: past [`MethodCache::MAX`] distinct paths, new ones are allocated
+/// per request and not kept, so a peer cannot grow it without limit.
+#[derive(Debug, Clone, Default)]
+struct MethodCache {
+    paths: std::collections::HashSet<Method>,
+}
+
+impl MethodCache {
+    const MAX: usize = 256;
+
+    fn get(&mut self, path: &str) -> Method {
+        if let Some(m) = self.paths.get(path) {
+            return m.clone();
+        }
+        let m = Method::from(std::sync::Arc::<str>::from(path));
+        if self.paths.len() < Self::MAX {
+            self.paths.insert(m.clone());
+        }
+        m
+    }
 }
 
 impl Default for FrameCodec {
@@ -46,6 +70,7 @@ impl FrameCodec {
             max_send_frame_size: max_frame_size,
             max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
             max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
+            methods: MethodCache::default(),
         }
     }
 
@@ -334,28 +359,37 @@ impl Decoder for FrameCodec {
             src.reserve(HEADER_LEN + len - src.len());
             return Ok(None);
         }
-        let header = src.split_to(HEADER_LEN);
-        let id = u64::from_be_bytes(header[4..12].try_into().expect("8 header bytes"));
+        let id = u64::from_be_bytes(src[4..12].try_into().expect("8 header bytes"));
+        src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
         Ok(Some(decode_body(
             kind,
             id,
             body,
             (self.max_metadata_entries, self.max_metadata_bytes),
+            &mut self.methods,
         )?))
     }
 }
 
-fn decode_body(kind: FrameKind, id: u64, body: Bytes, max_metadata: (usize, usize)) -> Result<Frame, ProtocolError> {
+fn decode_body(
+    kind: FrameKind,
+    id: u64,
+    body: Bytes,
+    max_metadata: (usize, usize),
+    methods: &mut MethodCache,
+) -> Result<Frame, ProtocolError> {
     let mut r = BodyReader { buf: body, kind };
     let frame = match kind {
         FrameKind::Request | FrameKind::Oneway => {
             let ms = r.u32("deadline")?;
             let ml = usize::from(r.u16("method length")?);
-            let method = r.string(ml, "method")?;
+            let raw = r.bytes(ml, "method")?;
+            let method = std::str::from_utf8(&raw).map_err(|_| r.malformed("method"))?;
             if !method.starts_with('/') {
                 return Err(r.malformed("method must start with '/'"));
             }
+            let method = methods.get(method);
             let metadata = r.metadata(max_metadata.0, max_metadata.1)?;
             let payload = std::mem::take(&mut r.buf);
             Frame::Request(RequestFrame {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::GoAwayReason;
-use crate::message::Metadata;
+use crate::message::{Metadata, Method};
 use crate::status::Code;
 
 /// The first byte of every frame: ASCII `T`.
@@ -99,7 +99,7 @@ pub struct RequestFrame {
     /// Time left until the caller's deadline when the request was written. `None`: no deadline.
     pub timeout: Option<Duration>,
     /// `/package.Service/Method`.
-    pub method: String,
+    pub method: Method,
     /// Request metadata.
     pub metadata: Metadata,
     /// The encoded protobuf message.

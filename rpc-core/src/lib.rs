@@ -35,7 +35,7 @@ pub mod status;
 pub mod tls;
 
 pub use error::{CloseReason, GoAwayReason, ProtocolError};
-pub use message::{IntoRequest, Metadata, Request, Response};
+pub use message::{IntoRequest, Metadata, Method, Request, Response};
 pub use status::{Code, Status};
 
 /// A boxed error, as tower middleware produces.

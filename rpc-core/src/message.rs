@@ -1,5 +1,7 @@
 //! Requests, responses and their metadata, as users and tower services see them.
 
+use std::borrow::Borrow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,11 +76,120 @@ impl Metadata {
     }
 }
 
+/// A method path, `/package.Service/Method`: a static string (what generated clients use) or a
+/// shared one (what a server decodes, interned per connection). Cloning never allocates.
+#[derive(Clone)]
+pub struct Method(MethodRepr);
+
+#[derive(Clone)]
+enum MethodRepr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Method {
+    /// A method path known at compile time.
+    pub const fn from_static(path: &'static str) -> Self {
+        Method(MethodRepr::Static(path))
+    }
+
+    /// The path.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            MethodRepr::Static(s) => s,
+            MethodRepr::Shared(s) => s,
+        }
+    }
+}
+
+impl Default for Method {
+    /// The empty path (generated clients set the real one).
+    fn default() -> Self {
+        Method::from_static("")
+    }
+}
+
+impl std::ops::Deref for Method {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Method {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Borrow<str> for Method {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Method {}
+
+impl PartialEq<str> for Method {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Method {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Method {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl From<&'static str> for Method {
+    fn from(path: &'static str) -> Self {
+        Method::from_static(path)
+    }
+}
+
+impl From<String> for Method {
+    fn from(path: String) -> Self {
+        Method(MethodRepr::Shared(path.into()))
+    }
+}
+
+impl From<Arc<str>> for Method {
+    fn from(path: Arc<str>) -> Self {
+        Method(MethodRepr::Shared(path))
+    }
+}
+
 /// An RPC request: the method, metadata, a deadline and a body (`Bytes` on the wire, a message in
 /// generated code).
 #[derive(Debug, Clone)]
 pub struct Request<T> {
-    method: String,
+    method: Method,
     metadata: Metadata,
     deadline: Option<Instant>,
     idempotent: bool,
@@ -87,7 +198,7 @@ pub struct Request<T> {
 
 impl<T> Request<T> {
     /// A request for `method` (`/package.Service/Method`) with no metadata and the client's default deadline.
-    pub fn new(method: impl Into<String>, body: T) -> Self {
+    pub fn new(method: impl Into<Method>, body: T) -> Self {
         Request {
             method: method.into(),
             metadata: Metadata::new(),
@@ -102,8 +213,13 @@ impl<T> Request<T> {
         &self.method
     }
 
+    /// The method path as a [`Method`], which clones without allocating.
+    pub fn method_path(&self) -> &Method {
+        &self.method
+    }
+
     /// Sets the method path.
-    pub fn set_method(&mut self, method: impl Into<String>) {
+    pub fn set_method(&mut self, method: impl Into<Method>) {
         self.method = method.into();
     }
 
@@ -167,6 +283,11 @@ impl<T> Request<T> {
     /// The body, consuming the request.
     pub fn into_body(self) -> T {
         self.body
+    }
+
+    /// The method, metadata and body, consuming the request.
+    pub fn into_parts(self) -> (Method, Metadata, T) {
+        (self.method, self.metadata, self.body)
     }
 
     /// Replaces the body, keeping everything else.

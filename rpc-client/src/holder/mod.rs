@@ -327,21 +327,35 @@ impl ConnectionHolder {
         // When this checkout's own connect attempt failed, that error says more than "no endpoint".
         let mut last_error = None;
         loop {
-            let notified = self.inner.connect_done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.inner.next(avoid) {
+            let next = match self.inner.next(avoid) {
+                // Registering for a wakeup takes a lock: only a checkout that may wait does it,
+                // then decides again, so a connect finishing in between is not missed.
+                Next::Wait => {
+                    let notified = self.inner.connect_done.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    match self.inner.next(avoid) {
+                        Next::Wait => {
+                            if tokio::time::timeout_at(limit, notified).await.is_err() {
+                                return Err(
+                                    last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false))
+                                );
+                            }
+                            continue;
+                        }
+                        other => other,
+                    }
+                }
+                other => other,
+            };
+            match next {
                 Next::Use(addr, conn) => return Ok((addr, conn)),
                 Next::Connect(addr) => match self.inner.connect_endpoint(addr, Some(limit)).await {
                     Ok(conn) => return Ok((addr, conn)),
                     Err(e) if Instant::now() >= limit => return Err(e),
                     Err(e) => last_error = Some(e), // backoff recorded; another endpoint may be due
                 },
-                Next::Wait => {
-                    if tokio::time::timeout_at(limit, notified).await.is_err() {
-                        return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false)));
-                    }
-                }
+                Next::Wait => continue, // handled above
                 Next::Unavailable => return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false))),
             }
         }
@@ -420,16 +434,13 @@ impl Inner {
         let margin = self.config.idle_margin;
         let mut eps = self.lock();
         let lost_any = refresh(&mut eps, now, margin);
-        let alive: Vec<usize> = (0..eps.len())
-            .filter(|&i| eps[i].pool.state() == PoolState::Alive)
-            .collect();
-        let preferred: Vec<usize> = match avoid {
-            Some(a) if alive.iter().any(|&i| eps[i].addr != a) => {
-                alive.iter().copied().filter(|&i| eps[i].addr != a).collect()
-            }
-            _ => alive,
-        };
-        let decision = if preferred.is_empty() {
+        // Candidates: alive endpoints, without `avoid` when another one is alive. No allocation:
+        // this runs on every request.
+        let alive = |e: &Endpoint| e.pool.state() == PoolState::Alive;
+        let avoid = avoid.filter(|a| eps.iter().any(|e| alive(e) && e.addr != *a));
+        let candidate = |e: &Endpoint| alive(e) && Some(e.addr) != avoid;
+        let n = eps.iter().filter(|e| candidate(e)).count();
+        let decision = if n == 0 {
             if let Some(e) = eps.iter_mut().find(|e| e.connecting == 0 && e.pool.is_due(now)) {
                 e.connecting += 1;
                 Next::Connect(e.addr)
@@ -439,10 +450,20 @@ impl Inner {
                 Next::Unavailable
             }
         } else {
-            let loads: Vec<usize> = preferred.iter().map(|&i| eps[i].in_flight()).collect();
+            let nth = |k: usize| {
+                eps.iter()
+                    .enumerate()
+                    .filter(|(_, e)| candidate(e))
+                    .nth(k)
+                    .map_or(0, |(i, _)| i)
+            };
             let counter = self.rr.fetch_add(1, Ordering::Relaxed);
-            let (r1, r2) = (rand::random::<u32>() as usize, rand::random::<u32>() as usize);
-            let i = balance::pick(self.config.balance, &loads, counter, r1, r2).map_or(preferred[0], |k| preferred[k]);
+            let (r1, r2) = match self.config.balance {
+                Balance::RoundRobin => (0, 0),
+                _ => (rand::random::<u32>() as usize, rand::random::<u32>() as usize),
+            };
+            let load = |k: usize| eps[nth(k)].in_flight();
+            let i = nth(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0));
             let e = &eps[i];
             // Within an endpoint: healthy before heartbeat-failing, then the fewest requests in flight.
             let conn = e
