@@ -4,9 +4,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::Bytes;
 use rpc_core::{Request, Response, Status};
-use tower::util::{BoxCloneSyncService, Oneshot, ServiceExt};
+use tower::util::ServiceExt;
 use tower::Service;
 
 /// A service generated from a protobuf service declares its full name (`package.Service`).
@@ -15,8 +18,29 @@ pub trait NamedService {
     const NAME: &'static str;
 }
 
-/// The boxed form of every handler service.
-pub type BoxHandler = BoxCloneSyncService<Request<Bytes>, Response<Bytes>, Status>;
+/// The future of a handler started by the router.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Status>> + Send>>;
+
+/// A handler the router can start through a shared reference: each call works on its own clone of
+/// the service (generated services clone by bumping a reference count), so routing a request costs
+/// one allocation, the future's.
+pub trait Handler: Send + Sync + 'static {
+    /// Starts the handler for `req`.
+    fn start(&self, req: Request<Bytes>) -> HandlerFuture;
+}
+
+impl<S> Handler for S
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+{
+    fn start(&self, req: Request<Bytes>) -> HandlerFuture {
+        Box::pin(self.clone().oneshot(req))
+    }
+}
+
+/// The shared form of every handler service.
+pub type BoxHandler = Arc<dyn Handler>;
 
 /// Maps method paths to handlers: whole services by name, or single methods by path. Unknown
 /// methods are answered NOT_FOUND.
@@ -52,7 +76,7 @@ impl Router {
             + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), BoxCloneSyncService::new(svc));
+        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), Arc::new(svc) as BoxHandler);
         self
     }
 
@@ -62,7 +86,7 @@ impl Router {
         S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.methods).insert(path.into(), BoxCloneSyncService::new(svc));
+        Arc::make_mut(&mut self.methods).insert(path.into(), Arc::new(svc) as BoxHandler);
         self
     }
 
@@ -88,7 +112,7 @@ mod future {
         #[project = RouterFutureProj]
         pub enum RouterFuture {
             /// The handler runs.
-            Handler { #[pin] fut: Oneshot<BoxHandler, Request<Bytes>> },
+            Handler { fut: HandlerFuture },
             /// No such method.
             NotFound { status: Option<Status> },
         }
@@ -105,7 +129,7 @@ mod future {
 
         fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             match self.project() {
-                RouterFutureProj::Handler { fut } => fut.poll(cx),
+                RouterFutureProj::Handler { fut } => fut.as_mut().poll(cx),
                 RouterFutureProj::NotFound { status } => Poll::Ready(Err(status
                     .take()
                     .unwrap_or_else(|| Status::internal("polled after completion")))),
@@ -120,15 +144,13 @@ impl Service<Request<Bytes>> for Router {
     type Future = RouterFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        // Handlers are cloned per request and driven to readiness by `Oneshot`.
+        // Each request gets its own clone of its handler, driven to readiness by `Oneshot`.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         match self.find(req.method()) {
-            Some(h) => RouterFuture::Handler {
-                fut: h.clone().oneshot(req),
-            },
+            Some(h) => RouterFuture::Handler { fut: h.start(req) },
             None => RouterFuture::NotFound {
                 status: Some(Status::not_found(req.method())),
             },
