@@ -20,9 +20,9 @@ use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -58,9 +58,32 @@ const IDLE_BUFFER_KEEP: usize = 1024;
 /// A read (or write) this long after the previous one marks a quiet connection, whose buffers are
 /// released once they are empty (see [`Driver::release_idle_buffers`]).
 const QUIET_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+/// Frames up to which a write waits for more (see [`Driver::hold_writes`]). Waiting for every
+/// ready task maximises the batch but stalls the pipeline: the peer sits idle until the whole
+/// batch arrives. Measured at 64 callers on one connection, 8 to 24 frames per write gave the
+/// most requests per second; this is the middle of that range.
+const COALESCE_FRAMES: usize = 16;
 /// Encoded bytes up to which a write waits for the other ready tasks to queue theirs (see
-/// [`Driver::coalesce`]); beyond it the driver writes at once.
+/// [`Driver::hold_writes`]); beyond it the driver writes at once.
 const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// The waker a driver defers its writes with: records that the scheduler has run it, then wakes
+/// the driver's task.
+struct DeferredWake {
+    fired: AtomicBool,
+    task: Waker,
+}
+
+impl std::task::Wake for DeferredWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
 
 /// Everything a driver needs besides the stream.
 #[derive(Debug, Clone)]
@@ -172,8 +195,12 @@ pub struct Driver<S> {
     goaway_sent: Option<u64>,
     goaway_received: Option<GoAway>,
     drain_deadline: Option<Instant>,
-    /// True when the next frames pulled from the queue may wait for the others (see `coalesce`).
+    /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
     coalesce_armed: bool,
+    /// Writes are held until this deferred wake fires.
+    deferred: Option<Arc<DeferredWake>>,
+    /// Frames pulled from the queue since the last write.
+    unwritten_frames: usize,
     /// When the last read and the last write returned data, and whether each came after a quiet gap.
     read_at: Option<Instant>,
     write_at: Option<Instant>,
@@ -273,6 +300,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             goaway_received: None,
             drain_deadline: None,
             coalesce_armed: true,
+            deferred: None,
+            unwritten_frames: 0,
             read_at: None,
             write_at: None,
             read_quiet: true,
@@ -342,7 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     Err(reason) => return Poll::Ready(reason),
                 };
                 let pulled = self.poll_outbound(cx, now);
-                if pulled && self.coalesce(cx) {
+                if self.hold_writes(cx, pulled) {
                     deferred = true;
                     budget_used = false;
                     break;
@@ -353,6 +382,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 };
                 if wrote {
                     self.coalesce_armed = true;
+                    self.unwritten_frames = 0;
                 }
                 if !(read || pulled || wrote) {
                     budget_used = false;
@@ -400,18 +430,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// Write coalescing. Frames reach the queue from other tasks, typically many woken together
     /// (callers woken by a read of responses, handlers of one batch); writing as soon as the first
     /// arrives costs a syscall per frame. So once per write, when frames were just pulled and the
-    /// buffer is small, the write waits until the tasks ready on this worker have run: tokio wakes
-    /// a deferred task after its run queue is empty (or at the latest at its next maintenance
-    /// tick), and the frames queued meanwhile go out in the same syscall. Returns true if it deferred.
-    fn coalesce(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.coalesce_armed || self.wbuf.is_empty() || self.wbuf.len() >= COALESCE_LIMIT {
+    /// buffer is small, writes wait until the tasks ready on this worker have run: tokio wakes a
+    /// deferred task once its run queue is empty (or at the latest at its next maintenance tick).
+    /// Frames queued meanwhile wake the driver too; it pulls them and keeps waiting, so they go out
+    /// in one syscall when the deferred wake comes, or as soon as [`COALESCE_FRAMES`] frames or
+    /// [`COALESCE_LIMIT`] bytes are waiting. Returns true while writes wait.
+    fn hold_writes(&mut self, cx: &mut Context<'_>, pulled: bool) -> bool {
+        if self.wbuf.len() >= COALESCE_LIMIT || self.unwritten_frames >= COALESCE_FRAMES {
+            self.deferred = None;
+            return false;
+        }
+        if let Some(d) = &self.deferred {
+            if !d.fired.load(Ordering::Acquire) {
+                return true;
+            }
+            self.deferred = None;
+            return false;
+        }
+        if !(pulled && self.coalesce_armed) || self.wbuf.is_empty() {
             return false;
         }
         self.coalesce_armed = false;
+        let d = Arc::new(DeferredWake {
+            fired: AtomicBool::new(false),
+            task: cx.waker().clone(),
+        });
+        let waker = Waker::from(d.clone());
         // `yield_now` hands the waker to the scheduler's deferred list on its first poll; the
         // future itself is not needed after that.
         let mut yielded = std::pin::pin!(tokio::task::yield_now());
-        yielded.as_mut().poll(cx).is_pending()
+        if yielded.as_mut().poll(&mut Context::from_waker(&waker)).is_ready() {
+            return false;
+        }
+        self.deferred = Some(d);
+        true
     }
 
     /// An idle connection should cost little memory: a buffer left empty by a pass goes back to the
@@ -669,6 +721,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(queued)) => {
                     progressed = true;
+                    self.unwritten_frames += 1;
                     // The byte budget is released once the frame is encoded (the write buffer has its own bound).
                     self.on_outbound(queued.msg, now);
                 }
