@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch};
+
+pub(crate) use super::queue::OutboundSender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -94,55 +96,11 @@ pub enum Outbound {
 }
 
 impl Outbound {
-    fn payload_len(&self) -> usize {
+    pub(crate) fn payload_len(&self) -> usize {
         match self {
             Outbound::Request { frame, .. } => frame.payload.len() + frame.method.len(),
             Outbound::Response(r) => r.payload.len() + r.message.len(),
         }
-    }
-}
-
-/// A message on its way to the I/O task, holding its share of the connection's byte budget until
-/// the driver has encoded it.
-#[derive(Debug)]
-pub(crate) struct Queued {
-    pub(crate) msg: Outbound,
-    pub(crate) _budget: Option<OwnedSemaphorePermit>,
-}
-
-/// The sending side of a connection's outbound queue. The queue is bounded twice: in frames (the
-/// channel) and in bytes (a semaphore of `max_outbound_bytes` permits), so large frames cannot pile
-/// up behind a peer that does not read.
-#[derive(Debug, Clone)]
-pub(crate) struct OutboundSender {
-    pub(crate) tx: mpsc::Sender<Queued>,
-    pub(crate) budget: Arc<Semaphore>,
-    pub(crate) max: usize,
-}
-
-impl OutboundSender {
-    /// Waits for byte budget and a queue slot, then queues `msg`. Fails if the connection is gone.
-    pub(crate) async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
-        let n = msg.payload_len().min(self.max) as u32;
-        let permit = if n == 0 {
-            None
-        } else {
-            match self.budget.clone().acquire_many_owned(n).await {
-                Ok(p) => Some(p),
-                Err(_) => return Err(msg),
-            }
-        };
-        self.tx.send(Queued { msg, _budget: permit }).await.map_err(|e| e.0.msg)
-    }
-
-    /// Queues a small message without waiting (used for the answer of a handler that panicked).
-    pub(crate) fn try_send(&self, msg: Outbound) {
-        let _ = self.tx.try_send(Queued { msg, _budget: None });
-    }
-
-    /// Bytes queued and not yet taken by the driver.
-    pub(crate) fn queued_bytes(&self) -> usize {
-        self.max.saturating_sub(self.budget.available_permits())
     }
 }
 

@@ -13,6 +13,7 @@
 //! Generic over `AsyncRead + AsyncWrite`, so TLS slots in without a second driver.
 
 mod dispatch;
+mod queue;
 mod handle;
 
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
 use tokio_util::io::poll_read_buf;
@@ -36,7 +37,8 @@ use tokio_util::task::TaskTracker;
 
 pub use dispatch::{status_frame, Dispatch, Responder};
 pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound};
-use handle::{OutboundSender, Queued, Shared};
+use handle::{OutboundSender, Shared};
+use queue::OutboundReceiver;
 
 use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
@@ -171,12 +173,11 @@ pub struct Driver<S> {
     enqueued_total: u64,
     flushed_total: u64,
     needs_flush: bool,
-    rx: mpsc::Receiver<Queued>,
+    rx: OutboundReceiver,
     rx_closed: bool,
     /// Server only: responders send through it. A client driver holds none, so its queue closes
     /// when the last handle is dropped.
     responder_tx: Option<OutboundSender>,
-    budget: Arc<Semaphore>,
     shared: Arc<Shared>,
     liveness: Liveness,
     stall: WriteStall,
@@ -231,13 +232,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn build(io: S, cfg: DriverConfig, dispatch: Option<Box<dyn Dispatch>>) -> (ConnectionHandle, Self) {
         let now = Instant::now();
-        let (tx, rx) = mpsc::channel(cfg.connection.outbound_queue);
-        let max_bytes = cfg.connection.max_outbound_bytes.min(Semaphore::MAX_PERMITS);
-        let tx = OutboundSender {
-            tx,
-            budget: Arc::new(Semaphore::new(max_bytes)),
-            max: max_bytes,
-        };
+        let (tx, rx) = queue::outbound_queue(cfg.connection.outbound_queue, cfg.connection.max_outbound_bytes);
         let (state, _) = watch::channel(ConnectionState::Handshaking);
         let token = cfg
             .shutdown
@@ -281,7 +276,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             rx,
             rx_closed: false,
             responder_tx: dispatch.is_some().then(|| tx.clone()),
-            budget: tx.budget.clone(),
             liveness: Liveness::new(now, heartbeat, idle),
             stall: WriteStall::default(),
             partial: PartialFrame::default(),
@@ -334,7 +328,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             let mut io = self.io;
             let _ = tokio::time::timeout(self.cfg.linger, async move {
                 let _ = io.shutdown().await;
-                let mut scratch = [0u8; 4096];
+                // On the heap: a buffer in this future would sit in every connection's task.
+                let mut scratch = vec![0u8; 4096];
                 while let Ok(n) = io.read(&mut scratch).await {
                     if n == 0 {
                         break;
@@ -477,6 +472,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
         if self.write_quiet && self.wbuf.is_empty() && !self.needs_flush && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
             self.wbuf = BytesMut::new();
+        }
+        if self.write_quiet {
+            self.rx.release_memory();
         }
     }
 
@@ -719,11 +717,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let mut progressed = false;
         while !self.rx_closed && self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(queued)) => {
+                Poll::Ready(Some(msg)) => {
                     progressed = true;
                     self.unwritten_frames += 1;
-                    // The byte budget is released once the frame is encoded (the write buffer has its own bound).
-                    self.on_outbound(queued.msg, now);
+                    self.on_outbound(msg, now);
                 }
                 Poll::Ready(None) => {
                     // Every handle is gone: close gracefully once the pending requests are answered.
@@ -945,11 +942,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             };
             let _ = p.reply.send(Err(err));
         }
-        self.rx.close();
-        self.budget.close();
         self.responder_tx = None;
-        while let Ok(queued) = self.rx.try_recv() {
-            if let Outbound::Request { reply: Some(r), .. } = queued.msg {
+        for msg in self.rx.close() {
+            if let Outbound::Request { reply: Some(r), .. } = msg {
                 let _ = r.send(Err(ConnectionError::NotWritten(reason.clone())));
             }
         }

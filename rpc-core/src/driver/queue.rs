@@ -1,0 +1,325 @@
+//! The outbound queue from callers and handlers to a connection's I/O task.
+//!
+//! Bounded twice, in frames (`outbound_queue`) and in bytes (`max_outbound_bytes`), by two
+//! semaphores that senders wait on; the driver gives the permits back once it has encoded a frame
+//! (its write buffer has a bound of its own). The queue itself is a `VecDeque` under a mutex that
+//! starts with no allocation and can be released when the connection falls quiet, so an idle
+//! connection holds no queue memory. The driver takes everything queued in one lock, and is woken
+//! once per batch: a sender wakes it only if it is waiting on an empty queue.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use tokio::sync::Semaphore;
+
+use super::handle::Outbound;
+
+/// A message on its way to the I/O task with the permits it holds.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) msg: Outbound,
+    /// Frame permits held (0 for a message queued without waiting).
+    frames: u32,
+    /// Byte permits held.
+    bytes: u32,
+}
+
+#[derive(Debug)]
+struct State {
+    items: VecDeque<Queued>,
+    /// The driver, waiting for the queue to become non-empty.
+    waiting: Option<Waker>,
+    senders: usize,
+    /// The driver has closed the queue: nothing more is taken.
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    frames: Semaphore,
+    bytes: Semaphore,
+    max_bytes: usize,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `q`, or gives it back if the driver has closed the queue.
+    fn push(&self, q: Queued) -> Option<Queued> {
+        let waiting = {
+            let mut s = self.lock();
+            if s.closed {
+                return Some(q);
+            }
+            s.items.push_back(q);
+            s.waiting.take()
+        };
+        if let Some(w) = waiting {
+            w.wake();
+        }
+        None
+    }
+}
+
+/// The sending side: cheap to clone, held by every handle and responder of the connection.
+#[derive(Debug)]
+pub(crate) struct OutboundSender {
+    inner: Arc<Inner>,
+}
+
+/// The I/O task's side. Dropping it closes the queue: waiting and later senders get their
+/// message back.
+#[derive(Debug)]
+pub(crate) struct OutboundReceiver {
+    inner: Arc<Inner>,
+    /// Taken from the shared queue in one lock, drained from here.
+    taken: VecDeque<Queued>,
+}
+
+/// A queue bounded to `max_frames` frames and `max_bytes` payload bytes.
+pub(crate) fn outbound_queue(max_frames: usize, max_bytes: usize) -> (OutboundSender, OutboundReceiver) {
+    let max_bytes = max_bytes.min(Semaphore::MAX_PERMITS);
+    let inner = Arc::new(Inner {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            waiting: None,
+            senders: 1,
+            closed: false,
+        }),
+        frames: Semaphore::new(max_frames.min(Semaphore::MAX_PERMITS)),
+        bytes: Semaphore::new(max_bytes),
+        max_bytes,
+    });
+    (
+        OutboundSender { inner: inner.clone() },
+        OutboundReceiver {
+            inner,
+            taken: VecDeque::new(),
+        },
+    )
+}
+
+impl Clone for OutboundSender {
+    fn clone(&self) -> Self {
+        self.inner.lock().senders += 1;
+        OutboundSender {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for OutboundSender {
+    fn drop(&mut self) {
+        let waiting = {
+            let mut s = self.inner.lock();
+            s.senders -= 1;
+            if s.senders == 0 {
+                s.waiting.take()
+            } else {
+                None
+            }
+        };
+        // The last sender is gone: the driver learns it on its next pull.
+        if let Some(w) = waiting {
+            w.wake();
+        }
+    }
+}
+
+impl OutboundSender {
+    /// Waits for a frame slot and byte budget, then queues `msg`. Fails if the connection is gone.
+    pub(crate) async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
+        let bytes = msg.payload_len().min(self.inner.max_bytes) as u32;
+        let Ok(frame) = self.inner.frames.acquire().await else {
+            return Err(msg);
+        };
+        let budget = if bytes == 0 {
+            None
+        } else {
+            match self.inner.bytes.acquire_many(bytes).await {
+                Ok(p) => Some(p),
+                Err(_) => return Err(msg),
+            }
+        };
+        // The driver gives the permits back when it has encoded the frame.
+        frame.forget();
+        if let Some(p) = budget {
+            p.forget();
+        }
+        match self.inner.push(Queued { msg, frames: 1, bytes }) {
+            Some(rejected) => Err(rejected.msg),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a small message without waiting or taking permits (the answer of a handler that
+    /// panicked; its request already holds a place in the connection's request limit).
+    pub(crate) fn try_send(&self, msg: Outbound) {
+        let _ = self.inner.push(Queued { msg, frames: 0, bytes: 0 });
+    }
+
+    /// Bytes queued and not yet taken by the driver.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.inner.max_bytes.saturating_sub(self.inner.bytes.available_permits())
+    }
+}
+
+impl OutboundReceiver {
+    /// The next message: `Ready(None)` once every sender is gone and the queue is empty.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outbound>> {
+        if self.taken.is_empty() {
+            let mut s = self.inner.lock();
+            if s.items.is_empty() {
+                if s.senders == 0 {
+                    return Poll::Ready(None);
+                }
+                match &mut s.waiting {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    slot => *slot = Some(cx.waker().clone()),
+                }
+                return Poll::Pending;
+            }
+            // Swap buffers rather than move items: both keep their capacity while busy.
+            std::mem::swap(&mut s.items, &mut self.taken);
+        }
+        let Some(q) = self.taken.pop_front() else {
+            return Poll::Pending; // unreachable: `taken` was just filled
+        };
+        // Encoding follows at once; the permits go back now (the write buffer has its own bound).
+        if q.frames > 0 {
+            self.inner.frames.add_permits(q.frames as usize);
+        }
+        if q.bytes > 0 {
+            self.inner.bytes.add_permits(q.bytes as usize);
+        }
+        Poll::Ready(Some(q.msg))
+    }
+
+    /// True when nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.taken.is_empty() && self.inner.lock().items.is_empty()
+    }
+
+    /// Gives the queue's memory back to the allocator when it is empty (an idle connection).
+    pub(crate) fn release_memory(&mut self) {
+        if self.taken.is_empty() && self.taken.capacity() > 0 {
+            self.taken = VecDeque::new();
+        }
+        let mut s = self.inner.lock();
+        if s.items.is_empty() && s.items.capacity() > 0 {
+            s.items = VecDeque::new();
+        }
+    }
+}
+
+impl OutboundReceiver {
+    /// Closes the queue: senders waiting for permits and later ones get their message back. Returns
+    /// what was queued and not taken.
+    pub(crate) fn close(&mut self) -> Vec<Outbound> {
+        self.inner.frames.close();
+        self.inner.bytes.close();
+        let items = {
+            let mut s = self.inner.lock();
+            s.closed = true;
+            std::mem::take(&mut s.items)
+        };
+        self.taken.drain(..).chain(items).map(|q| q.msg).collect()
+    }
+}
+
+impl Drop for OutboundReceiver {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::ResponseFrame;
+    use std::future::poll_fn;
+
+    fn response(id: u64, payload: usize) -> Outbound {
+        Outbound::Response(ResponseFrame {
+            id,
+            code: crate::Code::Ok,
+            message: String::new(),
+            metadata: crate::Metadata::new(),
+            payload: bytes::Bytes::from(vec![0u8; payload]),
+        })
+    }
+
+    fn id(m: Outbound) -> u64 {
+        match m {
+            Outbound::Response(r) => r.id,
+            Outbound::Request { frame, .. } => frame.id,
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order_and_closes_when_every_sender_is_gone() {
+        let (tx, mut rx) = outbound_queue(8, 1024);
+        let tx2 = tx.clone();
+        tx.send(response(1, 10)).await.unwrap();
+        tx2.send(response(2, 10)).await.unwrap();
+        assert_eq!(id(poll_fn(|cx| rx.poll_recv(cx)).await.unwrap()), 1);
+        assert_eq!(id(poll_fn(|cx| rx.poll_recv(cx)).await.unwrap()), 2);
+        drop(tx);
+        tx2.send(response(3, 10)).await.unwrap();
+        drop(tx2);
+        assert_eq!(id(poll_fn(|cx| rx.poll_recv(cx)).await.unwrap()), 3);
+        assert!(poll_fn(|cx| rx.poll_recv(cx)).await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn senders_wait_for_frame_slots_and_bytes_until_the_driver_takes_frames() {
+        let (tx, mut rx) = outbound_queue(2, 100);
+        tx.send(response(1, 60)).await.unwrap();
+        assert_eq!(tx.queued_bytes(), 60);
+        // 60 + 60 bytes is over the budget: waits.
+        let blocked = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(response(2, 60))).await;
+        assert!(blocked.is_err(), "a send over the byte budget must wait");
+        let tx2 = tx.clone();
+        let waiter = tokio::spawn(async move { tx2.send(response(3, 60)).await.is_ok() });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        assert_eq!(id(poll_fn(|cx| rx.poll_recv(cx)).await.unwrap()), 1);
+        assert!(waiter.await.unwrap(), "taking a frame frees its budget");
+        assert_eq!(id(poll_fn(|cx| rx.poll_recv(cx)).await.unwrap()), 3);
+        // Two frame slots: the third send waits though bytes are free.
+        tx.send(response(4, 0)).await.unwrap();
+        tx.send(response(5, 0)).await.unwrap();
+        let blocked = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(response(6, 0))).await;
+        assert!(blocked.is_err(), "a send over the frame bound must wait");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_receiver_gives_senders_their_message_back() {
+        let (tx, rx) = outbound_queue(1, 1024);
+        tx.send(response(1, 1)).await.unwrap();
+        let tx2 = tx.clone();
+        let waiter = tokio::spawn(async move { tx2.send(response(2, 1)).await.map_err(id) });
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert_eq!(waiter.await.unwrap(), Err(2));
+        assert_eq!(tx.send(response(3, 1)).await.map_err(id), Err(3));
+    }
+
+    #[tokio::test]
+    async fn an_idle_queue_releases_its_memory() {
+        let (tx, mut rx) = outbound_queue(64, 1 << 20);
+        for i in 0..40 {
+            tx.send(response(i, 1)).await.unwrap();
+        }
+        while rx.taken.len() + rx.inner.lock().items.len() > 0 {
+            poll_fn(|cx| rx.poll_recv(cx)).await.unwrap();
+        }
+        assert!(rx.taken.capacity() + rx.inner.lock().items.capacity() > 0);
+        rx.release_memory();
+        assert_eq!(rx.taken.capacity() + rx.inner.lock().items.capacity(), 0);
+    }
+}
