@@ -29,6 +29,9 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Everything, with the defaults: the matrix, the checkout microbenchmark, then idle
+    /// connections (10 000). About 3 minutes.
+    All,
     /// Run the matrix and print the tables.
     Run {
         /// Warm-up per cell.
@@ -125,6 +128,21 @@ struct Outcome {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     match args.cmd {
+        Cmd::All => {
+            // The two subcommands with their own defaults, so `all` measures what they would.
+            let (Cmd::Run { warmup, duration, .. }, Cmd::Idle { connections, window }) = (
+                Args::parse_from(["tether-bench", "run"]).cmd,
+                Args::parse_from(["tether-bench", "idle"]).cmd,
+            ) else {
+                unreachable!("parsed as the subcommands named");
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                run(warmup, duration, System::ALL.to_vec(), MATRIX.to_vec(), true).await?;
+                println!();
+                idle(connections, window).await
+            })
+        }
         Cmd::Server { system } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(systems::serve(system))
