@@ -350,7 +350,9 @@ impl ConnectionHolder {
             };
             match next {
                 Next::Use(addr, conn) => return Ok((addr, conn)),
-                Next::Connect(addr) => match self.inner.connect_endpoint(addr, Some(limit)).await {
+                // Boxed: connecting is rare, and inline its state would make every checkout's
+                // future (and so every request's) kilobytes larger.
+                Next::Connect(addr) => match Box::pin(self.inner.connect_endpoint(addr, Some(limit))).await {
                     Ok(conn) => return Ok((addr, conn)),
                     Err(e) if Instant::now() >= limit => return Err(e),
                     Err(e) => last_error = Some(e), // backoff recorded; another endpoint may be due
