@@ -129,19 +129,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     match args.cmd {
         Cmd::All => {
-            // The two subcommands with their own defaults, so `all` measures what they would.
-            let (Cmd::Run { warmup, duration, .. }, Cmd::Idle { connections, window }) = (
-                Args::parse_from(["tether-bench", "run"]).cmd,
-                Args::parse_from(["tether-bench", "idle"]).cmd,
-            ) else {
-                unreachable!("parsed as the subcommands named");
-            };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(async {
-                run(warmup, duration, System::ALL.to_vec(), MATRIX.to_vec(), true).await?;
-                println!();
-                idle(connections, window).await
-            })
+            let Cmd::Run { warmup, duration, .. } = Args::parse_from(["tether-bench", "run"]).cmd else {
+                unreachable!("parsed as `run`");
+            };
+            rt.block_on(run(warmup, duration, System::ALL.to_vec(), MATRIX.to_vec(), true))?;
+            println!();
+            // In a fresh process: memory the matrix freed would otherwise hide the idle cost.
+            let status = std::process::Command::new(std::env::current_exe()?).arg("idle").status()?;
+            if !status.success() {
+                return Err(format!("idle measurement failed: {status}").into());
+            }
+            Ok(())
         }
         Cmd::Server { system } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
