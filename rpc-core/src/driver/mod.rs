@@ -202,6 +202,10 @@ pub struct Driver<S> {
     deferred: Option<Arc<DeferredWake>>,
     /// Frames pulled from the queue since the last write.
     unwritten_frames: usize,
+    /// Frames likely to be queued soon: responses of requests handed to handlers (server), or
+    /// requests of callers just handed their replies (client). With none expected, waiting to
+    /// coalesce would only add latency (a lone caller), so the driver writes at once.
+    expected_frames: usize,
     /// When the last read and the last write returned data, and whether each came after a quiet gap.
     read_at: Option<Instant>,
     write_at: Option<Instant>,
@@ -296,6 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             coalesce_armed: true,
             deferred: None,
             unwritten_frames: 0,
+            expected_frames: 0,
             read_at: None,
             write_at: None,
             read_quiet: true,
@@ -427,6 +432,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// arrives costs a syscall per frame. So once per write, when frames were just pulled and the
     /// buffer is small, writes wait until the tasks ready on this worker have run: tokio wakes a
     /// deferred task once its run queue is empty (or at the latest at its next maintenance tick).
+    /// Only when more frames are expected (`expected_frames`): a lone caller's request goes out at once.
     /// Frames queued meanwhile wake the driver too; it pulls them and keeps waiting, so they go out
     /// in one syscall when the deferred wake comes, or as soon as [`COALESCE_FRAMES`] frames or
     /// [`COALESCE_LIMIT`] bytes are waiting. Returns true while writes wait.
@@ -442,7 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.deferred = None;
             return false;
         }
-        if !(pulled && self.coalesce_armed) || self.wbuf.is_empty() {
+        if !(pulled && self.coalesce_armed) || self.wbuf.is_empty() || self.expected_frames == 0 {
             return false;
         }
         self.coalesce_armed = false;
@@ -565,6 +571,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     return Err(ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into());
                 }
                 if let Some(p) = self.pending.remove(&r.id) {
+                    // The caller is likely to send again soon: a write may wait for it.
+                    self.expected_frames += 1;
                     let _ = p.reply.send(Ok(r));
                 }
             }
@@ -621,9 +629,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let Some(tx) = self.responder_tx.clone() else {
             return;
         };
-        let responder = Responder::new(r.id, r.oneway, tx);
-        if let Some(resp) = dispatch.dispatch(r, now, responder, &self.tasks) {
-            self.encode_response(resp);
+        let oneway = r.oneway;
+        let responder = Responder::new(r.id, oneway, tx);
+        match dispatch.dispatch(r, now, responder, &self.tasks) {
+            Some(resp) => self.encode_response(resp),
+            // Its response will come through the queue: a write may wait for it.
+            None if !oneway => self.expected_frames += 1,
+            None => {}
         }
     }
 
@@ -720,6 +732,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 Poll::Ready(Some(msg)) => {
                     progressed = true;
                     self.unwritten_frames += 1;
+                    self.expected_frames = self.expected_frames.saturating_sub(1);
                     self.on_outbound(msg, now);
                 }
                 Poll::Ready(None) => {
