@@ -136,7 +136,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rt.block_on(run(warmup, duration, System::ALL.to_vec(), MATRIX.to_vec(), true))?;
             println!();
             // In a fresh process: memory the matrix freed would otherwise hide the idle cost.
-            let status = std::process::Command::new(std::env::current_exe()?).arg("idle").status()?;
+            let status = std::process::Command::new(std::env::current_exe()?)
+                .arg("idle")
+                .status()?;
             if !status.success() {
                 return Err(format!("idle measurement failed: {status}").into());
             }

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use rpc_core::metrics::RequestMetrics;
 use rpc_core::{BoxError, Code, Request, Status};
+use std::task::{Context, Poll};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use std::task::{Context, Poll};
 use tower::util::{BoxCloneService, Oneshot, ServiceExt};
 use tower::Service;
 

@@ -327,19 +327,21 @@ impl AcceptLoop {
                 match tls {
                     None => run_connection(stream, cfg, dispatch, &registry).await,
                     // The handshake runs here, in the connection's task, never in the accept loop.
-                    Some(acceptor) => match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
-                        // Boxed: a TLS connection's state is large, and inline it would size the
-                        // task of every plain connection too.
-                        Ok(Ok(tls_stream)) => Box::pin(run_connection(tls_stream, cfg, dispatch, &registry)).await,
-                        Ok(Err(e)) => {
-                            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                            tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    Some(acceptor) => {
+                        match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
+                            // Boxed: a TLS connection's state is large, and inline it would size the
+                            // task of every plain connection too.
+                            Ok(Ok(tls_stream)) => Box::pin(run_connection(tls_stream, cfg, dispatch, &registry)).await,
+                            Ok(Err(e)) => {
+                                metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                                tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                                tracing::warn!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                            }
                         }
-                        Err(_) => {
-                            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                            tracing::warn!(%peer, ?handshake_timeout, "TLS handshake timed out");
-                        }
-                    },
+                    }
                 }
             };
             tokio::select! {

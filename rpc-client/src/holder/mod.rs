@@ -337,9 +337,7 @@ impl ConnectionHolder {
                     match self.inner.next(avoid) {
                         Next::Wait => {
                             if tokio::time::timeout_at(limit, notified).await.is_err() {
-                                return Err(
-                                    last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false))
-                                );
+                                return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false)));
                             }
                             continue;
                         }

@@ -6,15 +6,17 @@
 //! 1. reads what the socket has and decodes every complete frame, answering heartbeats at once;
 //! 2. takes frames from the bounded outbound queue while fewer than `max_outbound_bytes` wait,
 //!    encoding them into one write buffer, so a burst is written with one syscall;
-//! 3. writes and flushes, tracking stalls;
+//! 3. writes and flushes, tracking stalls; when more frames are expected soon (responses of running
+//!    handlers, requests of callers just answered), the write first waits for the tasks ready on
+//!    this worker thread, up to 16 frames (see `Driver::hold_writes`);
 //! 4. re-arms one timer for the earliest of: heartbeat, idle eviction, write stall, partial
 //!    frame, drain deadline.
 //!
 //! Generic over `AsyncRead + AsyncWrite`, so TLS slots in without a second driver.
 
 mod dispatch;
-mod queue;
 mod handle;
+mod queue;
 
 use std::collections::HashMap;
 use std::future::Future;

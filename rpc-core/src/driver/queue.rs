@@ -159,12 +159,18 @@ impl OutboundSender {
     /// Queues a small message without waiting or taking permits (the answer of a handler that
     /// panicked; its request already holds a place in the connection's request limit).
     pub(crate) fn try_send(&self, msg: Outbound) {
-        let _ = self.inner.push(Queued { msg, frames: 0, bytes: 0 });
+        let _ = self.inner.push(Queued {
+            msg,
+            frames: 0,
+            bytes: 0,
+        });
     }
 
     /// Bytes queued and not yet taken by the driver.
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.inner.max_bytes.saturating_sub(self.inner.bytes.available_permits())
+        self.inner
+            .max_bytes
+            .saturating_sub(self.inner.bytes.available_permits())
     }
 }
 
