@@ -4,16 +4,15 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
-use std::time::Duration;
-
 use rpc_core::metrics::RequestMetrics;
 use rpc_core::{BoxError, Code, Request, Status};
-use std::task::{Context, Poll};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
