@@ -157,10 +157,14 @@ impl ConnectionHandle {
         self.shared.state.subscribe()
     }
 
-    /// Waits until the handshake completes, or returns the close reason.
+    /// Waits until the handshake completes and the connection is open, or returns the close
+    /// reason. A connection the peer drains right away (a GOAWAY with its handshake) is not ready:
+    /// this waits for its close and returns why.
     pub async fn ready(&self) -> Result<(), CloseReason> {
         let mut rx = self.subscribe();
-        let state = rx.wait_for(|s| !matches!(s, ConnectionState::Handshaking)).await;
+        let state = rx
+            .wait_for(|s| matches!(s, ConnectionState::Open | ConnectionState::Closed(_)))
+            .await;
         match state.as_deref() {
             Ok(ConnectionState::Closed(r)) => Err(r.clone()),
             Ok(_) => Ok(()),

@@ -198,6 +198,8 @@ pub struct Driver<S> {
     goaway_sent: Option<u64>,
     goaway_received: Option<GoAway>,
     drain_deadline: Option<Instant>,
+    /// The handshake completed in the read being decoded; `Open` is published after it.
+    open_pending: bool,
     /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
     coalesce_armed: bool,
     /// Writes are held until this deferred wake fires.
@@ -299,6 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             goaway_sent: None,
             goaway_received: None,
             drain_deadline: None,
+            open_pending: false,
             coalesce_armed: true,
             deferred: None,
             unwritten_frames: 0,
@@ -517,6 +520,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if let Some(dispatch) = self.dispatch.as_mut() {
             dispatch.flush(&self.tasks);
         }
+        if std::mem::take(&mut self.open_pending)
+            && decoded.is_ok()
+            && self.goaway_sent.is_none()
+            && self.goaway_received.is_none()
+        {
+            self.shared.state.send_replace(ConnectionState::Open);
+        }
         decoded
     }
 
@@ -610,9 +620,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
         let _ = self.shared.peer_settings.set(s);
         self.handshake_done = true;
-        if self.goaway_sent.is_none() && self.goaway_received.is_none() {
-            self.shared.state.send_replace(ConnectionState::Open);
-        }
+        // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
+        // over max_connections sends both at once) must not let a waiter see the connection open.
+        self.open_pending = true;
         self.emit(ConnectionEvent::Connected {
             id: self.shared.id,
             peer: self.cfg.peer,
