@@ -115,9 +115,6 @@ impl ServerDispatch {
                 tasks.spawn(async move { while set.next().await.is_some() {} });
             }
         }
-        if self.batch.capacity() > MAX_BATCH {
-            self.batch = Vec::new();
-        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! once per batch: a sender wakes it only if it is waiting on an empty queue.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -30,7 +31,6 @@ struct State {
     items: VecDeque<Queued>,
     /// The driver, waiting for the queue to become non-empty.
     waiting: Option<Waker>,
-    senders: usize,
     /// The driver has closed the queue: nothing more is taken.
     closed: bool,
 }
@@ -38,6 +38,9 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
+    /// Live senders. Atomic, not in `State`: a sender is cloned and dropped for every request a
+    /// server answers, and only the last drop needs the lock (to wake the driver).
+    senders: AtomicUsize,
     frames: Semaphore,
     bytes: Semaphore,
     max_bytes: usize,
@@ -87,9 +90,9 @@ pub(crate) fn outbound_queue(max_frames: usize, max_bytes: usize) -> (OutboundSe
         state: Mutex::new(State {
             items: VecDeque::new(),
             waiting: None,
-            senders: 1,
             closed: false,
         }),
+        senders: AtomicUsize::new(1),
         frames: Semaphore::new(max_frames.min(Semaphore::MAX_PERMITS)),
         bytes: Semaphore::new(max_bytes),
         max_bytes,
@@ -105,7 +108,7 @@ pub(crate) fn outbound_queue(max_frames: usize, max_bytes: usize) -> (OutboundSe
 
 impl Clone for OutboundSender {
     fn clone(&self) -> Self {
-        self.inner.lock().senders += 1;
+        self.inner.senders.fetch_add(1, Ordering::Relaxed);
         OutboundSender {
             inner: self.inner.clone(),
         }
@@ -114,16 +117,12 @@ impl Clone for OutboundSender {
 
 impl Drop for OutboundSender {
     fn drop(&mut self) {
-        let waiting = {
-            let mut s = self.inner.lock();
-            s.senders -= 1;
-            if s.senders == 0 {
-                s.waiting.take()
-            } else {
-                None
-            }
-        };
-        // The last sender is gone: the driver learns it on its next pull.
+        if self.inner.senders.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        // The last sender is gone: the driver learns it on its next pull. Taking the waker under
+        // the lock orders this after any pull that saw a sender still alive and registered.
+        let waiting = self.inner.lock().waiting.take();
         if let Some(w) = waiting {
             w.wake();
         }
@@ -180,7 +179,7 @@ impl OutboundReceiver {
         if self.taken.is_empty() {
             let mut s = self.inner.lock();
             if s.items.is_empty() {
-                if s.senders == 0 {
+                if self.inner.senders.load(Ordering::Acquire) == 0 {
                     return Poll::Ready(None);
                 }
                 match &mut s.waiting {
