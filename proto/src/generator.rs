@@ -161,6 +161,7 @@ impl TetherServiceGenerator {
 
     impl<T: {name}> ::rpc_server::NamedService for {name}Server<T> {{
         const NAME: &'static str = "{full}";
+        const MARKS_ENTRY: bool = true;
     }}
 
     impl<T: {name}> Service<::rpc_server::Request<Bytes>> for {name}Server<T> {{

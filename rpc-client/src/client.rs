@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use rpc_core::driver::{ConnectionError, ConnectionHandle, Outbound};
+use rpc_core::driver::{ConnectionError, ConnectionHandle, Outbound, Reply};
 use rpc_core::event::ConnectionEvent;
 use rpc_core::frame::RequestFrame;
 use rpc_core::metrics::{RequestMetrics, Side};
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::config::ClientConfig;
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind, History};
 use crate::holder::ConnectionHolder;
 
 /// Metric: requests retried because they provably did not run, label `cause`.
@@ -132,21 +132,25 @@ impl Client {
         let max = self.config().max_attempts;
         let mut attempt = 1;
         let mut avoid = None;
+        // Earlier attempts: once one may have run, the final error says so (sticky).
+        let mut history = History::default();
         loop {
             // Clone only while another attempt may follow.
             let this = if attempt < max { frame.clone() } else { frame.take() };
             let Some(this) = this else {
-                return Err(Error::deadline(false));
+                return Err(Error::deadline(false).after(history));
             };
             let (addr, result) = self.attempt(this, deadline, avoid).await;
             match result {
                 Err(e) if attempt < max && Instant::now() < deadline && self.retryable(&e, idempotent) => {
                     metrics::counter!(REQUEST_RETRIES, "cause" => e.kind_str()).increment(1);
                     tracing::debug!(error = %e, attempt, "retrying request");
+                    history.record(addr, e);
                     avoid = addr; // prefer another endpoint for the retry
                     attempt += 1;
                 }
-                r => return r,
+                Err(e) => return Err(e.after(history)),
+                Ok(r) => return Ok(r),
             }
         }
     }
@@ -165,21 +169,31 @@ impl Client {
         (Some(addr), send_on(&conn, frame, deadline).await)
     }
 
-    /// Sends a oneway request: resolves once it is queued on a connection; no response comes back.
+    /// Sends a oneway request: no response comes back. Resolves once the frame has been written to
+    /// the socket (`Ok` says it left this process, not that the server ran it), or fails if it
+    /// never is: not written, refused before sending (over a limit of the server), or caught by a
+    /// GOAWAY first, all "not executed". A oneway still unwritten at its deadline fails with
+    /// DEADLINE_EXCEEDED, "may have executed" (it may yet be written).
     pub async fn oneway(&self, req: Request<Bytes>) -> Result<(), Error> {
         let deadline = req
             .deadline()
             .unwrap_or_else(|| Instant::now() + self.config().request_timeout);
         let conn = self.checkout(Some(deadline)).await?;
+        let (tx, rx) = oneshot::channel();
         let msg = Outbound::Request {
             frame: to_frame(req, true),
             deadline: Some(deadline),
-            reply: None,
+            reply: Reply::Written(tx),
         };
         match tokio::time::timeout_at(deadline, conn.send(msg)).await {
-            Err(_) => Err(Error::deadline(false)),
-            Ok(Err(_)) => Err(ConnectionError::NotWritten(conn.closed().await).into()),
-            Ok(Ok(())) => Ok(()),
+            Err(_) => return Err(Error::deadline(false)),
+            Ok(Err(_)) => return Err(ConnectionError::NotWritten(closed_reason(&conn, deadline).await).into()),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(Error::deadline(true)),
+            Ok(Err(_)) => Err(ConnectionError::NotWritten(rpc_core::CloseReason::Aborted).into()),
+            Ok(Ok(r)) => r.map_err(Error::from),
         }
     }
 
@@ -189,15 +203,20 @@ impl Client {
     }
 
     /// Whether a failed attempt may be tried again: it provably did not run (or the caller marked it
-    /// idempotent). SERVER_BUSY is retried only when another endpoint is alive to take it.
+    /// idempotent). A refusal is retried only where another attempt can do better: SERVER_BUSY
+    /// when another endpoint is alive to take it, UNAVAILABLE (shutting down) always; an
+    /// undecodable body or an unknown method would fail the same way again.
     fn retryable(&self, e: &Error, idempotent: bool) -> bool {
         match e.kind() {
-            ErrorKind::Connection(
-                ConnectionError::NotWritten(_) | ConnectionError::GoAway { .. } | ConnectionError::Draining,
-            ) => true,
-            ErrorKind::Connection(ConnectionError::ClosedAfterWrite(_)) => idempotent,
-            ErrorKind::Status(s) if s.code() == Code::ServerBusy => self.holder.alive_endpoints() > 1,
-            ErrorKind::Status(s) => s.code() == Code::Unavailable,
+            ErrorKind::Connection(c) if !c.may_have_executed() => true,
+            ErrorKind::Connection(_) => idempotent,
+            ErrorKind::Status(s) if !e.may_have_executed() => match s.code() {
+                Code::ServerBusy => self.holder.alive_endpoints() > 1,
+                Code::Unavailable => true,
+                _ => false,
+            },
+            // The handler ran and said "try later": only an idempotent request may run again.
+            ErrorKind::Status(s) => idempotent && s.code() == Code::Unavailable,
             _ => false,
         }
     }
@@ -209,22 +228,37 @@ async fn send_on(conn: &ConnectionHandle, frame: RequestFrame, deadline: Instant
     let msg = Outbound::Request {
         frame,
         deadline: Some(deadline),
-        reply: Some(tx),
+        reply: Reply::Response(tx),
     };
     match tokio::time::timeout_at(deadline, conn.send(msg)).await {
         Err(_) => return Err(Error::deadline(false)),
-        Ok(Err(_)) => return Err(ConnectionError::NotWritten(conn.closed().await).into()),
+        Ok(Err(_)) => return Err(ConnectionError::NotWritten(closed_reason(conn, deadline).await).into()),
         Ok(Ok(())) => {}
     }
     match tokio::time::timeout_at(deadline, rx).await {
         // Sent but unanswered: the server may be running it.
         Err(_) => Err(Error::deadline(true)),
         // The driver always answers; a dropped reply means its task was torn down.
-        Ok(Err(_)) => Err(ConnectionError::ClosedAfterWrite(rpc_core::CloseReason::Local).into()),
+        Ok(Err(_)) => Err(ConnectionError::ClosedAfterWrite(rpc_core::CloseReason::Aborted).into()),
         Ok(Ok(Err(e))) => Err(e.into()),
         Ok(Ok(Ok(r))) if r.code == Code::Ok => Ok(Response::from_parts(r.metadata, r.payload)),
-        Ok(Ok(Ok(r))) => Err(Error::status(Status::from_parts(r.code, r.message, r.metadata))),
+        Ok(Ok(Ok(r))) => {
+            let status = Status::from_parts(r.code, r.message, r.metadata);
+            Err(if r.not_executed {
+                Error::refused(status)
+            } else {
+                Error::status(status)
+            })
+        }
     }
+}
+
+/// Why a connection whose queue refused a message closed, waiting at most until `deadline` for the
+/// driver to say (it publishes `Closed` however it ends; this bound is for the moment in between).
+async fn closed_reason(conn: &ConnectionHandle, deadline: Instant) -> rpc_core::CloseReason {
+    tokio::time::timeout_at(deadline, conn.closed())
+        .await
+        .unwrap_or(rpc_core::CloseReason::Aborted)
 }
 
 fn to_frame(req: Request<Bytes>, oneway: bool) -> RequestFrame {

@@ -92,6 +92,7 @@ where
         max_frame_size: Some(config.connection.max_frame_size),
         heartbeat_interval: config.heartbeat.enabled.then_some(config.heartbeat.interval),
         max_metadata_entries: Some(u32::try_from(config.connection.max_metadata_entries).unwrap_or(u32::MAX)),
+        max_metadata_bytes: Some(u32::try_from(config.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
         ..Settings::default()
     };
     let (handle, driver) = Driver::client(stream, cfg);

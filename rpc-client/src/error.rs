@@ -39,10 +39,59 @@ pub enum ErrorKind {
 
 /// A failed request. Every request ends exactly once, in a response or in one of these, and the
 /// error says whether the server may have run it ([`Error::may_have_executed`]).
+///
+/// After retries it is the last attempt's error, with the earlier attempts listed in
+/// [`Error::attempts`]; if any earlier attempt may have run, so may the request, and the first
+/// such attempt's error is the [`std::error::Error::source`].
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     may_have_executed: bool,
+    /// Earlier attempts; `None` for a request tried once (no allocation on that path).
+    history: Option<Box<History>>,
+}
+
+/// One attempt of a request that was tried more than once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The endpoint it went to, if it got as far as choosing one.
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// What ended it ([`Error::kind_str`]).
+    pub kind: &'static str,
+    /// Whether the server may have run this attempt.
+    pub may_have_executed: bool,
+}
+
+/// The attempts a retrying caller made before the last one. "May have executed" is sticky: once
+/// an attempt may have run, the request's final error says so whatever later attempts found.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    attempts: Vec<Attempt>,
+    first_executed: Option<std::sync::Arc<Error>>,
+}
+
+impl History {
+    /// Records a failed attempt that will be retried.
+    pub fn record(&mut self, endpoint: Option<std::net::SocketAddr>, err: Error) {
+        self.attempts.push(Attempt {
+            endpoint,
+            kind: err.kind_str(),
+            may_have_executed: err.may_have_executed,
+        });
+        if err.may_have_executed && self.first_executed.is_none() {
+            self.first_executed = Some(std::sync::Arc::new(err));
+        }
+    }
+
+    /// True when an earlier attempt may have run.
+    pub fn may_have_executed(&self) -> bool {
+        self.first_executed.is_some()
+    }
+
+    /// True before any attempt was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.attempts.is_empty()
+    }
 }
 
 impl Error {
@@ -50,13 +99,36 @@ impl Error {
         Error {
             kind,
             may_have_executed,
+            history: None,
         }
     }
 
-    /// The server's answer was not SUCCESS.
+    /// The server's answer was not SUCCESS. Whatever its code, the server may have run the request:
+    /// only the server's runtime can state that it did not, and errors built from a `Status`
+    /// never claim it.
     pub fn status(status: Status) -> Self {
-        let executed = !status.code().proves_not_executed();
-        Error::new(ErrorKind::Status(status), executed)
+        Error::new(ErrorKind::Status(status), true)
+    }
+
+    /// The server's runtime answered `status` without starting the handler.
+    pub(crate) fn refused(status: Status) -> Self {
+        Error::new(ErrorKind::Status(status), false)
+    }
+
+    /// This error as the last of several attempts: lists the earlier ones, and may have executed
+    /// if any of them may have.
+    pub fn after(mut self, history: History) -> Self {
+        if history.is_empty() {
+            return self;
+        }
+        self.may_have_executed |= history.may_have_executed();
+        self.history = Some(Box::new(history));
+        self
+    }
+
+    /// The attempts made before the one this error ended (empty for a request tried once).
+    pub fn attempts(&self) -> &[Attempt] {
+        self.history.as_ref().map_or(&[], |h| &h.attempts)
     }
 
     pub(crate) fn deadline(may_have_executed: bool) -> Self {
@@ -190,12 +262,30 @@ impl fmt::Display for Error {
         if !self.may_have_executed {
             f.write_str(" (not executed)")?;
         }
+        let attempts = self.attempts();
+        if !attempts.is_empty() {
+            write!(f, "; after {} earlier attempt(s):", attempts.len())?;
+            for a in attempts {
+                let ran = if a.may_have_executed {
+                    "may have executed"
+                } else {
+                    "not executed"
+                };
+                match a.endpoint {
+                    Some(ep) => write!(f, " [{} at {ep}, {ran}]", a.kind)?,
+                    None => write!(f, " [{}, {ran}]", a.kind)?,
+                }
+            }
+        }
         Ok(())
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        if let Some(first) = self.history.as_ref().and_then(|h| h.first_executed.as_deref()) {
+            return Some(first);
+        }
         match &self.kind {
             ErrorKind::Status(s) => Some(s),
             ErrorKind::Connection(e) => Some(e),

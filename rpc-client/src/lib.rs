@@ -34,7 +34,7 @@ pub use backoff::BackoffConfig;
 pub use client::{Client, REQUEST_RETRIES};
 pub use config::ClientConfig;
 pub use connection::connect;
-pub use error::{Error, ErrorKind};
+pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
 pub use retry::SafeRetry;
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};

@@ -6,19 +6,26 @@ use std::future::{ready, Ready};
 use bytes::Bytes;
 use rpc_core::{Request, Response};
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind, History};
 
 /// Retries a request that provably did not run ([`Error::may_have_executed`] is false), or any
-/// failed request marked idempotent, up to `attempts` more times.
-#[derive(Debug, Clone, Copy)]
+/// failed request marked idempotent, up to `attempts` more times. As in the client's own retries,
+/// "may have executed" is sticky: the final error of a request one of whose attempts may have run
+/// says so, lists the attempts, and keeps the first such attempt's error as its source.
+#[derive(Debug, Clone)]
 pub struct SafeRetry {
     attempts: usize,
+    /// This request's earlier attempts (tower's `Retry` clones the policy per request).
+    history: History,
 }
 
 impl SafeRetry {
     /// Up to `attempts` retries per request.
     pub fn new(attempts: usize) -> Self {
-        SafeRetry { attempts }
+        SafeRetry {
+            attempts,
+            history: History::default(),
+        }
     }
 }
 
@@ -27,14 +34,19 @@ impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry 
 
     fn retry(&mut self, req: &mut Request<Bytes>, result: &mut Result<Response<Bytes>, Error>) -> Option<Self::Future> {
         let Err(e) = result else { return None };
-        if self.attempts == 0 || (e.may_have_executed() && !req.is_idempotent()) {
-            return None;
-        }
-        if req.deadline().is_some_and(|d| d <= tokio::time::Instant::now()) {
+        let retry = self.attempts > 0
+            && (!e.may_have_executed() || req.is_idempotent())
+            && !req.deadline().is_some_and(|d| d <= tokio::time::Instant::now());
+        // Take the error out: recorded in the history if retried, or rebuilt with it if final.
+        let placeholder = Error::new(ErrorKind::DeadlineExceeded, true);
+        let err = std::mem::replace(e, placeholder);
+        if !retry {
+            *e = err.after(std::mem::take(&mut self.history));
             return None;
         }
         self.attempts -= 1;
-        metrics::counter!(crate::REQUEST_RETRIES, "cause" => e.kind_str()).increment(1);
+        metrics::counter!(crate::REQUEST_RETRIES, "cause" => err.kind_str()).increment(1);
+        self.history.record(None, err);
         Some(ready(()))
     }
 

@@ -30,6 +30,8 @@ pub struct FrameCodec {
     max_send_frame_size: u32,
     max_metadata_entries: usize,
     max_metadata_bytes: usize,
+    /// The peer's metadata limits (from its SETTINGS): checked before a frame is encoded.
+    max_send_metadata: (usize, usize),
     methods: MethodCache,
 }
 
@@ -70,6 +72,7 @@ impl FrameCodec {
             max_send_frame_size: max_frame_size,
             max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
             max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
+            max_send_metadata: (usize::MAX, usize::MAX),
             methods: MethodCache::default(),
         }
     }
@@ -87,6 +90,12 @@ impl FrameCodec {
     /// The largest body this side sends.
     pub fn max_send_frame_size(&self) -> u32 {
         self.max_send_frame_size
+    }
+
+    /// Sets the peer's metadata limits (entries, bytes of keys and values): a frame over them is
+    /// refused before it is encoded, so the call fails locally instead of on the peer.
+    pub fn set_max_send_metadata(&mut self, entries: usize, bytes: usize) {
+        self.max_send_metadata = (entries, bytes);
     }
 
     /// Sets the cap on metadata entries accepted in one frame.
@@ -129,6 +138,18 @@ impl FrameCodec {
 
     /// Encodes a frame by reference into `dst`.
     pub fn encode_frame(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+        if let Frame::Request(RequestFrame { metadata, .. }) | Frame::Response(ResponseFrame { metadata, .. }) = frame {
+            let (max_entries, max_bytes) = self.max_send_metadata;
+            if metadata.len() > max_entries {
+                return Err(ProtocolError::TooManyMetadataEntries {
+                    count: metadata.len(),
+                    max: max_entries,
+                });
+            }
+            if max_bytes != usize::MAX && metadata.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > max_bytes {
+                return Err(ProtocolError::MetadataTooLarge { max: max_bytes });
+            }
+        }
         let body_len = body_len(frame);
         if body_len > u64::from(self.max_send_frame_size) {
             return Err(ProtocolError::FrameTooLarge {
@@ -146,7 +167,10 @@ impl FrameCodec {
         dst.put_u8(MAGIC);
         dst.put_u8(VERSION);
         dst.put_u8(frame.kind() as u8);
-        dst.put_u8(0); // flags: none defined in version 1
+        dst.put_u8(match frame {
+            Frame::Response(r) if r.not_executed => crate::frame::flags::NOT_EXECUTED,
+            _ => 0,
+        });
         dst.put_u64(id);
         dst.put_u32(body_len as u32);
         match frame {
@@ -210,7 +234,7 @@ fn put_metadata(dst: &mut BytesMut, m: &Metadata) {
 }
 
 fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
-    let mut v = Vec::with_capacity(5);
+    let mut v = Vec::with_capacity(7);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if let Some(x) = s.max_frame_size {
         v.push((setting_id::MAX_FRAME_SIZE, u64::from(x)));
@@ -226,6 +250,12 @@ fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
     }
     if let Some(x) = s.max_metadata_entries {
         v.push((setting_id::MAX_METADATA_ENTRIES, u64::from(x)));
+    }
+    if let Some(x) = s.max_metadata_bytes {
+        v.push((setting_id::MAX_METADATA_BYTES, u64::from(x)));
+    }
+    if let Some(x) = s.max_requests_per_connection {
+        v.push((setting_id::MAX_REQUESTS_PER_CONNECTION, u64::from(x)));
     }
     v
 }
@@ -359,22 +389,33 @@ impl Decoder for FrameCodec {
             src.reserve(HEADER_LEN + len - src.len());
             return Ok(None);
         }
+        let flags = src[3];
         let id = u64::from_be_bytes(src[4..12].try_into().expect("8 header bytes"));
         src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
-        Ok(Some(decode_body(
+        match decode_body(
             kind,
-            id,
+            (id, flags),
             body,
             (self.max_metadata_entries, self.max_metadata_bytes),
             &mut self.methods,
-        )?))
+        ) {
+            Ok(frame) => Ok(Some(frame)),
+            // Over a metadata limit: the body was well framed and is consumed, so the connection
+            // stays in sync and only this call is refused.
+            Err(error @ (ProtocolError::TooManyMetadataEntries { .. } | ProtocolError::MetadataTooLarge { .. }))
+                if matches!(kind, FrameKind::Request | FrameKind::Oneway | FrameKind::Response) =>
+            {
+                Err(CodecError::Rejected { kind, id, error })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
 fn decode_body(
     kind: FrameKind,
-    id: u64,
+    (id, flags): (u64, u8),
     body: Bytes,
     max_metadata: (usize, usize),
     methods: &mut MethodCache,
@@ -413,6 +454,7 @@ fn decode_body(
                 message,
                 metadata,
                 payload,
+                not_executed: flags & crate::frame::flags::NOT_EXECUTED != 0,
             })
         }
         FrameKind::Heartbeat => {
@@ -448,6 +490,8 @@ fn decode_body(
                     setting_id::MAX_CONCURRENT_REQUESTS => s.max_concurrent_requests = Some(clamp32(v)),
                     setting_id::HEARTBEAT_INTERVAL_MS => s.heartbeat_interval = Some(Duration::from_millis(v)),
                     setting_id::MAX_METADATA_ENTRIES => s.max_metadata_entries = Some(clamp32(v)),
+                    setting_id::MAX_METADATA_BYTES => s.max_metadata_bytes = Some(clamp32(v)),
+                    setting_id::MAX_REQUESTS_PER_CONNECTION => s.max_requests_per_connection = Some(clamp32(v)),
                     _ => {} // unknown settings are ignored so newer peers can add some
                 }
             }

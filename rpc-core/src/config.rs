@@ -138,10 +138,15 @@ pub struct ConnectionConfig {
     /// No write progress for this long while bytes wait closes with `SlowConsumer`. Default 10 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub write_stall_timeout: Duration,
-    /// A frame whose first byte arrived but whose last did not within this time closes the
-    /// connection with `PartialFrameTimeout` (slowloris). Default 30 s.
+    /// How long a partially received frame may arrive at any speed before its bytes must keep
+    /// up with `min_receive_rate`. Default 5 s, as Kestrel's MinRequestBodyDataRate grace period.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
-    pub partial_frame_timeout: Duration,
+    pub partial_frame_grace: Duration,
+    /// After the grace, a partial frame whose bytes have arrived slower than this many bytes per
+    /// second on average (since its first byte) closes the connection with
+    /// `PartialFrameTimeout` (slowloris). A large frame on a slow but moving link is never cut
+    /// off. `0` turns the check off. Default 240 B/s, as Kestrel's MinRequestBodyDataRate.
+    pub min_receive_rate: u32,
 }
 
 impl Default for ConnectionConfig {
@@ -153,7 +158,8 @@ impl Default for ConnectionConfig {
             max_outbound_bytes: 1024 * 1024,
             outbound_queue: 1024,
             write_stall_timeout: Duration::from_secs(10),
-            partial_frame_timeout: Duration::from_secs(30),
+            partial_frame_grace: Duration::from_secs(5),
+            min_receive_rate: 240,
         }
     }
 }
@@ -235,8 +241,8 @@ impl ConnectionConfig {
         if self.write_stall_timeout.is_zero() {
             return Err(ConfigError::Zero("write_stall_timeout"));
         }
-        if self.partial_frame_timeout.is_zero() {
-            return Err(ConfigError::Zero("partial_frame_timeout"));
+        if self.partial_frame_grace.is_zero() {
+            return Err(ConfigError::Zero("partial_frame_grace"));
         }
         Ok(())
     }

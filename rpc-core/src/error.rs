@@ -171,6 +171,13 @@ pub enum CloseReason {
     /// The peer (or this side) broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
+    /// The connection's task ended without closing it (a panic, the runtime shutting down, an
+    /// abort). Published by the driver's drop, so nobody waits on a connection that is gone.
+    #[error("connection task ended without closing (panic, runtime shutdown or abort)")]
+    Aborted,
+    /// The peer did not complete the handshake within `handshake_timeout`.
+    #[error("handshake not completed in time")]
+    HandshakeTimeout,
 }
 
 impl CloseReason {
@@ -192,6 +199,8 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::PartialFrameTimeout => "partial_frame_timeout",
             CloseReason::Protocol(_) => "protocol_error",
+            CloseReason::Aborted => "aborted",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
         }
     }
 
@@ -216,7 +225,9 @@ impl CloseReason {
             CloseReason::IdleTimeout => Some(GoAwayReason::Idle),
             CloseReason::SlowConsumer => Some(GoAwayReason::SlowConsumer),
             CloseReason::HeartbeatTimeout => Some(GoAwayReason::HeartbeatTimeout),
-            CloseReason::Protocol(_) | CloseReason::PartialFrameTimeout => Some(GoAwayReason::ProtocolError),
+            CloseReason::Protocol(_) | CloseReason::PartialFrameTimeout | CloseReason::HandshakeTimeout => {
+                Some(GoAwayReason::ProtocolError)
+            }
             _ => None,
         }
     }
@@ -232,4 +243,15 @@ pub enum CodecError {
     /// The stream failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// One request or response was refused on its own (too much metadata): its bytes were
+    /// consumed, the stream is still in sync, and only that call fails.
+    #[error("{kind:?} frame {id} refused: {error}")]
+    Rejected {
+        /// REQUEST, ONEWAY or RESPONSE.
+        kind: FrameKind,
+        /// Its request id.
+        id: u64,
+        /// What was wrong with it.
+        error: ProtocolError,
+    },
 }

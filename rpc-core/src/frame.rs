@@ -119,6 +119,16 @@ pub struct ResponseFrame {
     pub metadata: Metadata,
     /// The encoded protobuf message; empty unless `code` is `Ok`.
     pub payload: Bytes,
+    /// Set only by the server's runtime, when the handler never started (over a limit, no such
+    /// method, deadline passed before start, body did not decode, shutting down): the proof that
+    /// lets a client report "not executed" and retry. On the wire, flag [`flags::NOT_EXECUTED`].
+    pub not_executed: bool,
+}
+
+/// Header flag bits.
+pub mod flags {
+    /// RESPONSE: the handler did not run (the runtime answered without starting it).
+    pub const NOT_EXECUTED: u8 = 0x01;
 }
 
 /// GOAWAY: why the sender is closing and the last request id it will process.
@@ -145,6 +155,10 @@ pub struct Settings {
     pub heartbeat_interval: Option<Duration>,
     /// The most metadata entries the sender accepts in one frame.
     pub max_metadata_entries: Option<u32>,
+    /// The most bytes of metadata keys and values the sender accepts in one frame.
+    pub max_metadata_bytes: Option<u32>,
+    /// Server: requests it runs at once on one connection before answering SERVER_BUSY.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Setting identifiers on the wire.
@@ -154,4 +168,6 @@ pub(crate) mod setting_id {
     pub(crate) const MAX_CONCURRENT_REQUESTS: u16 = 3;
     pub(crate) const HEARTBEAT_INTERVAL_MS: u16 = 4;
     pub(crate) const MAX_METADATA_ENTRIES: u16 = 5;
+    pub(crate) const MAX_METADATA_BYTES: u16 = 6;
+    pub(crate) const MAX_REQUESTS_PER_CONNECTION: u16 = 7;
 }

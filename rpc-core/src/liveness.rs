@@ -8,7 +8,14 @@
 //! goes out when the connection has been read-idle for `interval`; each heartbeat that gets no
 //! inbound frame within `timeout` counts one failure, and the next heartbeat is sent at once; the
 //! `max_failures`-th failure closes the connection with [`CloseReason::HeartbeatTimeout`]. Any inbound
-//! frame, not only an ack, is proof of life and resets the count.
+//! byte, not only an ack, is proof of life and resets the count: a large frame arriving slowly
+//! keeps its connection alive while it moves (the ack sits behind it on the stream).
+//!
+//! # Idle eviction
+//!
+//! A server's connection is idle when nothing has been read from it and no request has been in
+//! flight for `idle_timeout` (as gRPC's MAX_CONNECTION_IDLE, which counts only time with no
+//! outstanding call): the driver calls [`Liveness::busy`] while requests run.
 
 use std::time::Duration;
 
@@ -40,6 +47,8 @@ pub struct Liveness {
     heartbeat: Option<HeartbeatConfig>,
     idle_timeout: Option<Duration>,
     last_read: Instant,
+    /// The idle clock's start: the later of the last read and the last moment requests were in flight.
+    idle_since: Instant,
     awaiting_ack: Option<Instant>,
     failures: u32,
     next_heartbeat_id: u64,
@@ -53,17 +62,24 @@ impl Liveness {
             heartbeat: heartbeat.filter(|h| h.enabled),
             idle_timeout,
             last_read: now,
+            idle_since: now,
             awaiting_ack: None,
             failures: 0,
             next_heartbeat_id: 1,
         }
     }
 
-    /// A frame was read at `now`: proof of life.
-    pub fn on_frame_read(&mut self, now: Instant) {
+    /// Bytes were read at `now`: proof of life.
+    pub fn on_read(&mut self, now: Instant) {
         self.last_read = now;
+        self.idle_since = self.idle_since.max(now);
         self.awaiting_ack = None;
         self.failures = 0;
+    }
+
+    /// Requests were in flight at `now`: the connection is not idle, and its idle clock restarts.
+    pub fn busy(&mut self, now: Instant) {
+        self.idle_since = self.idle_since.max(now);
     }
 
     /// When the last frame was read.
@@ -78,7 +94,7 @@ impl Liveness {
 
     /// The earliest instant at which [`Liveness::poll`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let idle = self.idle_timeout.map(|t| self.last_read + t);
+        let idle = self.idle_timeout.map(|t| self.idle_since + t);
         let hb = self.heartbeat.as_ref().map(|h| match self.awaiting_ack {
             Some(deadline) => deadline,
             // After a miss, the connection is already idle past `interval`: the next heartbeat is due now.
@@ -93,7 +109,9 @@ impl Liveness {
     /// What is due at `now`. Call until it returns `None`.
     pub fn poll(&mut self, now: Instant) -> Option<LivenessAction> {
         if let Some(t) = self.idle_timeout {
-            if now >= self.last_read + t {
+            if now >= self.idle_since + t {
+                // Once: the driver drains the connection, and the clock has nothing left to say.
+                self.idle_timeout = None;
                 return Some(LivenessAction::Close(CloseReason::IdleTimeout));
             }
         }
@@ -145,30 +163,50 @@ impl WriteStall {
     }
 }
 
-/// Tracks how long a partially received frame has been waiting for the rest of its bytes.
+/// Judges a partially received frame by the rate its bytes arrive, as Kestrel's
+/// MinRequestBodyDataRate: a frame may take as long as it needs while its bytes keep coming at
+/// `min_rate` bytes per second or faster, measured from its first byte and forgiven for the first
+/// `grace`. So a 4 MiB frame on a slow but moving link completes, and a slowloris trickle is cut
+/// off soon after the grace period.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PartialFrame {
     since: Option<Instant>,
+    bytes: u64,
 }
 
 impl PartialFrame {
-    /// After decoding: `buffered` bytes of an incomplete frame remain at `now`.
+    /// After decoding: `buffered` bytes of an incomplete frame remain at `now` (0: none).
     pub fn on_decoded(&mut self, buffered: usize, now: Instant) {
         if buffered == 0 {
             self.since = None;
-        } else {
-            self.since.get_or_insert(now);
+            self.bytes = 0;
+        } else if self.since.is_none() {
+            self.since = Some(now);
+            self.bytes = buffered as u64;
+        }
+    }
+
+    /// `n` more bytes of the incomplete frame arrived.
+    pub fn on_bytes(&mut self, n: usize) {
+        if self.since.is_some() {
+            self.bytes += n as u64;
         }
     }
 
     /// A complete frame was decoded, so the next partial frame starts its own clock.
     pub fn on_frame(&mut self) {
         self.since = None;
+        self.bytes = 0;
     }
 
-    /// When the partial frame times out.
-    pub fn deadline(&self, timeout: Duration) -> Option<Instant> {
-        self.since.map(|s| s + timeout)
+    /// When the frame falls below the minimum rate if no more bytes arrive (`min_rate` 0: never).
+    pub fn deadline(&self, grace: Duration, min_rate: u32) -> Option<Instant> {
+        let since = self.since?;
+        if min_rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(self.bytes as f64 / f64::from(min_rate));
+        Some(since + grace.max(earned))
     }
 }
 
@@ -245,7 +283,7 @@ mod tests {
             Some(LivenessAction::SendHeartbeat { .. })
         ));
         // A response (not an ack) arrives: proof of life.
-        l.on_frame_read(t0 + ms(170));
+        l.on_read(t0 + ms(170));
         assert_eq!(l.failures(), 0);
         assert_eq!(l.poll(t0 + ms(269)), None);
         assert!(matches!(
@@ -263,7 +301,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, Some(hb(100, 50, 3)), None);
         for i in 1..100 {
-            l.on_frame_read(t0 + ms(i * 60));
+            l.on_read(t0 + ms(i * 60));
             assert_eq!(l.poll(t0 + ms(i * 60 + 59)), None);
         }
     }
@@ -282,7 +320,7 @@ mod tests {
     fn idle_eviction_at_idle_timeout_since_last_read() {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, None, Some(ms(300)));
-        l.on_frame_read(t0 + ms(100));
+        l.on_read(t0 + ms(100));
         assert_eq!(l.next_deadline(), Some(t0 + ms(400)));
         assert_eq!(l.poll(t0 + ms(399)), None);
         assert_eq!(
@@ -304,11 +342,60 @@ mod tests {
         let mut p = PartialFrame::default();
         p.on_decoded(3, t0);
         p.on_decoded(5, t0 + ms(50));
-        assert_eq!(p.deadline(ms(100)), Some(t0 + ms(100)));
+        // 3 bytes at 100 B/s earn 30 ms, less than the grace.
+        assert_eq!(p.deadline(ms(100), 100), Some(t0 + ms(100)));
         p.on_frame();
         p.on_decoded(2, t0 + ms(60));
-        assert_eq!(p.deadline(ms(100)), Some(t0 + ms(160)));
+        assert_eq!(p.deadline(ms(100), 100), Some(t0 + ms(160)));
         p.on_decoded(0, t0 + ms(70));
-        assert_eq!(p.deadline(ms(100)), None);
+        assert_eq!(p.deadline(ms(100), 100), None);
+    }
+
+    #[test]
+    fn a_large_frame_arriving_at_the_minimum_rate_is_never_cut_off_and_a_trickle_is() {
+        let t0 = Instant::now();
+        let (grace, rate) = (Duration::from_secs(5), 240);
+        // 100 KB/s for 40 s: a 4 MiB frame on a slow link. Its deadline stays ahead of the clock.
+        let mut p = PartialFrame::default();
+        p.on_decoded(16, t0);
+        for s in 1..=40u64 {
+            p.on_bytes(100_000);
+            let now = t0 + Duration::from_secs(s);
+            assert!(p.deadline(grace, rate).unwrap() > now, "cut off at {s} s");
+        }
+        // One byte a second: cut off once the grace is over and the bytes stop earning time.
+        let mut p = PartialFrame::default();
+        p.on_decoded(1, t0);
+        let mut cut = None;
+        for s in 1..=60u64 {
+            p.on_bytes(1);
+            let now = t0 + Duration::from_secs(s);
+            if p.deadline(grace, rate).unwrap() <= now {
+                cut = Some(s);
+                break;
+            }
+        }
+        assert_eq!(cut, Some(5));
+        assert_eq!(PartialFrame::default().deadline(grace, 0), None);
+    }
+
+    #[test]
+    fn idle_counts_only_time_with_nothing_read_and_nothing_in_flight() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(t0, None, Some(ms(500)));
+        // A request runs from 100 ms to 1100 ms: the driver reports it busy on each pass.
+        l.on_read(t0 + ms(100));
+        for t in [400, 700, 1000, 1100] {
+            l.busy(t0 + ms(t));
+            assert_eq!(l.poll(t0 + ms(t)), None, "evicted at {t} ms with a request in flight");
+        }
+        assert_eq!(l.next_deadline(), Some(t0 + ms(1600)));
+        assert_eq!(l.poll(t0 + ms(1599)), None);
+        assert_eq!(
+            l.poll(t0 + ms(1600)),
+            Some(LivenessAction::Close(CloseReason::IdleTimeout))
+        );
+        // Once only: the driver is draining by then.
+        assert_eq!(l.poll(t0 + ms(5000)), None);
     }
 }

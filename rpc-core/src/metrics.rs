@@ -15,6 +15,8 @@ pub const HEARTBEATS_ACKED: &str = "tether_heartbeats_acked_total";
 pub const HEARTBEATS_FAILED: &str = "tether_heartbeats_failed_total";
 /// GOAWAY frames received, labels `side`, `reason`.
 pub const GOAWAY_RECEIVED: &str = "tether_goaway_received_total";
+/// Requests or responses refused alone (over a metadata limit) with their connection kept, label `side`.
+pub const FRAMES_REJECTED: &str = "tether_frames_rejected_total";
 
 /// Which side of a connection a driver runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +68,11 @@ impl ConnectionMetrics {
         counter!(CONNECTIONS_CLOSED, labels.iter()).increment(1);
     }
 
+    /// Counts a frame refused alone (a rare path: the handle is looked up here).
+    pub(crate) fn frame_rejected(&self) {
+        counter!(FRAMES_REJECTED, "side" => self.side.as_str()).increment(1);
+    }
+
     pub(crate) fn goaway_received(&self, reason: crate::GoAwayReason) {
         counter!(GOAWAY_RECEIVED, "side" => self.side.as_str(), "reason" => reason.as_str()).increment(1);
     }
@@ -75,22 +82,6 @@ impl ConnectionMetrics {
 pub const REQUESTS: &str = "tether_requests_total";
 /// Request latency in seconds, labels `side`, `method`.
 pub const REQUEST_DURATION: &str = "tether_request_duration_seconds";
-
-/// The codes that get their own counter; anything else counts as `UNKNOWN`.
-const CODES: [crate::Code; 12] = [
-    crate::Code::Ok,
-    crate::Code::ServerBusy,
-    crate::Code::DeadlineExceeded,
-    crate::Code::NotFound,
-    crate::Code::ApplicationError,
-    crate::Code::ProtocolError,
-    crate::Code::InvalidArgument,
-    crate::Code::Unauthenticated,
-    crate::Code::PermissionDenied,
-    crate::Code::Unavailable,
-    crate::Code::Cancelled,
-    crate::Code::Internal,
-];
 
 /// Handles for one method: a latency histogram and a counter per status code, registered once
 /// when the method is first seen.
@@ -118,12 +109,15 @@ impl RequestMetrics {
         }
     }
 
-    /// Records one finished request. A server passes `method = "unknown"` for NOT_FOUND so that
-    /// clients cannot grow the label set without bound.
+    /// Records one finished request. A server passes `method = "unknown"` for any method it does
+    /// not serve, so that clients cannot grow the label set without bound.
     pub fn record(&self, method: &str, code: crate::Code, elapsed: std::time::Duration) {
         let handles = self.handles(method);
         handles.duration.record(elapsed.as_secs_f64());
-        let i = CODES.iter().position(|c| *c == code).unwrap_or(CODES.len());
+        let i = crate::Code::ALL
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(crate::Code::ALL.len());
         handles.by_code[i].increment(1);
     }
 
@@ -136,11 +130,11 @@ impl RequestMetrics {
             .or_insert_with(|| {
                 let side = self.side.as_str();
                 let m = method.to_string();
-                let mut by_code: Vec<Counter> = CODES
+                let mut by_code: Vec<Counter> = crate::Code::ALL
                     .iter()
                     .map(|c| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => c.to_string()))
                     .collect();
-                by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => "UNKNOWN"));
+                by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => "UNRECOGNIZED"));
                 let duration = metrics::histogram!(REQUEST_DURATION, "side" => side, "method" => m);
                 std::sync::Arc::new(MethodHandles { duration, by_code })
             })

@@ -114,7 +114,7 @@ async fn call(handle: &ConnectionHandle) {
             payload: Bytes::from_static(b"x"),
         },
         deadline: None,
-        reply: Some(tx),
+        reply: rpc_core::driver::Reply::Response(tx),
     };
     assert!(handle.send(msg).await.is_ok());
     rx.await.unwrap().unwrap();
@@ -127,6 +127,7 @@ fn ok(id: u64) -> Frame {
         message: String::new(),
         metadata: Metadata::new(),
         payload: Bytes::new(),
+        not_executed: false,
     })
 }
 

@@ -42,6 +42,7 @@ fn every_kind() -> Vec<Frame> {
             message: String::new(),
             metadata: Metadata::new(),
             payload: Bytes::from(vec![7u8; 1000]),
+            not_executed: false,
         }),
         Frame::Response(ResponseFrame {
             id: 43,
@@ -49,6 +50,7 @@ fn every_kind() -> Vec<Frame> {
             message: "the disk is full — ünïcode".into(),
             metadata: metadata(),
             payload: Bytes::new(),
+            not_executed: true,
         }),
         Frame::Response(ResponseFrame {
             id: 44,
@@ -56,6 +58,7 @@ fn every_kind() -> Vec<Frame> {
             message: String::new(),
             metadata: Metadata::new(),
             payload: Bytes::new(),
+            not_executed: false,
         }),
         Frame::Heartbeat { id: 9 },
         Frame::HeartbeatAck { id: 9 },
@@ -75,6 +78,8 @@ fn every_kind() -> Vec<Frame> {
             max_concurrent_requests: Some(1024),
             heartbeat_interval: Some(Duration::from_secs(15)),
             max_metadata_entries: Some(64),
+            max_metadata_bytes: Some(16 * 1024),
+            max_requests_per_connection: Some(512),
         }),
         Frame::Settings(Settings::default()),
     ]
@@ -165,6 +170,17 @@ fn header(magic: u8, version: u8, kind: u8, len: u32) -> BytesMut {
     b.put_u64(1);
     b.put_u32(len);
     b
+}
+
+/// A frame refused on its own: its bytes consumed, the stream still in sync.
+fn rejected(buf: &mut BytesMut, codec: &mut FrameCodec) -> ProtocolError {
+    match codec.decode(buf) {
+        Err(CodecError::Rejected { id: 1, error, .. }) => {
+            assert!(buf.is_empty(), "the refused frame's bytes are consumed");
+            error
+        }
+        other => panic!("expected a refused frame, got {other:?}"),
+    }
 }
 
 fn protocol_error(buf: &mut BytesMut, codec: &mut FrameCodec) -> ProtocolError {
@@ -261,9 +277,61 @@ fn too_many_metadata_entries_rejected() {
     let mut codec = FrameCodec::default();
     codec.set_max_metadata_entries(4);
     assert_eq!(
-        protocol_error(&mut buf, &mut codec),
+        rejected(&mut buf, &mut codec),
         ProtocolError::TooManyMetadataEntries { count: 10, max: 4 }
     );
+}
+
+#[test]
+fn a_frame_refused_for_its_metadata_leaves_the_next_frame_decodable() {
+    let mut m = Metadata::new();
+    for i in 0..10 {
+        m.insert(format!("k{i}"), Bytes::new());
+    }
+    let bad = Frame::Request(RequestFrame {
+        id: 1,
+        method: "/a.B/C".into(),
+        metadata: m,
+        ..Default::default()
+    });
+    let good = Frame::Heartbeat { id: 3 };
+    let mut buf = encode_all(&[bad, good.clone()]);
+    let mut codec = FrameCodec::default();
+    codec.set_max_metadata_entries(4);
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(CodecError::Rejected { id: 1, .. })
+    ));
+    assert_eq!(codec.decode(&mut buf).unwrap(), Some(good));
+}
+
+#[test]
+fn the_encoder_checks_the_peer_metadata_limits_before_writing() {
+    let mut m = Metadata::new();
+    for i in 0..5 {
+        m.insert(format!("k{i}"), Bytes::from_static(b"vv"));
+    }
+    let frame = Frame::Request(RequestFrame {
+        id: 1,
+        method: "/a.B/C".into(),
+        metadata: m,
+        ..Default::default()
+    });
+    let mut codec = FrameCodec::default();
+    let mut out = BytesMut::new();
+    codec.set_max_send_metadata(4, usize::MAX);
+    assert_eq!(
+        codec.encode_frame(&frame, &mut out),
+        Err(ProtocolError::TooManyMetadataEntries { count: 5, max: 4 })
+    );
+    codec.set_max_send_metadata(64, 19);
+    assert_eq!(
+        codec.encode_frame(&frame, &mut out),
+        Err(ProtocolError::MetadataTooLarge { max: 19 })
+    );
+    assert!(out.is_empty(), "nothing written");
+    codec.set_max_send_metadata(64, 20);
+    codec.encode_frame(&frame, &mut out).unwrap();
 }
 
 #[test]
@@ -329,7 +397,7 @@ fn metadata_over_the_byte_cap_is_rejected() {
     codec.set_max_metadata_bytes(1024);
     let mut buf = bytes.clone();
     assert_eq!(
-        protocol_error(&mut buf, &mut codec),
+        rejected(&mut buf, &mut codec),
         ProtocolError::MetadataTooLarge { max: 1024 }
     );
     codec.set_max_metadata_bytes(4096);

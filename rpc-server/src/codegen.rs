@@ -29,13 +29,15 @@ where
         })
     });
     if let Some(e) = decode_error {
+        // Not marked as entered: the client is told the handler did not run.
         return Err(Status::invalid_argument(format!("request body did not decode: {e}")));
     }
+    crate::entry::mark();
     let response = handler(request).await?;
     Ok(response.map(|m| Bytes::from(m.encode_to_vec())))
 }
 
-/// NOT_FOUND for a method the service does not have.
+/// UNIMPLEMENTED for a method the service does not have (not executed).
 pub async fn not_found(request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
-    Err(Status::not_found(request.method()))
+    Err(Status::unknown_method(request.method()))
 }

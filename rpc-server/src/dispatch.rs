@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
@@ -18,6 +19,8 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tower::util::{BoxCloneService, Oneshot, ServiceExt};
 use tower::Service;
+
+use crate::router::Router;
 
 /// The server's service after its layers: errors are boxed so tower middleware can add its own.
 pub(crate) type ServerService = BoxCloneService<Request<Bytes>, rpc_core::Response<Bytes>, BoxError>;
@@ -54,6 +57,8 @@ pub(crate) struct ServerDispatch {
     /// This connection's own cap on requests in flight.
     per_connection: Arc<Semaphore>,
     metrics: Arc<RequestMetrics>,
+    /// The routes, to label metrics with served methods only.
+    router: Router,
     /// Requests accepted from the current read, not yet spawned.
     batch: Vec<Work>,
 }
@@ -89,6 +94,7 @@ impl ServerDispatch {
         limit: Arc<Semaphore>,
         per_connection: Arc<Semaphore>,
         metrics: Arc<RequestMetrics>,
+        router: Router,
     ) -> Self {
         ServerDispatch {
             service,
@@ -96,7 +102,17 @@ impl ServerDispatch {
             limit,
             per_connection,
             metrics,
+            router,
             batch: Vec::new(),
+        }
+    }
+
+    /// The metric label for `method`: itself if the server serves it, else `unknown`.
+    fn label<'a>(&self, method: &'a str) -> &'a str {
+        if self.router.serves(method) {
+            method
+        } else {
+            "unknown"
         }
     }
 
@@ -128,15 +144,18 @@ impl Dispatch for ServerDispatch {
     ) -> Option<ResponseFrame> {
         // Never an unbounded queue: over either limit the client learns at once that nothing ran.
         let Ok(conn_permit) = self.per_connection.clone().try_acquire_owned() else {
-            self.metrics.record(&frame.method, Code::ServerBusy, Duration::ZERO);
+            self.metrics
+                .record(self.label(&frame.method), Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("connection at max_requests_per_connection"));
         };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-            self.metrics.record(&frame.method, Code::ServerBusy, Duration::ZERO);
+            self.metrics
+                .record(self.label(&frame.method), Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
         let deadline = frame.timeout.map(|t| received_at + t);
         let method = frame.method.clone();
+        let known = self.router.serves(&method);
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
@@ -145,10 +164,12 @@ impl Dispatch for ServerDispatch {
         let span = tracing::debug_span!("request", %method, id = responder.id());
         let work = async move {
             let _permits = (permit, conn_permit);
+            // Labels only from the server's own methods, so peers cannot grow the label set.
+            let label = if known { method.as_str() } else { "unknown" };
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                metrics.record(&method, Code::DeadlineExceeded, received_at.elapsed());
+                metrics.record(label, Code::DeadlineExceeded, received_at.elapsed());
                 responder
-                    .error(Status::deadline_exceeded("deadline passed before the handler started"))
+                    .refuse(Status::deadline_exceeded("deadline passed before the handler started"))
                     .await;
                 return;
             }
@@ -158,33 +179,41 @@ impl Dispatch for ServerDispatch {
                     Started::Waiting(oneshot) => oneshot.await,
                 }
             };
-            let result = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, call).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
-                },
-                None => call.await,
+            let timed = async move {
+                match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
+                    },
+                    None => call.await,
+                }
             };
+            let (result, entered) = crate::entry::track(timed).await;
             match result {
                 Ok(resp) => {
-                    metrics.record(&method, Code::Ok, received_at.elapsed());
+                    metrics.record(label, Code::Ok, received_at.elapsed());
                     let (metadata, body) = resp.into_parts();
                     responder.ok(metadata, body).await;
                 }
                 Err(e) => {
                     let status = status_from_error(e);
-                    // Unknown methods share one label, so clients cannot grow the label set.
-                    let label = if status.code() == Code::NotFound {
-                        "unknown"
-                    } else {
-                        method.as_str()
-                    };
                     metrics.record(label, status.code(), received_at.elapsed());
-                    responder.error(status).await;
+                    if entered {
+                        responder.error(status).await;
+                    } else {
+                        // Refused by a layer, no such method, body not decoded, or the deadline
+                        // passed while waiting: the handler never ran.
+                        responder.refuse(status).await;
+                    }
                 }
             }
         };
-        self.batch.push(Box::pin(tracing::Instrument::instrument(work, span)));
+        // Each request on its own: a panic fails that request alone (its responder, dropped while
+        // unwinding, answers INTERNAL, "may have executed"), never the others of its batch.
+        let work = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(work, span))
+            .catch_unwind()
+            .map(|_| ());
+        self.batch.push(Box::pin(work));
         if self.batch.len() >= MAX_BATCH {
             self.spawn_batch(tasks);
         }

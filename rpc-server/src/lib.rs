@@ -28,6 +28,7 @@
 pub mod codegen;
 mod config;
 mod dispatch;
+mod entry;
 mod router;
 mod server;
 

@@ -16,6 +16,12 @@ use tower::Service;
 pub trait NamedService {
     /// `package.Service`.
     const NAME: &'static str;
+    /// True when the service itself marks the moment its handler is entered (generated code does,
+    /// after the request body decoded), so that a body that does not decode is answered "not
+    /// executed". Leave it `false` in a hand-written service: the router then marks entry when it
+    /// starts the service, and every error the service returns counts as "may have executed".
+    #[doc(hidden)]
+    const MARKS_ENTRY: bool = false;
 }
 
 /// The future of a handler started by the router.
@@ -42,8 +48,26 @@ where
 /// The shared form of every handler service.
 pub type BoxHandler = Arc<dyn Handler>;
 
+/// A handler that does not mark its own entry (see [`crate::entry`]): its entry is marked when its
+/// future is first polled, before any of its code runs.
+struct MarksEntry<S>(S);
+
+impl<S> Handler for MarksEntry<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+{
+    fn start(&self, req: Request<Bytes>) -> HandlerFuture {
+        let fut = self.0.clone().oneshot(req);
+        Box::pin(async move {
+            crate::entry::mark();
+            fut.await
+        })
+    }
+}
+
 /// Maps method paths to handlers: whole services by name, or single methods by path. Unknown
-/// methods are answered NOT_FOUND.
+/// methods are answered UNIMPLEMENTED (and "not executed").
 #[derive(Clone, Default)]
 pub struct Router {
     services: Arc<HashMap<String, BoxHandler>>,
@@ -76,7 +100,12 @@ impl Router {
             + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), Arc::new(svc) as BoxHandler);
+        let handler: BoxHandler = if S::MARKS_ENTRY {
+            Arc::new(svc)
+        } else {
+            Arc::new(MarksEntry(svc))
+        };
+        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), handler);
         self
     }
 
@@ -86,8 +115,13 @@ impl Router {
         S: Service<Request<Bytes>, Response = Response<Bytes>, Error = Status> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
     {
-        Arc::make_mut(&mut self.methods).insert(path.into(), Arc::new(svc) as BoxHandler);
+        Arc::make_mut(&mut self.methods).insert(path.into(), Arc::new(MarksEntry(svc)) as BoxHandler);
         self
+    }
+
+    /// True when a handler serves `method` (metric labels use only such paths).
+    pub(crate) fn serves(&self, method: &str) -> bool {
+        self.find(method).is_some()
     }
 
     fn find(&self, method: &str) -> Option<&BoxHandler> {
@@ -108,7 +142,7 @@ mod future {
     use super::*;
 
     pin_project_lite::pin_project! {
-        /// The router's future: the handler's, or an immediate NOT_FOUND.
+        /// The router's future: the handler's, or an immediate UNIMPLEMENTED.
         #[project = RouterFutureProj]
         pub enum RouterFuture {
             /// The handler runs.
@@ -152,7 +186,7 @@ impl Service<Request<Bytes>> for Router {
         match self.find(req.method()) {
             Some(h) => RouterFuture::Handler { fut: h.start(req) },
             None => RouterFuture::NotFound {
-                status: Some(Status::not_found(req.method())),
+                status: Some(Status::unknown_method(req.method())),
             },
         }
     }

@@ -139,6 +139,7 @@ impl<L> ServerBuilder<L> {
     {
         self.config.validate()?;
         let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
+        let router = self.router.clone();
         let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
@@ -157,6 +158,7 @@ impl<L> ServerBuilder<L> {
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
             config: self.config,
             service,
+            router,
             stateless: !self.layered,
             events: events.clone(),
             shutdown: shutdown.clone(),
@@ -244,6 +246,7 @@ struct AcceptLoop {
     listener: TcpListener,
     config: ServerConfig,
     service: ServerService,
+    router: Router,
     /// The stack is the router alone (no layers): see `ServerBuilder::layered`.
     stateless: bool,
     limit: Arc<Semaphore>,
@@ -309,6 +312,8 @@ impl AcceptLoop {
             max_concurrent_requests: Some(u32::try_from(c.max_concurrent_requests).unwrap_or(u32::MAX)),
             heartbeat_interval: None,
             max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
+            max_metadata_bytes: Some(u32::try_from(c.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
+            max_requests_per_connection: Some(u32::try_from(c.max_requests_per_connection).unwrap_or(u32::MAX)),
         };
         let dispatch = ServerDispatch::new(
             self.service.clone(),
@@ -316,6 +321,7 @@ impl AcceptLoop {
             self.limit.clone(),
             Arc::new(Semaphore::new(c.max_requests_per_connection)),
             self.metrics.clone(),
+            self.router.clone(),
         );
         let kill = self.kill.clone();
         let registry = self.registry.clone();

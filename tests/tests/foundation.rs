@@ -156,7 +156,7 @@ async fn responses_arrive_in_any_order_on_one_connection() {
 }
 
 #[tokio::test]
-async fn unknown_method_is_not_found_and_handler_error_is_application_error() {
+async fn unknown_method_is_unimplemented_and_handler_error_is_application_error() {
     let server = echo_server(ServerConfig::default()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
 
@@ -164,15 +164,18 @@ async fn unknown_method_is_not_found_and_handler_error_is_application_error() {
         .unary(Request::new("/echo.Echo/NoSuchMethod", Bytes::new()))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.code(), Code::Unimplemented);
     assert!(err.as_status().unwrap().message().contains("/echo.Echo/NoSuchMethod"));
-    assert!(!err.may_have_executed(), "NOT_FOUND proves nothing ran");
+    assert!(
+        !err.may_have_executed(),
+        "UNIMPLEMENTED from the runtime proves nothing ran"
+    );
 
     let err = client
         .unary(Request::new("/no.Such/Service", Bytes::new()))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.code(), Code::Unimplemented);
 
     let mut echo = EchoClient::new(client);
     let err = echo
@@ -382,7 +385,7 @@ async fn oneway_requests_arrive() {
         .unary(Request::new("/log.Log/Nope", Bytes::new()))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.code(), Code::Unimplemented);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,11 +61,12 @@ async fn connections_over_max_connections_are_refused_and_the_first_keep_working
 }
 
 #[tokio::test]
-async fn a_frame_trickled_one_byte_per_second_is_closed_at_the_partial_frame_timeout() {
+async fn a_frame_trickled_one_byte_per_second_is_closed_after_the_partial_frame_grace() {
+    // One byte a second is far below the minimum rate: cut off when the grace ends.
     let timeout = ms(2500);
     let config = ServerConfig {
         connection: ConnectionConfig {
-            partial_frame_timeout: timeout,
+            partial_frame_grace: timeout,
             ..ConnectionConfig::default()
         },
         ..ServerConfig::default()

@@ -235,6 +235,7 @@ async fn raw_server_losing_acks(lose: u64) -> std::net::SocketAddr {
                         message: String::new(),
                         metadata: Metadata::new(),
                         payload: r.payload,
+                        not_executed: false,
                     };
                     peer.send(Frame::Response(resp)).await;
                 }

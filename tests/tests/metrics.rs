@@ -123,7 +123,7 @@ async fn each_scenario_moves_its_own_metric() {
     );
     assert!(m.counter("tether_connections_opened_total", &[("side", "server")]) >= 1);
 
-    // NOT_FOUND is counted under one `unknown` method label on the server.
+    // A method the server does not serve is counted under one `unknown` method label.
     client
         .unary(Request::new("/no.Such/Method", Bytes::new()))
         .await
@@ -131,7 +131,7 @@ async fn each_scenario_moves_its_own_metric() {
     assert_eq!(
         m.counter(
             "tether_requests_total",
-            &[("side", "server"), ("method", "unknown"), ("code", "NOT_FOUND")]
+            &[("side", "server"), ("method", "unknown"), ("code", "UNIMPLEMENTED")]
         ),
         1
     );
@@ -260,7 +260,7 @@ async fn each_scenario_moves_its_own_metric() {
     .unwrap();
     assert!(m.counter("tether_client_reconnect_attempts_total", &[("result", "failed")]) > before);
 
-    // Retries by cause: UNAVAILABLE proves the request did not run, so the client retries it.
+    // Retries by cause.
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = calls.clone();
     let flaky = Server::builder()
@@ -282,10 +282,10 @@ async fn each_scenario_moves_its_own_metric() {
         .unwrap();
     let before = m.counter("tether_client_retries_total", &[("cause", "status")]);
     let flaky_client = Client::connect(flaky.local_addr(), quiet_client()).await.unwrap();
-    flaky_client
-        .unary(Request::new("/t.T/Flaky", Bytes::new()))
-        .await
-        .unwrap();
+    // The handler ran and said UNAVAILABLE: only an idempotent request is tried again.
+    let mut req = Request::new("/t.T/Flaky", Bytes::new());
+    req.set_idempotent(true);
+    flaky_client.unary(req).await.unwrap();
     assert_eq!(
         m.counter("tether_client_retries_total", &[("cause", "status")]),
         before + 1

@@ -350,11 +350,16 @@ impl ConnectionHolder {
                 Next::Use(addr, conn) => return Ok((addr, conn)),
                 // Boxed: connecting is rare, and inline its state would make every checkout's
                 // future (and so every request's) kilobytes larger.
-                Next::Connect(addr) => match Box::pin(self.inner.connect_endpoint(addr, Some(limit))).await {
-                    Ok(conn) => return Ok((addr, conn)),
-                    Err(e) if Instant::now() >= limit => return Err(e),
-                    Err(e) => last_error = Some(e), // backoff recorded; another endpoint may be due
-                },
+                Next::Connect(addr) => {
+                    // Made before the first await: if this checkout is dropped at any point from
+                    // here on, the guard lowers the endpoint's `connecting` count again.
+                    let guard = Connecting::new(self.inner.clone(), addr);
+                    match Box::pin(self.inner.connect_endpoint(guard, Some(limit))).await {
+                        Ok(conn) => return Ok((addr, conn)),
+                        Err(e) if Instant::now() >= limit => return Err(e),
+                        Err(e) => last_error = Some(e), // backoff recorded; another endpoint may be due
+                    }
+                }
                 Next::Wait => continue, // handled above
                 Next::Unavailable => return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false))),
             }
@@ -484,8 +489,14 @@ impl Inner {
         decision
     }
 
-    /// One connect attempt to `addr`, whose `connecting` count the caller has already raised.
-    async fn connect_endpoint(&self, addr: SocketAddr, deadline: Option<Instant>) -> Result<ConnectionHandle, Error> {
+    /// One connect attempt to the guard's endpoint, whose `connecting` count the caller has
+    /// already raised; the guard lowers it however this ends.
+    async fn connect_endpoint(
+        &self,
+        mut guard: Connecting,
+        deadline: Option<Instant>,
+    ) -> Result<ConnectionHandle, Error> {
+        let addr = guard.addr;
         let result = connect(
             addr,
             &self.config,
@@ -498,6 +509,7 @@ impl Inner {
         let mut event = None;
         {
             let mut eps = self.lock();
+            guard.armed = false; // lowered here, under the same lock as the outcome
             if let Some(e) = eps.iter_mut().find(|e| e.addr == addr) {
                 e.connecting = e.connecting.saturating_sub(1);
                 match &result {
@@ -595,8 +607,9 @@ impl Inner {
         self.publish_pool_sizes();
         for addr in to_connect {
             let inner = self.clone();
+            let guard = Connecting::new(self.clone(), addr);
             tokio::spawn(async move {
-                let _ = inner.connect_endpoint(addr, None).await;
+                let _ = inner.connect_endpoint(guard, None).await;
             });
         }
         next_due
@@ -623,6 +636,38 @@ impl Inner {
         if changed {
             self.publish_pool_sizes();
         }
+    }
+}
+
+/// One raised `connecting` count of an endpoint. A connect attempt that finishes lowers it with its
+/// outcome; one that is dropped first (its caller cancelled, its task aborted) lowers it here and
+/// wakes whoever waits for a connect, so a cancelled caller never wedges the endpoint.
+struct Connecting {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    armed: bool,
+}
+
+impl Connecting {
+    fn new(inner: Arc<Inner>, addr: SocketAddr) -> Self {
+        Connecting {
+            inner,
+            addr,
+            armed: true,
+        }
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(e) = self.inner.lock().iter_mut().find(|e| e.addr == self.addr) {
+            e.connecting = e.connecting.saturating_sub(1);
+        }
+        self.inner.connect_done.notify_waiters();
+        self.inner.wake.notify_one();
     }
 }
 

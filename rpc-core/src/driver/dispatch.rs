@@ -59,10 +59,18 @@ impl Responder {
     }
 
     /// Answers at once from the I/O task (for example SERVER_BUSY) without running anything: returns
-    /// the frame for the driver to write, or `None` for a oneway request.
+    /// the frame for the driver to write, flagged "not executed", or `None` for a oneway request.
     pub fn immediate(mut self, status: Status) -> Option<ResponseFrame> {
         self.tx = None;
-        (!self.oneway).then(|| status_frame(self.id, status))
+        (!self.oneway).then(|| refusal_frame(self.id, status))
+    }
+
+    /// Sends an error status for a request whose handler never started, flagged "not executed"
+    /// so the client may retry it. Only the runtime knows this; a handler's own errors go through
+    /// [`Responder::error`].
+    pub async fn refuse(self, status: Status) {
+        let frame = refusal_frame(self.id, status);
+        self.send(frame).await;
     }
 
     /// Sends a successful response.
@@ -74,11 +82,12 @@ impl Responder {
             message: String::new(),
             metadata,
             payload,
+            not_executed: false,
         })
         .await;
     }
 
-    /// Sends an error status.
+    /// Sends an error status; the handler may have run.
     pub async fn error(self, status: Status) {
         let frame = status_frame(self.id, status);
         self.send(frame).await;
@@ -109,7 +118,7 @@ impl Drop for Responder {
     }
 }
 
-/// A response frame for an error status.
+/// A response frame for an error status (the handler may have run).
 pub fn status_frame(id: u64, status: Status) -> ResponseFrame {
     let (code, message, metadata) = status.into_parts();
     ResponseFrame {
@@ -118,5 +127,15 @@ pub fn status_frame(id: u64, status: Status) -> ResponseFrame {
         message,
         metadata,
         payload: bytes::Bytes::new(),
+        not_executed: false,
+    }
+}
+
+/// A response frame for an error status, flagged "not executed": for answers the runtime gives
+/// without starting the handler.
+pub fn refusal_frame(id: u64, status: Status) -> ResponseFrame {
+    ResponseFrame {
+        not_executed: true,
+        ..status_frame(id, status)
     }
 }

@@ -59,12 +59,19 @@ pub enum ConnectionError {
     /// The request's deadline passed before it could be written; nothing was written.
     #[error("deadline passed before the request was written")]
     Expired,
+    /// The response broke a limit of this side (too much metadata) and was refused; the server
+    /// ran the request.
+    #[error("response refused: {0}")]
+    ResponseRejected(ProtocolError),
 }
 
 impl ConnectionError {
     /// True when the peer may have run the request. False proves it did not.
     pub fn may_have_executed(&self) -> bool {
-        matches!(self, ConnectionError::ClosedAfterWrite(_))
+        matches!(
+            self,
+            ConnectionError::ClosedAfterWrite(_) | ConnectionError::ResponseRejected(_)
+        )
     }
 
     /// The close reason, if the connection closed.
@@ -79,6 +86,37 @@ impl ConnectionError {
 /// The answer a caller waits for.
 pub type CallResult = Result<ResponseFrame, ConnectionError>;
 
+/// Where the outcome of a request goes. Every request's reply is answered exactly once.
+#[derive(Debug)]
+pub enum Reply {
+    /// A request's response, or why it has none.
+    Response(oneshot::Sender<CallResult>),
+    /// A oneway request: `Ok` once its frame is written to the socket, or why it never was.
+    Written(oneshot::Sender<Result<(), ConnectionError>>),
+}
+
+impl Reply {
+    /// True when the caller stopped waiting.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Reply::Response(r) => r.is_closed(),
+            Reply::Written(r) => r.is_closed(),
+        }
+    }
+
+    /// Tells the caller why the request fails.
+    pub(crate) fn fail(self, e: ConnectionError) {
+        match self {
+            Reply::Response(r) => {
+                let _ = r.send(Err(e));
+            }
+            Reply::Written(r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
 /// A message for a connection's I/O task.
 #[derive(Debug)]
 pub enum Outbound {
@@ -88,8 +126,8 @@ pub enum Outbound {
         frame: RequestFrame,
         /// The caller's deadline; the remaining time is computed when the request is written.
         deadline: Option<Instant>,
-        /// Where the answer goes.
-        reply: Option<oneshot::Sender<CallResult>>,
+        /// Where the outcome goes.
+        reply: Reply,
     },
     /// Send a response.
     Response(ResponseFrame),

@@ -37,8 +37,8 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
-pub use dispatch::{status_frame, Dispatch, Responder};
-pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound};
+pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder};
+pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound, Reply};
 use handle::{OutboundSender, Shared};
 use queue::OutboundReceiver;
 
@@ -46,7 +46,7 @@ use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
 use crate::error::{CloseReason, CodecError, GoAwayReason, ProtocolError};
 use crate::event::{ConnectionEvent, EventSender};
-use crate::frame::{Frame, GoAway, RequestFrame, ResponseFrame, Settings};
+use crate::frame::{Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings};
 use crate::liveness::{Liveness, LivenessAction, PartialFrame, WriteStall};
 use crate::metrics::{ConnectionMetrics, Side};
 use crate::status::Status;
@@ -191,15 +191,21 @@ pub struct Driver<S> {
     handshake_done: bool,
     next_id: u64,
     pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
+    /// Oneways encoded but not yet written, by the byte offset that completes each.
+    unwritten_oneways: std::collections::VecDeque<(u64, oneshot::Sender<Result<(), ConnectionError>>)>,
     dispatch: Option<Box<dyn Dispatch>>,
     tasks: TaskTracker,
     tasks_idle: Option<BoxFuture>,
     last_request_id: u64,
     goaway_sent: Option<u64>,
+    /// The reason of the drain this side started, if it started one.
+    drain_sent: Option<GoAwayReason>,
     goaway_received: Option<GoAway>,
     drain_deadline: Option<Instant>,
     /// The handshake completed in the read being decoded; `Open` is published after it.
     open_pending: bool,
+    /// `Closed` has been published and everything pending failed (see [`Driver::finish`]).
+    finished: bool,
     /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
     coalesce_armed: bool,
     /// Writes are held until this deferred wake fires.
@@ -216,6 +222,65 @@ pub struct Driver<S> {
     read_quiet: bool,
     write_quiet: bool,
     metrics: ConnectionMetrics,
+}
+
+/// A driver dropped without closing (its task panicked, was aborted, or its runtime shut down)
+/// still tells everyone: `Closed(Aborted)` is published and every pending request fails with what
+/// is known of it (written or not), so no caller waits on a connection that is gone.
+impl<S> Drop for Driver<S> {
+    fn drop(&mut self) {
+        self.finish(CloseReason::Aborted);
+    }
+}
+
+/// What does not touch the stream, so `Drop` can use it too.
+impl<S> Driver<S> {
+    /// Fails everything pending with what is known of it and publishes `Closed`; once per
+    /// connection (a later call does nothing).
+    fn finish(&mut self, reason: CloseReason) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        // Closed is visible before any caller is woken, so a retry never picks this connection.
+        self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
+        let flushed = self.flushed_total;
+        let peer_last = self.goaway_received.as_ref().map(|g| (g.reason, g.last_request_id));
+        for (id, p) in self.pending.drain() {
+            let err = match peer_last {
+                Some((r, last)) if id > last => ConnectionError::GoAway {
+                    reason: r,
+                    last_request_id: last,
+                },
+                _ if flushed >= p.end_offset => ConnectionError::ClosedAfterWrite(reason.clone()),
+                _ => ConnectionError::NotWritten(reason.clone()),
+            };
+            let _ = p.reply.send(Err(err));
+        }
+        self.responder_tx = None;
+        // Oneways still in the write buffer never reached the socket.
+        for (_, written) in self.unwritten_oneways.drain(..) {
+            let _ = written.send(Err(ConnectionError::NotWritten(reason.clone())));
+        }
+        for msg in self.rx.close() {
+            if let Outbound::Request { reply, .. } = msg {
+                reply.fail(ConnectionError::NotWritten(reason.clone()));
+            }
+        }
+        self.tasks.close();
+        self.metrics.closed(&reason);
+        self.emit(ConnectionEvent::Closed {
+            id: self.shared.id,
+            peer: self.cfg.peer,
+            reason,
+        });
+    }
+
+    fn emit(&self, event: ConnectionEvent) {
+        if let Some(tx) = &self.cfg.events {
+            let _ = tx.send(event);
+        }
+    }
 }
 
 impl<S> std::fmt::Debug for Driver<S> {
@@ -294,14 +359,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             handshake_done: false,
             next_id: 1,
             pending: HashMap::default(),
+            unwritten_oneways: Default::default(),
             dispatch,
             tasks: TaskTracker::new(),
             tasks_idle: None,
             last_request_id: 0,
             goaway_sent: None,
+            drain_sent: None,
             goaway_received: None,
             drain_deadline: None,
             open_pending: false,
+            finished: false,
             coalesce_armed: true,
             deferred: None,
             unwritten_frames: 0,
@@ -335,7 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             _ => tracing::debug!(conn, side, %reason, "connection closed"),
         }
         if self.goaway_sent.is_some() && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer) {
-            let mut io = self.io;
+            let io = &mut self.io;
             let _ = tokio::time::timeout(self.cfg.linger, async move {
                 let _ = io.shutdown().await;
                 // On the heap: a buffer in this future would sit in every connection's task.
@@ -504,8 +572,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 },
                 None => CloseReason::PeerClosed,
             }),
-            Poll::Ready(Ok(_)) => {
+            Poll::Ready(Ok(n)) => {
                 self.read_quiet = Self::after_quiet(&mut self.read_at, now);
+                // Bytes are proof of life, whole frames or not.
+                self.liveness.on_read(now);
+                self.partial.on_bytes(n);
                 self.decode_all(now)?;
                 Ok(true)
             }
@@ -535,10 +606,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             match self.codec.decode(&mut self.rbuf) {
                 Ok(Some(frame)) => {
                     self.partial.on_frame();
-                    self.liveness.on_frame_read(now);
                     self.on_frame(frame, now)?;
                 }
                 Ok(None) => break,
+                Err(CodecError::Rejected { kind, id, error }) => {
+                    self.partial.on_frame();
+                    self.on_rejected(kind, id, error)?;
+                }
                 Err(CodecError::Protocol(e)) => return Err(CloseReason::Protocol(e)),
                 Err(CodecError::Io(e)) => return Err(CloseReason::from_io(&e)),
             }
@@ -593,13 +667,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 if self.cfg.side == Side::Client {
                     return Err(ProtocolError::UnexpectedFrame(kind).into());
                 }
-                if r.id <= self.last_request_id {
-                    return Err(ProtocolError::Malformed {
-                        kind,
-                        what: "request id not increasing",
-                    }
-                    .into());
-                }
+                self.check_request_id(kind, r.id)?;
                 if self.goaway_sent.is_some_and(|last| r.id > last) {
                     // Above the id our GOAWAY named: the client knows it was not run and retries it.
                     return Ok(());
@@ -611,6 +679,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         Ok(())
     }
 
+    /// A request or response the codec refused on its own (over a metadata limit): only that call
+    /// fails. A request is answered RESOURCE_EXHAUSTED, "not executed"; a response fails its
+    /// caller with the handler's work possibly done.
+    fn on_rejected(&mut self, kind: FrameKind, id: u64, error: ProtocolError) -> Result<(), CloseReason> {
+        if !self.handshake_done {
+            return Err(ProtocolError::UnexpectedFrame(kind).into());
+        }
+        self.metrics.frame_rejected();
+        match (self.cfg.side, kind) {
+            (Side::Server, FrameKind::Request | FrameKind::Oneway) => {
+                self.check_request_id(kind, id)?;
+                if self.goaway_sent.is_some_and(|last| id > last) {
+                    return Ok(());
+                }
+                self.last_request_id = id;
+                if kind == FrameKind::Request {
+                    let status = Status::resource_exhausted(format!("request refused: {error}"));
+                    self.encode(&Frame::Response(refusal_frame(id, status)));
+                }
+                Ok(())
+            }
+            (Side::Client, FrameKind::Response) => {
+                if let Some(p) = self.pending.remove(&id) {
+                    let _ = p.reply.send(Err(ConnectionError::ResponseRejected(error)));
+                }
+                Ok(())
+            }
+            _ => Err(ProtocolError::UnexpectedFrame(kind).into()),
+        }
+    }
+
+    fn check_request_id(&self, kind: FrameKind, id: u64) -> Result<(), CloseReason> {
+        if id <= self.last_request_id {
+            return Err(ProtocolError::Malformed {
+                kind,
+                what: "request id not increasing",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     fn on_settings(&mut self, s: Settings) -> Result<(), CloseReason> {
         if let Some(max) = s.max_frame_size {
             if max < 64 {
@@ -618,6 +728,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
             self.codec.set_max_send_frame_size(max);
         }
+        // The peer's metadata limits are checked before sending: a call over them fails alone,
+        // locally, never written (a version-1 peer advertises no byte limit).
+        let limit = |v: Option<u32>| v.map_or(usize::MAX, |v| v as usize);
+        self.codec
+            .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
         let _ = self.shared.peer_settings.set(s);
         self.handshake_done = true;
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
@@ -654,6 +769,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             reason: g.reason,
             last_request_id: g.last_request_id,
         });
+        // Draining is visible before any caller is woken, so a retry never picks this connection.
+        if self.goaway_sent.is_none() {
+            self.shared.state.send_replace(ConnectionState::Draining {
+                reason: g.reason,
+                by_peer: true,
+            });
+        }
         // Requests above the peer's last id were not run: fail them now so callers can retry.
         let last = g.last_request_id;
         let not_run: Vec<u64> = self.pending.keys().copied().filter(|id| *id > last).collect();
@@ -664,12 +786,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     last_request_id: last,
                 }));
             }
-        }
-        if self.goaway_sent.is_none() {
-            self.shared.state.send_replace(ConnectionState::Draining {
-                reason: g.reason,
-                by_peer: true,
-            });
         }
         self.drain_deadline
             .get_or_insert(Instant::now() + self.cfg.drain_timeout);
@@ -689,6 +805,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             message: String::new(),
         }));
         self.goaway_sent = Some(last);
+        self.drain_sent = Some(reason);
         if self.goaway_received.is_none() {
             self.shared
                 .state
@@ -707,12 +824,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             return None;
         }
         if self.cfg.side == Side::Server {
-            let tasks = self.tasks.clone();
-            let idle = self
-                .tasks_idle
-                .get_or_insert_with(|| Box::pin(async move { tasks.wait().await }));
-            if idle.as_mut().poll(cx).is_pending() {
-                return None;
+            // The wait future completes once and must not be polled again: once it has, the
+            // tracker is closed and empty for good, which `is_empty` then tells directly.
+            if !self.tasks.is_empty() {
+                let tasks = self.tasks.clone();
+                let idle = self
+                    .tasks_idle
+                    .get_or_insert_with(|| Box::pin(async move { tasks.wait().await }));
+                if idle.as_mut().poll(cx).is_pending() {
+                    return None;
+                }
+                self.tasks_idle = None;
             }
             // A task's response may have been queued between our last pull and its exit.
             if !self.rx.is_empty() {
@@ -729,6 +851,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 reason: g.reason,
                 last_request_id: g.last_request_id,
             },
+            None if self.drain_sent == Some(GoAwayReason::Idle) => CloseReason::IdleTimeout,
             None => CloseReason::Shutdown,
         }
     }
@@ -761,12 +884,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 deadline,
                 reply,
             } => {
-                let fail = |reply: Option<oneshot::Sender<CallResult>>, e: ConnectionError| {
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(e));
-                    }
-                };
-                if reply.as_ref().is_some_and(|r| r.is_closed()) {
+                if reply.is_closed() {
                     return; // the caller gave up before we got to it
                 }
                 if let Some(g) = &self.goaway_received {
@@ -774,34 +892,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                         reason: g.reason,
                         last_request_id: g.last_request_id,
                     };
-                    return fail(reply, e);
+                    return reply.fail(e);
                 }
                 if self.goaway_sent.is_some() || !self.handshake_done {
-                    return fail(reply, ConnectionError::Draining);
+                    return reply.fail(ConnectionError::Draining);
                 }
                 if let Some(d) = deadline {
                     if d <= now {
-                        return fail(reply, ConnectionError::Expired);
+                        return reply.fail(ConnectionError::Expired);
                     }
                     frame.timeout = Some(d - now);
                 }
                 let id = self.next_id;
                 frame.id = id;
                 if let Err(e) = self.try_encode(&Frame::Request(frame)) {
-                    return fail(reply, ConnectionError::Encode(e));
+                    return reply.fail(ConnectionError::Encode(e));
                 }
                 self.next_id += 1;
-                if let Some(reply) = reply {
-                    self.pending.insert(
-                        id,
-                        Pending {
-                            reply,
-                            end_offset: self.enqueued_total,
-                        },
-                    );
+                let end_offset = self.enqueued_total;
+                match reply {
+                    Reply::Response(reply) => {
+                        self.pending.insert(id, Pending { reply, end_offset });
+                    }
+                    Reply::Written(written) => self.unwritten_oneways.push_back((end_offset, written)),
                 }
             }
-            Outbound::Response(r) => self.encode_response(r),
+            Outbound::Response(r) => {
+                // A request just finished: the idle clock counts from here.
+                self.liveness.busy(now);
+                self.encode_response(r);
+            }
         }
     }
 
@@ -863,6 +983,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         self.stall.on_progress();
+        self.confirm_oneways();
         if self.needs_flush {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.needs_flush = false,
@@ -873,7 +994,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         Ok(progressed)
     }
 
+    /// Server: work is in flight (handlers running, responses queued or unwritten), so the
+    /// connection is not idle.
+    fn busy(&self) -> bool {
+        self.cfg.side == Side::Server && (!self.tasks.is_empty() || !self.rx.is_empty() || !self.wbuf.is_empty())
+    }
+
+    /// Tells the callers of oneways whose frames have reached the socket.
+    fn confirm_oneways(&mut self) {
+        while let Some((end, _)) = self.unwritten_oneways.front() {
+            if *end > self.flushed_total {
+                break;
+            }
+            if let Some((_, written)) = self.unwritten_oneways.pop_front() {
+                let _ = written.send(Ok(()));
+            }
+        }
+    }
+
     fn on_timers(&mut self, now: Instant) -> Result<(), CloseReason> {
+        if self.busy() {
+            self.liveness.busy(now);
+        }
         while let Some(action) = self.liveness.poll(now) {
             match action {
                 LivenessAction::SendHeartbeat { id } => {
@@ -889,6 +1031,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                         failures,
                     });
                 }
+                // Idle eviction drains: GOAWAY names the last request taken, and a request the
+                // client sent meanwhile is above it, so the client knows it did not run.
+                LivenessAction::Close(CloseReason::IdleTimeout) => self.start_drain(now, GoAwayReason::Idle),
                 LivenessAction::Close(reason) => {
                     if reason == CloseReason::HeartbeatTimeout {
                         self.metrics.heartbeats_failed.increment(1);
@@ -906,7 +1051,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if self.stall.deadline(c.write_stall_timeout).is_some_and(|d| now >= d) {
             return Err(CloseReason::SlowConsumer);
         }
-        if self.partial.deadline(c.partial_frame_timeout).is_some_and(|d| now >= d) {
+        if self
+            .partial
+            .deadline(c.partial_frame_grace, c.min_receive_rate)
+            .is_some_and(|d| now >= d)
+        {
             return Err(CloseReason::PartialFrameTimeout);
         }
         if self.drain_deadline.is_some_and(|d| now >= d) {
@@ -920,7 +1069,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         [
             self.liveness.next_deadline(),
             self.stall.deadline(c.write_stall_timeout),
-            self.partial.deadline(c.partial_frame_timeout),
+            self.partial.deadline(c.partial_frame_grace, c.min_receive_rate),
             self.drain_deadline,
         ]
         .into_iter()
@@ -953,38 +1102,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             // One non-blocking attempt: the peer is told why if its window allows.
             let _ = self.poll_write(cx, Instant::now());
         }
-        let flushed = self.flushed_total;
-        let peer_last = self.goaway_received.as_ref().map(|g| (g.reason, g.last_request_id));
-        for (id, p) in self.pending.drain() {
-            let err = match peer_last {
-                Some((r, last)) if id > last => ConnectionError::GoAway {
-                    reason: r,
-                    last_request_id: last,
-                },
-                _ if flushed >= p.end_offset => ConnectionError::ClosedAfterWrite(reason.clone()),
-                _ => ConnectionError::NotWritten(reason.clone()),
-            };
-            let _ = p.reply.send(Err(err));
-        }
-        self.responder_tx = None;
-        for msg in self.rx.close() {
-            if let Outbound::Request { reply: Some(r), .. } = msg {
-                let _ = r.send(Err(ConnectionError::NotWritten(reason.clone())));
-            }
-        }
-        self.tasks.close();
-        self.metrics.closed(&reason);
-        self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
-        self.emit(ConnectionEvent::Closed {
-            id: self.shared.id,
-            peer: self.cfg.peer,
-            reason,
-        });
-    }
-
-    fn emit(&self, event: ConnectionEvent) {
-        if let Some(tx) = &self.cfg.events {
-            let _ = tx.send(event);
-        }
+        self.finish(reason);
     }
 }

@@ -255,6 +255,7 @@ mod tests {
             message: String::new(),
             metadata: crate::Metadata::new(),
             payload: bytes::Bytes::from(vec![0u8; payload]),
+            not_executed: false,
         })
     }
 
