@@ -223,7 +223,9 @@ impl Client {
 }
 
 async fn send_on(conn: &ConnectionHandle, frame: RequestFrame, deadline: Instant) -> Result<Response<Bytes>, Error> {
-    let _in_flight = conn.track_in_flight();
+    // Declared first, dropped last: a caller that gives up (deadline, or its future dropped)
+    // drops the reply receiver before this guard tells the driver to forget the call.
+    let mut in_flight = conn.track_in_flight();
     let (tx, rx) = oneshot::channel();
     let msg = Outbound::Request {
         frame,
@@ -235,7 +237,11 @@ async fn send_on(conn: &ConnectionHandle, frame: RequestFrame, deadline: Instant
         Ok(Err(_)) => return Err(ConnectionError::NotWritten(closed_reason(conn, deadline).await).into()),
         Ok(Ok(())) => {}
     }
-    match tokio::time::timeout_at(deadline, rx).await {
+    let answer = tokio::time::timeout_at(deadline, rx).await;
+    if answer.is_ok() {
+        in_flight.answered();
+    }
+    match answer {
         // Sent but unanswered: the server may be running it.
         Err(_) => Err(Error::deadline(true)),
         // The driver always answers; a dropped reply means its task was torn down.

@@ -15,6 +15,8 @@ pub const HEARTBEATS_ACKED: &str = "tether_heartbeats_acked_total";
 pub const HEARTBEATS_FAILED: &str = "tether_heartbeats_failed_total";
 /// GOAWAY frames received, labels `side`, `reason`.
 pub const GOAWAY_RECEIVED: &str = "tether_goaway_received_total";
+/// Responses that arrived for calls whose callers had given up, label `side`.
+pub const LATE_RESPONSES: &str = "tether_late_responses_total";
 /// Requests or responses refused alone (over a metadata limit) with their connection kept, label `side`.
 pub const FRAMES_REJECTED: &str = "tether_frames_rejected_total";
 
@@ -66,6 +68,11 @@ impl ConnectionMetrics {
             Label::new("reason", reason.as_str()),
         ];
         counter!(CONNECTIONS_CLOSED, labels.iter()).increment(1);
+    }
+
+    /// Counts a response nobody waited for any more (a rare path: the handle is looked up here).
+    pub(crate) fn late_response(&self) {
+        counter!(LATE_RESPONSES, "side" => self.side.as_str()).increment(1);
     }
 
     /// Counts a frame refused alone (a rare path: the handle is looked up here).

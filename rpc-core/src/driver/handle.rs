@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{oneshot, watch};
 
-pub(crate) use super::queue::OutboundSender;
+pub(crate) use super::queue::{OutboundSender, QueueWaker};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -156,6 +156,12 @@ pub(crate) struct Shared {
     pub(crate) heartbeats_acked: AtomicU64,
     pub(crate) heartbeat_failures: std::sync::atomic::AtomicU32,
     pub(crate) tcp_options: Option<crate::config::TcpConfig>,
+    /// A caller gave up on a call: the driver forgets the calls nobody waits for at its next pass.
+    pub(crate) cancelled: std::sync::atomic::AtomicBool,
+    /// Calls waiting for a response, as of the driver's last pass.
+    pub(crate) pending_calls: AtomicUsize,
+    /// Wakes the driver (to sweep cancelled calls).
+    pub(crate) wake: QueueWaker,
 }
 
 /// A handle on one connection: cheap to clone, shared by every task that uses the connection.
@@ -230,12 +236,21 @@ impl ConnectionHandle {
         self.shared.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts one request in flight until the guard drops.
+    /// Counts one request in flight until the guard drops. A guard dropped before
+    /// [`InFlightGuard::answered`] marks a caller that gave up: the driver then forgets its call at
+    /// once (its next pass) instead of when a response comes, which may be never.
     pub fn track_in_flight(&self) -> InFlightGuard {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             shared: self.shared.clone(),
+            answered: false,
         }
+    }
+
+    /// Calls on this connection waiting for a response, as of the driver's last pass (a cancelled
+    /// call is forgotten then).
+    pub fn pending_calls(&self) -> usize {
+        self.shared.pending_calls.load(Ordering::Relaxed)
     }
 
     /// When this side last wrote a frame (the peer's idle clock restarts then).
@@ -283,15 +298,28 @@ impl ConnectionHandle {
     }
 }
 
-/// Decrements a connection's in-flight count on drop.
+/// Decrements a connection's in-flight count on drop, and tells the driver when its caller gave
+/// up before an answer.
 #[derive(Debug)]
 pub struct InFlightGuard {
     shared: Arc<Shared>,
+    answered: bool,
+}
+
+impl InFlightGuard {
+    /// The call has its answer: dropping the guard is not a cancellation.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.answered {
+            self.shared.cancelled.store(true, Ordering::Release);
+            self.shared.wake.wake();
+        }
     }
 }
 

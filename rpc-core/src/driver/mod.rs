@@ -17,10 +17,9 @@
 mod dispatch;
 mod handle;
 mod queue;
+mod session;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +40,7 @@ pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder};
 pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound, Reply};
 use handle::{OutboundSender, Shared};
 use queue::OutboundReceiver;
+use session::{Admission, Session};
 
 use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
@@ -137,32 +137,6 @@ impl DriverConfig {
     }
 }
 
-/// Request ids are sequential; a Fibonacci multiply spreads them over the hash table's buckets and
-/// control bytes. (No crate offers this tiny hasher without pulling in much more.)
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-struct Pending {
-    reply: oneshot::Sender<CallResult>,
-    /// Bytes enqueued on this connection once this request was encoded; written when
-    /// `flushed_total` reaches it.
-    end_offset: u64,
-}
-
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The I/O task of one connection. Run it with [`Driver::run`] (usually spawned).
@@ -172,8 +146,6 @@ pub struct Driver<S> {
     codec: FrameCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    enqueued_total: u64,
-    flushed_total: u64,
     needs_flush: bool,
     rx: OutboundReceiver,
     rx_closed: bool,
@@ -188,24 +160,13 @@ pub struct Driver<S> {
     timer_at: Option<Instant>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_seen: bool,
-    handshake_done: bool,
-    next_id: u64,
-    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
-    /// Oneways encoded but not yet written, by the byte offset that completes each.
-    unwritten_oneways: std::collections::VecDeque<(u64, oneshot::Sender<Result<(), ConnectionError>>)>,
+    /// The session rules: ids, calls waiting, what was written, GOAWAY, drain, close outcomes.
+    session: Session<oneshot::Sender<CallResult>, oneshot::Sender<Result<(), ConnectionError>>>,
     dispatch: Option<Box<dyn Dispatch>>,
     tasks: TaskTracker,
     tasks_idle: Option<BoxFuture>,
-    last_request_id: u64,
-    goaway_sent: Option<u64>,
-    /// The reason of the drain this side started, if it started one.
-    drain_sent: Option<GoAwayReason>,
-    goaway_received: Option<GoAway>,
-    drain_deadline: Option<Instant>,
     /// The handshake completed in the read being decoded; `Open` is published after it.
     open_pending: bool,
-    /// `Closed` has been published and everything pending failed (see [`Driver::finish`]).
-    finished: bool,
     /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
     coalesce_armed: bool,
     /// Writes are held until this deferred wake fires.
@@ -238,30 +199,18 @@ impl<S> Driver<S> {
     /// Fails everything pending with what is known of it and publishes `Closed`; once per
     /// connection (a later call does nothing).
     fn finish(&mut self, reason: CloseReason) {
-        if self.finished {
+        let Some(closing) = self.session.close(&reason) else {
             return;
-        }
-        self.finished = true;
+        };
         // Closed is visible before any caller is woken, so a retry never picks this connection.
         self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
-        let flushed = self.flushed_total;
-        let peer_last = self.goaway_received.as_ref().map(|g| (g.reason, g.last_request_id));
-        for (id, p) in self.pending.drain() {
-            let err = match peer_last {
-                Some((r, last)) if id > last => ConnectionError::GoAway {
-                    reason: r,
-                    last_request_id: last,
-                },
-                _ if flushed >= p.end_offset => ConnectionError::ClosedAfterWrite(reason.clone()),
-                _ => ConnectionError::NotWritten(reason.clone()),
-            };
-            let _ = p.reply.send(Err(err));
+        for (reply, e) in closing.calls {
+            let _ = reply.send(Err(e));
+        }
+        for (written, e) in closing.oneways {
+            let _ = written.send(Err(e));
         }
         self.responder_tx = None;
-        // Oneways still in the write buffer never reached the socket.
-        for (_, written) in self.unwritten_oneways.drain(..) {
-            let _ = written.send(Err(ConnectionError::NotWritten(reason.clone())));
-        }
         for msg in self.rx.close() {
             if let Outbound::Request { reply, .. } = msg {
                 reply.fail(ConnectionError::NotWritten(reason.clone()));
@@ -324,6 +273,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             heartbeats_acked: Default::default(),
             heartbeat_failures: Default::default(),
             tcp_options: cfg.tcp_options,
+            cancelled: Default::default(),
+            pending_calls: Default::default(),
+            wake: tx.waker(),
         });
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
         codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
@@ -338,13 +290,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         } else {
             None
         };
+        let mut session = Session::new();
+        session.on_encoded(wbuf.len());
         let driver = Driver {
             io,
             codec,
             rbuf: BytesMut::new(),
-            enqueued_total: wbuf.len() as u64,
             wbuf,
-            flushed_total: 0,
             needs_flush: false,
             rx,
             rx_closed: false,
@@ -356,20 +308,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             timer_at: None,
             shutdown: Box::pin(token.cancelled_owned()),
             shutdown_seen: false,
-            handshake_done: false,
-            next_id: 1,
-            pending: HashMap::default(),
-            unwritten_oneways: Default::default(),
+            session,
             dispatch,
             tasks: TaskTracker::new(),
             tasks_idle: None,
-            last_request_id: 0,
-            goaway_sent: None,
-            drain_sent: None,
-            goaway_received: None,
-            drain_deadline: None,
             open_pending: false,
-            finished: false,
             coalesce_armed: true,
             deferred: None,
             unwritten_frames: 0,
@@ -402,7 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
             _ => tracing::debug!(conn, side, %reason, "connection closed"),
         }
-        if self.goaway_sent.is_some() && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer) {
+        if self.session.goaway_sent() && !matches!(reason, CloseReason::Reset | CloseReason::SlowConsumer) {
             let io = &mut self.io;
             let _ = tokio::time::timeout(self.cfg.linger, async move {
                 let _ = io.shutdown().await;
@@ -435,6 +378,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             if !self.shutdown_seen && self.shutdown.as_mut().poll(cx).is_ready() {
                 self.shutdown_seen = true;
                 self.start_drain(now, GoAwayReason::Shutdown);
+            }
+            if self.shared.cancelled.swap(false, Ordering::Acquire) {
+                self.session.sweep_cancelled();
             }
             let mut budget_used = true;
             let mut deferred = false;
@@ -471,6 +417,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 return Poll::Ready(reason);
             }
             self.shared.outbound_buffered.store(self.wbuf.len(), Ordering::Relaxed);
+            self.shared
+                .pending_calls
+                .store(self.session.pending(), Ordering::Relaxed);
             if !budget_used {
                 self.release_idle_buffers();
             }
@@ -565,13 +514,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.rbuf.reserve(4 * READ_RESERVE);
         }
         match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
-            Poll::Ready(Ok(0)) => Err(match &self.goaway_received {
-                Some(g) => CloseReason::GoAway {
-                    reason: g.reason,
-                    last_request_id: g.last_request_id,
-                },
-                None => CloseReason::PeerClosed,
-            }),
+            Poll::Ready(Ok(0)) => Err(self.session.peer_closed_reason()),
             Poll::Ready(Ok(n)) => {
                 self.read_quiet = Self::after_quiet(&mut self.read_at, now);
                 // Bytes are proof of life, whole frames or not.
@@ -591,11 +534,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if let Some(dispatch) = self.dispatch.as_mut() {
             dispatch.flush(&self.tasks);
         }
-        if std::mem::take(&mut self.open_pending)
-            && decoded.is_ok()
-            && self.goaway_sent.is_none()
-            && self.goaway_received.is_none()
-        {
+        if std::mem::take(&mut self.open_pending) && decoded.is_ok() && !self.session.is_draining() {
             self.shared.state.send_replace(ConnectionState::Open);
         }
         decoded
@@ -625,7 +564,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     }
 
     fn on_frame(&mut self, frame: Frame, now: Instant) -> Result<(), CloseReason> {
-        if !self.handshake_done {
+        if !self.session.handshake_done() {
             return match frame {
                 Frame::Settings(s) => self.on_settings(s),
                 // Refused before the handshake (for example over max_connections): close with its reason.
@@ -634,7 +573,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                         reason: g.reason,
                         last_request_id: g.last_request_id,
                     };
-                    self.on_goaway(g);
+                    self.on_goaway(g, now);
                     Err(reason)
                 }
                 other => Err(ProtocolError::UnexpectedFrame(other.kind()).into()),
@@ -647,15 +586,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 self.metrics.heartbeats_acked.increment(1);
                 self.shared.heartbeats_acked.fetch_add(1, Ordering::Relaxed);
             }
-            Frame::GoAway(g) => self.on_goaway(g),
+            Frame::GoAway(g) => self.on_goaway(g, now),
             Frame::Response(r) => {
                 if self.cfg.side == Side::Server {
                     return Err(ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into());
                 }
-                if let Some(p) = self.pending.remove(&r.id) {
-                    // The caller is likely to send again soon: a write may wait for it.
-                    self.expected_frames += 1;
-                    let _ = p.reply.send(Ok(r));
+                match self.session.on_response(r.id) {
+                    Some(reply) => {
+                        // The caller is likely to send again soon: a write may wait for it.
+                        self.expected_frames += 1;
+                        let _ = reply.send(Ok(r));
+                    }
+                    // Its caller gave up (and was swept): nobody to tell.
+                    None => self.metrics.late_response(),
                 }
             }
             Frame::Request(r) => {
@@ -667,13 +610,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 if self.cfg.side == Side::Client {
                     return Err(ProtocolError::UnexpectedFrame(kind).into());
                 }
-                self.check_request_id(kind, r.id)?;
-                if self.goaway_sent.is_some_and(|last| r.id > last) {
-                    // Above the id our GOAWAY named: the client knows it was not run and retries it.
-                    return Ok(());
+                if self.session.on_request(kind, r.id)? == Admission::Run {
+                    self.on_request(r, now);
                 }
-                self.last_request_id = r.id;
-                self.on_request(r, now);
             }
         }
         Ok(())
@@ -683,42 +622,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// fails. A request is answered RESOURCE_EXHAUSTED, "not executed"; a response fails its
     /// caller with the handler's work possibly done.
     fn on_rejected(&mut self, kind: FrameKind, id: u64, error: ProtocolError) -> Result<(), CloseReason> {
-        if !self.handshake_done {
+        if !self.session.handshake_done() {
             return Err(ProtocolError::UnexpectedFrame(kind).into());
         }
         self.metrics.frame_rejected();
         match (self.cfg.side, kind) {
             (Side::Server, FrameKind::Request | FrameKind::Oneway) => {
-                self.check_request_id(kind, id)?;
-                if self.goaway_sent.is_some_and(|last| id > last) {
-                    return Ok(());
-                }
-                self.last_request_id = id;
-                if kind == FrameKind::Request {
+                if self.session.on_request(kind, id)? == Admission::Run && kind == FrameKind::Request {
                     let status = Status::resource_exhausted(format!("request refused: {error}"));
                     self.encode(&Frame::Response(refusal_frame(id, status)));
                 }
                 Ok(())
             }
             (Side::Client, FrameKind::Response) => {
-                if let Some(p) = self.pending.remove(&id) {
-                    let _ = p.reply.send(Err(ConnectionError::ResponseRejected(error)));
+                if let Some(reply) = self.session.on_response(id) {
+                    let _ = reply.send(Err(ConnectionError::ResponseRejected(error)));
                 }
                 Ok(())
             }
             _ => Err(ProtocolError::UnexpectedFrame(kind).into()),
         }
-    }
-
-    fn check_request_id(&self, kind: FrameKind, id: u64) -> Result<(), CloseReason> {
-        if id <= self.last_request_id {
-            return Err(ProtocolError::Malformed {
-                kind,
-                what: "request id not increasing",
-            }
-            .into());
-        }
-        Ok(())
     }
 
     fn on_settings(&mut self, s: Settings) -> Result<(), CloseReason> {
@@ -734,7 +657,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         self.codec
             .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
         let _ = self.shared.peer_settings.set(s);
-        self.handshake_done = true;
+        self.session.on_handshake();
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
         // over max_connections sends both at once) must not let a waiter see the connection open.
         self.open_pending = true;
@@ -762,65 +685,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
     }
 
-    fn on_goaway(&mut self, g: GoAway) {
+    fn on_goaway(&mut self, g: GoAway, now: Instant) {
         self.metrics.goaway_received(g.reason);
         self.emit(ConnectionEvent::GoAwayReceived {
             id: self.shared.id,
             reason: g.reason,
             last_request_id: g.last_request_id,
         });
+        let (not_run, newly) = self.session.on_goaway(now, &g, self.cfg.drain_timeout);
         // Draining is visible before any caller is woken, so a retry never picks this connection.
-        if self.goaway_sent.is_none() {
+        if newly {
             self.shared.state.send_replace(ConnectionState::Draining {
                 reason: g.reason,
                 by_peer: true,
             });
         }
-        // Requests above the peer's last id were not run: fail them now so callers can retry.
-        let last = g.last_request_id;
-        let not_run: Vec<u64> = self.pending.keys().copied().filter(|id| *id > last).collect();
-        for id in not_run {
-            if let Some(p) = self.pending.remove(&id) {
-                let _ = p.reply.send(Err(ConnectionError::GoAway {
-                    reason: g.reason,
-                    last_request_id: last,
-                }));
-            }
+        // Requests above the peer's last id were not run: they fail now so callers can retry.
+        for (reply, e) in not_run {
+            let _ = reply.send(Err(e));
         }
-        self.drain_deadline
-            .get_or_insert(Instant::now() + self.cfg.drain_timeout);
         self.tasks.close();
-        self.goaway_received = Some(g);
     }
 
     /// Sends GOAWAY (once) and stops taking new work; in-flight work finishes within `drain_timeout`.
     fn start_drain(&mut self, now: Instant, reason: GoAwayReason) {
-        if self.goaway_sent.is_some() {
+        let peer_first = self.session.goaway_received();
+        let Some(g) = self.session.start_drain(now, reason, self.cfg.drain_timeout) else {
             return;
-        }
-        let last = self.last_request_id;
-        self.encode(&Frame::GoAway(GoAway {
-            reason,
-            last_request_id: last,
-            message: String::new(),
-        }));
-        self.goaway_sent = Some(last);
-        self.drain_sent = Some(reason);
-        if self.goaway_received.is_none() {
+        };
+        self.encode(&Frame::GoAway(g));
+        if !peer_first {
             self.shared
                 .state
                 .send_replace(ConnectionState::Draining { reason, by_peer: false });
         }
-        self.drain_deadline.get_or_insert(now + self.cfg.drain_timeout);
         self.tasks.close();
     }
 
     /// Once draining, the connection closes when nothing is left in flight.
     fn poll_drained(&mut self, cx: &mut Context<'_>) -> Option<CloseReason> {
-        if self.goaway_sent.is_none() && self.goaway_received.is_none() {
-            return None;
-        }
-        if !self.pending.is_empty() || !self.wbuf.is_empty() || self.needs_flush || !self.rx.is_empty() {
+        if !self.session.drained() || !self.wbuf.is_empty() || self.needs_flush || !self.rx.is_empty() {
             return None;
         }
         if self.cfg.side == Side::Server {
@@ -842,18 +746,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 return None;
             }
         }
-        Some(self.drain_reason())
-    }
-
-    fn drain_reason(&self) -> CloseReason {
-        match &self.goaway_received {
-            Some(g) => CloseReason::GoAway {
-                reason: g.reason,
-                last_request_id: g.last_request_id,
-            },
-            None if self.drain_sent == Some(GoAwayReason::Idle) => CloseReason::IdleTimeout,
-            None => CloseReason::Shutdown,
-        }
+        Some(self.session.drain_reason())
     }
 
     fn poll_outbound(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
@@ -887,34 +780,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 if reply.is_closed() {
                     return; // the caller gave up before we got to it
                 }
-                if let Some(g) = &self.goaway_received {
-                    let e = ConnectionError::GoAway {
-                        reason: g.reason,
-                        last_request_id: g.last_request_id,
-                    };
-                    return reply.fail(e);
-                }
-                if self.goaway_sent.is_some() || !self.handshake_done {
-                    return reply.fail(ConnectionError::Draining);
-                }
-                if let Some(d) = deadline {
-                    if d <= now {
-                        return reply.fail(ConnectionError::Expired);
-                    }
-                    frame.timeout = Some(d - now);
-                }
-                let id = self.next_id;
+                let (id, timeout) = match self.session.admit(now, deadline) {
+                    Ok(admitted) => admitted,
+                    Err(e) => return reply.fail(e),
+                };
                 frame.id = id;
+                frame.timeout = timeout;
                 if let Err(e) = self.try_encode(&Frame::Request(frame)) {
                     return reply.fail(ConnectionError::Encode(e));
                 }
-                self.next_id += 1;
-                let end_offset = self.enqueued_total;
                 match reply {
-                    Reply::Response(reply) => {
-                        self.pending.insert(id, Pending { reply, end_offset });
-                    }
-                    Reply::Written(written) => self.unwritten_oneways.push_back((end_offset, written)),
+                    Reply::Response(reply) => self.session.on_request_sent(id, reply),
+                    Reply::Written(written) => self.session.on_oneway_sent(id, written),
                 }
             }
             Outbound::Response(r) => {
@@ -948,7 +825,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.wbuf.truncate(before);
             return Err(e);
         }
-        self.enqueued_total += (self.wbuf.len() - before) as u64;
+        self.session.on_encoded(self.wbuf.len() - before);
         Ok(())
     }
 
@@ -968,7 +845,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     // Written: the next frames pulled may wait for others again.
                     self.coalesce_armed = true;
                     self.unwritten_frames = 0;
-                    self.flushed_total += n as u64;
+                    self.session.on_flushed(n);
                     self.needs_flush = true;
                     progressed = true;
                     self.stall.on_progress();
@@ -1002,13 +879,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     /// Tells the callers of oneways whose frames have reached the socket.
     fn confirm_oneways(&mut self) {
-        while let Some((end, _)) = self.unwritten_oneways.front() {
-            if *end > self.flushed_total {
-                break;
-            }
-            if let Some((_, written)) = self.unwritten_oneways.pop_front() {
-                let _ = written.send(Ok(()));
-            }
+        while let Some(written) = self.session.pop_written() {
+            let _ = written.send(Ok(()));
         }
     }
 
@@ -1058,8 +930,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         {
             return Err(CloseReason::PartialFrameTimeout);
         }
-        if self.drain_deadline.is_some_and(|d| now >= d) {
-            return Err(self.drain_reason());
+        if self.session.drain_deadline().is_some_and(|d| now >= d) {
+            return Err(self.session.drain_reason());
         }
         Ok(())
     }
@@ -1070,7 +942,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.liveness.next_deadline(),
             self.stall.deadline(c.write_stall_timeout),
             self.partial.deadline(c.partial_frame_grace, c.min_receive_rate),
-            self.drain_deadline,
+            self.session.drain_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -1087,15 +959,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 | CloseReason::SlowConsumer
                 | CloseReason::GoAway { .. }
         );
-        if stream_usable && self.goaway_sent.is_none() {
-            if let Some(g) = reason.goaway_reason() {
-                let last = self.last_request_id;
-                self.encode(&Frame::GoAway(GoAway {
-                    reason: g,
-                    last_request_id: last,
-                    message: reason.to_string(),
-                }));
-                self.goaway_sent = Some(last);
+        if stream_usable {
+            if let Some(g) = self.session.goaway_for_close(&reason) {
+                self.encode(&Frame::GoAway(g));
             }
         }
         if stream_usable {

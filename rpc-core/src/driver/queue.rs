@@ -129,7 +129,25 @@ impl Drop for OutboundSender {
     }
 }
 
+/// Wakes the driver if it waits on its queue, without being a sender (it keeps no queue open).
+#[derive(Debug, Clone)]
+pub(crate) struct QueueWaker(Arc<Inner>);
+
+impl QueueWaker {
+    pub(crate) fn wake(&self) {
+        let waiting = self.0.lock().waiting.take();
+        if let Some(w) = waiting {
+            w.wake();
+        }
+    }
+}
+
 impl OutboundSender {
+    /// A waker for the driver that does not keep the queue open.
+    pub(crate) fn waker(&self) -> QueueWaker {
+        QueueWaker(self.inner.clone())
+    }
+
     /// Waits for a frame slot and byte budget, then queues `msg`. Fails if the connection is gone.
     pub(crate) async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
         let bytes = msg.payload_len().min(self.inner.max_bytes) as u32;
