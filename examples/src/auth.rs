@@ -1,16 +1,18 @@
 //! A token interceptor on both sides, built from tower's own layers: the server filters requests
-//! without the right `authorization` metadata (UNAUTHENTICATED, handler never runs), the client
-//! adds it to every request.
+//! without the right `authorization` metadata (UNAUTHENTICATED, handler never runs: it fails with
+//! `rpc_server::Refused`, so the client is told "not executed"), the client adds it to every
+//! request.
 
 use bytes::Bytes;
 use rpc_core::{Request, Status};
+use rpc_server::Refused;
 use tower::filter::FilterLayer;
 use tower::util::MapRequestLayer;
 
 /// Server layer: requests must carry `authorization: Bearer <token>`.
 pub fn require_bearer(
     token: &'static str,
-) -> FilterLayer<impl Fn(Request<Bytes>) -> Result<Request<Bytes>, Status> + Clone + Send + Sync + 'static> {
+) -> FilterLayer<impl Fn(Request<Bytes>) -> Result<Request<Bytes>, Refused> + Clone + Send + Sync + 'static> {
     FilterLayer::new(move |req: Request<Bytes>| {
         let ok = req
             .metadata()
@@ -20,7 +22,7 @@ pub fn require_bearer(
         if ok {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("missing or wrong bearer token"))
+            Err(Refused(Status::unauthenticated("missing or wrong bearer token")))
         }
     })
 }

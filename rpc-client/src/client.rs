@@ -208,6 +208,8 @@ impl Client {
     /// undecodable body or an unknown method would fail the same way again.
     fn retryable(&self, e: &Error, idempotent: bool) -> bool {
         match e.kind() {
+            // Deterministic: over the server's limits, every attempt would fail the same way.
+            ErrorKind::Connection(ConnectionError::Encode(_) | ConnectionError::ResponseRejected(_)) => false,
             ErrorKind::Connection(c) if !c.may_have_executed() => true,
             ErrorKind::Connection(_) => idempotent,
             ErrorKind::Status(s) if !e.may_have_executed() => match s.code() {

@@ -93,6 +93,7 @@ where
         heartbeat_interval: config.heartbeat.enabled.then_some(config.heartbeat.interval),
         max_metadata_entries: Some(u32::try_from(config.connection.max_metadata_entries).unwrap_or(u32::MAX)),
         max_metadata_bytes: Some(u32::try_from(config.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
+        features: Some(rpc_core::frame::features::ALL),
         ..Settings::default()
     };
     let (handle, driver) = Driver::client(stream, cfg);

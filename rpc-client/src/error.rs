@@ -117,11 +117,19 @@ impl Error {
 
     /// This error as the last of several attempts: lists the earlier ones, and may have executed
     /// if any of them may have.
-    pub fn after(mut self, history: History) -> Self {
+    pub fn after(mut self, mut history: History) -> Self {
         if history.is_empty() {
             return self;
         }
         self.may_have_executed |= history.may_have_executed();
+        // This error may carry attempts of its own (a client's retries under a retry layer):
+        // they came after the ones recorded here.
+        if let Some(own) = self.history.take() {
+            history.attempts.extend(own.attempts);
+            if history.first_executed.is_none() {
+                history.first_executed = own.first_executed;
+            }
+        }
         self.history = Some(Box::new(history));
         self
     }

@@ -234,7 +234,7 @@ fn put_metadata(dst: &mut BytesMut, m: &Metadata) {
 }
 
 fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
-    let mut v = Vec::with_capacity(7);
+    let mut v = Vec::with_capacity(8);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if let Some(x) = s.max_frame_size {
         v.push((setting_id::MAX_FRAME_SIZE, u64::from(x)));
@@ -256,6 +256,9 @@ fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
     }
     if let Some(x) = s.max_requests_per_connection {
         v.push((setting_id::MAX_REQUESTS_PER_CONNECTION, u64::from(x)));
+    }
+    if let Some(x) = s.features {
+        v.push((setting_id::FEATURES, x));
     }
     v
 }
@@ -492,6 +495,7 @@ fn decode_body(
                     setting_id::MAX_METADATA_ENTRIES => s.max_metadata_entries = Some(clamp32(v)),
                     setting_id::MAX_METADATA_BYTES => s.max_metadata_bytes = Some(clamp32(v)),
                     setting_id::MAX_REQUESTS_PER_CONNECTION => s.max_requests_per_connection = Some(clamp32(v)),
+                    setting_id::FEATURES => s.features = Some(v),
                     _ => {} // unknown settings are ignored so newer peers can add some
                 }
             }

@@ -142,10 +142,12 @@ pub struct ConnectionConfig {
     /// up with `min_receive_rate`. Default 5 s, as Kestrel's MinRequestBodyDataRate grace period.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub partial_frame_grace: Duration,
-    /// After the grace, a partial frame whose bytes have arrived slower than this many bytes per
-    /// second on average (since its first byte) closes the connection with
-    /// `PartialFrameTimeout` (slowloris). A large frame on a slow but moving link is never cut
-    /// off. `0` turns the check off. Default 240 B/s, as Kestrel's MinRequestBodyDataRate.
+    /// A partial frame whose bytes do not keep up with this many bytes per second closes the
+    /// connection with `PartialFrameTimeout` (slowloris). Judged as a leaky bucket: the frame
+    /// starts with `partial_frame_grace` of credit, each byte earns `1 / min_receive_rate`
+    /// seconds, never more than the grace in hand, so early bytes buy no late silence. A large
+    /// frame on a slow but moving link is never cut off. `0` turns the check off. Default
+    /// 240 B/s, as Kestrel's MinRequestBodyDataRate.
     pub min_receive_rate: u32,
 }
 

@@ -159,6 +159,19 @@ pub struct Settings {
     pub max_metadata_bytes: Option<u32>,
     /// Server: requests it runs at once on one connection before answering SERVER_BUSY.
     pub max_requests_per_connection: Option<u32>,
+    /// Optional protocol features the sender supports (bits of [`features`]); a feature is used
+    /// only when both sides announce it. `None` (a peer that predates features) means none.
+    pub features: Option<u64>,
+}
+
+/// Feature bits announced in SETTINGS.
+pub mod features {
+    /// The sender reads a status code as carrying no proof of execution, and the NOT_EXECUTED
+    /// response flag as the proof. A server talking to a peer without it never sends that peer a
+    /// handler's SERVER_BUSY, NOT_FOUND or UNAVAILABLE (which such a peer reads as "not run").
+    pub const NOT_EXECUTED_FLAG: u64 = 1 << 0;
+    /// Every feature this build supports.
+    pub const ALL: u64 = NOT_EXECUTED_FLAG;
 }
 
 /// Setting identifiers on the wire.
@@ -170,4 +183,5 @@ pub(crate) mod setting_id {
     pub(crate) const MAX_METADATA_ENTRIES: u16 = 5;
     pub(crate) const MAX_METADATA_BYTES: u16 = 6;
     pub(crate) const MAX_REQUESTS_PER_CONNECTION: u16 = 7;
+    pub(crate) const FEATURES: u16 = 8;
 }

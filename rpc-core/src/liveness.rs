@@ -164,49 +164,56 @@ impl WriteStall {
 }
 
 /// Judges a partially received frame by the rate its bytes arrive, as Kestrel's
-/// MinRequestBodyDataRate: a frame may take as long as it needs while its bytes keep coming at
-/// `min_rate` bytes per second or faster, measured from its first byte and forgiven for the first
-/// `grace`. So a 4 MiB frame on a slow but moving link completes, and a slowloris trickle is cut
-/// off soon after the grace period.
+/// MinRequestBodyDataRate, with a leaky bucket so early bytes cannot buy late silence: the frame
+/// starts with `grace` seconds of credit, time spends it, and each byte earns `1 / min_rate`
+/// seconds, never more than `grace` in hand. The frame fails when the credit runs out. So a frame
+/// may take as long as it needs while its bytes keep coming at `min_rate` or faster (a 4 MiB frame
+/// on a slow but moving link completes), while a trickle, or a burst followed by silence, is cut
+/// off about `grace` after its bytes stop keeping up.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PartialFrame {
-    since: Option<Instant>,
-    bytes: u64,
+    /// When the credit was last brought up to date, if a partial frame is waiting.
+    last: Option<Instant>,
+    /// Seconds of credit at `last` (negative: already out).
+    credit: f64,
 }
 
 impl PartialFrame {
-    /// After decoding: `buffered` bytes of an incomplete frame remain at `now` (0: none).
-    pub fn on_decoded(&mut self, buffered: usize, now: Instant) {
+    /// After decoding: `buffered` bytes of an incomplete frame remain at `now` (0: none). A new
+    /// partial frame starts with the full grace.
+    pub fn on_decoded(&mut self, buffered: usize, now: Instant, grace: Duration) {
         if buffered == 0 {
-            self.since = None;
-            self.bytes = 0;
-        } else if self.since.is_none() {
-            self.since = Some(now);
-            self.bytes = buffered as u64;
+            self.last = None;
+        } else if self.last.is_none() {
+            self.last = Some(now);
+            self.credit = grace.as_secs_f64();
         }
     }
 
-    /// `n` more bytes of the incomplete frame arrived.
-    pub fn on_bytes(&mut self, n: usize) {
-        if self.since.is_some() {
-            self.bytes += n as u64;
+    /// `n` more bytes of the waiting partial frame arrived at `now`.
+    pub fn on_bytes(&mut self, n: usize, now: Instant, grace: Duration, min_rate: u32) {
+        let Some(last) = self.last else { return };
+        if min_rate == 0 {
+            return;
         }
+        let spent = now.saturating_duration_since(last).as_secs_f64();
+        let earned = n as f64 / f64::from(min_rate);
+        self.credit = (self.credit - spent + earned).min(grace.as_secs_f64());
+        self.last = Some(now);
     }
 
     /// A complete frame was decoded, so the next partial frame starts its own clock.
     pub fn on_frame(&mut self) {
-        self.since = None;
-        self.bytes = 0;
+        self.last = None;
     }
 
-    /// When the frame falls below the minimum rate if no more bytes arrive (`min_rate` 0: never).
-    pub fn deadline(&self, grace: Duration, min_rate: u32) -> Option<Instant> {
-        let since = self.since?;
+    /// When the credit runs out if no more bytes arrive (`min_rate` 0: never).
+    pub fn deadline(&self, min_rate: u32) -> Option<Instant> {
+        let last = self.last?;
         if min_rate == 0 {
             return None;
         }
-        let earned = Duration::from_secs_f64(self.bytes as f64 / f64::from(min_rate));
-        Some(since + grace.max(earned))
+        Some(last + Duration::from_secs_f64(self.credit.max(0.0)))
     }
 }
 
@@ -339,44 +346,46 @@ mod tests {
         w.on_progress();
         assert_eq!(w.deadline(ms(100)), None);
 
+        let g = ms(100);
         let mut p = PartialFrame::default();
-        p.on_decoded(3, t0);
-        p.on_decoded(5, t0 + ms(50));
-        // 3 bytes at 100 B/s earn 30 ms, less than the grace.
-        assert_eq!(p.deadline(ms(100), 100), Some(t0 + ms(100)));
+        p.on_decoded(3, t0, g);
+        p.on_decoded(5, t0 + ms(50), g);
+        assert_eq!(p.deadline(100), Some(t0 + ms(100)));
         p.on_frame();
-        p.on_decoded(2, t0 + ms(60));
-        assert_eq!(p.deadline(ms(100), 100), Some(t0 + ms(160)));
-        p.on_decoded(0, t0 + ms(70));
-        assert_eq!(p.deadline(ms(100), 100), None);
+        p.on_decoded(2, t0 + ms(60), g);
+        assert_eq!(p.deadline(100), Some(t0 + ms(160)));
+        p.on_decoded(0, t0 + ms(70), g);
+        assert_eq!(p.deadline(100), None);
+    }
+
+    /// Feeds `per_second` bytes each second for `secs` seconds after a first read of `first`
+    /// bytes; returns the second at which the frame is cut off, if it is.
+    fn cut_at(first: usize, per_second: usize, secs: u64) -> Option<u64> {
+        let t0 = Instant::now();
+        let (grace, rate) = (Duration::from_secs(5), 240);
+        let mut p = PartialFrame::default();
+        p.on_decoded(first, t0, grace);
+        for s in 1..=secs {
+            let now = t0 + Duration::from_secs(s);
+            if p.deadline(rate).unwrap() <= now {
+                return Some(s);
+            }
+            p.on_bytes(per_second, now, grace, rate);
+        }
+        None
     }
 
     #[test]
     fn a_large_frame_arriving_at_the_minimum_rate_is_never_cut_off_and_a_trickle_is() {
-        let t0 = Instant::now();
-        let (grace, rate) = (Duration::from_secs(5), 240);
-        // 100 KB/s for 40 s: a 4 MiB frame on a slow link. Its deadline stays ahead of the clock.
-        let mut p = PartialFrame::default();
-        p.on_decoded(16, t0);
-        for s in 1..=40u64 {
-            p.on_bytes(100_000);
-            let now = t0 + Duration::from_secs(s);
-            assert!(p.deadline(grace, rate).unwrap() > now, "cut off at {s} s");
-        }
-        // One byte a second: cut off once the grace is over and the bytes stop earning time.
-        let mut p = PartialFrame::default();
-        p.on_decoded(1, t0);
-        let mut cut = None;
-        for s in 1..=60u64 {
-            p.on_bytes(1);
-            let now = t0 + Duration::from_secs(s);
-            if p.deadline(grace, rate).unwrap() <= now {
-                cut = Some(s);
-                break;
-            }
-        }
-        assert_eq!(cut, Some(5));
-        assert_eq!(PartialFrame::default().deadline(grace, 0), None);
+        // 100 KB/s for 40 s: a 4 MiB frame on a slow link.
+        assert_eq!(cut_at(16, 100_000, 40), None);
+        // Exactly the minimum rate, for a long time.
+        assert_eq!(cut_at(16, 240, 600), None);
+        // One byte a second: cut off once the grace is spent.
+        assert_eq!(cut_at(1, 1, 60), Some(6));
+        // Early bytes buy no late silence: 4 MiB at once, then nothing.
+        assert_eq!(cut_at(4 << 20, 0, 60), Some(5));
+        assert_eq!(PartialFrame::default().deadline(0), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!
 //! A code never says whether the server ran the request: a handler may return any of them after
 //! doing its work. Only the runtime can prove a request did not run, and it says so with a flag
-//! on the response (see `PROTOCOL.md`, *Response flags*), which clients read as
+//! on the response (see `PROTOCOL.md`, *Flags*), which clients read as
 //! `may_have_executed() == false`.
 
 use std::fmt;

@@ -80,6 +80,7 @@ fn every_kind() -> Vec<Frame> {
             max_metadata_entries: Some(64),
             max_metadata_bytes: Some(16 * 1024),
             max_requests_per_connection: Some(512),
+            features: Some(0b101),
         }),
         Frame::Settings(Settings::default()),
     ]

@@ -29,7 +29,8 @@ where
         })
     });
     if let Some(e) = decode_error {
-        // Not marked as entered: the client is told the handler did not run.
+        // The handler is not called: the client is told it did not run.
+        crate::entry::refuse();
         return Err(Status::invalid_argument(format!("request body did not decode: {e}")));
     }
     crate::entry::mark();
@@ -39,5 +40,6 @@ where
 
 /// UNIMPLEMENTED for a method the service does not have (not executed).
 pub async fn not_found(request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    crate::entry::refuse();
     Err(Status::unknown_method(request.method()))
 }

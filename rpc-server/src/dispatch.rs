@@ -31,6 +31,10 @@ pub fn status_from_error(err: BoxError) -> Status {
         Ok(status) => return *status,
         Err(e) => e,
     };
+    let err = match err.downcast::<crate::entry::Refused>() {
+        Ok(refused) => return refused.0,
+        Err(e) => e,
+    };
     if err.is::<tower::timeout::error::Elapsed>() {
         return Status::deadline_exceeded("request timed out in the server's timeout layer");
     }
@@ -38,6 +42,15 @@ pub fn status_from_error(err: BoxError) -> Status {
         return Status::busy("server overloaded (load shed)");
     }
     Status::internal(err.to_string())
+}
+
+/// True for the errors that state a refusal before the inner service was called: [`Refused`]
+/// from any layer, and tower's load shedding (it answers `Overloaded` only without calling
+/// its inner service).
+///
+/// [`Refused`]: crate::entry::Refused
+fn is_refusal(err: &BoxError) -> bool {
+    err.is::<crate::entry::Refused>() || err.is::<tower::load_shed::error::Overloaded>()
 }
 
 /// The most requests that share one spawned task. Spawning wakes a sleeping worker thread, which
@@ -107,15 +120,6 @@ impl ServerDispatch {
         }
     }
 
-    /// The metric label for `method`: itself if the server serves it, else `unknown`.
-    fn label<'a>(&self, method: &'a str) -> &'a str {
-        if self.router.serves(method) {
-            method
-        } else {
-            "unknown"
-        }
-    }
-
     /// Spawns the held requests: one alone as it is, several as one task that runs them
     /// concurrently (each answers as soon as it is done, not when the batch is).
     fn spawn_batch(&mut self, tasks: &TaskTracker) {
@@ -142,20 +146,21 @@ impl Dispatch for ServerDispatch {
         responder: Responder,
         tasks: &TaskTracker,
     ) -> Option<ResponseFrame> {
+        // Labels only from the server's own methods, so peers cannot grow the label set.
+        let known = self.router.serves(&frame.method);
         // Never an unbounded queue: over either limit the client learns at once that nothing ran.
         let Ok(conn_permit) = self.per_connection.clone().try_acquire_owned() else {
-            self.metrics
-                .record(self.label(&frame.method), Code::ServerBusy, Duration::ZERO);
+            let label = if known { frame.method.as_str() } else { "unknown" };
+            self.metrics.record(label, Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("connection at max_requests_per_connection"));
         };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-            self.metrics
-                .record(self.label(&frame.method), Code::ServerBusy, Duration::ZERO);
+            let label = if known { frame.method.as_str() } else { "unknown" };
+            self.metrics.record(label, Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
         let deadline = frame.timeout.map(|t| received_at + t);
         let method = frame.method.clone();
-        let known = self.router.serves(&method);
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
@@ -188,7 +193,7 @@ impl Dispatch for ServerDispatch {
                     None => call.await,
                 }
             };
-            let (result, entered) = crate::entry::track(timed).await;
+            let (result, marks) = crate::entry::track(timed).await;
             match result {
                 Ok(resp) => {
                     metrics.record(label, Code::Ok, received_at.elapsed());
@@ -196,14 +201,14 @@ impl Dispatch for ServerDispatch {
                     responder.ok(metadata, body).await;
                 }
                 Err(e) => {
+                    // Proven only by a stated refusal with no entry; anything else may have run.
+                    let refused = !marks.entered() && (marks.refused() || is_refusal(&e));
                     let status = status_from_error(e);
                     metrics.record(label, status.code(), received_at.elapsed());
-                    if entered {
-                        responder.error(status).await;
-                    } else {
-                        // Refused by a layer, no such method, body not decoded, or the deadline
-                        // passed while waiting: the handler never ran.
+                    if refused {
                         responder.refuse(status).await;
+                    } else {
+                        responder.error(status).await;
                     }
                 }
             }

@@ -1,35 +1,86 @@
-//! Whether a request's handler was entered: the fact behind "not executed".
+//! The facts behind "not executed": whether a request's handler was entered, and whether the
+//! runtime refused the request before it.
 //!
-//! The dispatcher runs each request inside a scope; the runtime marks the moment the user's
-//! handler is about to run (generated code after the body decoded, the router for routed
-//! functions and hand-written services). A request that ends without that mark provably did not
-//! run its handler (a layer refused it, the deadline passed while it waited, no such method, the
-//! body did not decode), and its error response says so. Whatever status a handler returns after
-//! the mark means "may have executed".
+//! "Not executed" must be proven, never inferred from a missing fact. So a request is answered
+//! "not executed" only when a refusal was stated positively and the handler was not entered:
+//! - the dispatcher's own refusals (over a limit, deadline passed before start) are answered
+//!   directly;
+//! - the router refuses a method it does not serve, generated code a body that does not decode
+//!   (both call [`refuse`] in the request's task);
+//! - a tower layer refuses by failing with [`Refused`], or tower's load shedding with its
+//!   `Overloaded` error, which it returns only without calling the inner service.
 //!
-//! A task-local rather than a flag in the request: the mark must be set when the handler's future
-//! is first polled (inside the spawned task), not when the router builds it, and a task-local costs
-//! no allocation per request.
+//! Any other error (a handler's status, a timeout, a layer that answered on its own) means "may
+//! have executed". Entry is marked by the router or generated code right before user code runs;
+//! a refusal after an entry in the same task is not believed.
+//!
+//! A task-local rather than a flag in the request: the marks must be set when the handler's future
+//! is polled (inside the spawned task), not when the router builds it, and a task-local costs no
+//! allocation per request. A mark set on another task (a layer that spawns the inner call) is lost,
+//! which can only turn a refusal into "may have executed", never the reverse.
 
 use std::cell::Cell;
 use std::future::Future;
 
+use rpc_core::Status;
+
+const ENTERED: u8 = 1;
+const REFUSED: u8 = 2;
+
 tokio::task_local! {
-    static ENTERED: Cell<bool>;
+    static MARKS: Cell<u8>;
 }
 
-/// Marks the current request's handler as entered. Called by the runtime (router and generated
-/// code), right before user code runs; outside a request scope it does nothing.
+fn set(bit: u8) {
+    let _ = MARKS.try_with(|m| m.set(m.get() | bit));
+}
+
+/// Marks the current request's handler as entered, right before user code runs.
 pub(crate) fn mark() {
-    let _ = ENTERED.try_with(|e| e.set(true));
+    set(ENTERED);
 }
 
-/// Runs `f` as one request's work and reports whether its handler was entered.
-pub(crate) async fn track<F: Future>(f: F) -> (F::Output, bool) {
-    ENTERED
-        .scope(Cell::new(false), async move {
+/// States that the runtime refused the current request without running its handler.
+pub(crate) fn refuse() {
+    set(REFUSED);
+}
+
+/// What the marks of one request say.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Marks(u8);
+
+impl Marks {
+    /// The runtime refused the request and its handler was not entered.
+    pub(crate) fn refused(self) -> bool {
+        self.0 & REFUSED != 0 && self.0 & ENTERED == 0
+    }
+
+    /// The handler was entered.
+    pub(crate) fn entered(self) -> bool {
+        self.0 & ENTERED != 0
+    }
+}
+
+/// Runs `f` as one request's work and reports its marks.
+pub(crate) async fn track<F: Future>(f: F) -> (F::Output, Marks) {
+    MARKS
+        .scope(Cell::new(0), async move {
             let out = f.await;
-            (out, ENTERED.with(Cell::get))
+            (out, Marks(MARKS.with(Cell::get)))
         })
         .await
+}
+
+/// The error a tower layer returns to refuse a request before calling the service inside it (an
+/// interceptor rejecting bad credentials, a rate limit): the client is told the handler did not
+/// run, and may retry. Return it only when the inner service was not called for this request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("refused before the handler: {0}")]
+pub struct Refused(pub Status);
+
+impl Refused {
+    /// Refuses with `status`.
+    pub fn new(status: Status) -> Self {
+        Refused(status)
+    }
 }

@@ -34,6 +34,7 @@ mod server;
 
 pub use config::ServerConfig;
 pub use dispatch::status_from_error;
+pub use entry::Refused;
 pub use router::{handler_fn, BoxHandler, Handler, HandlerFuture, NamedService, Router, RouterFuture};
 pub use rpc_core::{Code, Metadata, Request, Response, Status};
 pub use server::{Server, ServerBuilder, ServerError, ServerHandle, CONNECTIONS_REFUSED, TLS_HANDSHAKE_FAILURES};

@@ -164,9 +164,13 @@ mod future {
         fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             match self.project() {
                 RouterFutureProj::Handler { fut } => fut.as_mut().poll(cx),
-                RouterFutureProj::NotFound { status } => Poll::Ready(Err(status
-                    .take()
-                    .unwrap_or_else(|| Status::internal("polled after completion")))),
+                RouterFutureProj::NotFound { status } => {
+                    // No handler runs: stated as a refusal in the request's task.
+                    crate::entry::refuse();
+                    Poll::Ready(Err(status
+                        .take()
+                        .unwrap_or_else(|| Status::internal("polled after completion"))))
+                }
             }
         }
     }

@@ -314,6 +314,7 @@ impl AcceptLoop {
             max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
             max_metadata_bytes: Some(u32::try_from(c.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
             max_requests_per_connection: Some(u32::try_from(c.max_requests_per_connection).unwrap_or(u32::MAX)),
+            features: Some(rpc_core::frame::features::ALL),
         };
         let dispatch = ServerDispatch::new(
             self.service.clone(),

@@ -6,8 +6,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -15,14 +17,14 @@ use rand::Rng;
 use rpc_client::{BackoffConfig, Client, ClientConfig, Error};
 use rpc_core::config::{ConnectionConfig, HeartbeatConfig};
 use rpc_core::driver::ConnectionState;
-use rpc_core::frame::{Frame, RequestFrame};
-use rpc_core::{Code, Request, Response, Status};
+use rpc_core::frame::{Frame, RequestFrame, Settings};
+use rpc_core::{BoxError, Code, Request, Response, Status};
 use rpc_server::{handler_fn, Server, ServerConfig, ServerHandle};
 use tests::proxy::{Fault, FaultProxy};
 use tests::{named_server, quiet_client, wait_until, who, Gate, RawPeer};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -656,4 +658,257 @@ async fn oneway_over_the_peer_max_frame_size_returns_a_not_executed_error() {
         .unwrap();
     assert_eq!(reply.into_body(), Bytes::from_static(b"fits"));
     assert_eq!(count(&ledger), 1, "only the request that fits ran");
+}
+
+// Defects found in review of the first fix, each a failing test before its fix.
+
+/// A layer that runs the inner call on its own task (isolation / run-to-completion layers do).
+#[derive(Clone)]
+struct SpawnLayer;
+
+impl<S> tower::Layer<S> for SpawnLayer {
+    type Service = SpawnSvc<S>;
+    fn layer(&self, inner: S) -> SpawnSvc<S> {
+        SpawnSvc(inner)
+    }
+}
+
+#[derive(Clone)]
+struct SpawnSvc<S>(S);
+
+impl<S> Service<Request<Bytes>> for SpawnSvc<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+{
+    type Response = Response<Bytes>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Bytes>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            match tokio::spawn(fut).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(e) => Err(Box::new(e) as BoxError),
+            }
+        })
+    }
+}
+
+/// The entry mark is a task-local: a handler polled on another task is never marked, so its
+/// error is sent flagged "not executed", and the client retries a handler that already ran.
+#[tokio::test]
+async fn review_handler_run_on_a_task_spawned_by_a_layer_may_have_executed() {
+    let ledger = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let ledger = ledger.clone();
+        Server::builder()
+            .layer(SpawnLayer)
+            .route(
+                "/t.Side/Effect",
+                handler_fn(move |_req: Request<Bytes>| {
+                    let ledger = ledger.clone();
+                    async move {
+                        ledger.fetch_add(1, Ordering::SeqCst);
+                        Err::<Response<Bytes>, _>(Status::unavailable("side effect done, dependency down"))
+                    }
+                }),
+            )
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap()
+    };
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
+    let err = client.unary(req).await.unwrap_err();
+    let runs = ledger.load(Ordering::SeqCst);
+    assert!(
+        runs == 1 && err.may_have_executed(),
+        "handler ran {runs} time(s); final error may_have_executed={} ({err})",
+        err.may_have_executed()
+    );
+}
+
+/// A oneway whose frame reached the peer is confirmed only when the whole write buffer drains;
+/// if the connection dies first, `finish` fails it NotWritten ("not executed") though the peer
+/// has every byte of it.
+#[tokio::test]
+async fn review_oneway_delivered_before_a_reset_is_not_reported_not_executed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut raw = RawPeer::from_stream(stream);
+        raw.send(Frame::Settings(Settings {
+            max_frame_size: Some(64 << 20),
+            ..Settings::default()
+        }))
+        .await;
+        let first = raw.next_frame(ms(3000)).await;
+        assert!(matches!(first, Some(Frame::Settings(_))), "{first:?}");
+        // The small oneway, fully received: a real server would run it now.
+        let a = raw.next_frame(ms(3000)).await;
+        let got_a = matches!(&a, Some(Frame::Request(r)) if r.oneway && r.payload.is_empty());
+        socket2::SockRef::from(&raw.stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(raw); // RST while the big oneway behind it is still in the client's buffer
+        got_a
+    });
+    let config = ClientConfig {
+        connection: ConnectionConfig {
+            max_outbound_bytes: 64 << 20,
+            ..ConnectionConfig::default()
+        },
+        ..quiet_client()
+    };
+    let client = Client::connect(addr, config).await.unwrap();
+    let a = client.oneway(Request::new("/t.Log/A", Bytes::new()).with_timeout(ms(5000)));
+    let b = client.oneway(Request::new("/t.Log/B", Bytes::from(vec![0u8; 32 << 20])).with_timeout(ms(5000)));
+    let (ra, _rb) = tokio::join!(a, b);
+    assert!(peer.await.unwrap(), "the peer did not receive oneway A whole");
+    if let Err(e) = ra {
+        assert!(
+            e.may_have_executed(),
+            "oneway A reached the peer whole, yet the client says it did not run: {e}"
+        );
+    }
+}
+
+/// An encode failure (over the peer's max_frame_size) is deterministic, yet counts as a
+/// retryable "not executed" connection error: every attempt fails the same way.
+#[tokio::test]
+async fn review_request_over_peer_max_frame_size_is_not_retried() {
+    let server = Server::builder()
+        .config(ServerConfig {
+            connection: ConnectionConfig {
+                max_frame_size: 1024,
+                ..ConnectionConfig::default()
+            },
+            ..ServerConfig::default()
+        })
+        .route(
+            "/t.Echo/Say",
+            handler_fn(|req: Request<Bytes>| async move { Ok(Response::new(req.into_body())) }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let big = Request::new("/t.Echo/Say", Bytes::from(vec![0u8; 4096])).with_timeout(ms(2000));
+    let err = client.unary(big).await.unwrap_err();
+    assert!(!err.may_have_executed());
+    assert!(
+        err.attempts().is_empty(),
+        "a request that can never be encoded was retried {} time(s): {err}",
+        err.attempts().len()
+    );
+}
+
+/// Judging by the average rate since the first byte lets a peer front-load a frame and then
+/// hold it (and its buffer) open for bytes / min_rate: hours for a 4 MiB frame at the defaults,
+/// where the old partial_frame_timeout capped it at 30 s.
+#[test]
+fn review_burst_then_stall_partial_frame_is_not_held_for_hours() {
+    let t0 = tokio::time::Instant::now();
+    let c = ConnectionConfig::default();
+    let mut p = rpc_core::liveness::PartialFrame::default();
+    p.on_decoded(c.max_frame_size as usize - 1, t0, c.partial_frame_grace); // all but the last byte, at once
+    let held = p.deadline(c.min_receive_rate).unwrap() - t0;
+    assert!(
+        held <= Duration::from_secs(300),
+        "a stalled 4 MiB partial frame is kept for {held:?} with no byte arriving"
+    );
+}
+
+/// Control: tower's Buffer polls the inner future on the caller's task, so the mark survives.
+#[tokio::test]
+async fn review_buffer_layer_keeps_the_entry_mark() {
+    let ledger = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let ledger = ledger.clone();
+        Server::builder()
+            .layer(tower::buffer::BufferLayer::new(16))
+            .route(
+                "/t.Side/Effect",
+                handler_fn(move |_req: Request<Bytes>| {
+                    let ledger = ledger.clone();
+                    async move {
+                        ledger.fetch_add(1, Ordering::SeqCst);
+                        Err::<Response<Bytes>, _>(Status::unavailable("side effect done"))
+                    }
+                }),
+            )
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap()
+    };
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
+    let err = client.unary(req).await.unwrap_err();
+    assert_eq!(ledger.load(Ordering::SeqCst), 1);
+    assert!(err.may_have_executed(), "{err}");
+}
+
+/// Review finding: a version-1 client reads SERVER_BUSY, NOT_FOUND and UNAVAILABLE as "not run".
+/// A server never sends it a handler's such code as is (only as APPLICATION_ERROR naming it), and
+/// sends its own refusals in the codes that client reads as "not run"; a client that announces
+/// the NOT_EXECUTED flag gets the codes unchanged.
+#[tokio::test]
+async fn review_a_version_1_client_is_never_sent_a_handler_code_it_reads_as_not_executed() {
+    let server = Server::builder()
+        .route(
+            "/t.T/Down",
+            handler_fn(|_req: Request<Bytes>| async move {
+                Err::<Response<Bytes>, _>(Status::unavailable("database down"))
+            }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let answers = |features: Option<u64>| {
+        let addr = server.local_addr();
+        async move {
+            let mut raw = RawPeer::connect(addr).await;
+            raw.send(Frame::Settings(Settings {
+                max_frame_size: Some(1 << 20),
+                features,
+                ..Settings::default()
+            }))
+            .await;
+            let mut out = Vec::new();
+            for (id, method) in [(1, "/t.T/Down"), (2, "/t.T/Nope")] {
+                raw.send(Frame::Request(RequestFrame {
+                    id,
+                    method: method.into(),
+                    ..Default::default()
+                }))
+                .await;
+                loop {
+                    match raw.next_frame(ms(3000)).await {
+                        Some(Frame::Response(r)) => {
+                            out.push((r.code, r.not_executed, r.message));
+                            break;
+                        }
+                        Some(_) => {}
+                        None => panic!("no response to {method}"),
+                    }
+                }
+            }
+            out
+        }
+    };
+    let v1 = answers(None).await;
+    assert_eq!((v1[0].0, v1[0].1), (Code::ApplicationError, false), "{v1:?}");
+    assert!(v1[0].2.starts_with("UNAVAILABLE"), "{v1:?}");
+    assert_eq!((v1[1].0, v1[1].1), (Code::NotFound, true), "{v1:?}");
+    let v2 = answers(Some(rpc_core::frame::features::NOT_EXECUTED_FLAG)).await;
+    assert_eq!((v2[0].0, v2[0].1), (Code::Unavailable, false), "{v2:?}");
+    assert_eq!((v2[1].0, v2[1].1), (Code::Unimplemented, true), "{v2:?}");
 }

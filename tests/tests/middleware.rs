@@ -147,8 +147,8 @@ async fn load_shed_over_a_concurrency_limit_refuses_at_once_without_sending() {
 
 /// A route that answers UNAVAILABLE (proves it did not run) `fail_first` times, then succeeds,
 /// or fails with APPLICATION_ERROR every time when `fail_first` is `usize::MAX`.
-/// A server whose first `fail_first` requests are refused by a layer before the handler (so the
-/// runtime answers UNAVAILABLE, "not executed"); `usize::MAX`: every request runs and fails.
+/// A server whose first `fail_first` requests are refused by a layer before the handler (it fails
+/// with `Refused`, so the runtime answers UNAVAILABLE, "not executed"); `usize::MAX`: every request runs and fails.
 /// Counts the requests that reached it.
 async fn flaky_server(fail_first: usize) -> (rpc_server::ServerHandle, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -157,7 +157,7 @@ async fn flaky_server(fail_first: usize) -> (rpc_server::ServerHandle, Arc<Atomi
         .layer(tower::filter::FilterLayer::new(move |req: Request<Bytes>| {
             let n = c.fetch_add(1, Ordering::SeqCst);
             if fail_first != usize::MAX && n < fail_first {
-                Err(Status::new(Code::Unavailable, "not now"))
+                Err(rpc_server::Refused(Status::new(Code::Unavailable, "not now")))
             } else {
                 Ok(req)
             }

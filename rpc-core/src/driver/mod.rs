@@ -46,7 +46,7 @@ use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
 use crate::error::{CloseReason, CodecError, GoAwayReason, ProtocolError};
 use crate::event::{ConnectionEvent, EventSender};
-use crate::frame::{Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings};
+use crate::frame::{features, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings};
 use crate::liveness::{Liveness, LivenessAction, PartialFrame, WriteStall};
 use crate::metrics::{ConnectionMetrics, Side};
 use crate::status::Status;
@@ -167,6 +167,8 @@ pub struct Driver<S> {
     tasks_idle: Option<BoxFuture>,
     /// The handshake completed in the read being decoded; `Open` is published after it.
     open_pending: bool,
+    /// The peer announced [`features::NOT_EXECUTED_FLAG`] (see [`downgrade_for_v1`]).
+    peer_reads_not_executed: bool,
     /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
     coalesce_armed: bool,
     /// Writes are held until this deferred wake fires.
@@ -194,6 +196,23 @@ impl<S> Drop for Driver<S> {
     }
 }
 
+/// A response for a peer that predates [`features::NOT_EXECUTED_FLAG`]: such a peer reads
+/// SERVER_BUSY, NOT_FOUND and UNAVAILABLE as "the handler did not run". So those codes go to it
+/// only as the runtime's refusals (true for it too), UNIMPLEMENTED as NOT_FOUND (its "no such
+/// method"), and a handler's SERVER_BUSY, NOT_FOUND or UNAVAILABLE as APPLICATION_ERROR with the
+/// code named in the message (which it reads as "may have run").
+fn downgrade_for_v1(r: &mut ResponseFrame) {
+    use crate::status::Code;
+    match (r.code, r.not_executed) {
+        (Code::Unimplemented, true) => r.code = Code::NotFound,
+        (c @ (Code::ServerBusy | Code::NotFound | Code::Unavailable), false) => {
+            r.message = format!("{c}: {}", r.message);
+            r.code = Code::ApplicationError;
+        }
+        _ => {}
+    }
+}
+
 /// What does not touch the stream, so `Drop` can use it too.
 impl<S> Driver<S> {
     /// Fails everything pending with what is known of it and publishes `Closed`; once per
@@ -207,8 +226,8 @@ impl<S> Driver<S> {
         for (reply, e) in closing.calls {
             let _ = reply.send(Err(e));
         }
-        for (written, e) in closing.oneways {
-            let _ = written.send(Err(e));
+        for (written, outcome) in closing.oneways {
+            let _ = written.send(outcome);
         }
         self.responder_tx = None;
         for msg in self.rx.close() {
@@ -313,6 +332,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tasks: TaskTracker::new(),
             tasks_idle: None,
             open_pending: false,
+            peer_reads_not_executed: false,
             coalesce_armed: true,
             deferred: None,
             unwritten_frames: 0,
@@ -519,7 +539,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 self.read_quiet = Self::after_quiet(&mut self.read_at, now);
                 // Bytes are proof of life, whole frames or not.
                 self.liveness.on_read(now);
-                self.partial.on_bytes(n);
+                let c = &self.cfg.connection;
+                self.partial.on_bytes(n, now, c.partial_frame_grace, c.min_receive_rate);
                 self.decode_all(now)?;
                 Ok(true)
             }
@@ -556,7 +577,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 Err(CodecError::Io(e)) => return Err(CloseReason::from_io(&e)),
             }
         }
-        self.partial.on_decoded(self.rbuf.len(), now);
+        self.partial
+            .on_decoded(self.rbuf.len(), now, self.cfg.connection.partial_frame_grace);
         if self.shared.heartbeat_failures.load(Ordering::Relaxed) != 0 && self.liveness.failures() == 0 {
             self.shared.heartbeat_failures.store(0, Ordering::Relaxed);
         }
@@ -657,6 +679,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         self.codec
             .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
         let _ = self.shared.peer_settings.set(s);
+        self.peer_reads_not_executed = s.features.unwrap_or(0) & features::NOT_EXECUTED_FLAG != 0;
         self.session.on_handshake();
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
         // over max_connections sends both at once) must not let a waiter see the connection open.
@@ -802,7 +825,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
     }
 
-    fn encode_response(&mut self, r: ResponseFrame) {
+    fn encode_response(&mut self, mut r: ResponseFrame) {
+        if !self.peer_reads_not_executed {
+            downgrade_for_v1(&mut r);
+        }
         let id = r.id;
         if let Err(e) = self.try_encode(&Frame::Response(r)) {
             let status = Status::internal(format!("response not sent: {e}"));
@@ -846,6 +872,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     self.coalesce_armed = true;
                     self.unwritten_frames = 0;
                     self.session.on_flushed(n);
+                    self.confirm_oneways();
                     self.needs_flush = true;
                     progressed = true;
                     self.stall.on_progress();
@@ -860,7 +887,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         self.stall.on_progress();
-        self.confirm_oneways();
         if self.needs_flush {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.needs_flush = false,
@@ -923,11 +949,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if self.stall.deadline(c.write_stall_timeout).is_some_and(|d| now >= d) {
             return Err(CloseReason::SlowConsumer);
         }
-        if self
-            .partial
-            .deadline(c.partial_frame_grace, c.min_receive_rate)
-            .is_some_and(|d| now >= d)
-        {
+        if self.partial.deadline(c.min_receive_rate).is_some_and(|d| now >= d) {
             return Err(CloseReason::PartialFrameTimeout);
         }
         if self.session.drain_deadline().is_some_and(|d| now >= d) {
@@ -941,7 +963,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         [
             self.liveness.next_deadline(),
             self.stall.deadline(c.write_stall_timeout),
-            self.partial.deadline(c.partial_frame_grace, c.min_receive_rate),
+            self.partial.deadline(c.min_receive_rate),
             self.session.drain_deadline(),
         ]
         .into_iter()

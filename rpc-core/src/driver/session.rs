@@ -69,7 +69,8 @@ pub(crate) enum Admission {
 /// Every waiter's outcome when the session closes.
 pub(crate) struct Closing<R, W> {
     pub(crate) calls: Vec<(R, ConnectionError)>,
-    pub(crate) oneways: Vec<(W, ConnectionError)>,
+    /// `Ok` for a oneway whose bytes were all written (not yet confirmed), else why not.
+    pub(crate) oneways: Vec<(W, Result<(), ConnectionError>)>,
 }
 
 /// The session state of one connection.
@@ -352,7 +353,14 @@ impl<R: Waiter, W> Session<R, W> {
         let oneways = self
             .unwritten
             .drain(..)
-            .map(|(_, w)| (w, ConnectionError::NotWritten(reason.clone())))
+            .map(|(end, w)| {
+                let outcome = if flushed >= end {
+                    Ok(())
+                } else {
+                    Err(ConnectionError::NotWritten(reason.clone()))
+                };
+                (w, outcome)
+            })
             .collect();
         Some(Closing { calls, oneways })
     }
@@ -545,7 +553,10 @@ mod tests {
                 let t = &mut truth[tag];
                 t.outcomes += 1;
                 match result {
-                    Ok(()) => t.ok = true,
+                    Ok(()) => {
+                        prop_assert!(flushed >= t.end && t.id != 0, "Ok before written: {t:?}");
+                        t.ok = true
+                    }
                     Err(e) if !e.may_have_executed() => {
                         let unwritten = flushed < t.end || t.id == 0;
                         let above_goaway = peer_last.is_some_and(|l| t.id > l);
@@ -621,14 +632,14 @@ mod tests {
                         closed = true;
                         if let Some(closing) = s.close(&CloseReason::Reset) {
                             for (c, e) in closing.calls { record(&mut truth, c.tag, Err(e), peer_last, flushed)?; }
-                            for (tag, e) in closing.oneways { record(&mut truth, tag, Err(e), peer_last, flushed)?; }
+                            for (tag, r) in closing.oneways { record(&mut truth, tag, r, peer_last, flushed)?; }
                         }
                     }
                 }
             }
             if let Some(closing) = s.close(&CloseReason::Reset) {
                 for (c, e) in closing.calls { record(&mut truth, c.tag, Err(e), peer_last, flushed)?; }
-                for (tag, e) in closing.oneways { record(&mut truth, tag, Err(e), peer_last, flushed)?; }
+                for (tag, r) in closing.oneways { record(&mut truth, tag, r, peer_last, flushed)?; }
             }
             let by_outcomes: HashMap<u32, usize> = truth.iter().fold(HashMap::new(), |mut m, t| {
                 *m.entry(t.outcomes).or_default() += 1;
