@@ -56,3 +56,20 @@ sessions = {
 for name, data in sessions.items():
     with open(f"seeds/handshake/{name}", "wb") as f:
         f.write(data)
+# client: what a server sends to a client (settings, then answers, GOAWAYs and heartbeats).
+server_settings = settings([(1, 4 << 20), (2, 90000), (3, 1024), (5, 64), (6, 16384), (7, 256), (8, 1)])
+os.makedirs("seeds/client", exist_ok=True)
+client_sessions = {
+    "answers_in_order": server_settings + b"".join(response(i) for i in (1, 2, 4, 5, 7, 8)),
+    "answers_then_goaway": server_settings + response(2) + goaway(2, 4, b"shutdown") + response(1),
+    "goaway_lowered": server_settings + goaway(2, 8) + goaway(1, 3) + response(4),
+    "refusals": server_settings + struct.pack(">BBBBQI", 0x54, 1, 2, 1, 1, 6) + struct.pack(">HI", 1, 0),
+    "v1_server": settings([(1, 4 << 20), (2, 90000)]) + response(1, code=9, payload=b""),
+}
+for name, data in client_sessions.items():
+    with open(f"seeds/client/{name}", "wb") as f:
+        f.write(data)
+# client_sequences: three bytes per frame (kind, a, b), see fuzz_targets/client_support.rs.
+os.makedirs("seeds/client_sequences", exist_ok=True)
+with open("seeds/client_sequences/mixed", "wb") as f:
+    f.write(bytes([0, 200, 1, 2, 1, 0, 3, 2, 0x89, 1, 2, 2, 1, 1, 1, 4, 7, 0, 5, 7, 0]))

@@ -13,7 +13,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 # An explicit --target keeps RUSTFLAGS off build scripts and proc macros, as cargo fuzz does.
 host="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --release --bins --target-dir target --target "$host"
-for target in decode_frame handshake; do
+for target in decode_frame handshake client client_sequences; do
   corpus="corpus/$target"
   mkdir -p "$corpus" "artifacts/$target"
   cp -n seeds/"$target"/* "$corpus"/ 2>/dev/null || true

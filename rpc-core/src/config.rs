@@ -135,9 +135,22 @@ pub struct ConnectionConfig {
     pub max_outbound_bytes: usize,
     /// Frames queued for the connection's I/O task. Default 1024; senders wait when it is full.
     pub outbound_queue: usize,
-    /// No write progress for this long while bytes wait closes with `SlowConsumer`. Default 10 s.
+    /// A peer that does not read what this side writes is a slow consumer (closed with
+    /// `SlowConsumer`) once its backlog has drained slower than `min_send_rate` for this long: a
+    /// leaky bucket of this many seconds of credit, spent by time and earned by the bytes the
+    /// socket takes, full again whenever the buffer empties. So a peer reading nothing is closed
+    /// this long after bytes start waiting, and a trickle reader about this long after it falls
+    /// behind. Default 10 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub write_stall_timeout: Duration,
+    /// The slowest a peer may read while bytes wait for it, in bytes per second (see
+    /// `write_stall_timeout`). `0`: any progress counts. Default 1 KiB/s.
+    pub min_send_rate: u32,
+    /// A connection whose peer has not completed its SETTINGS within this time is closed with
+    /// `HandshakeTimeout`, so a connection that never speaks holds no `max_connections` slot for
+    /// long. Default 5 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub handshake_timeout: Duration,
     /// How long a partially received frame may arrive at any speed before its bytes must keep
     /// up with `min_receive_rate`. Default 5 s, as Kestrel's MinRequestBodyDataRate grace period.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -160,6 +173,8 @@ impl Default for ConnectionConfig {
             max_outbound_bytes: 1024 * 1024,
             outbound_queue: 1024,
             write_stall_timeout: Duration::from_secs(10),
+            min_send_rate: 1024,
+            handshake_timeout: Duration::from_secs(5),
             partial_frame_grace: Duration::from_secs(5),
             min_receive_rate: 240,
         }
@@ -242,6 +257,9 @@ impl ConnectionConfig {
         }
         if self.write_stall_timeout.is_zero() {
             return Err(ConfigError::Zero("write_stall_timeout"));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::Zero("handshake_timeout"));
         }
         if self.partial_frame_grace.is_zero() {
             return Err(ConfigError::Zero("partial_frame_grace"));

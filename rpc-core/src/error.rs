@@ -162,8 +162,8 @@ pub enum CloseReason {
     /// Server: nothing was received for `idle_timeout`.
     #[error("idle timeout")]
     IdleTimeout,
-    /// The peer did not read: no write progress for `write_stall_timeout`.
-    #[error("slow consumer: no write progress for the write stall timeout")]
+    /// The peer did not read what this side wrote fast enough (see `write_stall_timeout`).
+    #[error("slow consumer: the peer did not read what was written in time")]
     SlowConsumer,
     /// A frame started arriving but was not complete within the partial-frame timeout.
     #[error("partial frame not completed in time")]

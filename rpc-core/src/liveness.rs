@@ -140,26 +140,63 @@ impl Liveness {
     }
 }
 
-/// Tracks how long writes have made no progress while bytes were waiting to be written.
+/// Judges whether the peer reads what this side writes, by the rate the write buffer drains,
+/// not by whether the last byte moved (a trickle reader taking one byte every few seconds would
+/// defeat that and hold the connection and its buffers forever). A leaky bucket, as
+/// [`PartialFrame`]: while bytes wait, the connection has at most `timeout` of credit; time spends
+/// it and each byte the socket takes earns `1 / min_rate` seconds. It is a slow consumer when the
+/// credit runs out; the bucket starts full again whenever the buffer empties. So a peer that does
+/// not read at all is closed `timeout` after bytes start waiting, a large response on a slow but
+/// moving link is not, and a trickle is cut off about `timeout` after it falls behind `min_rate`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WriteStall {
-    since: Option<Instant>,
+    /// When the credit was last brought up to date, while bytes wait.
+    last: Option<Instant>,
+    credit: f64,
 }
 
 impl WriteStall {
-    /// Bytes were written, or nothing is waiting.
-    pub fn on_progress(&mut self) {
-        self.since = None;
+    /// The socket took `n` bytes at `now` and `waiting` remain.
+    pub fn on_written(&mut self, n: usize, waiting: usize, now: Instant, timeout: Duration, min_rate: u32) {
+        if waiting == 0 {
+            self.last = None;
+            return;
+        }
+        match self.last {
+            None => {
+                self.last = Some(now);
+                self.credit = timeout.as_secs_f64();
+            }
+            Some(last) => {
+                let spent = now.saturating_duration_since(last).as_secs_f64();
+                let earned = if min_rate == 0 {
+                    timeout.as_secs_f64()
+                } else {
+                    n as f64 / f64::from(min_rate)
+                };
+                self.credit = (self.credit - spent + earned).min(timeout.as_secs_f64());
+                self.last = Some(now);
+            }
+        }
     }
 
-    /// A write could not proceed at `now` with bytes waiting.
-    pub fn on_blocked(&mut self, now: Instant) {
-        self.since.get_or_insert(now);
+    /// The socket took nothing at `now` with bytes waiting.
+    pub fn on_blocked(&mut self, now: Instant, timeout: Duration) {
+        if self.last.is_none() {
+            self.last = Some(now);
+            self.credit = timeout.as_secs_f64();
+        }
     }
 
-    /// When the stall becomes a slow-consumer close.
-    pub fn deadline(&self, timeout: Duration) -> Option<Instant> {
-        self.since.map(|s| s + timeout)
+    /// Nothing is waiting any more.
+    pub fn on_empty(&mut self) {
+        self.last = None;
+    }
+
+    /// When the connection becomes a slow consumer if the socket takes nothing more.
+    pub fn deadline(&self) -> Option<Instant> {
+        let last = self.last?;
+        Some(last + Duration::from_secs_f64(self.credit.max(0.0)))
     }
 }
 
@@ -339,12 +376,13 @@ mod tests {
     #[test]
     fn write_stall_and_partial_frame_clocks() {
         let t0 = Instant::now();
+        let t = ms(100);
         let mut w = WriteStall::default();
-        w.on_blocked(t0);
-        w.on_blocked(t0 + ms(10));
-        assert_eq!(w.deadline(ms(100)), Some(t0 + ms(100)));
-        w.on_progress();
-        assert_eq!(w.deadline(ms(100)), None);
+        w.on_blocked(t0, t);
+        w.on_blocked(t0 + ms(10), t);
+        assert_eq!(w.deadline(), Some(t0 + ms(100)));
+        w.on_empty();
+        assert_eq!(w.deadline(), None);
 
         let g = ms(100);
         let mut p = PartialFrame::default();
@@ -386,6 +424,31 @@ mod tests {
         // Early bytes buy no late silence: 4 MiB at once, then nothing.
         assert_eq!(cut_at(4 << 20, 0, 60), Some(5));
         assert_eq!(PartialFrame::default().deadline(0), None);
+    }
+
+    /// The peer takes `per_second` bytes each second while 1 MiB waits; the second at which it is
+    /// a slow consumer (10 s timeout, 1 KiB/s minimum), if it is.
+    fn slow_at(per_second: usize, secs: u64) -> Option<u64> {
+        let t0 = Instant::now();
+        let (timeout, rate) = (Duration::from_secs(10), 1024);
+        let mut w = WriteStall::default();
+        w.on_blocked(t0, timeout);
+        for s in 1..=secs {
+            let now = t0 + Duration::from_secs(s);
+            if w.deadline().unwrap() <= now {
+                return Some(s);
+            }
+            w.on_written(per_second, 1 << 20, now, timeout, rate);
+        }
+        None
+    }
+
+    #[test]
+    fn a_slow_but_moving_reader_is_no_slow_consumer_and_a_trickle_is() {
+        assert_eq!(slow_at(0, 60), Some(10), "a peer that reads nothing");
+        assert_eq!(slow_at(100_000, 120), None, "100 KB/s");
+        assert_eq!(slow_at(1024, 600), None, "exactly the minimum rate");
+        assert_eq!(slow_at(20, 60), Some(11), "20 B/s: the trickle");
     }
 
     #[test]

@@ -156,6 +156,7 @@ impl<L> ServerBuilder<L> {
             limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
             metrics: Arc::new(RequestMetrics::new(Side::Server)),
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             config: self.config,
             service,
             router,
@@ -252,6 +253,8 @@ struct AcceptLoop {
     limit: Arc<Semaphore>,
     metrics: Arc<RequestMetrics>,
     connections: Arc<Semaphore>,
+    /// Refused connections being told why (see [`MAX_REFUSING`]).
+    refusing: Arc<Semaphore>,
     events: EventSender,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -293,7 +296,25 @@ impl AcceptLoop {
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             metrics::counter!(CONNECTIONS_REFUSED).increment(1);
             tracing::warn!(%peer, max = self.config.max_connections, "max_connections reached; connection refused");
-            refuse(stream);
+            // Told why in a tracked task (shutdown waits for it), bounded in number: past
+            // MAX_REFUSING at once, a refused connection is closed without a word.
+            if let Ok(slot) = self.refusing.clone().try_acquire_owned() {
+                let tls = self.tls.clone();
+                let handshake_timeout = self
+                    .config
+                    .tls
+                    .as_ref()
+                    .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+                let kill = self.kill.clone();
+                self.tasks.spawn(async move {
+                    let _slot = slot;
+                    tokio::select! {
+                        biased;
+                        _ = kill.cancelled() => {}
+                        _ = refuse(stream, tls, handshake_timeout) => {}
+                    }
+                });
+            }
             return;
         };
         let tcp_options = configure_tcp(&stream, &self.config.tcp);
@@ -375,11 +396,14 @@ where
     registry.lock().remove(&id);
 }
 
+/// How many refused connections may be told why at once; more are closed without a word.
+const MAX_REFUSING: usize = 64;
+
 /// Tells a connection over `max_connections` why it is refused (SETTINGS, then GOAWAY(overloaded)),
-/// half-closes, and reads what the client sent for at most 500 ms so the close does not become an
-/// RST that destroys the GOAWAY. Its task holds no connection permit.
-fn refuse(mut stream: TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// over TLS after the TLS handshake (a TLS client would read plaintext as a TLS error), half-closes,
+/// and reads what the client sent for at most 500 ms so the close does not become an RST that
+/// destroys the GOAWAY. It holds no connection permit; the whole exchange is bounded in time.
+async fn refuse(stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, handshake_timeout: Duration) {
     let codec = rpc_core::codec::FrameCodec::default();
     let mut buf = bytes::BytesMut::new();
     let goaway = rpc_core::frame::GoAway {
@@ -394,14 +418,27 @@ fn refuse(mut stream: TcpStream) {
     if !frames.iter().all(|f| codec.encode_frame(f, &mut buf).is_ok()) {
         return;
     }
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            stream.write_all(&buf).await?;
-            stream.shutdown().await?;
-            let mut scratch = [0u8; 1024];
-            while stream.read(&mut scratch).await? > 0 {}
-            Ok::<_, std::io::Error>(())
-        })
-        .await;
-    });
+    match tls {
+        None => tell_and_linger(stream, &buf).await,
+        Some(acceptor) => {
+            if let Ok(Ok(tls_stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                tell_and_linger(tls_stream, &buf).await;
+            }
+        }
+    }
+}
+
+async fn tell_and_linger<S>(mut stream: S, frames: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        stream.write_all(frames).await?;
+        stream.shutdown().await?;
+        let mut scratch = [0u8; 1024];
+        while stream.read(&mut scratch).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }

@@ -167,6 +167,10 @@ pub struct Driver<S> {
     tasks_idle: Option<BoxFuture>,
     /// The handshake completed in the read being decoded; `Open` is published after it.
     open_pending: bool,
+    /// Until the peer's SETTINGS arrive, when the connection is closed for not sending them.
+    handshake_deadline: Instant,
+    /// Frames left undecoded in the read buffer while the write budget was full.
+    decode_paused: bool,
     /// The peer announced [`features::NOT_EXECUTED_FLAG`] (see [`downgrade_for_v1`]).
     peer_reads_not_executed: bool,
     /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
@@ -333,6 +337,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tasks_idle: None,
             open_pending: false,
             peer_reads_not_executed: false,
+            handshake_deadline: now + cfg.connection.handshake_timeout,
+            decode_paused: false,
             coalesce_armed: true,
             deferred: None,
             unwritten_frames: 0,
@@ -529,7 +535,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         quiet
     }
 
+    /// True while the write buffer is over the budget that every byte this side writes shares
+    /// (responses, acks, refusals): the peer is not reading, so nothing more is read from it and no
+    /// more work is taken. A server pauses at the budget; a client, whose own requests may fill
+    /// the budget, only at twice it (what a hostile server's heartbeats could add), so a client
+    /// always reads the responses that free the server and the two cannot wait on each other.
+    fn write_budget_full(&self) -> bool {
+        let budget = self.cfg.connection.max_outbound_bytes;
+        match self.cfg.side {
+            Side::Server => self.wbuf.len() >= budget,
+            Side::Client => self.wbuf.len() >= budget.saturating_mul(2),
+        }
+    }
+
     fn poll_read(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, CloseReason> {
+        if self.write_budget_full() {
+            return Ok(false);
+        }
+        if self.decode_paused {
+            // Frames read before the budget filled: decode them before reading more.
+            self.decode_paused = false;
+            self.decode_all(now)?;
+            return Ok(true);
+        }
         if self.rbuf.capacity() - self.rbuf.len() < READ_RESERVE {
             self.rbuf.reserve(4 * READ_RESERVE);
         }
@@ -563,6 +591,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn decode_frames(&mut self, now: Instant) -> Result<(), CloseReason> {
         loop {
+            if self.write_budget_full() {
+                self.decode_paused = true;
+                break;
+            }
             match self.codec.decode(&mut self.rbuf) {
                 Ok(Some(frame)) => {
                     self.partial.on_frame();
@@ -577,8 +609,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 Err(CodecError::Io(e)) => return Err(CloseReason::from_io(&e)),
             }
         }
-        self.partial
-            .on_decoded(self.rbuf.len(), now, self.cfg.connection.partial_frame_grace);
+        if self.decode_paused {
+            // What waits in the buffer waits for us, not for the peer.
+            self.partial.on_frame();
+        } else {
+            self.partial
+                .on_decoded(self.rbuf.len(), now, self.cfg.connection.partial_frame_grace);
+        }
         if self.shared.heartbeat_failures.load(Ordering::Relaxed) != 0 && self.liveness.failures() == 0 {
             self.shared.heartbeat_failures.store(0, Ordering::Relaxed);
         }
@@ -875,18 +912,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     self.confirm_oneways();
                     self.needs_flush = true;
                     progressed = true;
-                    self.stall.on_progress();
+                    let c = &self.cfg.connection;
+                    self.stall
+                        .on_written(n, self.wbuf.len(), now, c.write_stall_timeout, c.min_send_rate);
                     let ms = (now - self.shared.epoch).as_millis() as u64;
                     self.shared.last_write_ms.store(ms, Ordering::Relaxed);
                 }
                 Poll::Ready(Err(e)) => return Err(CloseReason::from_io(&e)),
                 Poll::Pending => {
-                    self.stall.on_blocked(now);
+                    self.stall.on_blocked(now, self.cfg.connection.write_stall_timeout);
                     return Ok(progressed);
                 }
             }
         }
-        self.stall.on_progress();
+        self.stall.on_empty();
         if self.needs_flush {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.needs_flush = false,
@@ -946,11 +985,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         let c = &self.cfg.connection;
-        if self.stall.deadline(c.write_stall_timeout).is_some_and(|d| now >= d) {
+        if self.stall.deadline().is_some_and(|d| now >= d) {
             return Err(CloseReason::SlowConsumer);
         }
         if self.partial.deadline(c.min_receive_rate).is_some_and(|d| now >= d) {
             return Err(CloseReason::PartialFrameTimeout);
+        }
+        if !self.session.handshake_done() && now >= self.handshake_deadline {
+            return Err(CloseReason::HandshakeTimeout);
         }
         if self.session.drain_deadline().is_some_and(|d| now >= d) {
             return Err(self.session.drain_reason());
@@ -962,7 +1004,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let c = &self.cfg.connection;
         [
             self.liveness.next_deadline(),
-            self.stall.deadline(c.write_stall_timeout),
+            self.stall.deadline(),
+            (!self.session.handshake_done()).then_some(self.handshake_deadline),
             self.partial.deadline(c.min_receive_rate),
             self.session.drain_deadline(),
         ]
