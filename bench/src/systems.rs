@@ -72,9 +72,20 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
             drop(server);
         }
         System::Tonic => {
+            // As tonic's users serve it: TCP_NODELAY on every accepted socket (`tcp_nodelay`
+            // applies only to listeners tonic binds itself, so it is set here on each stream).
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |s: std::io::Result<tokio::net::TcpStream>| {
+                    let s = s?;
+                    s.set_nodelay(true)?;
+                    Ok::<_, std::io::Error>(s)
+                },
+            );
             tonic::transport::Server::builder()
+                .tcp_nodelay(true)
                 .add_service(pb::echo_server::EchoServer::new(TonicEcho))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .serve_with_incoming(incoming)
                 .await?;
         }
         System::Raw => raw::serve(listener).await?,
@@ -114,6 +125,7 @@ impl Target {
                 for _ in 0..connections {
                     channels.push(
                         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                            .tcp_nodelay(true)
                             .connect()
                             .await?,
                     );

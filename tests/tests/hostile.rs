@@ -153,11 +153,14 @@ async fn a_heartbeat_flood_from_a_peer_that_never_reads_stays_within_the_write_b
     assert!(server.connections().is_empty());
 }
 
-/// A reader that takes one byte every 50 ms: the write stall clock runs from the last time the
-/// buffer drained below its low-water mark, so a trickle does not hold the connection forever.
+/// A reader that takes 32 KiB every 800 ms (40 KB/s, below this server's 64 KiB/s minimum): the
+/// server's writes progress within every stall timeout, which fooled a "no progress" rule
+/// forever; judged by drain rate, it is a slow consumer a few seconds after it falls behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_trickles_is_closed_as_a_slow_consumer() {
-    let server = server(hostile_config()).await;
+    let mut config = hostile_config();
+    config.connection.min_send_rate = 64 * 1024;
+    let server = server(config).await;
     let mut events = server.events();
     let mut stream = small_window(server.local_addr()).await;
     let requests: Vec<Frame> = (1..=8)
@@ -174,10 +177,11 @@ async fn a_reader_that_trickles_is_closed_as_a_slow_consumer() {
     frames.extend(requests);
     stream.write_all(&encode(&frames)).await.unwrap();
     let trickle = tokio::spawn(async move {
-        let mut byte = [0u8; 1];
+        // 32 KiB at a time: enough for the server's socket to become writable again.
+        let mut chunk = vec![0u8; 32 * 1024];
         loop {
-            tokio::time::sleep(ms(50)).await;
-            if !matches!(stream.read(&mut byte).await, Ok(1)) {
+            tokio::time::sleep(ms(800)).await;
+            if stream.read_exact(&mut chunk).await.is_err() {
                 return;
             }
         }
@@ -186,9 +190,15 @@ async fn a_reader_that_trickles_is_closed_as_a_slow_consumer() {
     let reason = wait_closed(&mut events, Duration::from_secs(10)).await;
     let took = start.elapsed();
     trickle.abort();
-    println!("trickle reader (1 B / 50 ms): closed {reason} after {took:?} (write stall timeout 1 s)");
+    println!(
+        "trickle reader (32 KiB / 800 ms against 64 KiB/s): closed {reason} after {took:?} (write stall timeout 1 s)"
+    );
     assert_eq!(reason, CloseReason::SlowConsumer);
-    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+    // Past the stall timeout (its writes did progress), well before the attack could end.
+    assert!(
+        took > ms(1200) && took < Duration::from_secs(6),
+        "closed after {took:?}"
+    );
 }
 
 /// A connection that never speaks holds a `max_connections` slot only until the handshake

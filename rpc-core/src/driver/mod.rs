@@ -8,12 +8,13 @@
 //!    encoding them into one write buffer, so a burst is written with one syscall;
 //! 3. writes and flushes, tracking stalls; when more frames are expected soon (responses of running
 //!    handlers, requests of callers just answered), the write first waits for the tasks ready on
-//!    this worker thread, up to 16 frames (see `Driver::hold_writes`);
+//!    this worker thread, up to 16 frames (see `coalesce.rs`);
 //! 4. re-arms one timer for the earliest of: heartbeat, idle eviction, write stall, partial
 //!    frame, drain deadline.
 //!
 //! Generic over `AsyncRead + AsyncWrite`, so TLS slots in without a second driver.
 
+mod coalesce;
 mod dispatch;
 mod handle;
 mod queue;
@@ -22,9 +23,9 @@ mod session;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -36,6 +37,7 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
+use coalesce::Coalescer;
 pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder};
 pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound, Reply};
 use handle::{OutboundSender, Shared};
@@ -62,33 +64,6 @@ const IDLE_BUFFER_KEEP: usize = 1024;
 /// A read (or write) this long after the previous one marks a quiet connection, whose buffers are
 /// released once they are empty (see [`Driver::release_idle_buffers`]).
 const QUIET_GAP: Duration = Duration::from_millis(200);
-/// Frames up to which a write waits for more (see [`Driver::hold_writes`]). Waiting for every
-/// ready task maximises the batch but stalls the pipeline: the peer sits idle until the whole
-/// batch arrives. Measured at 64 callers on one connection, 8 to 24 frames per write gave the
-/// most requests per second; this is the middle of that range.
-const COALESCE_FRAMES: usize = 16;
-/// Encoded bytes up to which a write waits for the other ready tasks to queue theirs (see
-/// [`Driver::hold_writes`]); beyond it the driver writes at once.
-const COALESCE_LIMIT: usize = 64 * 1024;
-
-/// The waker a driver defers its writes with: records that the scheduler has run it, then wakes
-/// the driver's task.
-struct DeferredWake {
-    fired: AtomicBool,
-    task: Waker,
-}
-
-impl std::task::Wake for DeferredWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
 /// Everything a driver needs besides the stream.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -173,16 +148,8 @@ pub struct Driver<S> {
     decode_paused: bool,
     /// The peer announced [`features::NOT_EXECUTED_FLAG`] (see [`downgrade_for_v1`]).
     peer_reads_not_executed: bool,
-    /// True when the next frames pulled from the queue may wait for the others (see `hold_writes`).
-    coalesce_armed: bool,
-    /// Writes are held until this deferred wake fires.
-    deferred: Option<Arc<DeferredWake>>,
-    /// Frames pulled from the queue since the last write.
-    unwritten_frames: usize,
-    /// Frames likely to be queued soon: responses of requests handed to handlers (server), or
-    /// requests of callers just handed their replies (client). With none expected, waiting to
-    /// coalesce would only add latency (a lone caller), so the driver writes at once.
-    expected_frames: usize,
+    /// Write coalescing: whether a write waits for the frames other tasks are about to queue.
+    coalesce: Coalescer,
     /// When the last read and the last write returned data, and whether each came after a quiet gap.
     read_at: Option<Instant>,
     write_at: Option<Instant>,
@@ -339,10 +306,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             peer_reads_not_executed: false,
             handshake_deadline: now + cfg.connection.handshake_timeout,
             decode_paused: false,
-            coalesce_armed: true,
-            deferred: None,
-            unwritten_frames: 0,
-            expected_frames: 0,
+            coalesce: Coalescer::default(),
             read_at: None,
             write_at: None,
             read_quiet: true,
@@ -416,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     Err(reason) => return Poll::Ready(reason),
                 };
                 let pulled = self.poll_outbound(cx, now);
-                if self.hold_writes(cx, pulled) {
+                if self.coalesce.hold(cx, pulled, self.wbuf.len()) {
                     deferred = true;
                     budget_used = false;
                     break;
@@ -469,46 +433,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
             return Poll::Pending;
         }
-    }
-
-    /// Write coalescing. Frames reach the queue from other tasks, typically many woken together
-    /// (callers woken by a read of responses, handlers of one batch); writing as soon as the first
-    /// arrives costs a syscall per frame. So once per write, when frames were just pulled and the
-    /// buffer is small, writes wait until the tasks ready on this worker have run: tokio wakes a
-    /// deferred task once its run queue is empty (or at the latest at its next maintenance tick).
-    /// Only when more frames are expected (`expected_frames`): a lone caller's request goes out at once.
-    /// Frames queued meanwhile wake the driver too; it pulls them and keeps waiting, so they go out
-    /// in one syscall when the deferred wake comes, or as soon as [`COALESCE_FRAMES`] frames or
-    /// [`COALESCE_LIMIT`] bytes are waiting. Returns true while writes wait.
-    fn hold_writes(&mut self, cx: &mut Context<'_>, pulled: bool) -> bool {
-        if self.wbuf.len() >= COALESCE_LIMIT || self.unwritten_frames >= COALESCE_FRAMES {
-            self.deferred = None;
-            return false;
-        }
-        if let Some(d) = &self.deferred {
-            if !d.fired.load(Ordering::Acquire) {
-                return true;
-            }
-            self.deferred = None;
-            return false;
-        }
-        if !(pulled && self.coalesce_armed) || self.wbuf.is_empty() || self.expected_frames == 0 {
-            return false;
-        }
-        self.coalesce_armed = false;
-        let d = Arc::new(DeferredWake {
-            fired: AtomicBool::new(false),
-            task: cx.waker().clone(),
-        });
-        let waker = Waker::from(d.clone());
-        // `yield_now` hands the waker to the scheduler's deferred list on its first poll; the
-        // future itself is not needed after that.
-        let mut yielded = std::pin::pin!(tokio::task::yield_now());
-        if yielded.as_mut().poll(&mut Context::from_waker(&waker)).is_ready() {
-            return false;
-        }
-        self.deferred = Some(d);
-        true
     }
 
     /// An idle connection should cost little memory: a buffer left empty by a pass goes back to the
@@ -653,7 +577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 match self.session.on_response(r.id) {
                     Some(reply) => {
                         // The caller is likely to send again soon: a write may wait for it.
-                        self.expected_frames += 1;
+                        self.coalesce.expect_one();
                         let _ = reply.send(Ok(r));
                     }
                     // Its caller gave up (and was swept): nobody to tell.
@@ -740,7 +664,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         match dispatch.dispatch(r, now, responder, &self.tasks) {
             Some(resp) => self.encode_response(resp),
             // Its response will come through the queue: a write may wait for it.
-            None if !oneway => self.expected_frames += 1,
+            None if !oneway => self.coalesce.expect_one(),
             None => {}
         }
     }
@@ -815,8 +739,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(msg)) => {
                     progressed = true;
-                    self.unwritten_frames += 1;
-                    self.expected_frames = self.expected_frames.saturating_sub(1);
+                    self.coalesce.on_pulled();
                     self.on_outbound(msg, now);
                 }
                 Poll::Ready(None) => {
@@ -905,9 +828,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 Poll::Ready(Ok(n)) => {
                     self.wbuf.advance(n);
                     self.write_quiet = Self::after_quiet(&mut self.write_at, now);
-                    // Written: the next frames pulled may wait for others again.
-                    self.coalesce_armed = true;
-                    self.unwritten_frames = 0;
+                    self.coalesce.on_written();
                     self.session.on_flushed(n);
                     self.confirm_oneways();
                     self.needs_flush = true;
