@@ -82,6 +82,12 @@ impl Liveness {
         self.idle_since = self.idle_since.max(now);
     }
 
+    /// True when the idle clock has run out at `now` (so the driver checks whether requests are
+    /// in flight before [`Liveness::poll`] evicts: a check it need not make on every pass).
+    pub fn idle_due(&self, now: Instant) -> bool {
+        self.idle_timeout.is_some_and(|t| now >= self.idle_since + t)
+    }
+
     /// When the last frame was read.
     pub fn last_read(&self) -> Instant {
         self.last_read

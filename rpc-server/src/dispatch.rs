@@ -44,6 +44,16 @@ pub fn status_from_error(err: BoxError) -> Status {
     Status::internal(err.to_string())
 }
 
+/// The metric label for `method`: itself if the server serves it, else `unknown`, so peers cannot
+/// grow the label set.
+fn label<'a>(router: &Router, method: &'a str) -> &'a str {
+    if router.serves(method) {
+        method
+    } else {
+        "unknown"
+    }
+}
+
 /// True for the errors that state a refusal before the inner service was called: [`Refused`]
 /// from any layer, and tower's load shedding (it answers `Overloaded` only without calling
 /// its inner service).
@@ -70,8 +80,9 @@ pub(crate) struct ServerDispatch {
     /// This connection's own cap on requests in flight.
     per_connection: Arc<Semaphore>,
     metrics: Arc<RequestMetrics>,
-    /// The routes, to label metrics with served methods only.
-    router: Router,
+    /// The routes, to label metrics with served methods only (shared: one reference count per
+    /// request rather than one per map).
+    router: Arc<Router>,
     /// Requests accepted from the current read, not yet spawned.
     batch: Vec<Work>,
 }
@@ -107,7 +118,7 @@ impl ServerDispatch {
         limit: Arc<Semaphore>,
         per_connection: Arc<Semaphore>,
         metrics: Arc<RequestMetrics>,
-        router: Router,
+        router: Arc<Router>,
     ) -> Self {
         ServerDispatch {
             service,
@@ -146,17 +157,15 @@ impl Dispatch for ServerDispatch {
         responder: Responder,
         tasks: &TaskTracker,
     ) -> Option<ResponseFrame> {
-        // Labels only from the server's own methods, so peers cannot grow the label set.
-        let known = self.router.serves(&frame.method);
         // Never an unbounded queue: over either limit the client learns at once that nothing ran.
         let Ok(conn_permit) = self.per_connection.clone().try_acquire_owned() else {
-            let label = if known { frame.method.as_str() } else { "unknown" };
-            self.metrics.record(label, Code::ServerBusy, Duration::ZERO);
+            self.metrics
+                .record(label(&self.router, &frame.method), Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("connection at max_requests_per_connection"));
         };
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-            let label = if known { frame.method.as_str() } else { "unknown" };
-            self.metrics.record(label, Code::ServerBusy, Duration::ZERO);
+            self.metrics
+                .record(label(&self.router, &frame.method), Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
         let deadline = frame.timeout.map(|t| received_at + t);
@@ -166,13 +175,12 @@ impl Dispatch for ServerDispatch {
         req.set_deadline(deadline);
         let started = self.start(req);
         let metrics = self.metrics.clone();
+        let router = self.router.clone();
         let span = tracing::debug_span!("request", %method, id = responder.id());
         let work = async move {
             let _permits = (permit, conn_permit);
-            // Labels only from the server's own methods, so peers cannot grow the label set.
-            let label = if known { method.as_str() } else { "unknown" };
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                metrics.record(label, Code::DeadlineExceeded, received_at.elapsed());
+                metrics.record(label(&router, &method), Code::DeadlineExceeded, received_at.elapsed());
                 responder
                     .refuse(Status::deadline_exceeded("deadline passed before the handler started"))
                     .await;
@@ -194,6 +202,12 @@ impl Dispatch for ServerDispatch {
                 }
             };
             let (result, marks) = crate::entry::track(timed).await;
+            // A handler that was entered serves the method; only otherwise is the router asked.
+            let label = if marks.entered() {
+                method.as_str()
+            } else {
+                label(&router, &method)
+            };
             match result {
                 Ok(resp) => {
                     metrics.record(label, Code::Ok, received_at.elapsed());

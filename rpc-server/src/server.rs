@@ -139,7 +139,7 @@ impl<L> ServerBuilder<L> {
     {
         self.config.validate()?;
         let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
-        let router = self.router.clone();
+        let router = Arc::new(self.router.clone());
         let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
         let (events, _) = broadcast::channel(1024);
         let shutdown = CancellationToken::new();
@@ -247,7 +247,7 @@ struct AcceptLoop {
     listener: TcpListener,
     config: ServerConfig,
     service: ServerService,
-    router: Router,
+    router: Arc<Router>,
     /// The stack is the router alone (no layers): see `ServerBuilder::layered`.
     stateless: bool,
     limit: Arc<Semaphore>,

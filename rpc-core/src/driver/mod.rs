@@ -369,7 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 self.shutdown_seen = true;
                 self.start_drain(now, GoAwayReason::Shutdown);
             }
-            if self.shared.cancelled.swap(false, Ordering::Acquire) {
+            if self.shared.cancelled.load(Ordering::Relaxed) && self.shared.cancelled.swap(false, Ordering::Acquire) {
                 self.session.sweep_cancelled();
             }
             let mut budget_used = true;
@@ -871,7 +871,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     }
 
     fn on_timers(&mut self, now: Instant) -> Result<(), CloseReason> {
-        if self.busy() {
+        if self.liveness.idle_due(now) && self.busy() {
             self.liveness.busy(now);
         }
         while let Some(action) = self.liveness.poll(now) {
