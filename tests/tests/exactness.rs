@@ -374,16 +374,21 @@ async fn one_handler_panic_fails_only_its_own_request_in_the_batch() {
     };
     // Joined in one task: all six are queued before the connection writes, so they travel (and
     // are read by the server) together.
-    let (r0, r1, bad, r3, r4, r5) = within(ms(5000), "six concurrent requests", async {
-        tokio::join!(
-            call(b"r0"),
-            call(b"r1"),
-            call(b"panic"),
-            call(b"r3"),
-            call(b"r4"),
-            call(b"r5")
-        )
-    })
+    // Boxed: six request futures joined are large.
+    let (r0, r1, bad, r3, r4, r5) = within(
+        ms(5000),
+        "six concurrent requests",
+        Box::pin(async {
+            tokio::join!(
+                call(b"r0"),
+                call(b"r1"),
+                call(b"panic"),
+                call(b"r3"),
+                call(b"r4"),
+                call(b"r5")
+            )
+        }),
+    )
     .await;
     let mut wrong = Vec::new();
     for (name, r) in [("r0", r0), ("r1", r1), ("r3", r3), ("r4", r4), ("r5", r5)] {
