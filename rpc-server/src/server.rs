@@ -397,7 +397,7 @@ where
 }
 
 /// How many refused connections may be told why at once; more are closed without a word.
-const MAX_REFUSING: usize = 64;
+const MAX_REFUSING: usize = 1024;
 
 /// Tells a connection over `max_connections` why it is refused (SETTINGS, then GOAWAY(overloaded)),
 /// over TLS after the TLS handshake (a TLS client would read plaintext as a TLS error), half-closes,
