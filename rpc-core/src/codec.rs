@@ -161,7 +161,7 @@ impl FrameCodec {
         let id = match frame {
             Frame::Request(r) => r.id,
             Frame::Response(r) => r.id,
-            Frame::Heartbeat { id } | Frame::HeartbeatAck { id } => *id,
+            Frame::Heartbeat { id } | Frame::HeartbeatAck { id } | Frame::Cancel { id } => *id,
             Frame::GoAway(_) | Frame::Settings(_) => 0,
         };
         dst.put_u8(MAGIC);
@@ -188,7 +188,7 @@ impl FrameCodec {
                 put_metadata(dst, &r.metadata);
                 dst.put_slice(&r.payload);
             }
-            Frame::Heartbeat { .. } | Frame::HeartbeatAck { .. } => {}
+            Frame::Heartbeat { .. } | Frame::HeartbeatAck { .. } | Frame::Cancel { .. } => {}
             Frame::GoAway(g) => {
                 dst.put_u8(g.reason.as_u8());
                 dst.put_u64(g.last_request_id);
@@ -280,7 +280,7 @@ fn body_len(frame: &Frame) -> u64 {
             }
             2 + 4 + r.message.len() as u64 + metadata_len(&r.metadata) + r.payload.len() as u64
         }
-        Frame::Heartbeat { .. } | Frame::HeartbeatAck { .. } => 0,
+        Frame::Heartbeat { .. } | Frame::HeartbeatAck { .. } | Frame::Cancel { .. } => 0,
         Frame::GoAway(g) => {
             if g.message.len() > usize::from(u16::MAX) {
                 return TOO_BIG;
@@ -467,6 +467,10 @@ fn decode_body(
         FrameKind::HeartbeatAck => {
             r.finish()?;
             Frame::HeartbeatAck { id }
+        }
+        FrameKind::Cancel => {
+            r.finish()?;
+            Frame::Cancel { id }
         }
         FrameKind::GoAway => {
             let reason = GoAwayReason::from_u8(r.u8("reason")?);

@@ -33,6 +33,8 @@ pub enum FrameKind {
     GoAway = 6,
     /// Handshake: each side sends its settings first.
     Settings = 7,
+    /// The client gave up on a request: the server drops its handler and answers nothing.
+    Cancel = 8,
 }
 
 impl FrameKind {
@@ -46,6 +48,7 @@ impl FrameKind {
             5 => Self::HeartbeatAck,
             6 => Self::GoAway,
             7 => Self::Settings,
+            8 => Self::Cancel,
             _ => return None,
         })
     }
@@ -72,6 +75,12 @@ pub enum Frame {
     GoAway(GoAway),
     /// The peer's settings (handshake).
     Settings(Settings),
+    /// The client gave up on request `id` (sent only to a peer that announced
+    /// [`features::CANCEL`]).
+    Cancel {
+        /// The request's id.
+        id: u64,
+    },
 }
 
 impl Frame {
@@ -85,6 +94,7 @@ impl Frame {
             Frame::HeartbeatAck { .. } => FrameKind::HeartbeatAck,
             Frame::GoAway(_) => FrameKind::GoAway,
             Frame::Settings(_) => FrameKind::Settings,
+            Frame::Cancel { .. } => FrameKind::Cancel,
         }
     }
 }
@@ -170,8 +180,11 @@ pub mod features {
     /// response flag as the proof. A server talking to a peer without it never sends that peer a
     /// handler's SERVER_BUSY, NOT_FOUND or UNAVAILABLE (which such a peer reads as "not run").
     pub const NOT_EXECUTED_FLAG: u64 = 1 << 0;
+    /// The sender understands CANCEL frames (kind 8): a client sends one when a caller gives up, a
+    /// server drops the request's handler.
+    pub const CANCEL: u64 = 1 << 1;
     /// Every feature this build supports.
-    pub const ALL: u64 = NOT_EXECUTED_FLAG;
+    pub const ALL: u64 = NOT_EXECUTED_FLAG | CANCEL;
 }
 
 /// Setting identifiers on the wire.

@@ -26,9 +26,14 @@ pub struct ServerConfig {
     /// Requests run at once on one connection; over it that connection's requests are answered
     /// SERVER_BUSY, so one client cannot take the whole server-wide limit. Default 256.
     pub max_requests_per_connection: usize,
-    /// On graceful shutdown, how long requests in flight may take to finish. Default 30 s.
+    /// On graceful shutdown, how long requests in flight may take to finish; the handlers still
+    /// running then are dropped. Default 30 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub shutdown_grace: Duration,
+    /// The deadline of a request that carries none (`timeout_ms = 0` on the wire): no request runs
+    /// forever. Default 60 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub max_request_duration: Duration,
     /// Per-connection limits (frame size, outbound bytes, write stall, partial frame).
     pub connection: ConnectionConfig,
     /// Socket options for accepted sockets.
@@ -45,6 +50,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             max_requests_per_connection: 256,
             shutdown_grace: Duration::from_secs(30),
+            max_request_duration: Duration::from_secs(60),
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
             tls: None,
@@ -66,6 +72,9 @@ impl ServerConfig {
         }
         if self.max_requests_per_connection == 0 {
             return Err(ConfigError::Zero("max_requests_per_connection"));
+        }
+        if self.max_request_duration.is_zero() {
+            return Err(ConfigError::Zero("max_request_duration"));
         }
         self.connection.validate()
     }

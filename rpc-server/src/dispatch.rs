@@ -8,7 +8,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::FutureExt;
+use std::collections::HashMap;
+
+use futures_util::future::{abortable, AbortHandle, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
@@ -83,6 +85,13 @@ pub(crate) struct ServerDispatch {
     /// The routes, to label metrics with served methods only (shared: one reference count per
     /// request rather than one per map).
     router: Arc<Router>,
+    /// The deadline of a request that carries none.
+    max_request_duration: Duration,
+    /// Handlers of requests not yet answered, to drop on CANCEL or when the connection goes.
+    /// Bounded by `max_requests_per_connection`: an entry leaves when its answer is taken.
+    running: HashMap<u64, AbortHandle>,
+    /// Server-wide: every handler holds a token of it, so `abort()` can wait for them all.
+    handlers: TaskTracker,
     /// Requests accepted from the current read, not yet spawned.
     batch: Vec<Work>,
 }
@@ -119,6 +128,8 @@ impl ServerDispatch {
         per_connection: Arc<Semaphore>,
         metrics: Arc<RequestMetrics>,
         router: Arc<Router>,
+        max_request_duration: Duration,
+        handlers: TaskTracker,
     ) -> Self {
         ServerDispatch {
             service,
@@ -127,6 +138,9 @@ impl ServerDispatch {
             per_connection,
             metrics,
             router,
+            max_request_duration,
+            running: HashMap::new(),
+            handlers,
             batch: Vec::new(),
         }
     }
@@ -138,12 +152,20 @@ impl ServerDispatch {
             0 => {}
             1 => {
                 if let Some(work) = self.batch.pop() {
-                    tasks.spawn(work);
+                    let token = self.handlers.token();
+                    tasks.spawn(async move {
+                        let _token = token;
+                        work.await
+                    });
                 }
             }
             _ => {
                 let mut set: FuturesUnordered<Work> = self.batch.drain(..).collect();
-                tasks.spawn(async move { while set.next().await.is_some() {} });
+                let token = self.handlers.token();
+                tasks.spawn(async move {
+                    let _token = token;
+                    while set.next().await.is_some() {}
+                });
             }
         }
     }
@@ -168,7 +190,8 @@ impl Dispatch for ServerDispatch {
                 .record(label(&self.router, &frame.method), Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
-        let deadline = frame.timeout.map(|t| received_at + t);
+        // Every request has a deadline: its own, or max_request_duration.
+        let deadline = Some(received_at + frame.timeout.unwrap_or(self.max_request_duration));
         let method = frame.method.clone();
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
@@ -176,7 +199,8 @@ impl Dispatch for ServerDispatch {
         let started = self.start(req);
         let metrics = self.metrics.clone();
         let router = self.router.clone();
-        let span = tracing::debug_span!("request", %method, id = responder.id());
+        let (frame_id, oneway) = (responder.id(), responder.is_oneway());
+        let span = tracing::debug_span!("request", %method, id = frame_id);
         let work = async move {
             let _permits = (permit, conn_permit);
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -232,7 +256,18 @@ impl Dispatch for ServerDispatch {
         let work = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(work, span))
             .catch_unwind()
             .map(|_| ());
-        self.batch.push(Box::pin(work));
+        // Cancellable: CANCEL, or the connection going, drops the handler's future (it stops at
+        // its next await) and with it the request's permits. A oneway cannot be cancelled by its
+        // client, and has no answer that would end its entry; it runs to its deadline.
+        let id = frame_id;
+        let work: Work = if oneway {
+            Box::pin(work)
+        } else {
+            let (work, abort) = abortable(work);
+            self.running.insert(id, abort);
+            Box::pin(work.map(|_| ()))
+        };
+        self.batch.push(work);
         if self.batch.len() >= MAX_BATCH {
             self.spawn_batch(tasks);
         }
@@ -241,5 +276,28 @@ impl Dispatch for ServerDispatch {
 
     fn flush(&mut self, tasks: &TaskTracker) {
         self.spawn_batch(tasks);
+    }
+
+    fn cancel(&mut self, id: u64) -> bool {
+        match self.running.remove(&id) {
+            Some(abort) => {
+                abort.abort();
+                true
+            }
+            None => false, // answered already: the CANCEL crossed its response
+        }
+    }
+
+    fn finished(&mut self, id: u64) {
+        self.running.remove(&id);
+    }
+}
+
+/// The connection is gone (closed, aborted, drained past its grace): its handlers go with it.
+impl Drop for ServerDispatch {
+    fn drop(&mut self) {
+        for (_, abort) in self.running.drain() {
+            abort.abort();
+        }
     }
 }

@@ -149,6 +149,7 @@ impl<L> ServerBuilder<L> {
             None => None,
         };
         let registry = Registry::default();
+        let handlers = TaskTracker::new();
         let accept = AcceptLoop {
             tls,
             registry: registry.clone(),
@@ -165,6 +166,7 @@ impl<L> ServerBuilder<L> {
             shutdown: shutdown.clone(),
             kill: kill.clone(),
             tasks: TaskTracker::new(),
+            handlers: handlers.clone(),
         };
         let join = tokio::spawn(accept.run().instrument(tracing::info_span!("server", %local_addr)));
         Ok(ServerHandle {
@@ -173,6 +175,7 @@ impl<L> ServerBuilder<L> {
             shutdown,
             kill,
             registry,
+            handlers,
             join: Some(join),
         })
     }
@@ -186,6 +189,8 @@ pub struct ServerHandle {
     shutdown: CancellationToken,
     kill: CancellationToken,
     registry: Registry,
+    /// Every handler holds a token of it (see [`ServerHandle::abort`]).
+    handlers: TaskTracker,
     join: Option<JoinHandle<()>>,
 }
 
@@ -216,22 +221,30 @@ impl ServerHandle {
     }
 
     /// Graceful shutdown: stop accepting (new connections are refused), send GOAWAY on every
-    /// connection, let requests in flight finish within `shutdown_grace`, close. Returns when done.
+    /// connection, let requests in flight finish within `shutdown_grace`, close; handlers still
+    /// running then are dropped. Returns when every connection and handler is gone.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        if let Some(join) = self.join.take() {
-            let _ = join.await;
-        }
+        self.finish().await;
     }
 
     /// Stops at once, like a killed process: the listener and every connection are dropped
-    /// without GOAWAY.
+    /// without GOAWAY, and every running handler is dropped (it stops at its next `.await`).
+    /// Returns when they are all gone.
     pub async fn abort(mut self) {
         // Only the kill token: the graceful one would let drivers send GOAWAY first.
         self.kill.cancel();
+        self.finish().await;
+    }
+
+    async fn finish(&mut self) {
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
+        // The connections are gone, and with them their handlers' abort handles: each handler
+        // ends at its next poll.
+        self.handlers.close();
+        self.handlers.wait().await;
     }
 }
 
@@ -259,6 +272,8 @@ struct AcceptLoop {
     shutdown: CancellationToken,
     kill: CancellationToken,
     tasks: TaskTracker,
+    /// Every handler of every connection holds a token of it.
+    handlers: TaskTracker,
 }
 
 impl AcceptLoop {
@@ -344,6 +359,8 @@ impl AcceptLoop {
             Arc::new(Semaphore::new(c.max_requests_per_connection)),
             self.metrics.clone(),
             self.router.clone(),
+            c.max_request_duration,
+            self.handlers.clone(),
         );
         let kill = self.kill.clone();
         let registry = self.registry.clone();

@@ -28,6 +28,18 @@ pub trait Dispatch: Send + 'static {
     fn flush(&mut self, tasks: &TaskTracker) {
         let _ = tasks;
     }
+
+    /// The client gave up on request `id` (a CANCEL frame): drop its handler if it still runs.
+    /// True if it did (its responder then still answers, and the driver drops that answer).
+    fn cancel(&mut self, id: u64) -> bool {
+        let _ = id;
+        false
+    }
+
+    /// The response to request `id` has been taken for writing: its work is done.
+    fn finished(&mut self, id: u64) {
+        let _ = id;
+    }
 }
 
 /// Sends one request's response back through its connection's outbound queue. Dropped without

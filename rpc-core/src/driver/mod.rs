@@ -148,6 +148,11 @@ pub struct Driver<S> {
     decode_paused: bool,
     /// The peer announced [`features::NOT_EXECUTED_FLAG`] (see [`downgrade_for_v1`]).
     peer_reads_not_executed: bool,
+    /// The features the peer announced in its SETTINGS.
+    peer_features: u64,
+    /// Server: requests the client cancelled whose answers are still to be dropped. Bounded by the
+    /// requests in flight: an id leaves when its answer is taken.
+    cancelled_by_peer: std::collections::HashSet<u64>,
     /// Write coalescing: whether a write waits for the frames other tasks are about to queue.
     coalesce: Coalescer,
     /// When the last read and the last write returned data, and whether each came after a quiet gap.
@@ -304,6 +309,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tasks_idle: None,
             open_pending: false,
             peer_reads_not_executed: false,
+            peer_features: 0,
+            cancelled_by_peer: Default::default(),
             handshake_deadline: now + cfg.connection.handshake_timeout,
             decode_paused: false,
             coalesce: Coalescer::default(),
@@ -370,7 +377,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 self.start_drain(now, GoAwayReason::Shutdown);
             }
             if self.shared.cancelled.load(Ordering::Relaxed) && self.shared.cancelled.swap(false, Ordering::Acquire) {
-                self.session.sweep_cancelled();
+                self.on_callers_gone();
             }
             let mut budget_used = true;
             let mut deferred = false;
@@ -564,6 +571,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
         match frame {
             Frame::Settings(_) => {} // later settings updates are reserved; ignore them
+            Frame::Cancel { id } => {
+                if self.cfg.side == Side::Client {
+                    return Err(ProtocolError::UnexpectedFrame(FrameKind::Cancel).into());
+                }
+                // Its handler is dropped; the answer its responder still sends is not written.
+                if self.dispatch.as_mut().is_some_and(|d| d.cancel(id)) {
+                    self.cancelled_by_peer.insert(id);
+                }
+            }
             Frame::Heartbeat { id } => self.encode(&Frame::HeartbeatAck { id }),
             Frame::HeartbeatAck { .. } => {
                 self.metrics.heartbeats_acked.increment(1);
@@ -640,7 +656,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         self.codec
             .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
         let _ = self.shared.peer_settings.set(s);
-        self.peer_reads_not_executed = s.features.unwrap_or(0) & features::NOT_EXECUTED_FLAG != 0;
+        self.peer_features = s.features.unwrap_or(0);
+        self.peer_reads_not_executed = self.peer_features & features::NOT_EXECUTED_FLAG != 0;
         self.session.on_handshake();
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
         // over max_connections sends both at once) must not let a waiter see the connection open.
@@ -780,6 +797,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             Outbound::Response(r) => {
                 // A request just finished: the idle clock counts from here.
                 self.liveness.busy(now);
+                if let Some(d) = self.dispatch.as_mut() {
+                    d.finished(r.id);
+                }
+                if !self.cancelled_by_peer.is_empty() && self.cancelled_by_peer.remove(&r.id) {
+                    return; // the client gave up on it: nobody reads this answer
+                }
                 self.encode_response(r);
             }
         }
@@ -861,6 +884,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// connection is not idle.
     fn busy(&self) -> bool {
         self.cfg.side == Side::Server && (!self.tasks.is_empty() || !self.rx.is_empty() || !self.wbuf.is_empty())
+    }
+
+    /// Forgets the calls whose callers gave up, and tells a server that understands CANCEL to drop
+    /// their handlers (the ones it may be running: written, and not above its GOAWAY).
+    fn on_callers_gone(&mut self) {
+        let gone = self.session.sweep_cancelled();
+        if self.peer_features & features::CANCEL == 0 || self.session.goaway_received() {
+            return;
+        }
+        for id in gone {
+            self.encode(&Frame::Cancel { id });
+        }
     }
 
     /// Tells the callers of oneways whose frames have reached the socket.

@@ -205,12 +205,20 @@ impl<R: Waiter, W> Session<R, W> {
         self.pending.len()
     }
 
-    /// Forgets calls whose callers gave up; returns how many. A response that arrives for one later
-    /// is discarded ([`Session::on_response`] returns `None`).
-    pub(crate) fn sweep_cancelled(&mut self) -> usize {
-        let before = self.pending.len();
-        self.pending.retain(|_, p| !p.reply.is_closed());
-        before - self.pending.len()
+    /// Forgets calls whose callers gave up; returns their ids (whose requests were written, so
+    /// the peer may be running them). A response that arrives for one later is discarded
+    /// ([`Session::on_response`] returns `None`).
+    pub(crate) fn sweep_cancelled(&mut self) -> Vec<u64> {
+        let flushed = self.flushed;
+        let mut gone = Vec::new();
+        self.pending.retain(|id, p| {
+            let keep = !p.reply.is_closed();
+            if !keep && p.end_offset <= flushed {
+                gone.push(*id);
+            }
+            keep
+        });
+        gone
     }
 
     /// Server: a request (or oneway) with `id` was read.
@@ -479,7 +487,8 @@ mod tests {
         s.on_encoded(10);
         s.on_request_sent(id, c.clone());
         c.gone.set(true);
-        assert_eq!(s.sweep_cancelled(), 1);
+        s.on_flushed(10);
+        assert_eq!(s.sweep_cancelled(), vec![id]);
         assert_eq!(s.pending(), 0);
         assert!(s.on_response(id).is_none());
     }
