@@ -72,6 +72,21 @@ const MAX_BATCH: usize = 16;
 
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// What every connection's dispatcher shares with the server.
+pub(crate) struct DispatchShared {
+    /// The service stack after the server's layers.
+    pub(crate) service: ServerService,
+    /// The stack is the router alone (see [`ServerDispatch::start`]).
+    pub(crate) stateless: bool,
+    /// The server-wide concurrency limit.
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) metrics: Arc<RequestMetrics>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) max_request_duration: Duration,
+    /// Every handler holds a token of it, so `abort()` can wait for them all.
+    pub(crate) handlers: TaskTracker,
+}
+
 /// One per connection; shares the service and the concurrency limit with every other connection.
 pub(crate) struct ServerDispatch {
     /// This connection's copy of the service stack.
@@ -121,26 +136,19 @@ impl ServerDispatch {
         Started::Waiting(self.service.clone().oneshot(req))
     }
 
-    pub(crate) fn new(
-        service: ServerService,
-        stateless: bool,
-        limit: Arc<Semaphore>,
-        per_connection: Arc<Semaphore>,
-        metrics: Arc<RequestMetrics>,
-        router: Arc<Router>,
-        max_request_duration: Duration,
-        handlers: TaskTracker,
-    ) -> Self {
+    /// A dispatcher for one connection, sharing `server`'s stack, limits and metrics, with its
+    /// own cap of `max_requests_per_connection`.
+    pub(crate) fn new(server: &DispatchShared, max_requests_per_connection: usize) -> Self {
         ServerDispatch {
-            service,
-            stateless,
-            limit,
-            per_connection,
-            metrics,
-            router,
-            max_request_duration,
+            service: server.service.clone(),
+            stateless: server.stateless,
+            limit: server.limit.clone(),
+            per_connection: Arc::new(Semaphore::new(max_requests_per_connection)),
+            metrics: server.metrics.clone(),
+            router: server.router.clone(),
+            max_request_duration: server.max_request_duration,
             running: HashMap::new(),
-            handlers,
+            handlers: server.handlers.clone(),
             batch: Vec::new(),
         }
     }

@@ -24,7 +24,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::ServerConfig;
-use crate::dispatch::{ServerDispatch, ServerService};
+use crate::dispatch::{DispatchShared, ServerDispatch, ServerService};
 use crate::router::{NamedService, Router};
 
 /// Metric: accepted connections whose TLS handshake failed or timed out.
@@ -154,19 +154,22 @@ impl<L> ServerBuilder<L> {
             tls,
             registry: registry.clone(),
             listener,
-            limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
-            metrics: Arc::new(RequestMetrics::new(Side::Server)),
+            dispatch: DispatchShared {
+                service,
+                stateless: !self.layered,
+                limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
+                metrics: Arc::new(RequestMetrics::new(Side::Server)),
+                router,
+                max_request_duration: self.config.max_request_duration,
+                handlers: handlers.clone(),
+            },
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             config: self.config,
-            service,
-            router,
-            stateless: !self.layered,
             events: events.clone(),
             shutdown: shutdown.clone(),
             kill: kill.clone(),
             tasks: TaskTracker::new(),
-            handlers: handlers.clone(),
         };
         let join = tokio::spawn(accept.run().instrument(tracing::info_span!("server", %local_addr)));
         Ok(ServerHandle {
@@ -259,12 +262,8 @@ struct AcceptLoop {
     registry: Registry,
     listener: TcpListener,
     config: ServerConfig,
-    service: ServerService,
-    router: Arc<Router>,
-    /// The stack is the router alone (no layers): see `ServerBuilder::layered`.
-    stateless: bool,
-    limit: Arc<Semaphore>,
-    metrics: Arc<RequestMetrics>,
+    /// What every connection's dispatcher shares (the stack, limits, metrics, handlers).
+    dispatch: DispatchShared,
     connections: Arc<Semaphore>,
     /// Refused connections being told why (see [`MAX_REFUSING`]).
     refusing: Arc<Semaphore>,
@@ -272,8 +271,6 @@ struct AcceptLoop {
     shutdown: CancellationToken,
     kill: CancellationToken,
     tasks: TaskTracker,
-    /// Every handler of every connection holds a token of it.
-    handlers: TaskTracker,
 }
 
 impl AcceptLoop {
@@ -352,16 +349,7 @@ impl AcceptLoop {
             max_requests_per_connection: Some(u32::try_from(c.max_requests_per_connection).unwrap_or(u32::MAX)),
             features: Some(rpc_core::frame::features::ALL),
         };
-        let dispatch = ServerDispatch::new(
-            self.service.clone(),
-            self.stateless,
-            self.limit.clone(),
-            Arc::new(Semaphore::new(c.max_requests_per_connection)),
-            self.metrics.clone(),
-            self.router.clone(),
-            c.max_request_duration,
-            self.handlers.clone(),
-        );
+        let dispatch = ServerDispatch::new(&self.dispatch, c.max_requests_per_connection);
         let kill = self.kill.clone();
         let registry = self.registry.clone();
         let tls = self.tls.clone();
