@@ -92,6 +92,20 @@ impl RawPeer {
         RawPeer::from_stream(TcpStream::connect(addr).await.unwrap())
     }
 
+    /// A raw server on 127.0.0.1: its address, and the peer of the first connection it accepts,
+    /// once it has sent `settings` (playing a server whose SETTINGS a test chooses).
+    pub async fn server(settings: Settings) -> (SocketAddr, impl std::future::Future<Output = RawPeer>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut raw = RawPeer::from_stream(stream);
+            raw.send(Frame::Settings(settings)).await;
+            raw
+        };
+        (addr, peer)
+    }
+
     pub fn from_stream(stream: TcpStream) -> RawPeer {
         RawPeer {
             stream,

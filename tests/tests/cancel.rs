@@ -227,16 +227,13 @@ async fn a_request_without_a_deadline_ends_at_max_request_duration() {
 /// frame kind) is never sent one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_the_cancel_feature_is_never_sent_cancel() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (addr, accept) = RawPeer::server(Settings {
+        max_frame_size: Some(1 << 20),
+        ..Settings::default()
+    })
+    .await;
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut raw = RawPeer::from_stream(stream);
-        raw.send(Frame::Settings(Settings {
-            max_frame_size: Some(1 << 20),
-            ..Settings::default()
-        }))
-        .await;
+        let mut raw = accept.await;
         // Read everything the client sends for a while; never answer.
         raw.read_until_close(ms(1500)).await
     });

@@ -706,33 +706,47 @@ where
     }
 }
 
+/// A handler that records its run in `ledger`, then fails with UNAVAILABLE: its side effect done.
+fn side_effect(
+    ledger: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<Bytes>,
+    Response = Response<Bytes>,
+    Error = Status,
+    Future = impl Future<Output = Result<Response<Bytes>, Status>> + Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    handler_fn(move |_req: Request<Bytes>| {
+        let ledger = ledger.clone();
+        async move {
+            ledger.fetch_add(1, Ordering::SeqCst);
+            Err::<Response<Bytes>, _>(Status::unavailable("side effect done, dependency down"))
+        }
+    })
+}
+
+/// Calls `/t.Side/Effect` once: the error, and how many times the handler ran.
+async fn call_side_effect(server: &ServerHandle, ledger: &AtomicUsize) -> (Error, usize) {
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
+    let err = client.unary(req).await.unwrap_err();
+    (err, ledger.load(Ordering::SeqCst))
+}
+
 /// The entry mark is a task-local: a handler polled on another task is never marked, so its
 /// error is sent flagged "not executed", and the client retries a handler that already ran.
 #[tokio::test]
 async fn review_handler_run_on_a_task_spawned_by_a_layer_may_have_executed() {
     let ledger = Arc::new(AtomicUsize::new(0));
-    let server = {
-        let ledger = ledger.clone();
-        Server::builder()
-            .layer(SpawnLayer)
-            .route(
-                "/t.Side/Effect",
-                handler_fn(move |_req: Request<Bytes>| {
-                    let ledger = ledger.clone();
-                    async move {
-                        ledger.fetch_add(1, Ordering::SeqCst);
-                        Err::<Response<Bytes>, _>(Status::unavailable("side effect done, dependency down"))
-                    }
-                }),
-            )
-            .bind("127.0.0.1:0")
-            .await
-            .unwrap()
-    };
-    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
-    let err = client.unary(req).await.unwrap_err();
-    let runs = ledger.load(Ordering::SeqCst);
+    let server = Server::builder()
+        .layer(SpawnLayer)
+        .route("/t.Side/Effect", side_effect(ledger.clone()))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let (err, runs) = call_side_effect(&server, &ledger).await;
     assert!(
         runs == 1 && err.may_have_executed(),
         "handler ran {runs} time(s); final error may_have_executed={} ({err})",
@@ -745,16 +759,13 @@ async fn review_handler_run_on_a_task_spawned_by_a_layer_may_have_executed() {
 /// has every byte of it.
 #[tokio::test]
 async fn review_oneway_delivered_before_a_reset_is_not_reported_not_executed() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (addr, accept) = RawPeer::server(Settings {
+        max_frame_size: Some(64 << 20),
+        ..Settings::default()
+    })
+    .await;
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut raw = RawPeer::from_stream(stream);
-        raw.send(Frame::Settings(Settings {
-            max_frame_size: Some(64 << 20),
-            ..Settings::default()
-        }))
-        .await;
+        let mut raw = accept.await;
         let first = raw.next_frame(ms(3000)).await;
         assert!(matches!(first, Some(Frame::Settings(_))), "{first:?}");
         // The small oneway, fully received: a real server would run it now.
@@ -836,28 +847,14 @@ fn review_burst_then_stall_partial_frame_is_not_held_for_hours() {
 #[tokio::test]
 async fn review_buffer_layer_keeps_the_entry_mark() {
     let ledger = Arc::new(AtomicUsize::new(0));
-    let server = {
-        let ledger = ledger.clone();
-        Server::builder()
-            .layer(tower::buffer::BufferLayer::new(16))
-            .route(
-                "/t.Side/Effect",
-                handler_fn(move |_req: Request<Bytes>| {
-                    let ledger = ledger.clone();
-                    async move {
-                        ledger.fetch_add(1, Ordering::SeqCst);
-                        Err::<Response<Bytes>, _>(Status::unavailable("side effect done"))
-                    }
-                }),
-            )
-            .bind("127.0.0.1:0")
-            .await
-            .unwrap()
-    };
-    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
-    let err = client.unary(req).await.unwrap_err();
-    assert_eq!(ledger.load(Ordering::SeqCst), 1);
+    let server = Server::builder()
+        .layer(tower::buffer::BufferLayer::new(16))
+        .route("/t.Side/Effect", side_effect(ledger.clone()))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let (err, runs) = call_side_effect(&server, &ledger).await;
+    assert_eq!(runs, 1);
     assert!(err.may_have_executed(), "{err}");
 }
 
