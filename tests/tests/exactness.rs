@@ -572,16 +572,7 @@ async fn request_over_the_metadata_limit_fails_alone_and_spares_its_neighbours()
         let ledger = ledger.clone();
         Server::builder()
             .route("/t.Gate/Hold", gate.handler())
-            .route(
-                "/t.Echo/Say",
-                handler_fn(move |req: Request<Bytes>| {
-                    let ledger = ledger.clone();
-                    async move {
-                        ledger.fetch_add(1, Ordering::SeqCst);
-                        Ok(Response::new(req.into_body()))
-                    }
-                }),
-            )
+            .route("/t.Echo/Say", counting_echo(ledger.clone()))
             .bind("127.0.0.1:0")
             .await
             .unwrap()
@@ -635,16 +626,7 @@ async fn oneway_over_the_peer_max_frame_size_returns_a_not_executed_error() {
                 },
                 ..ServerConfig::default()
             })
-            .route(
-                "/t.Log/Write",
-                handler_fn(move |req: Request<Bytes>| {
-                    let ledger = ledger.clone();
-                    async move {
-                        ledger.fetch_add(1, Ordering::SeqCst);
-                        Ok(Response::new(req.into_body()))
-                    }
-                }),
-            )
+            .route("/t.Log/Write", counting_echo(ledger.clone()))
             .bind("127.0.0.1:0")
             .await
             .unwrap()
@@ -704,6 +686,27 @@ where
             }
         })
     }
+}
+
+/// An echo handler that records each run in `ledger`.
+fn counting_echo(
+    ledger: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<Bytes>,
+    Response = Response<Bytes>,
+    Error = Status,
+    Future = impl Future<Output = Result<Response<Bytes>, Status>> + Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    handler_fn(move |req: Request<Bytes>| {
+        let ledger = ledger.clone();
+        async move {
+            ledger.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(req.into_body()))
+        }
+    })
 }
 
 /// A handler that records its run in `ledger`, then fails with UNAVAILABLE: its side effect done.
