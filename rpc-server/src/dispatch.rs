@@ -16,7 +16,7 @@ use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
 use rpc_core::metrics::RequestMetrics;
 use rpc_core::{BoxError, Code, Request, Status};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tower::util::{BoxCloneService, Oneshot, ServiceExt};
@@ -63,6 +63,36 @@ fn label<'a>(router: &Router, method: &'a str) -> &'a str {
 /// [`Refused`]: crate::entry::Refused
 fn is_refusal(err: &BoxError) -> bool {
     err.is::<crate::entry::Refused>() || err.is::<tower::load_shed::error::Overloaded>()
+}
+
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+pin_project_lite::pin_project! {
+    /// A handler's future holding its request's permits: they are released as soon as it
+    /// completes, and, if it is dropped first, before the handler's own future is.
+    struct HoldingPermits<F> {
+        permits: Option<Permits>,
+        #[pin]
+        inner: F,
+    }
+
+    impl<F> PinnedDrop for HoldingPermits<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Before the fields: `inner` (the handler) is dropped after this.
+            this.project().permits.take();
+        }
+    }
+}
+
+impl<F: Future> Future for HoldingPermits<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        this.permits.take();
+        Poll::Ready(out)
+    }
 }
 
 /// The most requests that share one spawned task. Spawning wakes a sleeping worker thread, which
@@ -210,8 +240,9 @@ impl Dispatch for ServerDispatch {
         let (frame_id, oneway) = (responder.id(), responder.is_oneway());
         let span = tracing::debug_span!("request", %method, id = frame_id);
         let work = async move {
-            let _permits = (permit, conn_permit);
+            let permits = (permit, conn_permit);
             if deadline.is_some_and(|d| Instant::now() >= d) {
+                drop(permits);
                 metrics.record(label(&router, &method), Code::DeadlineExceeded, received_at.elapsed());
                 responder
                     .refuse(Status::deadline_exceeded("deadline passed before the handler started"))
@@ -223,6 +254,12 @@ impl Dispatch for ServerDispatch {
                     Started::Called(fut) => fut.await,
                     Started::Waiting(oneshot) => oneshot.await,
                 }
+            };
+            // The permits go the moment the handler is done, or dropped (deadline, CANCEL, the
+            // connection gone), before anything its drop wakes can ask for them again.
+            let call = HoldingPermits {
+                permits: Some(permits),
+                inner: call,
             };
             let timed = async move {
                 match deadline {
