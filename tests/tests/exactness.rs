@@ -572,7 +572,7 @@ async fn request_over_the_metadata_limit_fails_alone_and_spares_its_neighbours()
         let ledger = ledger.clone();
         Server::builder()
             .route("/t.Gate/Hold", gate.handler())
-            .route("/t.Echo/Say", counting_echo(ledger.clone()))
+            .route("/t.Echo/Say", recording(ledger.clone(), |body| Ok(Response::new(body))))
             .bind("127.0.0.1:0")
             .await
             .unwrap()
@@ -626,7 +626,10 @@ async fn oneway_over_the_peer_max_frame_size_returns_a_not_executed_error() {
                 },
                 ..ServerConfig::default()
             })
-            .route("/t.Log/Write", counting_echo(ledger.clone()))
+            .route(
+                "/t.Log/Write",
+                recording(ledger.clone(), |body| Ok(Response::new(body))),
+            )
             .bind("127.0.0.1:0")
             .await
             .unwrap()
@@ -688,9 +691,10 @@ where
     }
 }
 
-/// An echo handler that records each run in `ledger`.
-fn counting_echo(
+/// A handler that records each run in `ledger`, then answers `answer(body)`.
+fn recording(
     ledger: Arc<AtomicUsize>,
+    answer: fn(Bytes) -> Result<Response<Bytes>, Status>,
 ) -> impl tower::Service<
     Request<Bytes>,
     Response = Response<Bytes>,
@@ -704,28 +708,7 @@ fn counting_echo(
         let ledger = ledger.clone();
         async move {
             ledger.fetch_add(1, Ordering::SeqCst);
-            Ok(Response::new(req.into_body()))
-        }
-    })
-}
-
-/// A handler that records its run in `ledger`, then fails with UNAVAILABLE: its side effect done.
-fn side_effect(
-    ledger: Arc<AtomicUsize>,
-) -> impl tower::Service<
-    Request<Bytes>,
-    Response = Response<Bytes>,
-    Error = Status,
-    Future = impl Future<Output = Result<Response<Bytes>, Status>> + Send,
-> + Clone
-       + Send
-       + Sync
-       + 'static {
-    handler_fn(move |_req: Request<Bytes>| {
-        let ledger = ledger.clone();
-        async move {
-            ledger.fetch_add(1, Ordering::SeqCst);
-            Err::<Response<Bytes>, _>(Status::unavailable("side effect done, dependency down"))
+            answer(req.into_body())
         }
     })
 }
@@ -745,7 +728,12 @@ async fn review_handler_run_on_a_task_spawned_by_a_layer_may_have_executed() {
     let ledger = Arc::new(AtomicUsize::new(0));
     let server = Server::builder()
         .layer(SpawnLayer)
-        .route("/t.Side/Effect", side_effect(ledger.clone()))
+        .route(
+            "/t.Side/Effect",
+            recording(ledger.clone(), |_| {
+                Err(Status::unavailable("side effect done, dependency down"))
+            }),
+        )
         .bind("127.0.0.1:0")
         .await
         .unwrap();
@@ -852,7 +840,12 @@ async fn review_buffer_layer_keeps_the_entry_mark() {
     let ledger = Arc::new(AtomicUsize::new(0));
     let server = Server::builder()
         .layer(tower::buffer::BufferLayer::new(16))
-        .route("/t.Side/Effect", side_effect(ledger.clone()))
+        .route(
+            "/t.Side/Effect",
+            recording(ledger.clone(), |_| {
+                Err(Status::unavailable("side effect done, dependency down"))
+            }),
+        )
         .bind("127.0.0.1:0")
         .await
         .unwrap();
