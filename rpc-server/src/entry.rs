@@ -50,9 +50,9 @@ pub(crate) fn refuse() {
 pub(crate) struct Marks(u8);
 
 impl Marks {
-    /// The runtime refused the request and its handler was not entered.
+    /// The runtime stated a refusal (believed only if the handler was not entered).
     pub(crate) fn refused(self) -> bool {
-        self.0 & REFUSED != 0 && self.0 & ENTERED == 0
+        self.0 & REFUSED != 0
     }
 
     /// The handler was entered.

@@ -146,9 +146,7 @@ pub struct Driver<S> {
     handshake_deadline: Instant,
     /// Frames left undecoded in the read buffer while the write budget was full.
     decode_paused: bool,
-    /// The peer announced [`features::NOT_EXECUTED_FLAG`] (see [`downgrade_for_v1`]).
-    peer_reads_not_executed: bool,
-    /// The features the peer announced in its SETTINGS.
+    /// The features the peer announced in its SETTINGS (see [`downgrade_for_v1`] and CANCEL).
     peer_features: u64,
     /// Server: requests the client cancelled whose answers are still to be dropped. Bounded by the
     /// requests in flight: an id leaves when its answer is taken.
@@ -308,7 +306,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tasks: TaskTracker::new(),
             tasks_idle: None,
             open_pending: false,
-            peer_reads_not_executed: false,
             peer_features: 0,
             cancelled_by_peer: Default::default(),
             handshake_deadline: now + cfg.connection.handshake_timeout,
@@ -657,7 +654,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
         let _ = self.shared.peer_settings.set(s);
         self.peer_features = s.features.unwrap_or(0);
-        self.peer_reads_not_executed = self.peer_features & features::NOT_EXECUTED_FLAG != 0;
         self.session.on_handshake();
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
         // over max_connections sends both at once) must not let a waiter see the connection open.
@@ -809,7 +805,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     }
 
     fn encode_response(&mut self, mut r: ResponseFrame) {
-        if !self.peer_reads_not_executed {
+        if self.peer_features & features::NOT_EXECUTED_FLAG == 0 {
             downgrade_for_v1(&mut r);
         }
         let id = r.id;
