@@ -19,7 +19,7 @@ pub fn frames_from(data: &[u8]) -> Vec<u8> {
     for op in data.chunks(3) {
         let (a, b) = (op.first().copied().unwrap_or(0), op.get(1).copied().unwrap_or(0));
         let c = op.get(2).copied().unwrap_or(0);
-        let frame = match a % 6 {
+        let frame = match a % 7 {
             0 => Frame::Settings(Settings {
                 max_frame_size: Some(64 + u32::from(b) * 64),
                 idle_timeout: (c & 1 != 0).then(|| Duration::from_millis(u64::from(b))),
@@ -41,6 +41,13 @@ pub fn frames_from(data: &[u8]) -> Vec<u8> {
                 not_executed: c & 0x80 != 0,
             }),
             4 => Frame::Heartbeat { id: u64::from(b) },
+            // A newer peer's extension: skipped.
+            5 => Frame::Unknown(rpc_core::frame::UnknownFrame {
+                kind: 9 + b % 100,
+                flags: c,
+                id: u64::from(c),
+                body: Bytes::from(vec![c; usize::from(b % 32)]),
+            }),
             _ => Frame::HeartbeatAck { id: u64::from(b) },
         };
         let _ = codec.encode_frame(&frame, &mut out);

@@ -94,6 +94,7 @@ where
         max_metadata_entries: Some(u32::try_from(config.connection.max_metadata_entries).unwrap_or(u32::MAX)),
         max_metadata_bytes: Some(u32::try_from(config.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
         features: Some(rpc_core::frame::features::ALL),
+        version: Some(rpc_core::frame::PROTOCOL_VERSION),
         ..Settings::default()
     };
     let (handle, driver) = Driver::client(stream, cfg);

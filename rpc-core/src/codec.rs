@@ -1,8 +1,12 @@
 //! The frame codec: a tokio-util `Encoder`/`Decoder` for [`Frame`]s.
 //!
-//! The decoder reads the 16-byte header, rejects a bad magic byte, an unknown version or kind, and a
-//! body longer than `max_frame_size` before reserving any memory for it; "need more bytes" is
-//! `Ok(None)`, never an error. Bodies are sliced out of the read buffer without copying.
+//! The decoder reads the 16-byte header, rejects a bad magic byte, an unknown header version, an
+//! unknown critical flag and a body longer than `max_frame_size` before reserving any memory for
+//! it; "need more bytes" is `Ok(None)`, never an error. A frame of an unknown kind is returned as
+//! [`Frame::Unknown`] for the driver to skip, and a body of fixed layout may carry bytes after the
+//! fields this build knows (a newer peer's additions), which are ignored: the rules of
+//! `PROTOCOL.md`, "Extending the protocol". Bodies are sliced out of the read buffer without
+//! copying.
 
 use std::time::Duration;
 
@@ -11,7 +15,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::{CodecError, GoAwayReason, ProtocolError};
 use crate::frame::{
-    setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, HEADER_LEN, MAGIC, VERSION,
+    flags, setting_id, Frame, FrameKind, GoAway, RequestFrame, ResponseFrame, Settings, UnknownFrame, HEADER_LEN,
+    MAGIC, VERSION,
 };
 use crate::message::{Metadata, Method};
 use crate::status::Code;
@@ -109,8 +114,8 @@ impl FrameCodec {
     }
 
     /// Checks a complete or partial header at the front of `src` without consuming it. Returns the
-    /// kind and body length once all 16 header bytes are there.
-    fn check_header(&self, src: &[u8]) -> Result<Option<(FrameKind, usize)>, ProtocolError> {
+    /// kind byte and body length once all 16 header bytes are there.
+    fn check_header(&self, src: &[u8]) -> Result<Option<(u8, usize)>, ProtocolError> {
         // Reject a bad magic byte or version as soon as that byte arrives, not after 16 bytes.
         if let Some(&m) = src.first() {
             if m != MAGIC {
@@ -125,7 +130,6 @@ impl FrameCodec {
         if src.len() < HEADER_LEN {
             return Ok(None);
         }
-        let kind = FrameKind::from_u8(src[2]).ok_or(ProtocolError::UnknownFrameKind(src[2]))?;
         let len = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
         if len > self.max_frame_size {
             return Err(ProtocolError::FrameTooLarge {
@@ -133,7 +137,19 @@ impl FrameCodec {
                 max: self.max_frame_size,
             });
         }
-        Ok(Some((kind, len as usize)))
+        if let Some(kind) = FrameKind::from_u8(src[2]) {
+            let unknown = src[3] & flags::CRITICAL & !flags::known_critical(kind);
+            if unknown != 0 {
+                return Err(ProtocolError::UnknownCriticalFlags { kind, flags: unknown });
+            }
+            if matches!(kind, FrameKind::Settings | FrameKind::GoAway) && src[4..12] != [0; 8] {
+                return Err(ProtocolError::Malformed {
+                    kind,
+                    what: "reserved id field must be zero",
+                });
+            }
+        }
+        Ok(Some((src[2], len as usize)))
     }
 
     /// Encodes a frame by reference into `dst`.
@@ -163,12 +179,14 @@ impl FrameCodec {
             Frame::Response(r) => r.id,
             Frame::Heartbeat { id } | Frame::HeartbeatAck { id } | Frame::Cancel { id } => *id,
             Frame::GoAway(_) | Frame::Settings(_) => 0,
+            Frame::Unknown(u) => u.id,
         };
         dst.put_u8(MAGIC);
         dst.put_u8(VERSION);
-        dst.put_u8(frame.kind() as u8);
+        dst.put_u8(frame.kind_byte());
         dst.put_u8(match frame {
-            Frame::Response(r) if r.not_executed => crate::frame::flags::NOT_EXECUTED,
+            Frame::Response(r) if r.not_executed => flags::NOT_EXECUTED,
+            Frame::Unknown(u) => u.flags,
             _ => 0,
         });
         dst.put_u64(id);
@@ -203,6 +221,7 @@ impl FrameCodec {
                     dst.put_u64(v);
                 }
             }
+            Frame::Unknown(u) => dst.put_slice(&u.body),
         }
         Ok(())
     }
@@ -234,7 +253,7 @@ fn put_metadata(dst: &mut BytesMut, m: &Metadata) {
 }
 
 fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
-    let mut v = Vec::with_capacity(8);
+    let mut v = Vec::with_capacity(9);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if let Some(x) = s.max_frame_size {
         v.push((setting_id::MAX_FRAME_SIZE, u64::from(x)));
@@ -259,6 +278,9 @@ fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
     }
     if let Some(x) = s.features {
         v.push((setting_id::FEATURES, x));
+    }
+    if let Some(x) = s.version {
+        v.push((setting_id::VERSION, u64::from(x)));
     }
     v
 }
@@ -288,6 +310,7 @@ fn body_len(frame: &Frame) -> u64 {
             1 + 8 + 2 + g.message.len() as u64
         }
         Frame::Settings(s) => 2 + 10 * settings_entries(s).len() as u64,
+        Frame::Unknown(u) => u.body.len() as u64,
     }
 }
 
@@ -369,14 +392,6 @@ impl BodyReader {
         }
         Ok(m)
     }
-
-    fn finish(self) -> Result<(), ProtocolError> {
-        if self.buf.has_remaining() {
-            Err(self.malformed("trailing bytes"))
-        } else {
-            Ok(())
-        }
-    }
 }
 
 impl Decoder for FrameCodec {
@@ -384,7 +399,7 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        let Some((kind, len)) = self.check_header(src)? else {
+        let Some((kind_byte, len)) = self.check_header(src)? else {
             return Ok(None);
         };
         if src.len() < HEADER_LEN + len {
@@ -396,6 +411,14 @@ impl Decoder for FrameCodec {
         let id = u64::from_be_bytes(src[4..12].try_into().expect("8 header bytes"));
         src.advance(HEADER_LEN);
         let body = src.split_to(len).freeze();
+        let Some(kind) = FrameKind::from_u8(kind_byte) else {
+            return Ok(Some(Frame::Unknown(UnknownFrame {
+                kind: kind_byte,
+                flags,
+                id,
+                body,
+            })));
+        };
         match decode_body(
             kind,
             (id, flags),
@@ -424,6 +447,7 @@ fn decode_body(
     methods: &mut MethodCache,
 ) -> Result<Frame, ProtocolError> {
     let mut r = BodyReader { buf: body, kind };
+    // Bytes after the fields a fixed-layout body defines are a newer peer's additions: ignored.
     let frame = match kind {
         FrameKind::Request | FrameKind::Oneway => {
             let ms = r.u32("deadline")?;
@@ -460,24 +484,14 @@ fn decode_body(
                 not_executed: flags & crate::frame::flags::NOT_EXECUTED != 0,
             })
         }
-        FrameKind::Heartbeat => {
-            r.finish()?;
-            Frame::Heartbeat { id }
-        }
-        FrameKind::HeartbeatAck => {
-            r.finish()?;
-            Frame::HeartbeatAck { id }
-        }
-        FrameKind::Cancel => {
-            r.finish()?;
-            Frame::Cancel { id }
-        }
+        FrameKind::Heartbeat => Frame::Heartbeat { id },
+        FrameKind::HeartbeatAck => Frame::HeartbeatAck { id },
+        FrameKind::Cancel => Frame::Cancel { id },
         FrameKind::GoAway => {
             let reason = GoAwayReason::from_u8(r.u8("reason")?);
             let last_request_id = r.u64("last request id")?;
             let ml = usize::from(r.u16("message length")?);
             let message = r.string(ml, "message")?;
-            r.finish()?;
             Frame::GoAway(GoAway {
                 reason,
                 last_request_id,
@@ -500,10 +514,10 @@ fn decode_body(
                     setting_id::MAX_METADATA_BYTES => s.max_metadata_bytes = Some(clamp32(v)),
                     setting_id::MAX_REQUESTS_PER_CONNECTION => s.max_requests_per_connection = Some(clamp32(v)),
                     setting_id::FEATURES => s.features = Some(v),
+                    setting_id::VERSION => s.version = Some(u8::try_from(v).unwrap_or(u8::MAX)),
                     _ => {} // unknown settings are ignored so newer peers can add some
                 }
             }
-            r.finish()?;
             Frame::Settings(s)
         }
     };

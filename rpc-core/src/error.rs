@@ -80,12 +80,19 @@ pub enum ProtocolError {
     /// The first header byte was not the tether magic byte.
     #[error("bad magic byte {0:#04x} (expected {expected:#04x})", expected = crate::frame::MAGIC)]
     BadMagic(u8),
-    /// The peer speaks a protocol version this build does not.
-    #[error("unsupported protocol version {0} (this build speaks {supported})", supported = crate::frame::VERSION)]
+    /// A frame header version this build does not read (every frame of protocol versions 1 and 2
+    /// carries header version 1).
+    #[error("unsupported header version {0} (this build reads {supported})", supported = crate::frame::VERSION)]
     UnsupportedVersion(u8),
-    /// Unknown frame kind byte.
-    #[error("unknown frame kind {0}")]
-    UnknownFrameKind(u8),
+    /// A flag the sender marked must-understand (the high four bits) that this build does not
+    /// know on a frame of this kind.
+    #[error("unknown critical flags {flags:#04x} on a {kind:?} frame")]
+    UnknownCriticalFlags {
+        /// The frame's kind.
+        kind: FrameKind,
+        /// The unknown critical bits.
+        flags: u8,
+    },
     /// A frame body larger than the receiver's `max_frame_size`; rejected before any allocation.
     #[error("frame body of {len} bytes exceeds max_frame_size {max}")]
     FrameTooLarge {

@@ -10,8 +10,15 @@ use crate::status::Code;
 
 /// The first byte of every frame: ASCII `T`.
 pub const MAGIC: u8 = 0x54;
-/// The protocol version this build speaks.
+/// The header version byte written in every frame: the layout of the 16-byte header. Versions 1
+/// and 2 of the protocol share this layout, so every frame carries 1; a later version that changes
+/// the header may use another byte only after both sides announced it (see [`PROTOCOL_VERSION`]).
 pub const VERSION: u8 = 1;
+/// The protocol version this build speaks, announced in SETTINGS (`VERSION`, id 9). A peer that
+/// announces none speaks version 1. Version 2 adds the extension rules of `PROTOCOL.md`
+/// ("Extending the protocol"): unknown frame kinds are skipped, unknown critical flags close the
+/// connection, and bodies of fixed layout may grow at the end.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Length of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 16;
 
@@ -81,12 +88,29 @@ pub enum Frame {
         /// The request's id.
         id: u64,
     },
+    /// A frame of a kind this build does not know: skipped by the driver (its body is length
+    /// delimited), counted in `tether_frames_ignored_total`. Encodable, so tests and newer
+    /// extensions can send one.
+    Unknown(UnknownFrame),
+}
+
+/// A frame whose kind byte this build does not know, kept as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownFrame {
+    /// The kind byte.
+    pub kind: u8,
+    /// The flags byte.
+    pub flags: u8,
+    /// The header's id field.
+    pub id: u64,
+    /// The body, unread.
+    pub body: Bytes,
 }
 
 impl Frame {
-    /// The kind byte this frame is encoded with.
-    pub fn kind(&self) -> FrameKind {
-        match self {
+    /// The frame's kind, if this build knows it.
+    pub fn kind(&self) -> Option<FrameKind> {
+        Some(match self {
             Frame::Request(r) if r.oneway => FrameKind::Oneway,
             Frame::Request(_) => FrameKind::Request,
             Frame::Response(_) => FrameKind::Response,
@@ -95,6 +119,15 @@ impl Frame {
             Frame::GoAway(_) => FrameKind::GoAway,
             Frame::Settings(_) => FrameKind::Settings,
             Frame::Cancel { .. } => FrameKind::Cancel,
+            Frame::Unknown(_) => return None,
+        })
+    }
+
+    /// The kind byte this frame is encoded with.
+    pub fn kind_byte(&self) -> u8 {
+        match self {
+            Frame::Unknown(u) => u.kind,
+            known => known.kind().map_or(0, |k| k as u8),
         }
     }
 }
@@ -135,10 +168,25 @@ pub struct ResponseFrame {
     pub not_executed: bool,
 }
 
-/// Header flag bits.
+/// Header flag bits. Each kind has its own: the low four bits ([`IGNORABLE`](flags::IGNORABLE)) are
+/// flags a receiver that does not know them ignores; the high four ([`CRITICAL`](flags::CRITICAL))
+/// are flags it must understand, and one it does not know closes the connection
+/// (`ProtocolError::UnknownCriticalFlags`). A sender sets no flag it has not been told the peer
+/// reads (a feature both announced), and leaves every unassigned bit zero.
 pub mod flags {
-    /// RESPONSE: the handler did not run (the runtime answered without starting it).
+    /// RESPONSE: the handler did not run (the runtime answered without starting it). Ignorable: a
+    /// peer that does not know it loses only the proof.
     pub const NOT_EXECUTED: u8 = 0x01;
+    /// The flag bits a receiver may ignore when it does not know them.
+    pub const IGNORABLE: u8 = 0x0F;
+    /// The flag bits a receiver must understand.
+    pub const CRITICAL: u8 = 0xF0;
+
+    /// The critical flags this build understands on a frame of `kind`: none yet.
+    pub fn known_critical(kind: super::FrameKind) -> u8 {
+        let _ = kind;
+        0
+    }
 }
 
 /// GOAWAY: why the sender is closing and the last request id it will process.
@@ -172,6 +220,16 @@ pub struct Settings {
     /// Optional protocol features the sender supports (bits of [`features`]); a feature is used
     /// only when both sides announce it. `None` (a peer that predates features) means none.
     pub features: Option<u64>,
+    /// The highest protocol version the sender speaks ([`PROTOCOL_VERSION`] here); both sides use
+    /// the lower of the two. `None`: a version-1 peer.
+    pub version: Option<u8>,
+}
+
+impl Settings {
+    /// The protocol version both sides speak, given the peer's settings.
+    pub fn negotiated_version(&self) -> u8 {
+        self.version.unwrap_or(1).clamp(1, PROTOCOL_VERSION)
+    }
 }
 
 /// Feature bits announced in SETTINGS.
@@ -197,4 +255,5 @@ pub(crate) mod setting_id {
     pub(crate) const MAX_METADATA_BYTES: u16 = 6;
     pub(crate) const MAX_REQUESTS_PER_CONNECTION: u16 = 7;
     pub(crate) const FEATURES: u16 = 8;
+    pub(crate) const VERSION: u16 = 9;
 }

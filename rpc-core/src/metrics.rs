@@ -19,6 +19,8 @@ pub const GOAWAY_RECEIVED: &str = "tether_goaway_received_total";
 pub const LATE_RESPONSES: &str = "tether_late_responses_total";
 /// Requests or responses refused alone (over a metadata limit) with their connection kept, label `side`.
 pub const FRAMES_REJECTED: &str = "tether_frames_rejected_total";
+/// Frames of a kind this build does not know, skipped (a newer peer's extension), label `side`.
+pub const FRAMES_IGNORED: &str = "tether_frames_ignored_total";
 
 /// Which side of a connection a driver runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,11 @@ impl ConnectionMetrics {
     /// Counts a frame refused alone (a rare path: the handle is looked up here).
     pub(crate) fn frame_rejected(&self) {
         counter!(FRAMES_REJECTED, "side" => self.side.as_str()).increment(1);
+    }
+
+    /// Counts a frame of an unknown kind, skipped (a rare path: the handle is looked up here).
+    pub(crate) fn frame_ignored(&self) {
+        counter!(FRAMES_IGNORED, "side" => self.side.as_str()).increment(1);
     }
 
     pub(crate) fn goaway_received(&self, reason: crate::GoAwayReason) {

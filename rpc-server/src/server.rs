@@ -348,6 +348,7 @@ impl AcceptLoop {
             max_metadata_bytes: Some(u32::try_from(c.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
             max_requests_per_connection: Some(u32::try_from(c.max_requests_per_connection).unwrap_or(u32::MAX)),
             features: Some(rpc_core::frame::features::ALL),
+            version: Some(rpc_core::frame::PROTOCOL_VERSION),
         };
         let dispatch = ServerDispatch::new(&self.dispatch, c.max_requests_per_connection);
         let kill = self.kill.clone();

@@ -6,6 +6,7 @@
 pub mod netns;
 pub mod pki;
 pub mod proxy;
+pub mod v1;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -146,7 +146,7 @@ pub struct Driver<S> {
     handshake_deadline: Instant,
     /// Frames left undecoded in the read buffer while the write budget was full.
     decode_paused: bool,
-    /// The features the peer announced in its SETTINGS (see [`downgrade_for_v1`] and CANCEL).
+    /// The features both sides announced in their SETTINGS (see [`downgrade_for_v1`] and CANCEL).
     peer_features: u64,
     /// Server: requests the client cancelled whose answers are still to be dropped. Bounded by the
     /// requests in flight: an id leaves when its answer is taken.
@@ -170,21 +170,26 @@ impl<S> Drop for Driver<S> {
     }
 }
 
-/// A response for a peer that predates [`features::NOT_EXECUTED_FLAG`]: such a peer reads
-/// SERVER_BUSY, NOT_FOUND and UNAVAILABLE as "the handler did not run". So those codes go to it
-/// only as the runtime's refusals (true for it too), UNIMPLEMENTED as NOT_FOUND (its "no such
-/// method"), and a handler's SERVER_BUSY, NOT_FOUND or UNAVAILABLE as APPLICATION_ERROR with the
-/// code named in the message (which it reads as "may have run").
+/// A response for a peer that predates [`features::NOT_EXECUTED_FLAG`] (a version-1 peer): it
+/// knows codes 0 to 11 only, and reads SERVER_BUSY, NOT_FOUND and UNAVAILABLE as "the handler did
+/// not run". So those codes go to it only as the runtime's refusals (true for it too),
+/// UNIMPLEMENTED as NOT_FOUND (its "no such method"), another refusal with a newer code
+/// (RESOURCE_EXHAUSTED) as SERVER_BUSY, and a handler's SERVER_BUSY, NOT_FOUND, UNAVAILABLE or
+/// newer code as APPLICATION_ERROR (which it reads as "may have run"); a changed code is named
+/// in the message.
 fn downgrade_for_v1(r: &mut ResponseFrame) {
     use crate::status::Code;
-    match (r.code, r.not_executed) {
-        (Code::Unimplemented, true) => r.code = Code::NotFound,
-        (c @ (Code::ServerBusy | Code::NotFound | Code::Unavailable), false) => {
-            r.message = format!("{c}: {}", r.message);
-            r.code = Code::ApplicationError;
-        }
-        _ => {}
-    }
+    const V1_LAST: u16 = 11; // INTERNAL
+    let newer = r.code.as_u16() > V1_LAST;
+    let to = match (r.code, r.not_executed) {
+        (Code::Unimplemented, true) => Code::NotFound,
+        (_, true) if newer => Code::ServerBusy,
+        (Code::ServerBusy | Code::NotFound | Code::Unavailable, false) => Code::ApplicationError,
+        (_, false) if newer => Code::ApplicationError,
+        _ => return,
+    };
+    r.message = format!("{}: {}", r.code, r.message);
+    r.code = to;
 }
 
 /// What does not touch the stream, so `Drop` can use it too.
@@ -563,10 +568,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     self.on_goaway(g, now);
                     Err(reason)
                 }
-                other => Err(ProtocolError::UnexpectedFrame(other.kind()).into()),
+                other => Err(match other.kind() {
+                    Some(kind) => ProtocolError::UnexpectedFrame(kind),
+                    None => ProtocolError::Handshake("the first frame must be SETTINGS"),
+                }
+                .into()),
             };
         }
         match frame {
+            // A newer peer's extension: its body is skipped, the connection goes on.
+            Frame::Unknown(_) => self.metrics.frame_ignored(),
             Frame::Settings(_) => {} // later settings updates are reserved; ignore them
             Frame::Cancel { id } => {
                 if self.cfg.side == Side::Client {
@@ -653,7 +664,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         self.codec
             .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
         let _ = self.shared.peer_settings.set(s);
-        self.peer_features = s.features.unwrap_or(0);
+        // A feature is used only when both sides announced it.
+        self.peer_features = s.features.unwrap_or(0) & self.cfg.settings.features.unwrap_or(0);
         self.session.on_handshake();
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
         // over max_connections sends both at once) must not let a waiter see the connection open.
