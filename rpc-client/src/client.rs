@@ -107,7 +107,8 @@ impl Client {
     }
 
     /// Sends a request and waits for its response, until the request's deadline (or
-    /// `request_timeout` if it has none). A request that provably did not run is retried on a
+    /// `request_timeout` if it has none; inside a handler, never past the deadline of the request
+    /// it serves: see `rpc_core::context`). A request that provably did not run is retried on a
     /// fresh checkout within its deadline; one that may have run is retried only when marked
     /// idempotent.
     pub async fn unary(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
@@ -123,10 +124,21 @@ impl Client {
         result
     }
 
-    async fn unary_with_retries(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
-        let deadline = req
+    /// The deadline of a call: its own (or `request_timeout` from now), capped by the deadline of
+    /// the request this task serves, if it serves one (`rpc_core::context`).
+    fn deadline_of<T>(&self, req: &Request<T>) -> Instant {
+        let own = req
             .deadline()
             .unwrap_or_else(|| Instant::now() + self.config().request_timeout);
+        rpc_core::context::deadline().map_or(own, |served| own.min(served))
+    }
+
+    async fn unary_with_retries(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
+        let deadline = self.deadline_of(&req);
+        if Instant::now() >= deadline {
+            // Gone before the call began (an inherited deadline, usually): never sent.
+            return Err(Error::deadline(false));
+        }
         let idempotent = req.is_idempotent();
         let mut frame = Some(to_frame(req, false));
         let max = self.config().max_attempts;
@@ -175,9 +187,10 @@ impl Client {
     /// GOAWAY first, all "not executed". A oneway still unwritten at its deadline fails with
     /// DEADLINE_EXCEEDED, "may have executed" (it may yet be written).
     pub async fn oneway(&self, req: Request<Bytes>) -> Result<(), Error> {
-        let deadline = req
-            .deadline()
-            .unwrap_or_else(|| Instant::now() + self.config().request_timeout);
+        let deadline = self.deadline_of(&req);
+        if Instant::now() >= deadline {
+            return Err(Error::deadline(false));
+        }
         let conn = self.checkout(Some(deadline)).await?;
         let (tx, rx) = oneshot::channel();
         let msg = Outbound::Request {

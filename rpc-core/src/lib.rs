@@ -23,6 +23,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod context;
 pub mod driver;
 pub mod error;
 pub mod event;

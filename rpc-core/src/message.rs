@@ -193,6 +193,7 @@ pub struct Request<T> {
     metadata: Metadata,
     deadline: Option<Instant>,
     idempotent: bool,
+    cancellation: Option<crate::context::Cancellation>,
     body: T,
 }
 
@@ -204,6 +205,7 @@ impl<T> Request<T> {
             metadata: Metadata::new(),
             deadline: None,
             idempotent: false,
+            cancellation: None,
             body,
         }
     }
@@ -270,6 +272,19 @@ impl<T> Request<T> {
         self.idempotent = idempotent;
     }
 
+    /// On the server, the request's cancellation: fired when the runtime gives up on it (CANCEL
+    /// from the client, its deadline, the connection closing, `abort()`), right before the
+    /// handler's future is dropped. For work the handler hands off (see `rpc_server::detach`);
+    /// the handler itself simply stops at its next `.await`. `None` on a request a client builds.
+    pub fn cancellation(&self) -> Option<&crate::context::Cancellation> {
+        self.cancellation.as_ref()
+    }
+
+    /// Sets the cancellation (the server's runtime does).
+    pub fn set_cancellation(&mut self, cancellation: Option<crate::context::Cancellation>) {
+        self.cancellation = cancellation;
+    }
+
     /// The body.
     pub fn body(&self) -> &T {
         &self.body
@@ -297,6 +312,7 @@ impl<T> Request<T> {
             metadata: self.metadata,
             deadline: self.deadline,
             idempotent: self.idempotent,
+            cancellation: self.cancellation,
             body: f(self.body),
         }
     }

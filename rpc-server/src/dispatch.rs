@@ -10,8 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use std::collections::HashMap;
 
-use futures_util::future::{abortable, AbortHandle, FutureExt};
+use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use rpc_core::context::{Cancellation, Context as RequestContext};
 use rpc_core::driver::{Dispatch, Responder};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
 use rpc_core::metrics::RequestMetrics;
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tower::util::{BoxCloneService, Oneshot, ServiceExt};
 use tower::Service;
 
+use crate::detach::ServerTasks;
 use crate::router::Router;
 
 /// The server's service after its layers: errors are boxed so tower middleware can add its own.
@@ -95,6 +97,10 @@ impl<F: Future> Future for HoldingPermits<F> {
     }
 }
 
+/// Drops a value: a function, not a closure, so the futures mapped with it stay `Send` for any
+/// lifetime of a panic's payload.
+fn discard<T>(_: T) {}
+
 /// The most requests that share one spawned task. Spawning wakes a sleeping worker thread, which
 /// costs more than the spawn itself, so the requests of one read share a task; a cap keeps a large
 /// read spread over several tasks that other workers can take.
@@ -113,8 +119,8 @@ pub(crate) struct DispatchShared {
     pub(crate) metrics: Arc<RequestMetrics>,
     pub(crate) router: Arc<Router>,
     pub(crate) max_request_duration: Duration,
-    /// Every handler holds a token of it, so `abort()` can wait for them all.
-    pub(crate) handlers: TaskTracker,
+    /// Every handler holds a token of its tracker, so `abort()` can wait for them all.
+    pub(crate) tasks: Arc<ServerTasks>,
 }
 
 /// One per connection; shares the service and the concurrency limit with every other connection.
@@ -132,11 +138,13 @@ pub(crate) struct ServerDispatch {
     router: Arc<Router>,
     /// The deadline of a request that carries none.
     max_request_duration: Duration,
-    /// Handlers of requests not yet answered, to drop on CANCEL or when the connection goes.
-    /// Bounded by `max_requests_per_connection`: an entry leaves when its answer is taken.
-    running: HashMap<u64, AbortHandle>,
-    /// Server-wide: every handler holds a token of it, so `abort()` can wait for them all.
-    handlers: TaskTracker,
+    /// Cancellations of the requests not yet answered, fired on CANCEL or when the connection
+    /// goes (which drops their handlers). Bounded by `max_requests_per_connection`: an entry
+    /// leaves when its answer is taken.
+    running: HashMap<u64, Cancellation>,
+    /// Server-wide: every handler holds a token of its tracker, so `abort()` can wait for them
+    /// all; its stop token ends oneway handlers (which no answer or CANCEL ends).
+    tasks: Arc<ServerTasks>,
     /// Requests accepted from the current read, not yet spawned.
     batch: Vec<Work>,
 }
@@ -178,7 +186,7 @@ impl ServerDispatch {
             router: server.router.clone(),
             max_request_duration: server.max_request_duration,
             running: HashMap::new(),
-            handlers: server.handlers.clone(),
+            tasks: server.tasks.clone(),
             batch: Vec::new(),
         }
     }
@@ -190,7 +198,7 @@ impl ServerDispatch {
             0 => {}
             1 => {
                 if let Some(work) = self.batch.pop() {
-                    let token = self.handlers.token();
+                    let token = self.tasks.tracker.token();
                     tasks.spawn(async move {
                         let _token = token;
                         work.await
@@ -199,7 +207,7 @@ impl ServerDispatch {
             }
             _ => {
                 let mut set: FuturesUnordered<Work> = self.batch.drain(..).collect();
-                let token = self.handlers.token();
+                let token = self.tasks.tracker.token();
                 tasks.spawn(async move {
                     let _token = token;
                     while set.next().await.is_some() {}
@@ -231,13 +239,18 @@ impl Dispatch for ServerDispatch {
         // Every request has a deadline: its own, or max_request_duration.
         let deadline = Some(received_at + frame.timeout.unwrap_or(self.max_request_duration));
         let method = frame.method.clone();
+        let cancellation = Cancellation::new();
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
+        req.set_cancellation(Some(cancellation.clone()));
         let started = self.start(req);
         let metrics = self.metrics.clone();
         let router = self.router.clone();
         let (frame_id, oneway) = (responder.id(), responder.is_oneway());
+        let server_tasks = self.tasks.clone();
+        let context = RequestContext::with_cancellation(deadline, cancellation.clone());
+        let on_deadline = cancellation.clone();
         let span = tracing::debug_span!("request", %method, id = frame_id);
         let work = async move {
             let permits = (permit, conn_permit);
@@ -249,12 +262,13 @@ impl Dispatch for ServerDispatch {
                     .await;
                 return;
             }
-            let call = async move {
+            // The handler runs in its request's context: calls it makes inherit the deadline.
+            let call = context.scope(async move {
                 match started {
                     Started::Called(fut) => fut.await,
                     Started::Waiting(oneshot) => oneshot.await,
                 }
-            };
+            });
             // The permits go the moment the handler is done, or dropped (deadline, CANCEL, the
             // connection gone), before anything its drop wakes can ask for them again.
             let call = HoldingPermits {
@@ -265,12 +279,16 @@ impl Dispatch for ServerDispatch {
                 match deadline {
                     Some(d) => match tokio::time::timeout_at(d, call).await {
                         Ok(r) => r,
-                        Err(_) => Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
+                        Err(_) => {
+                            // Observers learn it before the handler is dropped (at this match's end).
+                            on_deadline.cancel();
+                            Err(Status::deadline_exceeded("deadline passed while the handler ran").into())
+                        }
                     },
                     None => call.await,
                 }
             };
-            let (result, marks) = crate::entry::track(timed).await;
+            let (result, marks) = crate::entry::track(timed, server_tasks).await;
             // A handler that was entered serves the method; only otherwise is the router asked.
             let label = if marks.entered() {
                 method.as_str()
@@ -300,17 +318,24 @@ impl Dispatch for ServerDispatch {
         // unwinding, answers INTERNAL, "may have executed"), never the others of its batch.
         let work = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(work, span))
             .catch_unwind()
-            .map(|_| ());
-        // Cancellable: CANCEL, or the connection going, drops the handler's future (it stops at
-        // its next await) and with it the request's permits. A oneway cannot be cancelled by its
-        // client, and has no answer that would end its entry; it runs to its deadline.
-        let id = frame_id;
+            .map(discard);
+        // Cancellable: CANCEL, or the connection going, fires the request's cancellation and
+        // drops the handler's future (it stops at its next await) and with it the request's
+        // permits. A oneway cannot be cancelled by its client, and has no answer that would end
+        // an entry here; it runs to its deadline, or until the server stops.
         let work: Work = if oneway {
-            Box::pin(work)
+            let stop = self.tasks.stop.clone();
+            // Boxed first: the async block then holds a plain `Work` (rustc cannot prove the
+            // unboxed one `Send` for every lifetime of a panic payload).
+            let work: Work = Box::pin(work);
+            Box::pin(async move {
+                if stop.run_until_cancelled_owned(work).await.is_none() {
+                    cancellation.cancel();
+                }
+            })
         } else {
-            let (work, abort) = abortable(work);
-            self.running.insert(id, abort);
-            Box::pin(work.map(|_| ()))
+            self.running.insert(frame_id, cancellation.clone());
+            Box::pin(cancellation.guard(work).map(discard))
         };
         self.batch.push(work);
         if self.batch.len() >= MAX_BATCH {
@@ -325,8 +350,8 @@ impl Dispatch for ServerDispatch {
 
     fn cancel(&mut self, id: u64) -> bool {
         match self.running.remove(&id) {
-            Some(abort) => {
-                abort.abort();
+            Some(cancellation) => {
+                cancellation.cancel();
                 true
             }
             None => false, // answered already: the CANCEL crossed its response
@@ -341,8 +366,8 @@ impl Dispatch for ServerDispatch {
 /// The connection is gone (closed, aborted, drained past its grace): its handlers go with it.
 impl Drop for ServerDispatch {
     fn drop(&mut self) {
-        for (_, abort) in self.running.drain() {
-            abort.abort();
+        for (_, cancellation) in self.running.drain() {
+            cancellation.cancel();
         }
     }
 }

@@ -21,18 +21,33 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::Arc;
 
 use rpc_core::Status;
+
+use crate::detach::ServerTasks;
 
 const ENTERED: u8 = 1;
 const REFUSED: u8 = 2;
 
+/// One request's task-local state on the server.
+struct Scope {
+    marks: Cell<u8>,
+    /// Where [`crate::detach`] spawns the work a handler hands off.
+    tasks: Arc<ServerTasks>,
+}
+
 tokio::task_local! {
-    static MARKS: Cell<u8>;
+    static SCOPE: Scope;
 }
 
 fn set(bit: u8) {
-    let _ = MARKS.try_with(|m| m.set(m.get() | bit));
+    let _ = SCOPE.try_with(|s| s.marks.set(s.marks.get() | bit));
+}
+
+/// The server whose handler runs on this task, if one does.
+pub(crate) fn server_tasks() -> Option<Arc<ServerTasks>> {
+    SCOPE.try_with(|s| s.tasks.clone()).ok()
 }
 
 /// Marks the current request's handler as entered, right before user code runs.
@@ -61,12 +76,16 @@ impl Marks {
     }
 }
 
-/// Runs `f` as one request's work and reports its marks.
-pub(crate) async fn track<F: Future>(f: F) -> (F::Output, Marks) {
-    MARKS
-        .scope(Cell::new(0), async move {
+/// Runs `f` as one request's work of the server with `tasks`, and reports its marks.
+pub(crate) async fn track<F: Future>(f: F, tasks: Arc<ServerTasks>) -> (F::Output, Marks) {
+    let scope = Scope {
+        marks: Cell::new(0),
+        tasks,
+    };
+    SCOPE
+        .scope(scope, async move {
             let out = f.await;
-            (out, Marks(MARKS.with(Cell::get)))
+            (out, Marks(SCOPE.with(|s| s.marks.get())))
         })
         .await
 }

@@ -27,12 +27,14 @@
 
 pub mod codegen;
 mod config;
+mod detach;
 mod dispatch;
 mod entry;
 mod router;
 mod server;
 
 pub use config::ServerConfig;
+pub use detach::detach;
 pub use dispatch::status_from_error;
 pub use entry::Refused;
 pub use router::{handler_fn, BoxHandler, Handler, HandlerFuture, NamedService, Router, RouterFuture};

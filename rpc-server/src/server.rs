@@ -24,6 +24,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::ServerConfig;
+use crate::detach::ServerTasks;
 use crate::dispatch::{DispatchShared, ServerDispatch, ServerService};
 use crate::router::{NamedService, Router};
 
@@ -149,7 +150,8 @@ impl<L> ServerBuilder<L> {
             None => None,
         };
         let registry = Registry::default();
-        let handlers = TaskTracker::new();
+        let tasks = Arc::new(ServerTasks::default());
+        let shutdown_grace = self.config.shutdown_grace;
         let accept = AcceptLoop {
             tls,
             registry: registry.clone(),
@@ -161,7 +163,7 @@ impl<L> ServerBuilder<L> {
                 metrics: Arc::new(RequestMetrics::new(Side::Server)),
                 router,
                 max_request_duration: self.config.max_request_duration,
-                handlers: handlers.clone(),
+                tasks: tasks.clone(),
             },
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
@@ -178,7 +180,8 @@ impl<L> ServerBuilder<L> {
             shutdown,
             kill,
             registry,
-            handlers,
+            shutdown_grace,
+            tasks,
             join: Some(join),
         })
     }
@@ -192,8 +195,9 @@ pub struct ServerHandle {
     shutdown: CancellationToken,
     kill: CancellationToken,
     registry: Registry,
-    /// Every handler holds a token of it (see [`ServerHandle::abort`]).
-    handlers: TaskTracker,
+    shutdown_grace: Duration,
+    /// Every handler and detached task holds a token of its tracker (see [`ServerHandle::abort`]).
+    tasks: Arc<ServerTasks>,
     join: Option<JoinHandle<()>>,
 }
 
@@ -224,30 +228,38 @@ impl ServerHandle {
     }
 
     /// Graceful shutdown: stop accepting (new connections are refused), send GOAWAY on every
-    /// connection, let requests in flight finish within `shutdown_grace`, close; handlers still
-    /// running then are dropped. Returns when every connection and handler is gone.
+    /// connection, let requests in flight (and [detached](crate::detach) work) finish within
+    /// `shutdown_grace`, close; handlers still running then are cancelled and dropped. Returns
+    /// when every connection and handler is gone.
     pub async fn shutdown(mut self) {
+        let grace_ends = tokio::time::Instant::now() + self.shutdown_grace;
         self.shutdown.cancel();
-        self.finish().await;
+        self.finish(Some(grace_ends)).await;
     }
 
     /// Stops at once, like a killed process: the listener and every connection are dropped
-    /// without GOAWAY, and every running handler is dropped (it stops at its next `.await`).
-    /// Returns when they are all gone.
+    /// without GOAWAY, and every running handler (oneway and detached work too) is cancelled and
+    /// dropped: it stops at its next `.await`. Returns when they are all gone.
     pub async fn abort(mut self) {
         // Only the kill token: the graceful one would let drivers send GOAWAY first.
         self.kill.cancel();
-        self.finish().await;
+        self.finish(None).await;
     }
 
-    async fn finish(&mut self) {
+    /// Waits for the connections, then for the work not tied to one (oneway handlers, detached
+    /// tasks) until `grace_ends`, then stops that too and waits for it to be gone.
+    async fn finish(&mut self, grace_ends: Option<tokio::time::Instant>) {
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
-        // The connections are gone, and with them their handlers' abort handles: each handler
-        // ends at its next poll.
-        self.handlers.close();
-        self.handlers.wait().await;
+        // The connections are gone, and with them their requests' cancellations: each of their
+        // handlers ends at its next poll.
+        self.tasks.tracker.close();
+        if let Some(at) = grace_ends {
+            let _ = tokio::time::timeout_at(at, self.tasks.tracker.wait()).await;
+        }
+        self.tasks.stop.cancel();
+        self.tasks.tracker.wait().await;
     }
 }
 
