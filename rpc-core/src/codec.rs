@@ -507,7 +507,8 @@ fn decode_body(
                 let clamp32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
                 match sid {
                     setting_id::MAX_FRAME_SIZE => s.max_frame_size = Some(clamp32(v)),
-                    setting_id::IDLE_TIMEOUT_MS => s.idle_timeout = Some(Duration::from_millis(v)),
+                    // 0: the sender evicts no idle connection, as if it sent nothing.
+                    setting_id::IDLE_TIMEOUT_MS => s.idle_timeout = (v != 0).then(|| Duration::from_millis(v)),
                     setting_id::MAX_CONCURRENT_REQUESTS => s.max_concurrent_requests = Some(clamp32(v)),
                     setting_id::HEARTBEAT_INTERVAL_MS => s.heartbeat_interval = Some(Duration::from_millis(v)),
                     setting_id::MAX_METADATA_ENTRIES => s.max_metadata_entries = Some(clamp32(v)),

@@ -327,3 +327,40 @@ async fn an_unknown_critical_flag_closes_the_connection_with_a_reason_both_sides
         })
     );
 }
+
+#[tokio::test]
+async fn a_clients_goaway_lets_its_requests_finish_then_the_server_closes() {
+    let (server, mut raw) = handshaken(Settings::default()).await;
+    let slow = EchoRequest {
+        message: "slow".into(),
+        delay_ms: 200,
+        ..EchoRequest::default()
+    };
+    for _ in 0..2 {
+        let id = raw.next_id();
+        raw.send(Frame::Request(RequestFrame {
+            id,
+            timeout: Some(ms(5000)),
+            method: "/echo.Echo/Say".into(),
+            payload: slow.encode_to_vec().into(),
+            ..RequestFrame::default()
+        }))
+        .await;
+    }
+    raw.send(Frame::GoAway(GoAway {
+        reason: GoAwayReason::Shutdown,
+        last_request_id: 0,
+        message: "client closing".into(),
+    }))
+    .await;
+    let frames = raw.read_until_close(ms(5000)).await;
+    let answered: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Response(r) if r.code == rpc_core::Code::Ok => Some(r.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, [1, 2], "both requests answered before the close: {frames:?}");
+    wait_until(ms(5000), || server.connections().is_empty()).await;
+}

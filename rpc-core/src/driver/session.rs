@@ -247,7 +247,12 @@ impl<R: Waiter, W> Session<R, W> {
         drain_timeout: Duration,
     ) -> (Vec<(R, ConnectionError)>, bool) {
         let newly = !self.is_draining();
-        let last = g.last_request_id;
+        // A repeated GOAWAY may lower the last id, never raise it: what one GOAWAY proved not
+        // run (and its callers were told) stays not run.
+        let last = match self.goaway_received {
+            Some((_, earlier)) => earlier.min(g.last_request_id),
+            None => g.last_request_id,
+        };
         self.goaway_received = Some((g.reason, last));
         self.drain_deadline.get_or_insert(now + drain_timeout);
         let not_run: Vec<u64> = self.pending.keys().copied().filter(|id| *id > last).collect();
@@ -457,6 +462,40 @@ mod tests {
             CloseReason::GoAway {
                 reason: GoAwayReason::Shutdown,
                 last_request_id: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_repeated_goaway_may_lower_the_last_id_but_never_raise_it() {
+        let now = Instant::now();
+        let mut s = client();
+        for tag in 1..=4 {
+            let (id, _) = s.admit(now, None).unwrap();
+            s.on_encoded(10);
+            s.on_request_sent(id, caller(tag));
+        }
+        s.on_flushed(40);
+        let goaway = |last| GoAway {
+            reason: GoAwayReason::Shutdown,
+            last_request_id: last,
+            message: String::new(),
+        };
+        let (failed, _) = s.on_goaway(now, &goaway(3), Duration::from_secs(1));
+        assert_eq!(failed.iter().map(|f| f.0.tag).collect::<Vec<_>>(), [4]);
+        // Raising it changes nothing; lowering it fails what the new id proves unrun.
+        let (failed, newly) = s.on_goaway(now, &goaway(9), Duration::from_secs(1));
+        assert!(failed.is_empty() && !newly);
+        let (failed, _) = s.on_goaway(now, &goaway(1), Duration::from_secs(1));
+        let mut tags: Vec<_> = failed.iter().map(|f| f.0.tag).collect();
+        tags.sort();
+        assert_eq!(tags, [2, 3]);
+        assert!(failed.iter().all(|f| !f.1.may_have_executed()));
+        assert_eq!(
+            s.drain_reason(),
+            CloseReason::GoAway {
+                reason: GoAwayReason::Shutdown,
+                last_request_id: 1
             }
         );
     }
