@@ -1,12 +1,13 @@
-//! What the request a handler serves passes on to the work it does: its deadline and its
+//! What the request a handler serves passes on to the work it does: its deadline, and its
 //! cancellation.
 //!
-//! A tether server runs every handler inside a [`Context`]: the request's deadline (the one the
-//! client sent, or the server's `max_request_duration`) and a [`Cancellation`] that the runtime
-//! fires when it gives up on the request: the client sent CANCEL (its caller dropped the call or
-//! its deadline passed), the deadline passed on the server, the connection closed, or the server
-//! was aborted or ran out of `shutdown_grace`. Right after firing it, the runtime drops the
-//! handler's future, so a handler stops at its next `.await` without code of its own.
+//! A tether server runs every handler inside a [`Context`] holding the request's deadline (the
+//! one the client sent, or the server's `max_request_duration`), and gives its `Request` a
+//! [`Cancellation`] that the runtime fires when it gives up on the request: the client sent CANCEL
+//! (its caller dropped the call or its deadline passed), the deadline passed on the server, the
+//! connection closed, or the server was aborted or ran out of `shutdown_grace`. Right after firing
+//! it, the runtime drops the handler's future, so a handler stops at its next `.await` without
+//! code of its own.
 //!
 //! **Deadline propagation.** A tether client called inside a context uses the context's deadline
 //! when it is earlier than the call's own (its `Request` deadline or `request_timeout`): a
@@ -51,43 +52,27 @@ tokio::task_local! {
     static CURRENT: Context;
 }
 
-/// The deadline and cancellation of the request being served.
-#[derive(Debug, Clone, Default)]
+/// What the request being served passes on to the calls made for it: its deadline. (Its
+/// [`Cancellation`] is on the `Request`; calls need none, since dropping the handler drops them.)
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Context {
     deadline: Option<Instant>,
-    cancellation: Option<Cancellation>,
 }
 
 impl Context {
-    /// A context with `deadline` and a cancellation nobody has fired.
+    /// A context with `deadline`.
     pub fn new(deadline: Option<Instant>) -> Self {
-        Context {
-            deadline,
-            cancellation: Some(Cancellation::new()),
-        }
+        Context { deadline }
     }
 
-    /// No deadline, no cancellation: what a call made outside any handler sees.
+    /// No deadline: what a call made outside any handler sees.
     pub fn none() -> Self {
         Context::default()
-    }
-
-    /// A context with `deadline` and `cancellation`.
-    pub fn with_cancellation(deadline: Option<Instant>, cancellation: Cancellation) -> Self {
-        Context {
-            deadline,
-            cancellation: Some(cancellation),
-        }
     }
 
     /// The deadline of the request being served.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
-    }
-
-    /// The cancellation of the request being served.
-    pub fn cancellation(&self) -> Option<&Cancellation> {
-        self.cancellation.as_ref()
     }
 
     /// Runs `fut` with this context as the current one.
@@ -98,7 +83,7 @@ impl Context {
 
 /// The context of the request this task serves, if any.
 pub fn current() -> Option<Context> {
-    CURRENT.try_with(Clone::clone).ok()
+    CURRENT.try_with(|c| *c).ok()
 }
 
 /// The deadline of the request this task serves, if any: what a tether client called here caps
@@ -168,9 +153,9 @@ impl Cancellation {
     /// Runs `fut` until it completes (`Some`) or this fires (`None`, and `fut` is dropped at its
     /// next poll). The server's runtime guards each handler with one; a `Cancellation` wakes only
     /// the guard polled last, so use [`Cancellation::cancelled`] for anything else.
-    pub fn guard<F: Future>(&self, fut: F) -> Guarded<F> {
+    pub fn guard<F: Future>(self, fut: F) -> Guarded<F> {
         Guarded {
-            cancellation: self.clone(),
+            cancellation: self,
             inner: Some(fut),
         }
     }
@@ -226,7 +211,7 @@ mod tests {
             }
         }
         let guard_flag = OnDrop(dropped.clone());
-        let guarded = tokio::spawn(c.guard(async move {
+        let guarded = tokio::spawn(c.clone().guard(async move {
             let _keep = guard_flag;
             std::future::pending::<()>().await
         }));
@@ -247,7 +232,7 @@ mod tests {
     #[tokio::test]
     async fn a_guarded_future_that_finishes_first_returns_its_output() {
         let c = Cancellation::new();
-        assert_eq!(c.guard(async { 7 }).await, Some(7));
+        assert_eq!(c.clone().guard(async { 7 }).await, Some(7));
         c.cancel();
         assert_eq!(c.guard(async { 7 }).await, None, "a fired cancellation runs nothing");
     }

@@ -249,7 +249,7 @@ impl Dispatch for ServerDispatch {
         let router = self.router.clone();
         let (frame_id, oneway) = (responder.id(), responder.is_oneway());
         let server_tasks = self.tasks.clone();
-        let context = RequestContext::with_cancellation(deadline, cancellation.clone());
+        let context = RequestContext::new(deadline);
         let on_deadline = cancellation.clone();
         let span = tracing::debug_span!("request", %method, id = frame_id);
         let work = async move {
