@@ -16,9 +16,9 @@ def md(entries):
         out += struct.pack(">H", len(k)) + k + struct.pack(">I", len(v)) + v
     return out
 
-def request(rid, method=b"/echo.Echo/Say", timeout_ms=1500, meta=(), payload=b"\x0a\x02hi", oneway=False):
+def request(rid, method=b"/echo.Echo/Say", timeout_ms=1500, meta=(), payload=b"\x0a\x02hi", oneway=False, flags=0):
     body = struct.pack(">IH", timeout_ms, len(method)) + method + md(list(meta)) + payload
-    return header(3 if oneway else 1, rid, body)
+    return header(3 if oneway else 1, rid, body, flags=flags)
 
 def response(rid, status=0, message=b"", meta=(), payload=b"\x0a\x02hi", flags=0):
     body = struct.pack(">HI", status, len(message)) + message + md(list(meta)) + payload
@@ -43,7 +43,7 @@ def fmt(frame):
 
 NAMES = {1: "MAX_FRAME_SIZE", 2: "IDLE_TIMEOUT_MS", 3: "MAX_CONCURRENT_REQUESTS", 4: "HEARTBEAT_INTERVAL_MS",
          5: "MAX_METADATA_ENTRIES", 6: "MAX_METADATA_BYTES", 7: "MAX_REQUESTS_PER_CONNECTION", 8: "FEATURES",
-         9: "VERSION"}
+         9: "VERSION", 10: "STREAM_WINDOW", 11: "CONNECTION_WINDOW"}
 
 def known(entries):
     return {NAMES[i]: v for i, v in entries if i in NAMES}
@@ -64,11 +64,13 @@ def case(name, frame, about, expect=None, error=None, canonical=None, limits=Non
         c["error"] = error
     cases.append(c)
 
-client = [(1, 4 << 20), (4, 15000), (5, 64), (6, 16384), (8, 3), (9, 2)]
-server = [(1, 4 << 20), (2, 90000), (3, 1024), (5, 64), (6, 16384), (7, 256), (8, 3), (9, 2)]
+client = [(1, 4 << 20), (4, 15000), (5, 64), (6, 16384), (8, 7), (9, 2), (10, 256 << 10), (11, 4 << 20)]
+server = [(1, 4 << 20), (2, 90000), (3, 1024), (5, 64), (6, 16384), (7, 256), (8, 7), (9, 2), (10, 256 << 10),
+          (11, 4 << 20)]
 v1_client = [(1, 4 << 20), (4, 15000), (5, 64)]
 case("settings-client", settings(client), "A version-2 client's SETTINGS: max frame 4 MiB, heartbeat 15 s, "
-     "metadata limits, features NOT_EXECUTED_FLAG and CANCEL, version 2.",
+     "metadata limits, features NOT_EXECUTED_FLAG, CANCEL and STREAMS, version 2, stream window 256 KiB, "
+     "connection window 4 MiB.",
      {"kind": "SETTINGS", "settings": known(client)}, canonical=True)
 case("settings-server", settings(server), "A version-2 server's SETTINGS: idle 90 s, 1024 requests at once, "
      "256 per connection.", {"kind": "SETTINGS", "settings": known(server)}, canonical=True)
@@ -85,14 +87,29 @@ case("settings-idle-timeout-zero", settings(idle_off), "IDLE_TIMEOUT_MS 0: the s
 case("request", request(1, meta=[(b"authorization", b"Bearer x")]), "REQUEST id 1, 1500 ms left, "
      "/echo.Echo/Say, one metadata entry, payload 0a 02 68 69 (an EchoRequest with message \"hi\").",
      {"kind": "REQUEST", "id": 1, "timeout_ms": 1500, "method": "/echo.Echo/Say",
-      "metadata": meta_json([(b"authorization", b"Bearer x")]), "payload_hex": "0a026869"}, canonical=True)
+      "metadata": meta_json([(b"authorization", b"Bearer x")]), "payload_hex": "0a026869", "stream": False},
+     canonical=True)
 case("request-no-deadline", request(4, timeout_ms=0, payload=b""), "timeout_ms 0: no deadline (the server "
      "applies its max_request_duration).",
      {"kind": "REQUEST", "id": 4, "timeout_ms": 0, "method": "/echo.Echo/Say", "metadata": [],
-      "payload_hex": ""}, canonical=True)
+      "payload_hex": "", "stream": False}, canonical=True)
 case("oneway", request(2, oneway=True), "ONEWAY id 2: no response will come.",
      {"kind": "ONEWAY", "id": 2, "timeout_ms": 1500, "method": "/echo.Echo/Say", "metadata": [],
-      "payload_hex": "0a026869"}, canonical=True)
+      "payload_hex": "0a026869", "stream": False}, canonical=True)
+case("request-stream", request(9, method=b"/feed.v1.Feed/Watch", timeout_ms=0, payload=b"", flags=0x10),
+     "REQUEST id 9 with flag STREAM (0x10, must-understand): opens a stream; its messages follow as DATA.",
+     {"kind": "REQUEST", "id": 9, "timeout_ms": 0, "method": "/feed.v1.Feed/Watch", "metadata": [],
+      "payload_hex": "", "stream": True}, canonical=True)
+case("data", header(9, 9, b"\x08\x01"), "DATA on stream 9: one message (an Event with seq 1).",
+     {"kind": "DATA", "id": 9, "end": False, "payload_hex": "0801"}, canonical=True)
+case("data-end", header(9, 9, b"", flags=0x10), "DATA with flag END and no message: the sender's half ends.",
+     {"kind": "DATA", "id": 9, "end": True, "payload_hex": ""}, canonical=True)
+case("window-stream", header(10, 9, struct.pack(">I", 131072)), "WINDOW: 128 KiB more credit for stream 9.",
+     {"kind": "WINDOW", "id": 9, "increment": 131072}, canonical=True)
+case("window-connection", header(10, 0, struct.pack(">I", 1 << 20)), "WINDOW with id 0: 1 MiB more for the "
+     "connection.", {"kind": "WINDOW", "id": 0, "increment": 1 << 20}, canonical=True)
+case("oneway-stream-flag", request(2, oneway=True, flags=0x10), "STREAM is not a flag of ONEWAY: an "
+     "unknown must-understand flag there.", error={"close": "UnknownCriticalFlags"})
 case("response-ok", response(1), "RESPONSE to request 1: SUCCESS with its payload.",
      {"kind": "RESPONSE", "id": 1, "status": 0, "not_executed": False, "message": "", "metadata": [],
       "payload_hex": "0a026869"}, canonical=True)
@@ -140,6 +157,8 @@ case("truncated-request", header(1, 1, b"\x00\x00\x05"), "A body shorter than it
      error={"close": "Malformed"})
 case("response-message-not-utf8", response(1, status=4, message=b"\xff\xfe", payload=b""),
      "Strings are UTF-8.", error={"close": "Malformed"})
+case("window-short", header(10, 9, b"\x00\x01"), "A WINDOW body shorter than its increment.",
+     error={"close": "Malformed"})
 case("metadata-over-limit", request(6, meta=[(b"a", b"1"), (b"b", b"2")]), "Two metadata entries to a "
      "receiver that accepts one: that call alone is refused (RESOURCE_EXHAUSTED, not executed); the "
      "connection stays.", error={"reject_call": "TooManyMetadataEntries", "id": 6},

@@ -14,6 +14,13 @@ pub mod greeter {
     }
 }
 
+/// `feed.proto`: the three kinds of streaming method.
+pub mod feed {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/feed.v1.rs"));
+    }
+}
+
 pub mod auth;
 pub mod cli;
 pub mod services;

@@ -76,3 +76,55 @@ impl greeter_server::Greeter for GreeterService {
         }))
     }
 }
+
+/// Streams events: `Watch` pushes them (each waits for the subscriber's credit, so a slow
+/// subscriber slows only its own stream), `Upload` counts them, `Echo` answers each with itself.
+#[derive(Debug, Clone, Default)]
+pub struct FeedService;
+
+impl crate::feed::v1::feed_server::Feed for FeedService {
+    async fn watch(
+        &self,
+        request: Request<crate::feed::v1::Subscribe>,
+    ) -> Result<Response<rpc_server::codegen::BoxStream<crate::feed::v1::Event>>, Status> {
+        let sub = request.into_body();
+        let payload = Bytes::from(vec![0x5A; sub.size as usize]);
+        let interval = Duration::from_millis(u64::from(sub.interval_ms));
+        let count = if sub.count == 0 { u64::MAX } else { u64::from(sub.count) };
+        let events = futures_util::stream::unfold(0u64, move |seq| {
+            let payload = payload.clone();
+            async move {
+                if seq >= count {
+                    return None;
+                }
+                if !interval.is_zero() {
+                    tokio::time::sleep(interval).await;
+                }
+                let event = crate::feed::v1::Event { seq: seq + 1, payload };
+                Some((Ok(event), seq + 1))
+            }
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<rpc_server::Streaming<crate::feed::v1::Event>>,
+    ) -> Result<Response<crate::feed::v1::Summary>, Status> {
+        let mut events = request.into_body();
+        let mut summary = crate::feed::v1::Summary::default();
+        while let Some(e) = events.message().await? {
+            summary.count += 1;
+            summary.bytes += e.payload.len() as u64;
+            summary.last_seq = e.seq;
+        }
+        Ok(Response::new(summary))
+    }
+
+    async fn echo(
+        &self,
+        request: Request<rpc_server::Streaming<crate::feed::v1::Event>>,
+    ) -> Result<Response<rpc_server::codegen::BoxStream<crate::feed::v1::Event>>, Status> {
+        Ok(Response::new(Box::pin(request.into_body())))
+    }
+}

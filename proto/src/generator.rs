@@ -92,7 +92,7 @@ impl TetherServiceGenerator {
         /// Unwraps the transport.
         pub fn into_inner(self) -> T {{ self.inner }}"#
         );
-        for m in &s.methods {
+        for m in s.methods.iter().filter(|m| !m.client_streaming && !m.server_streaming) {
             let _ = writeln!(buf);
             doc(&m.comments, "        ", buf);
             let _ = writeln!(buf, "        /// Calls `{}`.", path(s, m));
@@ -107,7 +107,52 @@ impl TetherServiceGenerator {
                 path = path(s, m),
             );
         }
-        let _ = writeln!(buf, "    }}\n}}");
+        let _ = writeln!(buf, "    }}");
+        let streaming: Vec<&Method> = s
+            .methods
+            .iter()
+            .filter(|m| m.client_streaming || m.server_streaming)
+            .collect();
+        if !streaming.is_empty() {
+            let _ = writeln!(
+                buf,
+                "\n    /// Streaming methods: over an `rpc_client::Client` itself (a tower stack carries single requests).\n    impl {name}Client<::rpc_client::Client> {{"
+            );
+            for m in streaming {
+                doc(&m.comments, "        ", buf);
+                let (input, output, p) = (&m.input_type, &m.output_type, path(s, m));
+                let _ = match (m.client_streaming, m.server_streaming) {
+                    (false, _) => writeln!(
+                        buf,
+                        r#"        /// Calls `{p}`: one request, a stream of responses.
+        pub async fn {method}(&self, request: impl ::rpc_client::IntoRequest<super::{input}>) -> Result<::rpc_client::Streaming<super::{output}>, ::rpc_client::Error> {{
+            ::rpc_client::codegen::server_streaming(&self.inner, "{p}", request.into_request()).await
+        }}"#,
+                        method = m.name
+                    ),
+                    (true, false) => writeln!(
+                        buf,
+                        r#"        /// Calls `{p}`: a stream of requests, one response.
+        pub async fn {method}<S>(&self, requests: impl ::rpc_client::IntoRequest<S>) -> Result<::rpc_client::Response<super::{output}>, ::rpc_client::Error>
+        where S: ::rpc_client::codegen::Stream<Item = super::{input}> + Send + 'static {{
+            ::rpc_client::codegen::client_streaming(&self.inner, "{p}", requests.into_request()).await
+        }}"#,
+                        method = m.name
+                    ),
+                    (true, true) => writeln!(
+                        buf,
+                        r#"        /// Calls `{p}`: streams both ways (the requests are sent by a task of their own).
+        pub async fn {method}<S>(&self, requests: impl ::rpc_client::IntoRequest<S>) -> Result<::rpc_client::Streaming<super::{output}>, ::rpc_client::Error>
+        where S: ::rpc_client::codegen::Stream<Item = super::{input}> + Send + 'static {{
+            ::rpc_client::codegen::bidi_streaming(&self.inner, "{p}", requests.into_request()).await
+        }}"#,
+                        method = m.name
+                    ),
+                };
+            }
+            let _ = writeln!(buf, "    }}");
+        }
+        let _ = writeln!(buf, "}}");
     }
 
     fn server(&self, s: &Service, buf: &mut String) {
@@ -131,10 +176,20 @@ impl TetherServiceGenerator {
         for m in &s.methods {
             doc(&m.comments, "        ", buf);
             let _ = writeln!(buf, "        /// Handles `{}`.", path(s, m));
+            let input = if m.client_streaming {
+                format!("::rpc_server::Streaming<super::{}>", m.input_type)
+            } else {
+                format!("super::{}", m.input_type)
+            };
+            let output = if m.server_streaming {
+                format!("::rpc_server::codegen::BoxStream<super::{}>", m.output_type)
+            } else {
+                format!("super::{}", m.output_type)
+            };
             let _ = writeln!(
                 buf,
-                "        fn {}(&self, request: ::rpc_server::Request<super::{}>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<super::{}>, ::rpc_server::Status>> + Send;",
-                m.name, m.input_type, m.output_type
+                "        fn {}(&self, request: ::rpc_server::Request<{input}>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<{output}>, ::rpc_server::Status>> + Send;",
+                m.name
             );
         }
         let _ = writeln!(buf, "    }}");
@@ -178,9 +233,15 @@ impl TetherServiceGenerator {
             match request.method() {{"#
         );
         for m in &s.methods {
+            let helper = match (m.client_streaming, m.server_streaming) {
+                (false, false) => "unary",
+                (false, true) => "server_streaming",
+                (true, false) => "client_streaming",
+                (true, true) => "bidi_streaming",
+            };
             let _ = writeln!(
                 buf,
-                r#"                "{path}" => Box::pin(::rpc_server::codegen::unary(request, move |r| async move {{ inner.{method}(r).await }})),"#,
+                r#"                "{path}" => Box::pin(::rpc_server::codegen::{helper}(request, move |r| async move {{ inner.{method}(r).await }})),"#,
                 path = path(s, m),
                 method = m.name
             );

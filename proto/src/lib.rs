@@ -23,8 +23,10 @@
 //!
 //! Protobuf `bytes` fields are generated as `bytes::Bytes`, so decoding a payload does not copy it.
 //!
-//! Streaming methods are not supported yet: a `.proto` with one fails the build with
-//! [`Error::StreamingNotSupported`], naming the method.
+//! Streaming methods of all three kinds are generated: on the client, as methods of the client
+//! over an `rpc_client::Client` (returning an `rpc_client::Streaming` of responses, and taking a
+//! `futures::Stream` of requests); on the server, as trait methods taking a
+//! `Request<rpc_server::Streaming<M>>` and returning a `Response<rpc_server::codegen::BoxStream<R>>`.
 
 mod generator;
 
@@ -39,18 +41,6 @@ pub enum Error {
     /// A `.proto` file did not parse or resolve.
     #[error("failed to parse .proto files: {0}")]
     Parse(#[source] Box<protox::Error>),
-    /// A method streams requests or responses, which tether does not support yet.
-    #[error(
-        "{service}.{method} is a {kind} method; tether does not support streaming RPCs yet (only unary request/response)"
-    )]
-    StreamingNotSupported {
-        /// Full service name (`package.Service`).
-        service: String,
-        /// Method name.
-        method: String,
-        /// `client-streaming`, `server-streaming` or `bidirectional-streaming`.
-        kind: &'static str,
-    },
     /// Writing the generated code failed.
     #[error("code generation failed: {0}")]
     Generate(#[source] std::io::Error),
@@ -108,7 +98,6 @@ impl Builder {
             println!("cargo:rerun-if-changed={}", i.as_ref().display());
         }
         let fds = protox::compile(protos, includes).map_err(|e| Error::Parse(Box::new(e)))?;
-        reject_streaming(&fds)?;
         let mut config = prost_build::Config::new();
         if let Some(dir) = &self.out_dir {
             config.out_dir(dir);
@@ -123,32 +112,6 @@ impl Builder {
     }
 }
 
-/// Fails on the first streaming method: never a silent skip.
-fn reject_streaming(fds: &prost_types::FileDescriptorSet) -> Result<(), Error> {
-    for file in &fds.file {
-        for svc in &file.service {
-            for m in &svc.method {
-                let kind = match (m.client_streaming(), m.server_streaming()) {
-                    (false, false) => continue,
-                    (true, false) => "client-streaming",
-                    (false, true) => "server-streaming",
-                    (true, true) => "bidirectional-streaming",
-                };
-                let service = match file.package() {
-                    "" => svc.name().to_string(),
-                    p => format!("{p}.{}", svc.name()),
-                };
-                return Err(Error::StreamingNotSupported {
-                    service,
-                    method: m.name().to_string(),
-                    kind,
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,29 +123,36 @@ mod tests {
     }
 
     #[test]
-    fn streaming_method_is_a_clear_build_error() {
+    fn streaming_methods_of_all_three_kinds_generate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let proto = write(
             dir.path(),
             "s.proto",
             r#"syntax = "proto3"; package demo;
                message A {} message B {}
-               service Feed { rpc Get(A) returns (B); rpc Watch(A) returns (stream B); }"#,
+               service Feed {
+                 rpc Get(A) returns (B);
+                 rpc Watch(A) returns (stream B);
+                 rpc Upload(stream A) returns (B);
+                 rpc Chat(stream A) returns (stream B);
+               }"#,
         );
-        let err = configure()
+        configure()
             .out_dir(dir.path())
             .compile(&[proto], &[dir.path()])
-            .expect_err("must fail");
-        match &err {
-            Error::StreamingNotSupported { service, method, kind } => {
-                assert_eq!(
-                    (service.as_str(), method.as_str(), *kind),
-                    ("demo.Feed", "Watch", "server-streaming")
-                );
-            }
-            other => panic!("unexpected error {other:?}"),
+            .expect("compile");
+        let code = std::fs::read_to_string(dir.path().join("demo.rs")).expect("generated file");
+        for needle in [
+            "impl FeedClient<::rpc_client::Client>",
+            "pub async fn watch(&self, request: impl ::rpc_client::IntoRequest<super::A>) -> Result<::rpc_client::Streaming<super::B>",
+            "pub async fn upload<S>(",
+            "pub async fn chat<S>(",
+            "fn watch(&self, request: ::rpc_server::Request<super::A>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<::rpc_server::codegen::BoxStream<super::B>>",
+            "fn upload(&self, request: ::rpc_server::Request<::rpc_server::Streaming<super::A>>)",
+            "::rpc_server::codegen::bidi_streaming(request",
+        ] {
+            assert!(code.contains(needle), "missing {needle} in:\n{code}");
         }
-        assert!(err.to_string().contains("does not support streaming"), "{err}");
     }
 
     #[test]

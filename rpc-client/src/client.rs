@@ -210,6 +210,48 @@ impl Client {
         }
     }
 
+    /// Opens a stream to `req`'s method on a validated connection: the sender of this side's
+    /// messages and the receiver of the server's, which ends with the server's final status (or
+    /// why the stream broke: a stalled stream, its connection's close, a GOAWAY before it began,
+    /// each as a `Status` that says how many messages arrived; [`Streaming::close_reason`] gives
+    /// the connection's `CloseReason`). A stream has no deadline unless `req` sets one (or the
+    /// handler this task serves has one, which caps it); it ends when either side ends it.
+    /// Dropping the receiver cancels the stream: the server drops its handler.
+    ///
+    /// [`Streaming::close_reason`]: rpc_core::stream::Streaming::close_reason
+    pub async fn open_stream<T>(
+        &self,
+        req: Request<T>,
+    ) -> Result<
+        (
+            rpc_core::stream::StreamSender<Bytes>,
+            rpc_core::stream::Streaming<Bytes>,
+        ),
+        Error,
+    > {
+        let deadline = match (req.deadline(), rpc_core::context::deadline()) {
+            (Some(own), Some(served)) => Some(own.min(served)),
+            (own, served) => own.or(served),
+        };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::deadline(false));
+        }
+        let connect_by = deadline.unwrap_or_else(|| Instant::now() + self.config().request_timeout);
+        let conn = self.checkout(Some(connect_by)).await?;
+        if !conn.supports_streams() {
+            return Err(Error::status(rpc_core::Status::unimplemented(
+                "the server does not support streams (a version-1 tether server)",
+            )));
+        }
+        let (method, metadata, _) = req.into_parts();
+        let frame = RequestFrame {
+            method,
+            metadata,
+            ..RequestFrame::default()
+        };
+        conn.open_stream(frame, deadline).await.map_err(Error::from)
+    }
+
     /// Gracefully closes every connection: GOAWAY, then close once requests in flight are answered.
     pub fn close(&self) {
         self.holder.close();
@@ -287,6 +329,7 @@ fn to_frame(req: Request<Bytes>, oneway: bool) -> RequestFrame {
     RequestFrame {
         id: 0,
         oneway,
+        stream: false,
         timeout: None,
         method,
         metadata,

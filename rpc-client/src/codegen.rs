@@ -4,9 +4,13 @@ pub use bytes::Bytes;
 pub use rpc_core::BoxError;
 pub use tower::Service;
 
-use rpc_core::{Request, Response};
+pub use futures_util::Stream;
+use futures_util::StreamExt;
+use rpc_core::stream::Streaming;
+use rpc_core::{Request, Response, Status};
 
 use crate::error::{Error, ErrorKind};
+use crate::Client;
 
 /// Encodes `req`, sends it to `path` through `svc` (any tower stack over the client), and decodes
 /// the response as `R`.
@@ -26,4 +30,110 @@ where
     let (metadata, body) = resp.into_parts();
     let msg = R::decode(body).map_err(|e| Error::new(ErrorKind::Decode(e), true))?;
     Ok(Response::from_parts(metadata, msg))
+}
+
+fn decode<R: prost::Message + Default>(b: Bytes) -> Result<R, Status> {
+    R::decode(b).map_err(|e| Status::internal(format!("stream message did not decode: {e}")))
+}
+
+fn encode<M: prost::Message>(m: &M) -> Bytes {
+    Bytes::from(m.encode_to_vec())
+}
+
+/// A server-streaming call: sends the one request, returns the server's messages.
+pub async fn server_streaming<M, R>(client: &Client, path: &'static str, req: Request<M>) -> Result<Streaming<R>, Error>
+where
+    M: prost::Message,
+    R: prost::Message + Default,
+{
+    let mut req = req;
+    req.set_method(path);
+    let (method, metadata, msg) = req.into_parts();
+    let mut open = Request::new(method, ());
+    *open.metadata_mut() = metadata;
+    let (sender, responses) = client.open_stream(open).await?;
+    let mut sender = sender.encoded(encode::<M>);
+    // A failure here shows in the responses too (the stream's end says why).
+    if sender.send(msg).await.is_ok() {
+        let _ = sender.finish().await;
+    }
+    Ok(responses.decoded(decode::<R>))
+}
+
+/// Sends every message of `requests` on the stream, then ends it; stops at the first failure.
+async fn send_every<M, S>(sender: rpc_core::stream::StreamSender<Bytes>, requests: S)
+where
+    M: prost::Message,
+    S: Stream<Item = M> + Send + 'static,
+{
+    let mut sender = sender.encoded(encode::<M>);
+    let mut requests = std::pin::pin!(requests);
+    while let Some(m) = requests.next().await {
+        if sender.send(m).await.is_err() {
+            return;
+        }
+    }
+    let _ = sender.finish().await;
+}
+
+fn open_request<S>(path: &'static str, req: Request<S>) -> (Request<()>, S) {
+    let mut req = req;
+    req.set_method(path);
+    let (method, metadata, requests) = req.into_parts();
+    let mut open = Request::new(method, ());
+    *open.metadata_mut() = metadata;
+    (open, requests)
+}
+
+/// A client-streaming call: sends every message of `requests` while waiting for the server's
+/// one answer (which may come early: a server that fails the call stops the sending).
+pub async fn client_streaming<M, R, S>(
+    client: &Client,
+    path: &'static str,
+    req: Request<S>,
+) -> Result<Response<R>, Error>
+where
+    M: prost::Message,
+    R: prost::Message + Default,
+    S: Stream<Item = M> + Send + 'static,
+{
+    let (open, requests) = open_request(path, req);
+    let (sender, responses) = client.open_stream(open).await?;
+    let mut responses = responses.decoded(decode::<R>);
+    let send = send_every(sender, requests);
+    let answer = async {
+        let first = responses.message().await?;
+        // The stream must end after its one message, with its status.
+        let _ = responses.message().await?;
+        let msg = first.ok_or_else(|| Status::internal("a client-streaming call ended without an answer"))?;
+        Ok::<_, Status>(Response::from_parts(
+            responses.trailers().cloned().unwrap_or_default(),
+            msg,
+        ))
+    };
+    let mut send = std::pin::pin!(send);
+    let mut answer = std::pin::pin!(answer);
+    let result = tokio::select! {
+        r = &mut answer => r,
+        () = &mut send => answer.await,
+    };
+    result.map_err(Error::status)
+}
+
+/// A bidirectional call: `requests` are sent by a task of their own as the server's credit
+/// allows; the server's messages come back as they are sent.
+pub async fn bidi_streaming<M, R, S>(
+    client: &Client,
+    path: &'static str,
+    req: Request<S>,
+) -> Result<Streaming<R>, Error>
+where
+    M: prost::Message + 'static,
+    R: prost::Message + Default,
+    S: Stream<Item = M> + Send + 'static,
+{
+    let (open, requests) = open_request(path, req);
+    let (sender, responses) = client.open_stream(open).await?;
+    tokio::spawn(send_every(sender, requests));
+    Ok(responses.decoded(decode::<R>))
 }

@@ -95,6 +95,8 @@ where
         max_metadata_bytes: Some(u32::try_from(config.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
         features: Some(rpc_core::frame::features::ALL),
         version: Some(rpc_core::frame::PROTOCOL_VERSION),
+        stream_window: Some(config.connection.stream_window),
+        connection_window: Some(config.connection.connection_window),
         ..Settings::default()
     };
     let (handle, driver) = Driver::client(stream, cfg);

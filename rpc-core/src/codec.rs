@@ -178,6 +178,7 @@ impl FrameCodec {
             Frame::Request(r) => r.id,
             Frame::Response(r) => r.id,
             Frame::Heartbeat { id } | Frame::HeartbeatAck { id } | Frame::Cancel { id } => *id,
+            Frame::Data { id, .. } | Frame::Window { id, .. } => *id,
             Frame::GoAway(_) | Frame::Settings(_) => 0,
             Frame::Unknown(u) => u.id,
         };
@@ -186,6 +187,8 @@ impl FrameCodec {
         dst.put_u8(frame.kind_byte());
         dst.put_u8(match frame {
             Frame::Response(r) if r.not_executed => flags::NOT_EXECUTED,
+            Frame::Request(r) if r.stream => flags::STREAM,
+            Frame::Data { end: true, .. } => flags::END,
             Frame::Unknown(u) => u.flags,
             _ => 0,
         });
@@ -221,6 +224,8 @@ impl FrameCodec {
                     dst.put_u64(v);
                 }
             }
+            Frame::Data { payload, .. } => dst.put_slice(payload),
+            Frame::Window { increment, .. } => dst.put_u32(*increment),
             Frame::Unknown(u) => dst.put_slice(&u.body),
         }
         Ok(())
@@ -253,7 +258,7 @@ fn put_metadata(dst: &mut BytesMut, m: &Metadata) {
 }
 
 fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
-    let mut v = Vec::with_capacity(9);
+    let mut v = Vec::with_capacity(11);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if let Some(x) = s.max_frame_size {
         v.push((setting_id::MAX_FRAME_SIZE, u64::from(x)));
@@ -281,6 +286,12 @@ fn settings_entries(s: &Settings) -> Vec<(u16, u64)> {
     }
     if let Some(x) = s.version {
         v.push((setting_id::VERSION, u64::from(x)));
+    }
+    if let Some(x) = s.stream_window {
+        v.push((setting_id::STREAM_WINDOW, u64::from(x)));
+    }
+    if let Some(x) = s.connection_window {
+        v.push((setting_id::CONNECTION_WINDOW, u64::from(x)));
     }
     v
 }
@@ -310,6 +321,8 @@ fn body_len(frame: &Frame) -> u64 {
             1 + 8 + 2 + g.message.len() as u64
         }
         Frame::Settings(s) => 2 + 10 * settings_entries(s).len() as u64,
+        Frame::Data { payload, .. } => payload.len() as u64,
+        Frame::Window { .. } => 4,
         Frame::Unknown(u) => u.body.len() as u64,
     }
 }
@@ -463,6 +476,7 @@ fn decode_body(
             Frame::Request(RequestFrame {
                 id,
                 oneway: kind == FrameKind::Oneway,
+                stream: kind == FrameKind::Request && flags & crate::frame::flags::STREAM != 0,
                 timeout: (ms != 0).then(|| Duration::from_millis(u64::from(ms))),
                 method,
                 metadata,
@@ -487,6 +501,15 @@ fn decode_body(
         FrameKind::Heartbeat => Frame::Heartbeat { id },
         FrameKind::HeartbeatAck => Frame::HeartbeatAck { id },
         FrameKind::Cancel => Frame::Cancel { id },
+        FrameKind::Data => Frame::Data {
+            id,
+            end: flags & crate::frame::flags::END != 0,
+            payload: std::mem::take(&mut r.buf),
+        },
+        FrameKind::Window => Frame::Window {
+            id,
+            increment: r.u32("window increment")?,
+        },
         FrameKind::GoAway => {
             let reason = GoAwayReason::from_u8(r.u8("reason")?);
             let last_request_id = r.u64("last request id")?;
@@ -516,6 +539,8 @@ fn decode_body(
                     setting_id::MAX_REQUESTS_PER_CONNECTION => s.max_requests_per_connection = Some(clamp32(v)),
                     setting_id::FEATURES => s.features = Some(v),
                     setting_id::VERSION => s.version = Some(u8::try_from(v).unwrap_or(u8::MAX)),
+                    setting_id::STREAM_WINDOW => s.stream_window = Some(clamp32(v)),
+                    setting_id::CONNECTION_WINDOW => s.connection_window = Some(clamp32(v)),
                     _ => {} // unknown settings are ignored so newer peers can add some
                 }
             }

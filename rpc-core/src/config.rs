@@ -162,6 +162,20 @@ pub struct ConnectionConfig {
     /// frame on a slow but moving link is never cut off. `0` turns the check off. Default
     /// 240 B/s, as Kestrel's MinRequestBodyDataRate.
     pub min_receive_rate: u32,
+    /// Bytes of a stream's messages this side buffers for its application before the sender must
+    /// wait (the stream's flow-control window, announced in SETTINGS). Credit goes back as the
+    /// application consumes, in batches of half the window. Default 256 KiB: enough for a
+    /// loopback stream of 16 KiB messages to run without waiting on credit.
+    pub stream_window: u32,
+    /// Bytes of all streams' messages this side buffers for its applications, on one connection.
+    /// Default 4 MiB: sixteen fully stalled streams before the others share what is left.
+    pub connection_window: u32,
+    /// A stream whose receiver grants no credit for this long while this side has a message to
+    /// send is reset (the producer's `send` fails with `SendError::Stalled`; the connection and its
+    /// other streams go on). `None`: a stalled stream waits for ever (its memory stays bounded by
+    /// its window). Default 30 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub stream_stall_timeout: Option<Duration>,
 }
 
 impl Default for ConnectionConfig {
@@ -177,6 +191,9 @@ impl Default for ConnectionConfig {
             handshake_timeout: Duration::from_secs(5),
             partial_frame_grace: Duration::from_secs(5),
             min_receive_rate: 240,
+            stream_window: 256 * 1024,
+            connection_window: 4 * 1024 * 1024,
+            stream_stall_timeout: Some(Duration::from_secs(30)),
         }
     }
 }

@@ -129,6 +129,9 @@ pub enum ProtocolError {
     /// The peer never completed the handshake.
     #[error("handshake not completed: {0}")]
     Handshake(&'static str),
+    /// The peer broke stream flow control (sent DATA without credit, or granted past 2^31 - 1).
+    #[error("flow control violated: {0}")]
+    FlowControl(&'static str),
 }
 
 /// Why a connection closed. Every close carries one, and everyone waiting on the connection gets it.

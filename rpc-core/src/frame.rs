@@ -42,6 +42,10 @@ pub enum FrameKind {
     Settings = 7,
     /// The client gave up on a request: the server drops its handler and answers nothing.
     Cancel = 8,
+    /// One message of a stream, either way (feature [`features::STREAMS`]).
+    Data = 9,
+    /// Flow-control credit for a stream, or (id 0) for the connection.
+    Window = 10,
 }
 
 impl FrameKind {
@@ -56,6 +60,8 @@ impl FrameKind {
             6 => Self::GoAway,
             7 => Self::Settings,
             8 => Self::Cancel,
+            9 => Self::Data,
+            10 => Self::Window,
             _ => return None,
         })
     }
@@ -88,6 +94,23 @@ pub enum Frame {
         /// The request's id.
         id: u64,
     },
+    /// One message of stream `id`; `end` closes the sender's half (the last message, or none).
+    Data {
+        /// The stream (its opening request's id).
+        id: u64,
+        /// The sender sends nothing more on this stream (flag [`flags::END`]).
+        end: bool,
+        /// The encoded message; empty with `end` alone.
+        payload: Bytes,
+    },
+    /// The receiver of stream `id` (or, with id 0, of the whole connection) may be sent
+    /// `increment` more bytes of DATA.
+    Window {
+        /// The stream, or 0 for the connection.
+        id: u64,
+        /// Bytes of credit added.
+        increment: u32,
+    },
     /// A frame of a kind this build does not know: skipped by the driver (its body is length
     /// delimited), counted in `tether_frames_ignored_total`. Encodable, so tests and newer
     /// extensions can send one.
@@ -119,6 +142,8 @@ impl Frame {
             Frame::GoAway(_) => FrameKind::GoAway,
             Frame::Settings(_) => FrameKind::Settings,
             Frame::Cancel { .. } => FrameKind::Cancel,
+            Frame::Data { .. } => FrameKind::Data,
+            Frame::Window { .. } => FrameKind::Window,
             Frame::Unknown(_) => return None,
         })
     }
@@ -139,6 +164,9 @@ pub struct RequestFrame {
     pub id: u64,
     /// True for a oneway request: no response will be sent.
     pub oneway: bool,
+    /// True when the request opens a stream (flag [`flags::STREAM`]): its messages follow as
+    /// DATA frames either way, and its RESPONSE ends it.
+    pub stream: bool,
     /// Time left until the caller's deadline when the request was written. `None`: no deadline.
     pub timeout: Option<Duration>,
     /// `/package.Service/Method`.
@@ -177,15 +205,22 @@ pub mod flags {
     /// RESPONSE: the handler did not run (the runtime answered without starting it). Ignorable: a
     /// peer that does not know it loses only the proof.
     pub const NOT_EXECUTED: u8 = 0x01;
+    /// REQUEST: it opens a stream (must be understood: the request's messages come as DATA).
+    pub const STREAM: u8 = 0x10;
+    /// DATA: the sender's last frame on this stream.
+    pub const END: u8 = 0x10;
     /// The flag bits a receiver may ignore when it does not know them.
     pub const IGNORABLE: u8 = 0x0F;
     /// The flag bits a receiver must understand.
     pub const CRITICAL: u8 = 0xF0;
 
-    /// The critical flags this build understands on a frame of `kind`: none yet.
+    /// The critical flags this build understands on a frame of `kind`.
     pub fn known_critical(kind: super::FrameKind) -> u8 {
-        let _ = kind;
-        0
+        match kind {
+            super::FrameKind::Request => STREAM,
+            super::FrameKind::Data => END,
+            _ => 0,
+        }
     }
 }
 
@@ -223,6 +258,10 @@ pub struct Settings {
     /// The highest protocol version the sender speaks ([`PROTOCOL_VERSION`] here); both sides use
     /// the lower of the two. `None`: a version-1 peer.
     pub version: Option<u8>,
+    /// The credit, in bytes, the sender grants each new stream for DATA sent to it.
+    pub stream_window: Option<u32>,
+    /// The credit, in bytes, the sender grants the whole connection for DATA sent to it.
+    pub connection_window: Option<u32>,
 }
 
 impl Settings {
@@ -241,8 +280,10 @@ pub mod features {
     /// The sender understands CANCEL frames (kind 8): a client sends one when a caller gives up, a
     /// server drops the request's handler.
     pub const CANCEL: u64 = 1 << 1;
+    /// The sender understands streams: REQUEST with flag STREAM, DATA and WINDOW frames.
+    pub const STREAMS: u64 = 1 << 2;
     /// Every feature this build supports.
-    pub const ALL: u64 = NOT_EXECUTED_FLAG | CANCEL;
+    pub const ALL: u64 = NOT_EXECUTED_FLAG | CANCEL | STREAMS;
 }
 
 /// Setting identifiers on the wire.
@@ -256,4 +297,6 @@ pub(crate) mod setting_id {
     pub(crate) const MAX_REQUESTS_PER_CONNECTION: u16 = 7;
     pub(crate) const FEATURES: u16 = 8;
     pub(crate) const VERSION: u16 = 9;
+    pub(crate) const STREAM_WINDOW: u16 = 10;
+    pub(crate) const CONNECTION_WINDOW: u16 = 11;
 }

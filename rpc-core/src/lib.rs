@@ -33,6 +33,7 @@ pub mod message;
 pub mod metrics;
 pub mod socket;
 pub mod status;
+pub mod stream;
 pub mod tls;
 
 pub use error::{CloseReason, GoAwayReason, ProtocolError};

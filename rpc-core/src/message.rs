@@ -185,6 +185,32 @@ impl From<Arc<str>> for Method {
     }
 }
 
+/// A value that travels with a request or response through tower layers and is taken once (a
+/// stream's halves). Clones share it.
+pub(crate) struct Slot<T>(Arc<std::sync::Mutex<Option<T>>>);
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Slot(self.0.clone())
+    }
+}
+
+impl<T> Slot<T> {
+    fn new(value: T) -> Self {
+        Slot(Arc::new(std::sync::Mutex::new(Some(value))))
+    }
+
+    fn take(&self) -> Option<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl<T> std::fmt::Debug for Slot<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot(..)")
+    }
+}
+
 /// An RPC request: the method, metadata, a deadline and a body (`Bytes` on the wire, a message in
 /// generated code).
 #[derive(Debug, Clone)]
@@ -194,6 +220,8 @@ pub struct Request<T> {
     deadline: Option<Instant>,
     idempotent: bool,
     cancellation: Option<crate::context::Cancellation>,
+    /// On the server, for a request that opened a stream: the client's messages.
+    stream: Option<Slot<crate::stream::Streaming<Bytes>>>,
     body: T,
 }
 
@@ -206,6 +234,7 @@ impl<T> Request<T> {
             deadline: None,
             idempotent: false,
             cancellation: None,
+            stream: None,
             body,
         }
     }
@@ -280,6 +309,17 @@ impl<T> Request<T> {
         self.cancellation.as_ref()
     }
 
+    /// On the server, a request that opened a stream: takes the client's messages (once; a
+    /// generated handler gets them as its `Streaming` body).
+    pub fn take_stream(&mut self) -> Option<crate::stream::Streaming<Bytes>> {
+        self.stream.take().and_then(|s| s.take())
+    }
+
+    /// Attaches the client's messages of a stream (the server's runtime does).
+    pub fn set_stream(&mut self, stream: crate::stream::Streaming<Bytes>) {
+        self.stream = Some(Slot::new(stream));
+    }
+
     /// Sets the cancellation (the server's runtime does).
     pub fn set_cancellation(&mut self, cancellation: Option<crate::context::Cancellation>) {
         self.cancellation = cancellation;
@@ -313,6 +353,7 @@ impl<T> Request<T> {
             deadline: self.deadline,
             idempotent: self.idempotent,
             cancellation: self.cancellation,
+            stream: self.stream,
             body: f(self.body),
         }
     }
@@ -322,6 +363,8 @@ impl<T> Request<T> {
 #[derive(Debug, Clone, Default)]
 pub struct Response<T> {
     metadata: Metadata,
+    /// A streaming handler's messages; the metadata goes with the stream's end, as trailers.
+    stream: Option<Slot<crate::stream::ResponseStream>>,
     body: T,
 }
 
@@ -330,13 +373,23 @@ impl<T> Response<T> {
     pub fn new(body: T) -> Self {
         Response {
             metadata: Metadata::new(),
+            stream: None,
             body,
         }
     }
 
     /// A response with metadata.
     pub fn from_parts(metadata: Metadata, body: T) -> Self {
-        Response { metadata, body }
+        Response {
+            metadata,
+            stream: None,
+            body,
+        }
+    }
+
+    /// The messages of a streaming handler, if this response carries them (taken once).
+    pub fn take_stream(&mut self) -> Option<crate::stream::ResponseStream> {
+        self.stream.take().and_then(|s| s.take())
     }
 
     /// The metadata.
@@ -368,7 +421,21 @@ impl<T> Response<T> {
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Response<U> {
         Response {
             metadata: self.metadata,
+            stream: self.stream,
             body: f(self.body),
+        }
+    }
+}
+
+impl Response<Bytes> {
+    /// The response of a streaming handler: its messages, sent as the client's credit allows;
+    /// the stream ends with the response's metadata as trailers when `messages` ends, or with
+    /// the status of the first error it yields.
+    pub fn streaming(messages: crate::stream::ResponseStream) -> Self {
+        Response {
+            metadata: Metadata::new(),
+            stream: Some(Slot::new(messages)),
+            body: Bytes::new(),
         }
     }
 }

@@ -21,6 +21,24 @@ pub const LATE_RESPONSES: &str = "tether_late_responses_total";
 pub const FRAMES_REJECTED: &str = "tether_frames_rejected_total";
 /// Frames of a kind this build does not know, skipped (a newer peer's extension), label `side`.
 pub const FRAMES_IGNORED: &str = "tether_frames_ignored_total";
+/// Streams opened, label `side`.
+pub const STREAMS_OPENED: &str = "tether_streams_opened_total";
+/// Streams ended, labels `side`, `reason` (`ok`, `error`, `cancelled`, `reset`, `connection`).
+pub const STREAMS_CLOSED: &str = "tether_streams_closed_total";
+/// Stream messages, labels `side`, `direction` (`in`, `out`).
+pub const STREAM_MESSAGES: &str = "tether_stream_messages_total";
+/// Stream message bytes, labels `side`, `direction`.
+pub const STREAM_BYTES: &str = "tether_stream_bytes_total";
+/// Streams reset because their receiver granted no credit for `stream_stall_timeout`.
+pub const STREAM_STALLS: &str = "tether_stream_stalls_total";
+
+/// Counts a send that failed on a stream (only stalls are counted here: the rest end the stream
+/// and are counted as its close).
+pub fn stream_send_failed(e: &crate::stream::SendError) {
+    if matches!(e, crate::stream::SendError::Stalled(..)) {
+        counter!(STREAM_STALLS).increment(1);
+    }
+}
 
 /// Which side of a connection a driver runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +66,10 @@ pub struct ConnectionMetrics {
     pub(crate) heartbeats_sent: Counter,
     pub(crate) heartbeats_acked: Counter,
     pub(crate) heartbeats_failed: Counter,
+    pub(crate) stream_messages_in: Counter,
+    pub(crate) stream_messages_out: Counter,
+    pub(crate) stream_bytes_in: Counter,
+    pub(crate) stream_bytes_out: Counter,
 }
 
 impl ConnectionMetrics {
@@ -60,6 +82,10 @@ impl ConnectionMetrics {
             heartbeats_sent: counter!(HEARTBEATS_SENT, "side" => s),
             heartbeats_acked: counter!(HEARTBEATS_ACKED, "side" => s),
             heartbeats_failed: counter!(HEARTBEATS_FAILED, "side" => s),
+            stream_messages_in: counter!(STREAM_MESSAGES, "side" => s, "direction" => "in"),
+            stream_messages_out: counter!(STREAM_MESSAGES, "side" => s, "direction" => "out"),
+            stream_bytes_in: counter!(STREAM_BYTES, "side" => s, "direction" => "in"),
+            stream_bytes_out: counter!(STREAM_BYTES, "side" => s, "direction" => "out"),
         }
     }
 
@@ -85,6 +111,16 @@ impl ConnectionMetrics {
     /// Counts a frame of an unknown kind, skipped (a rare path: the handle is looked up here).
     pub(crate) fn frame_ignored(&self) {
         counter!(FRAMES_IGNORED, "side" => self.side.as_str()).increment(1);
+    }
+
+    /// Counts a stream opened (a rare path next to its messages: the handle is looked up here).
+    pub(crate) fn stream_opened(&self) {
+        counter!(STREAMS_OPENED, "side" => self.side.as_str()).increment(1);
+    }
+
+    /// Counts a stream's end.
+    pub(crate) fn stream_closed(&self, reason: &'static str) {
+        counter!(STREAMS_CLOSED, "side" => self.side.as_str(), "reason" => reason).increment(1);
     }
 
     pub(crate) fn goaway_received(&self, reason: crate::GoAwayReason) {

@@ -108,6 +108,7 @@ async fn call(handle: &ConnectionHandle) {
         frame: RequestFrame {
             id: 0,
             oneway: false,
+            stream: false,
             timeout: None,
             method: "/t.T/M".into(),
             metadata: Metadata::new(),

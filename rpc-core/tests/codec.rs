@@ -25,6 +25,7 @@ fn every_kind() -> Vec<Frame> {
         Frame::Request(RequestFrame {
             id: 1,
             oneway: false,
+            stream: false,
             timeout: Some(Duration::from_millis(1500)),
             method: "/echo.Echo/Say".into(),
             metadata: metadata(),
@@ -33,6 +34,7 @@ fn every_kind() -> Vec<Frame> {
         Frame::Request(RequestFrame {
             id: u64::MAX,
             oneway: true,
+            stream: false,
             timeout: None,
             method: "/a.B/C".into(),
             metadata: Metadata::new(),
@@ -84,7 +86,33 @@ fn every_kind() -> Vec<Frame> {
             max_requests_per_connection: Some(512),
             features: Some(0b101),
             version: Some(2),
+            stream_window: Some(256 * 1024),
+            connection_window: Some(4 << 20),
         }),
+        Frame::Request(RequestFrame {
+            id: 11,
+            oneway: false,
+            stream: true,
+            timeout: None,
+            method: "/feed.v1.Feed/Watch".into(),
+            metadata: Metadata::default(),
+            payload: Bytes::new(),
+        }),
+        Frame::Data {
+            id: 11,
+            end: false,
+            payload: Bytes::from_static(b"a message"),
+        },
+        Frame::Data {
+            id: 11,
+            end: true,
+            payload: Bytes::new(),
+        },
+        Frame::Window {
+            id: 0,
+            increment: 65536,
+        },
+        Frame::Window { id: 11, increment: 1 },
         Frame::Unknown(UnknownFrame {
             kind: 0x40,
             flags: 0x0F,
@@ -263,13 +291,13 @@ fn an_unknown_kind_is_still_held_to_max_frame_size() {
 
 #[test]
 fn an_unknown_critical_flag_is_refused_and_an_unknown_ignorable_one_is_not() {
-    for kind in 1u8..=8 {
+    for kind in 1u8..=10 {
         let mut codec = FrameCodec::default();
         let mut buf = header(MAGIC, VERSION, kind, 0);
-        buf[3] = 0x10;
+        buf[3] = if kind == 1 || kind == 9 { 0x20 } else { 0x10 };
         let err = protocol_error(&mut buf, &mut codec);
         assert!(
-            matches!(err, ProtocolError::UnknownCriticalFlags { flags: 0x10, .. }),
+            matches!(err, ProtocolError::UnknownCriticalFlags { flags: 0x10 | 0x20, .. }),
             "kind {kind}: {err:?}"
         );
     }

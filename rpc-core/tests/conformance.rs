@@ -73,6 +73,8 @@ fn settings(s: &Settings) -> Value {
     );
     put("FEATURES", s.features);
     put("VERSION", s.version.map(u64::from));
+    put("STREAM_WINDOW", s.stream_window.map(u64::from));
+    put("CONNECTION_WINDOW", s.connection_window.map(u64::from));
     Value::Object(m)
 }
 
@@ -82,6 +84,7 @@ fn describe(frame: &Frame) -> Value {
         Frame::Request(r) => json!({
             "kind": if r.oneway { "ONEWAY" } else { "REQUEST" },
             "id": r.id,
+            "stream": r.stream,
             "timeout_ms": r.timeout.map_or(0, |t| t.as_millis() as u64),
             "method": r.method.as_str(),
             "metadata": metadata(&r.metadata),
@@ -99,6 +102,8 @@ fn describe(frame: &Frame) -> Value {
         Frame::Heartbeat { id } => json!({"kind": "HEARTBEAT", "id": id}),
         Frame::HeartbeatAck { id } => json!({"kind": "HEARTBEAT_ACK", "id": id}),
         Frame::Cancel { id } => json!({"kind": "CANCEL", "id": id}),
+        Frame::Data { id, end, payload } => json!({"kind": "DATA", "id": id, "end": end, "payload_hex": hex(payload)}),
+        Frame::Window { id, increment } => json!({"kind": "WINDOW", "id": id, "increment": increment}),
         Frame::GoAway(g) => json!({
             "kind": "GOAWAY",
             "reason": g.reason.as_u8(),
@@ -226,6 +231,8 @@ fn every_worked_example_in_protocol_md_is_a_corpus_case_and_every_kind_has_one()
         "GOAWAY",
         "SETTINGS",
         "CANCEL",
+        "DATA",
+        "WINDOW",
         "UNKNOWN",
     ];
     for kind in all {

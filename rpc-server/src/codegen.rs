@@ -7,7 +7,12 @@ pub use bytes::Bytes;
 pub use std::task::{Context, Poll};
 pub use tower::Service;
 
+use futures_util::Stream;
+use rpc_core::stream::Streaming;
 use rpc_core::{Request, Response, Status};
+
+/// The messages a streaming handler returns.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The future type of generated server adapters.
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Status>> + Send>>;
@@ -21,6 +26,14 @@ where
     F: FnOnce(Request<M>) -> Fut,
     Fut: Future<Output = Result<Response<R>, Status>>,
 {
+    let mut request = request;
+    if request.take_stream().is_some() {
+        crate::entry::refuse();
+        return Err(Status::invalid_argument(format!(
+            "{} is a unary method, not a stream",
+            request.method()
+        )));
+    }
     let mut decode_error = None;
     let request = request.map(|body| {
         M::decode(body).unwrap_or_else(|e| {
@@ -42,4 +55,77 @@ where
 pub async fn not_found(request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
     crate::entry::refuse();
     Err(Status::unknown_method(request.method()))
+}
+
+/// The client's messages of a stream request, or the refusal of a request that opened none.
+fn stream_of<M: prost::Message + Default>(request: Request<Bytes>) -> Result<Request<Streaming<M>>, Status> {
+    let mut request = request;
+    match crate::streaming::request_stream::<M>(&mut request) {
+        Some(messages) => Ok(request.map(|_| messages)),
+        None => {
+            crate::entry::refuse();
+            Err(Status::invalid_argument(format!(
+                "{} is a streaming method: open a stream",
+                request.method()
+            )))
+        }
+    }
+}
+
+/// A server-streaming method: reads the client's one message, runs `handler`, and sends the
+/// messages it returns.
+pub async fn server_streaming<M, R, F, Fut>(request: Request<Bytes>, handler: F) -> Result<Response<Bytes>, Status>
+where
+    M: prost::Message + Default,
+    R: prost::Message + 'static,
+    F: FnOnce(Request<M>) -> Fut,
+    Fut: Future<Output = Result<Response<BoxStream<R>>, Status>>,
+{
+    let mut request = stream_of::<M>(request)?;
+    let first = request.body_mut().message().await;
+    let msg = match first {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            crate::entry::refuse();
+            return Err(Status::invalid_argument("the stream ended before its request message"));
+        }
+        Err(e) => {
+            crate::entry::refuse();
+            return Err(e);
+        }
+    };
+    crate::entry::mark();
+    let response = handler(request.map(|_| msg)).await?;
+    Ok(crate::streaming::response_stream(response))
+}
+
+/// A client-streaming method: runs `handler` on the client's messages and sends its one answer.
+pub async fn client_streaming<M, R, F, Fut>(request: Request<Bytes>, handler: F) -> Result<Response<Bytes>, Status>
+where
+    M: prost::Message + Default,
+    R: prost::Message + 'static,
+    F: FnOnce(Request<Streaming<M>>) -> Fut,
+    Fut: Future<Output = Result<Response<R>, Status>>,
+{
+    let request = stream_of::<M>(request)?;
+    crate::entry::mark();
+    let response = handler(request).await?;
+    let (metadata, msg) = response.into_parts();
+    let one: BoxStream<R> = Box::pin(futures_util::stream::once(async move { Ok(msg) }));
+    Ok(crate::streaming::response_stream(Response::from_parts(metadata, one)))
+}
+
+/// A bidirectional method: runs `handler` on the client's messages and sends the messages it
+/// returns.
+pub async fn bidi_streaming<M, R, F, Fut>(request: Request<Bytes>, handler: F) -> Result<Response<Bytes>, Status>
+where
+    M: prost::Message + Default,
+    R: prost::Message + 'static,
+    F: FnOnce(Request<Streaming<M>>) -> Fut,
+    Fut: Future<Output = Result<Response<BoxStream<R>>, Status>>,
+{
+    let request = stream_of::<M>(request)?;
+    crate::entry::mark();
+    let response = handler(request).await?;
+    Ok(crate::streaming::response_stream(response))
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rpc_core::context::{Cancellation, Context as RequestContext};
-use rpc_core::driver::{Dispatch, Responder};
+use rpc_core::driver::{Dispatch, Responder, StreamIo};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
 use rpc_core::metrics::RequestMetrics;
 use rpc_core::{BoxError, Code, Request, Status};
@@ -223,6 +223,7 @@ impl Dispatch for ServerDispatch {
         frame: RequestFrame,
         received_at: Instant,
         responder: Responder,
+        stream: Option<StreamIo>,
         tasks: &TaskTracker,
     ) -> Option<ResponseFrame> {
         // Never an unbounded queue: over either limit the client learns at once that nothing ran.
@@ -236,14 +237,23 @@ impl Dispatch for ServerDispatch {
                 .record(label(&self.router, &frame.method), Code::ServerBusy, Duration::ZERO);
             return responder.immediate(Status::busy("server at max_concurrent_requests"));
         };
-        // Every request has a deadline: its own, or max_request_duration.
-        let deadline = Some(received_at + frame.timeout.unwrap_or(self.max_request_duration));
+        // Every request has a deadline: its own, or max_request_duration. A stream runs until it
+        // ends (or is cancelled) unless its client gave it one.
+        let deadline = match (&stream, frame.timeout) {
+            (_, Some(t)) => Some(received_at + t),
+            (Some(_), None) => None,
+            (None, None) => Some(received_at + self.max_request_duration),
+        };
         let method = frame.method.clone();
         let cancellation = Cancellation::new();
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
         req.set_cancellation(Some(cancellation.clone()));
+        let responses = stream.map(|io| {
+            req.set_stream(io.requests);
+            io.responses
+        });
         let started = self.start(req);
         let metrics = self.metrics.clone();
         let router = self.router.clone();
@@ -262,11 +272,20 @@ impl Dispatch for ServerDispatch {
                     .await;
                 return;
             }
-            // The handler runs in its request's context: calls it makes inherit the deadline.
+            // The handler runs in its request's context: calls it makes inherit the deadline. A
+            // streaming handler's messages are sent within it too, holding the request's permits
+            // and deadline until the stream ends.
             let call = context.scope(async move {
-                match started {
+                let result = match started {
                     Started::Called(fut) => fut.await,
                     Started::Waiting(oneshot) => oneshot.await,
+                };
+                match (result, responses) {
+                    (Ok(mut resp), Some(sender)) => match resp.take_stream() {
+                        Some(messages) => crate::streaming::send_all(messages, sender).await.map(|()| resp),
+                        None => Err(Status::internal("a streaming method answered without a stream").into()),
+                    },
+                    (result, _) => result,
                 }
             });
             // The permits go the moment the handler is done, or dropped (deadline, CANCEL, the

@@ -361,6 +361,8 @@ impl AcceptLoop {
             max_requests_per_connection: Some(u32::try_from(c.max_requests_per_connection).unwrap_or(u32::MAX)),
             features: Some(rpc_core::frame::features::ALL),
             version: Some(rpc_core::frame::PROTOCOL_VERSION),
+            stream_window: Some(c.connection.stream_window),
+            connection_window: Some(c.connection.connection_window),
         };
         let dispatch = ServerDispatch::new(&self.dispatch, c.max_requests_per_connection);
         let kill = self.kill.clone();

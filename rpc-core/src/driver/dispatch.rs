@@ -9,17 +9,29 @@ use crate::status::{Code, Status};
 
 use super::handle::{Outbound, OutboundSender};
 
+/// The two halves of a stream a client opened, for its handler: the client's messages, and the
+/// sender of the handler's (whose RESPONSE, through the [`Responder`], ends the stream).
+#[derive(Debug)]
+pub struct StreamIo {
+    /// The client's messages.
+    pub requests: crate::stream::Streaming<bytes::Bytes>,
+    /// Sends the handler's messages.
+    pub responses: crate::stream::StreamSender<bytes::Bytes>,
+}
+
 /// Receives the requests a connection reads. Called on the I/O task: it must not block or await.
 pub trait Dispatch: Send + 'static {
     /// Starts the work for `request` (spawned on `tasks`, so graceful shutdown can wait for it) and
     /// answers through `responder`; or returns a response to write at once (for example SERVER_BUSY)
     /// without running anything. The work may be held back until [`Dispatch::flush`], so the
-    /// requests of one read can share a spawn.
+    /// requests of one read can share a spawn. A request that opens a stream comes with its
+    /// [`StreamIo`].
     fn dispatch(
         &mut self,
         request: RequestFrame,
         received_at: Instant,
         responder: Responder,
+        stream: Option<StreamIo>,
         tasks: &TaskTracker,
     ) -> Option<ResponseFrame>;
 

@@ -93,13 +93,23 @@ pub enum Reply {
     Response(oneshot::Sender<CallResult>),
     /// A oneway request: `Ok` once its frame is written to the socket, or why it never was.
     Written(oneshot::Sender<Result<(), ConnectionError>>),
+    /// A stream: its messages go to `messages` as they arrive, its end (the RESPONSE, or why
+    /// there is none) to `end`, and `key` learns its id when the opening request is written.
+    Stream {
+        /// The stream's final answer.
+        end: oneshot::Sender<CallResult>,
+        /// The peer's messages (bounded by the stream's flow-control window).
+        messages: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
+        /// Gets the stream's id.
+        key: crate::stream::StreamKey,
+    },
 }
 
 impl Reply {
     /// True when the caller stopped waiting.
     pub(crate) fn is_closed(&self) -> bool {
         match self {
-            Reply::Response(r) => r.is_closed(),
+            Reply::Response(r) | Reply::Stream { end: r, .. } => r.is_closed(),
             Reply::Written(r) => r.is_closed(),
         }
     }
@@ -107,7 +117,7 @@ impl Reply {
     /// Tells the caller why the request fails.
     pub(crate) fn fail(self, e: ConnectionError) {
         match self {
-            Reply::Response(r) => {
+            Reply::Response(r) | Reply::Stream { end: r, .. } => {
                 let _ = r.send(Err(e));
             }
             Reply::Written(r) => {
@@ -131,6 +141,25 @@ pub enum Outbound {
     },
     /// Send a response.
     Response(ResponseFrame),
+    /// Send one message of a stream (or its END), when the peer's credit allows.
+    Data {
+        /// The stream.
+        key: crate::stream::StreamKey,
+        /// The sender's last frame on the stream.
+        end: bool,
+        /// The encoded message.
+        payload: bytes::Bytes,
+        /// The message's share of the stream's send buffer, released once it is encoded.
+        permit: Option<crate::stream::Held>,
+    },
+    /// This side resets a stream (a stall): a client forgets it and sends CANCEL; a server ends
+    /// it with `status` at once, dropping what waits for credit.
+    Reset {
+        /// The stream.
+        key: crate::stream::StreamKey,
+        /// Why.
+        status: crate::status::Status,
+    },
 }
 
 impl Outbound {
@@ -138,6 +167,8 @@ impl Outbound {
         match self {
             Outbound::Request { frame, .. } => frame.payload.len() + frame.method.len(),
             Outbound::Response(r) => r.payload.len() + r.message.len(),
+            Outbound::Data { payload, .. } => payload.len(),
+            Outbound::Reset { .. } => 0,
         }
     }
 }
@@ -160,8 +191,16 @@ pub(crate) struct Shared {
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
     /// Calls waiting for a response, as of the driver's last pass.
     pub(crate) pending_calls: AtomicUsize,
-    /// Wakes the driver (to sweep cancelled calls).
+    /// Streams open, as of the driver's last pass.
+    pub(crate) open_streams: AtomicUsize,
+    /// Wakes the driver (to sweep cancelled calls, or to give stream credit back).
     pub(crate) wake: QueueWaker,
+    /// Stream bytes the application consumed, for the driver to give back as WINDOW frames.
+    pub(crate) returned: crate::stream::Returned,
+    /// The window this side grants each stream.
+    pub(crate) stream_window: u32,
+    /// See `ConnectionConfig::stream_stall_timeout`.
+    pub(crate) stream_stall_timeout: Option<std::time::Duration>,
 }
 
 /// A handle on one connection: cheap to clone, shared by every task that uses the connection.
@@ -253,6 +292,11 @@ impl ConnectionHandle {
         self.shared.pending_calls.load(Ordering::Relaxed)
     }
 
+    /// Streams open on this connection, as of the driver's last pass.
+    pub fn open_streams(&self) -> usize {
+        self.shared.open_streams.load(Ordering::Relaxed)
+    }
+
     /// When this side last wrote a frame (the peer's idle clock restarts then).
     pub fn last_write(&self) -> Instant {
         self.shared.epoch + std::time::Duration::from_millis(self.shared.last_write_ms.load(Ordering::Relaxed))
@@ -290,6 +334,62 @@ impl ConnectionHandle {
     /// in bytes). Gives the message back if the connection is gone.
     pub async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
         self.tx.send(msg).await
+    }
+
+    /// True when the peer announced streams (and so did this side).
+    pub fn supports_streams(&self) -> bool {
+        let ours = crate::frame::features::STREAMS;
+        self.peer_settings()
+            .is_some_and(|s| s.features.unwrap_or(0) & ours != 0)
+    }
+
+    /// Opens a stream with `frame` (method, metadata; its id is assigned when it is written):
+    /// the sender of this side's messages, and the receiver of the peer's, which ends with the
+    /// peer's final status. `deadline` bounds the whole stream (`None`: it runs until ended).
+    /// Fails at once only if the connection is gone; anything later (a GOAWAY, a close, a
+    /// refusal) ends the receiver.
+    pub async fn open_stream(
+        &self,
+        mut frame: RequestFrame,
+        deadline: Option<Instant>,
+    ) -> Result<
+        (
+            crate::stream::StreamSender<bytes::Bytes>,
+            crate::stream::Streaming<bytes::Bytes>,
+        ),
+        ConnectionError,
+    > {
+        let key = crate::stream::StreamKey::default();
+        let (end_tx, end_rx) = oneshot::channel();
+        let (messages_tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        frame.stream = true;
+        let in_flight = self.track_in_flight();
+        let msg = Outbound::Request {
+            frame,
+            deadline,
+            reply: Reply::Stream {
+                end: end_tx,
+                messages: messages_tx,
+                key: key.clone(),
+            },
+        };
+        if self.send(msg).await.is_err() {
+            let mut in_flight = in_flight;
+            in_flight.answered();
+            return Err(ConnectionError::NotWritten(self.closed().await));
+        }
+        let peer_window = self
+            .peer_settings()
+            .and_then(|s| s.stream_window)
+            .unwrap_or(super::streams::DEFAULT_WINDOW);
+        let incoming = crate::stream::Incoming {
+            messages,
+            key: key.clone(),
+            conn: self.clone(),
+            window: self.shared.stream_window,
+        };
+        let sender = crate::stream::StreamSender::new(self.clone(), key, peer_window, self.shared.stream_stall_timeout);
+        Ok((sender, crate::stream::Streaming::responses(incoming, end_rx, in_flight)))
     }
 
     /// Starts a graceful close: GOAWAY, let requests in flight finish (within the drain timeout), close.

@@ -16,9 +16,11 @@
 
 mod coalesce;
 mod dispatch;
+pub(crate) mod flow;
 mod handle;
 mod queue;
 mod session;
+mod streams;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,7 +40,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use coalesce::Coalescer;
-pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder};
+pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder, StreamIo};
 pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound, Reply};
 use handle::{OutboundSender, Shared};
 use queue::OutboundReceiver;
@@ -151,6 +153,8 @@ pub struct Driver<S> {
     /// Server: requests the client cancelled whose answers are still to be dropped. Bounded by the
     /// requests in flight: an id leaves when its answer is taken.
     cancelled_by_peer: std::collections::HashSet<u64>,
+    /// The streams open on this connection, their credit and what waits for it.
+    streams: streams::Streams,
     /// Write coalescing: whether a write waits for the frames other tasks are about to queue.
     coalesce: Coalescer,
     /// When the last read and the last write returned data, and whether each came after a quiet gap.
@@ -209,6 +213,10 @@ impl<S> Driver<S> {
             let _ = written.send(outcome);
         }
         self.responder_tx = None;
+        // Their receivers see the end, then the call's error; their senders' buffers free up.
+        for _ in 0..self.streams.clear() {
+            self.metrics.stream_closed("connection");
+        }
         for msg in self.rx.close() {
             if let Outbound::Request { reply, .. } = msg {
                 reply.fail(ConnectionError::NotWritten(reason.clone()));
@@ -273,7 +281,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tcp_options: cfg.tcp_options,
             cancelled: Default::default(),
             pending_calls: Default::default(),
+            open_streams: Default::default(),
             wake: tx.waker(),
+            returned: Default::default(),
+            stream_window: cfg.settings.stream_window.unwrap_or(streams::DEFAULT_WINDOW),
+            stream_stall_timeout: cfg.connection.stream_stall_timeout,
         });
         let mut codec = FrameCodec::new(cfg.connection.max_frame_size);
         codec.set_max_metadata_entries(cfg.connection.max_metadata_entries);
@@ -313,6 +325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             open_pending: false,
             peer_features: 0,
             cancelled_by_peer: Default::default(),
+            streams: streams::Streams::new(cfg.settings.stream_window, cfg.settings.connection_window),
             handshake_deadline: now + cfg.connection.handshake_timeout,
             decode_paused: false,
             coalesce: Coalescer::default(),
@@ -419,6 +432,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.shared
                 .pending_calls
                 .store(self.session.pending(), Ordering::Relaxed);
+            self.shared.open_streams.store(self.streams.len(), Ordering::Relaxed);
             if !budget_used {
                 self.release_idle_buffers();
             }
@@ -578,6 +592,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         match frame {
             // A newer peer's extension: its body is skipped, the connection goes on.
             Frame::Unknown(_) => self.metrics.frame_ignored(),
+            Frame::Data { id, end, payload } => {
+                if !(end && payload.is_empty()) {
+                    self.metrics.stream_messages_in.increment(1);
+                    self.metrics.stream_bytes_in.increment(payload.len() as u64);
+                }
+                if let Some(grant) = self.streams.on_data(id, end, payload)? {
+                    self.encode(&Frame::Window {
+                        id: 0,
+                        increment: grant,
+                    });
+                }
+            }
+            Frame::Window { id, increment } => {
+                self.streams.on_window(id, increment)?;
+                self.flush_parked();
+            }
             Frame::Settings(_) => {} // later settings updates are reserved; ignore them
             Frame::Cancel { id } => {
                 if self.cfg.side == Side::Client {
@@ -598,6 +628,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 if self.cfg.side == Side::Server {
                     return Err(ProtocolError::UnexpectedFrame(crate::frame::FrameKind::Response).into());
                 }
+                // A stream's end: its receiver sees the end of its messages, then this.
+                self.end_stream(
+                    r.id,
+                    if r.code == crate::status::Code::Ok {
+                        "ok"
+                    } else {
+                        "error"
+                    },
+                );
                 match self.session.on_response(r.id) {
                     Some(reply) => {
                         // The caller is likely to send again soon: a write may wait for it.
@@ -666,6 +705,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         let _ = self.shared.peer_settings.set(s);
         // A feature is used only when both sides announced it.
         self.peer_features = s.features.unwrap_or(0) & self.cfg.settings.features.unwrap_or(0);
+        self.streams.on_peer_settings(&s);
         self.session.on_handshake();
         // Published once the whole read is decoded: a GOAWAY that came with the SETTINGS (a server
         // over max_connections sends both at once) must not let a waiter see the connection open.
@@ -685,9 +725,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             return;
         };
         let oneway = r.oneway;
-        let responder = Responder::new(r.id, oneway, tx);
-        match dispatch.dispatch(r, now, responder, &self.tasks) {
-            Some(resp) => self.encode_response(resp),
+        let id = r.id;
+        let stream = r.stream.then(|| {
+            // A stream opened by the client: its messages go to the handler, whose own go back
+            // through the same queue as responses, each within the client's credit.
+            let (messages_tx, messages) = tokio::sync::mpsc::unbounded_channel();
+            self.streams.open(id, messages_tx);
+            self.metrics.stream_opened();
+            let key = crate::stream::StreamKey::with_id(id);
+            let conn = ConnectionHandle {
+                tx: tx.clone(),
+                shared: self.shared.clone(),
+            };
+            StreamIo {
+                requests: crate::stream::Streaming::incoming(crate::stream::Incoming {
+                    messages,
+                    key: key.clone(),
+                    conn: conn.clone(),
+                    window: self.streams.own_stream_window(),
+                }),
+                responses: crate::stream::StreamSender::new(
+                    conn,
+                    key,
+                    self.streams.peer_stream_window(),
+                    self.cfg.connection.stream_stall_timeout,
+                ),
+            }
+        });
+        let responder = Responder::new(id, oneway, tx);
+        match dispatch.dispatch(r, now, responder, stream, &self.tasks) {
+            Some(resp) => {
+                self.end_stream(id, "error");
+                self.encode_response(resp)
+            }
             // Its response will come through the queue: a write may wait for it.
             None if !oneway => self.coalesce.expect_one(),
             None => {}
@@ -759,7 +829,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     }
 
     fn poll_outbound(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
-        let mut progressed = false;
+        let before = self.wbuf.len();
+        self.flush_parked();
+        let mut progressed = self.wbuf.len() > before;
         while !self.rx_closed && self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(msg)) => {
@@ -794,12 +866,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 };
                 frame.id = id;
                 frame.timeout = timeout;
+                frame.stream = matches!(reply, Reply::Stream { .. });
+                if frame.stream && self.peer_features & features::STREAMS == 0 {
+                    let e = ProtocolError::Handshake("the peer does not support streams");
+                    return reply.fail(ConnectionError::Encode(e));
+                }
                 if let Err(e) = self.try_encode(&Frame::Request(frame)) {
                     return reply.fail(ConnectionError::Encode(e));
                 }
                 match reply {
                     Reply::Response(reply) => self.session.on_request_sent(id, reply),
                     Reply::Written(written) => self.session.on_oneway_sent(id, written),
+                    Reply::Stream { end, messages, key } => {
+                        key.set_id(id);
+                        self.streams.open(id, messages);
+                        self.metrics.stream_opened();
+                        self.session.on_request_sent(id, end);
+                    }
                 }
             }
             Outbound::Response(r) => {
@@ -809,9 +892,94 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     d.finished(r.id);
                 }
                 if !self.cancelled_by_peer.is_empty() && self.cancelled_by_peer.remove(&r.id) {
+                    self.end_stream(r.id, "cancelled");
                     return; // the client gave up on it: nobody reads this answer
                 }
-                self.encode_response(r);
+                if !self.streams.contains(r.id) {
+                    return self.encode_response(r); // a unary call's
+                }
+                if r.code != crate::status::Code::Ok {
+                    // A stream that ends in error ends now: what waits for credit is dropped.
+                    self.end_stream(r.id, "error");
+                    return self.encode_response(r);
+                }
+                // A stream's end follows its last messages.
+                if let Some(ready) = self.streams.offer(r.id, streams::Waiting::End(r)) {
+                    self.encode_ready(ready);
+                }
+            }
+            Outbound::Data {
+                key,
+                end,
+                payload,
+                permit,
+            } => {
+                if let Some(ready) = self
+                    .streams
+                    .offer(key.id(), streams::Waiting::Data { end, payload, permit })
+                {
+                    self.encode_ready(ready);
+                }
+            }
+            Outbound::Reset { key, status } => {
+                let id = key.id();
+                self.end_stream(id, "reset");
+                match self.cfg.side {
+                    Side::Client => {
+                        // Its receiver reports the key's reset status; the server drops the handler.
+                        if self.session.forget(id) == Some(true) && self.peer_features & features::CANCEL != 0 {
+                            self.encode(&Frame::Cancel { id });
+                        }
+                    }
+                    Side::Server => {
+                        // Ends the stream now; the handler's own answer, when it comes, is dropped.
+                        self.cancelled_by_peer.insert(id);
+                        self.encode_response(status_frame(id, status));
+                    }
+                }
+            }
+        }
+    }
+
+    fn encode_ready(&mut self, ready: streams::Ready) {
+        match ready {
+            streams::Ready::Data(frame, permit) => {
+                if let Frame::Data { payload, end, .. } = &frame {
+                    if !(*end && payload.is_empty()) {
+                        self.metrics.stream_messages_out.increment(1);
+                        self.metrics.stream_bytes_out.increment(payload.len() as u64);
+                    }
+                }
+                self.encode(&frame);
+                drop(permit);
+            }
+            streams::Ready::End(r) => {
+                self.metrics.stream_closed("ok");
+                self.encode_response(r)
+            }
+        }
+    }
+
+    /// Forgets stream `id`, counting why it ended.
+    fn end_stream(&mut self, id: u64, reason: &'static str) {
+        if self.streams.remove(id) {
+            self.metrics.stream_closed(reason);
+        }
+    }
+
+    /// Sends what waited for credit and now has it, within the write budget; and gives back the
+    /// credit the application consumed.
+    fn flush_parked(&mut self) {
+        let returned = self.shared.returned.take();
+        if !returned.is_empty() {
+            for frame in self.streams.on_returned(returned) {
+                self.encode(&frame);
+            }
+        }
+        while self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
+            match self.streams.next_ready() {
+                Some(ready) => self.encode_ready(ready),
+                None => break,
             }
         }
     }
@@ -898,11 +1066,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// their handlers (the ones it may be running: written, and not above its GOAWAY).
     fn on_callers_gone(&mut self) {
         let gone = self.session.sweep_cancelled();
+        for (id, _) in &gone {
+            self.end_stream(*id, "cancelled");
+        }
         if self.peer_features & features::CANCEL == 0 || self.session.goaway_received() {
             return;
         }
-        for id in gone {
-            self.encode(&Frame::Cancel { id });
+        for (id, written) in gone {
+            if written {
+                self.encode(&Frame::Cancel { id });
+            }
         }
     }
 

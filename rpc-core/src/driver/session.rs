@@ -208,17 +208,23 @@ impl<R: Waiter, W> Session<R, W> {
     /// Forgets calls whose callers gave up; returns their ids (whose requests were written, so
     /// the peer may be running them). A response that arrives for one later is discarded
     /// ([`Session::on_response`] returns `None`).
-    pub(crate) fn sweep_cancelled(&mut self) -> Vec<u64> {
+    pub(crate) fn sweep_cancelled(&mut self) -> Vec<(u64, bool)> {
         let flushed = self.flushed;
         let mut gone = Vec::new();
         self.pending.retain(|id, p| {
             let keep = !p.reply.is_closed();
-            if !keep && p.end_offset <= flushed {
-                gone.push(*id);
+            if !keep {
+                gone.push((*id, p.end_offset <= flushed));
             }
             keep
         });
         gone
+    }
+
+    /// Forgets call `id` (this side reset it); whether its request reached the socket.
+    pub(crate) fn forget(&mut self, id: u64) -> Option<bool> {
+        let p = self.pending.remove(&id)?;
+        Some(p.end_offset <= self.flushed)
     }
 
     /// Server: a request (or oneway) with `id` was read.
@@ -527,7 +533,7 @@ mod tests {
         s.on_request_sent(id, c.clone());
         c.gone.set(true);
         s.on_flushed(10);
-        assert_eq!(s.sweep_cancelled(), vec![id]);
+        assert_eq!(s.sweep_cancelled(), vec![(id, true)]);
         assert_eq!(s.pending(), 0);
         assert!(s.on_response(id).is_none());
     }

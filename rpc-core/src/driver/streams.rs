@@ -1,0 +1,263 @@
+//! The streams of one connection as its driver keeps them: where each stream's messages go, the
+//! credit each side has, and the frames that wait for credit. No I/O: the driver feeds it frames
+//! and the application's messages, and encodes what it hands back.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::flow::Credit;
+use crate::error::ProtocolError;
+use crate::frame::{Frame, ResponseFrame, Settings};
+use crate::stream::Held;
+
+/// The window a peer that announces none is taken to grant (PROTOCOL.md, *Streams*).
+pub(crate) const DEFAULT_WINDOW: u32 = 64 * 1024;
+
+/// What waits for credit on a stream, in order.
+#[derive(Debug)]
+pub(crate) enum Waiting {
+    /// A message (or END).
+    Data {
+        end: bool,
+        payload: Bytes,
+        permit: Option<Held>,
+    },
+    /// The stream's final RESPONSE (server): it follows the stream's last message.
+    End(ResponseFrame),
+}
+
+/// What may be encoded now.
+#[derive(Debug)]
+pub(crate) enum Ready {
+    /// A DATA frame; the permit is released once it is encoded.
+    Data(Frame, Option<Held>),
+    /// A stream's final RESPONSE; the stream is gone.
+    End(ResponseFrame),
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Where the peer's messages go; `None` once the peer sent END.
+    messages: Option<UnboundedSender<Bytes>>,
+    /// What we granted the peer for this stream, minus what it sent.
+    recv: Credit,
+    /// What the peer granted us for this stream, minus what we sent.
+    send: Credit,
+    waiting: VecDeque<Waiting>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Streams {
+    own_stream_window: u32,
+    peer_stream_window: u32,
+    conn_send: Credit,
+    conn_recv: Credit,
+    table: HashMap<u64, Entry>,
+    /// Streams with frames waiting for credit, served in turn.
+    parked: VecDeque<u64>,
+}
+
+impl Streams {
+    pub(crate) fn new(stream_window: Option<u32>, connection_window: Option<u32>) -> Self {
+        let own_stream_window = stream_window.unwrap_or(DEFAULT_WINDOW);
+        let own_connection_window = connection_window.unwrap_or(DEFAULT_WINDOW);
+        Streams {
+            own_stream_window,
+            peer_stream_window: DEFAULT_WINDOW,
+            conn_send: Credit::new(DEFAULT_WINDOW),
+            conn_recv: Credit::new(own_connection_window),
+            table: HashMap::new(),
+            parked: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn on_peer_settings(&mut self, s: &Settings) {
+        self.peer_stream_window = s.stream_window.unwrap_or(DEFAULT_WINDOW);
+        self.conn_send = Credit::new(s.connection_window.unwrap_or(DEFAULT_WINDOW));
+    }
+
+    /// The window this side grants each stream.
+    pub(crate) fn own_stream_window(&self) -> u32 {
+        self.own_stream_window
+    }
+
+    /// The window the peer grants each stream.
+    pub(crate) fn peer_stream_window(&self) -> u32 {
+        self.peer_stream_window
+    }
+
+    pub(crate) fn open(&mut self, id: u64, messages: UnboundedSender<Bytes>) {
+        self.table.insert(
+            id,
+            Entry {
+                messages: Some(messages),
+                recv: Credit::new(self.own_stream_window),
+                send: Credit::new(self.peer_stream_window),
+                waiting: VecDeque::new(),
+            },
+        );
+    }
+
+    /// Streams open.
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// True while stream `id` is open here.
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.table.contains_key(&id)
+    }
+
+    /// Forgets a stream: what waited for credit is dropped (its permits released), its receiver
+    /// sees the end of its messages.
+    pub(crate) fn remove(&mut self, id: u64) -> bool {
+        self.table.remove(&id).is_some()
+    }
+
+    /// Forgets every stream (the connection closed); how many there were.
+    pub(crate) fn clear(&mut self) -> usize {
+        let n = self.table.len();
+        self.table.clear();
+        self.parked.clear();
+        n
+    }
+
+    /// A DATA frame from the peer. Returns connection credit to give back at once (for bytes
+    /// nobody will consume), or the violation that closes the connection.
+    pub(crate) fn on_data(&mut self, id: u64, end: bool, payload: Bytes) -> Result<Option<u32>, ProtocolError> {
+        let len = payload.len();
+        if !self.conn_recv.allows(len) {
+            return Err(ProtocolError::FlowControl("DATA beyond the connection's window"));
+        }
+        self.conn_recv.spend(len);
+        let mut back = len;
+        if let Some(e) = self.table.get_mut(&id) {
+            if let Some(tx) = &e.messages {
+                if !e.recv.allows(len) {
+                    return Err(ProtocolError::FlowControl("DATA beyond the stream's window"));
+                }
+                e.recv.spend(len);
+                // Delivered: its bytes come back when the application consumes them. An END alone
+                // carries no message (an empty message is a DATA without END).
+                if end && len == 0 || tx.send(payload).is_ok() {
+                    back = 0;
+                }
+                if end {
+                    e.messages = None;
+                }
+            }
+        }
+        if back > 0 {
+            // Never consumed: given back now.
+            let n = back as u32;
+            let _ = self.conn_recv.grant(n);
+            return Ok(Some(n));
+        }
+        Ok(None)
+    }
+
+    /// A WINDOW frame from the peer.
+    pub(crate) fn on_window(&mut self, id: u64, n: u32) -> Result<(), ProtocolError> {
+        let credit = if id == 0 {
+            &mut self.conn_send
+        } else {
+            match self.table.get_mut(&id) {
+                Some(e) => &mut e.send,
+                None => return Ok(()), // ended meanwhile
+            }
+        };
+        credit
+            .grant(n)
+            .map_err(|_| ProtocolError::FlowControl("WINDOW past 2^31 - 1"))
+    }
+
+    /// The application consumed bytes of streams: the WINDOW frames that give them back.
+    pub(crate) fn on_returned(&mut self, returned: Vec<(u64, u32)>) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut total: u64 = 0;
+        for (id, n) in returned {
+            total += u64::from(n);
+            if let Some(e) = self.table.get_mut(&id) {
+                if e.messages.is_some() && e.recv.grant(n).is_ok() {
+                    frames.push(Frame::Window { id, increment: n });
+                }
+            }
+        }
+        let total = u32::try_from(total).unwrap_or(u32::MAX);
+        if total > 0 && self.conn_recv.grant(total).is_ok() {
+            frames.push(Frame::Window {
+                id: 0,
+                increment: total,
+            });
+        }
+        frames
+    }
+
+    /// What this side wants to send on stream `id`: ready now, or parked behind the credit.
+    /// `None` when it waits (or the stream is gone, and it is dropped).
+    pub(crate) fn offer(&mut self, id: u64, w: Waiting) -> Option<Ready> {
+        let e = self.table.get_mut(&id)?;
+        if e.waiting.is_empty() {
+            match w {
+                Waiting::Data { end, payload, permit } => {
+                    let len = payload.len();
+                    if e.send.allows(len) && self.conn_send.allows(len) {
+                        e.send.spend(len);
+                        self.conn_send.spend(len);
+                        return Some(Ready::Data(Frame::Data { id, end, payload }, permit));
+                    }
+                    e.waiting.push_back(Waiting::Data { end, payload, permit });
+                }
+                Waiting::End(r) => {
+                    self.table.remove(&id);
+                    return Some(Ready::End(r));
+                }
+            }
+        } else {
+            e.waiting.push_back(w);
+        }
+        if !self.parked.contains(&id) {
+            self.parked.push_back(id);
+        }
+        None
+    }
+
+    /// The next waiting frame the credit now allows, taking the parked streams in turn.
+    pub(crate) fn next_ready(&mut self) -> Option<Ready> {
+        for _ in 0..self.parked.len() {
+            let id = self.parked.pop_front()?;
+            let Some(e) = self.table.get_mut(&id) else { continue };
+            let ready = match e.waiting.front() {
+                Some(Waiting::Data { payload, .. }) => {
+                    let len = payload.len();
+                    if e.send.allows(len) && self.conn_send.allows(len) {
+                        e.send.spend(len);
+                        self.conn_send.spend(len);
+                        match e.waiting.pop_front() {
+                            Some(Waiting::Data { end, payload, permit }) => {
+                                Some(Ready::Data(Frame::Data { id, end, payload }, permit))
+                            }
+                            _ => None,
+                        }
+                    } else {
+                        None
+                    }
+                }
+                Some(Waiting::End(_)) => match self.table.remove(&id).and_then(|mut e| e.waiting.pop_front()) {
+                    Some(Waiting::End(r)) => return Some(Ready::End(r)),
+                    _ => None,
+                },
+                None => continue,
+            };
+            if self.table.get(&id).is_some_and(|e| !e.waiting.is_empty()) {
+                self.parked.push_back(id);
+            }
+            if ready.is_some() {
+                return ready;
+            }
+        }
+        None
+    }
+}

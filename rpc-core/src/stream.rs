@@ -1,0 +1,415 @@
+//! Streams as applications see them: [`Streaming`], the receiving half (a
+//! `futures::Stream<Item = Result<T, Status>>`), and [`StreamSender`], the sending half.
+//!
+//! Both sides of a connection use the same two types: a client's call returns a `Streaming` of
+//! responses and, for client and bidirectional streams, a `StreamSender` of requests; a server
+//! handler gets a `Streaming` of requests and returns a [`ResponseStream`] that the runtime sends
+//! through a `StreamSender` of its own.
+//!
+//! Flow control is per stream and per connection, credit based (see `PROTOCOL.md`, *Streams*):
+//! a message the application takes from its `Streaming` gives its bytes back to the sender, in
+//! batches of half a window. A consumer that stops reading stops its own stream's sender once the
+//! window is used; its sender's `send` then waits, and fails with a stall after
+//! `stream_stall_timeout`, resetting that stream alone.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::driver::{CallResult, ConnectionHandle, InFlightGuard, Outbound};
+use crate::error::CloseReason;
+use crate::message::Metadata;
+use crate::status::{Code, Status};
+
+/// A stream's responses (or, in a handler, requests), as a server handler returns them.
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+/// Names a stream to its connection's driver. A client's id is set when its opening request is
+/// written; every message the application queues after that request carries the same key.
+#[derive(Debug, Clone, Default)]
+pub struct StreamKey(Arc<KeyState>);
+
+#[derive(Debug, Default)]
+struct KeyState {
+    id: AtomicU64,
+    /// Why this side reset the stream, if it did (a stall): what its receiver then reports.
+    reset: OnceLock<Status>,
+}
+
+impl StreamKey {
+    /// A key for a stream whose id is known (a server's).
+    pub fn with_id(id: u64) -> Self {
+        let key = StreamKey::default();
+        key.set_id(id);
+        key
+    }
+
+    /// The stream id, 0 until the opening request is written.
+    pub fn id(&self) -> u64 {
+        self.0.id.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_id(&self, id: u64) {
+        self.0.id.store(id, Ordering::Release);
+    }
+
+    fn reset_status(&self) -> Option<Status> {
+        self.0.reset.get().cloned()
+    }
+}
+
+/// Credit the application gives back to its connection's driver, which turns it into WINDOW
+/// frames. One per connection; bounded by the streams open on it (an entry per stream per pass).
+#[derive(Debug, Default)]
+pub(crate) struct Returned(Mutex<Vec<(u64, u32)>>);
+
+impl Returned {
+    pub(crate) fn push(&self, id: u64, bytes: u32) {
+        if bytes > 0 {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push((id, bytes));
+        }
+    }
+
+    pub(crate) fn take(&self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Decodes one message of a stream.
+pub type Decode<T> = fn(Bytes) -> Result<T, Status>;
+
+/// The receiving half of a stream: the peer's messages, in order, then its end (`None`), or an
+/// error that ends it. Dropping it before the end cancels the stream (a client sends CANCEL).
+pub struct Streaming<T> {
+    messages: mpsc::UnboundedReceiver<Bytes>,
+    /// Client side: the stream's final RESPONSE (status and trailers), or why there is none.
+    end: Option<oneshot::Receiver<CallResult>>,
+    decode: Decode<T>,
+    key: StreamKey,
+    /// Where consumed bytes go back, and how to wake the driver for it.
+    conn: Option<ConnectionHandle>,
+    returns: crate::driver::flow::Returns,
+    received: u64,
+    trailers: Option<Metadata>,
+    close_reason: Option<CloseReason>,
+    done: bool,
+    /// Client side: counts the stream in flight until it ends; dropped early, it tells the driver
+    /// the caller gave up.
+    _in_flight: Option<InFlightGuard>,
+}
+
+impl<T> std::fmt::Debug for Streaming<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streaming")
+            .field("id", &self.key.id())
+            .field("received", &self.received)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+/// What the driver gives the application for one stream it receives on.
+pub(crate) struct Incoming {
+    pub(crate) messages: mpsc::UnboundedReceiver<Bytes>,
+    pub(crate) key: StreamKey,
+    pub(crate) conn: ConnectionHandle,
+    pub(crate) window: u32,
+}
+
+impl Streaming<Bytes> {
+    /// The messages of a stream the driver receives on (a server's requests).
+    pub(crate) fn incoming(incoming: Incoming) -> Self {
+        Self::build(incoming, None, None)
+    }
+
+    /// The responses of a stream a client opened.
+    pub(crate) fn responses(incoming: Incoming, end: oneshot::Receiver<CallResult>, in_flight: InFlightGuard) -> Self {
+        Self::build(incoming, Some(end), Some(in_flight))
+    }
+
+    fn build(incoming: Incoming, end: Option<oneshot::Receiver<CallResult>>, in_flight: Option<InFlightGuard>) -> Self {
+        Streaming {
+            messages: incoming.messages,
+            end,
+            decode: Ok,
+            key: incoming.key,
+            conn: Some(incoming.conn),
+            returns: crate::driver::flow::Returns::new(incoming.window),
+            received: 0,
+            trailers: None,
+            close_reason: None,
+            done: false,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// A stream of decoded messages.
+    pub fn decoded<T>(mut self, decode: Decode<T>) -> Streaming<T> {
+        Streaming {
+            messages: std::mem::replace(&mut self.messages, mpsc::unbounded_channel().1),
+            end: self.end.take(),
+            decode,
+            key: self.key.clone(),
+            conn: self.conn.take(),
+            returns: std::mem::replace(&mut self.returns, crate::driver::flow::Returns::new(0)),
+            received: self.received,
+            trailers: self.trailers.take(),
+            close_reason: self.close_reason.take(),
+            done: self.done,
+            _in_flight: self._in_flight.take(),
+        }
+    }
+}
+
+impl<T> Streaming<T> {
+    /// The next message; `Ok(None)` at the stream's end (tonic's `message()`).
+    pub async fn message(&mut self) -> Result<Option<T>, Status> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx))
+            .await
+            .transpose()
+    }
+
+    /// Messages received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The trailing metadata the server ended the stream with (once it has ended well).
+    pub fn trailers(&self) -> Option<&Metadata> {
+        self.trailers.as_ref()
+    }
+
+    /// Why the connection under the stream closed, if that is what ended it.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.close_reason.as_ref()
+    }
+
+    /// The stream's id on its connection (0 before the opening request is written).
+    pub fn id(&self) -> u64 {
+        self.key.id()
+    }
+
+    fn give_back(&mut self, n: u32) {
+        if let Some(conn) = &self.conn {
+            conn.shared.returned.push(self.key.id(), n);
+            conn.shared.wake.wake();
+        }
+    }
+
+    /// The end of a client's stream: its RESPONSE, or why it has none.
+    fn finish(&mut self, end: Result<CallResult, oneshot::error::RecvError>) -> Option<Result<T, Status>> {
+        self.done = true;
+        if let Some(g) = self._in_flight.as_mut() {
+            g.answered();
+        }
+        let received = self.received;
+        let status = match end {
+            Ok(Ok(frame)) if frame.code == Code::Ok => {
+                self.trailers = Some(frame.metadata);
+                return None;
+            }
+            Ok(Ok(frame)) => Status::from_parts(frame.code, frame.message, frame.metadata),
+            Ok(Err(e)) => {
+                self.close_reason = e.close_reason().cloned();
+                Status::unavailable(format!("stream broken after {received} messages received: {e}"))
+            }
+            Err(_) => self
+                .key
+                .reset_status()
+                .unwrap_or_else(|| Status::unavailable(format!("stream reset after {received} messages received"))),
+        };
+        Some(Err(status))
+    }
+}
+
+impl<T> Unpin for Streaming<T> {}
+
+impl<T> Stream for Streaming<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.messages.poll_recv(cx) {
+            Poll::Ready(Some(msg)) => {
+                this.received += 1;
+                if let Some(n) = this.returns.on_consumed(msg.len()) {
+                    this.give_back(n);
+                }
+                Poll::Ready(Some((this.decode)(msg)))
+            }
+            Poll::Ready(None) => match this.end.as_mut() {
+                None => {
+                    this.done = true;
+                    Poll::Ready(None)
+                }
+                Some(end) => {
+                    let end = std::task::ready!(Pin::new(end).poll(cx));
+                    Poll::Ready(this.finish(end))
+                }
+            },
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for Streaming<T> {
+    /// Gives back what was received and never consumed, so the connection's window does not
+    /// shrink by what a dropped stream held.
+    fn drop(&mut self) {
+        self.messages.close();
+        let mut unread = 0usize;
+        while let Ok(m) = self.messages.try_recv() {
+            unread += m.len();
+        }
+        self.returns.on_consumed(unread);
+        let n = self.returns.take();
+        self.give_back(n);
+    }
+}
+
+/// Why a message could not be sent on a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The receiver granted no credit for `stream_stall_timeout`: the stream was reset.
+    #[error("stream stalled: the receiver took nothing for {0:?} after {1} messages sent; stream reset")]
+    Stalled(Duration, u64),
+    /// The stream ended (the peer ended it, or this side finished it).
+    #[error("stream closed after {0} messages sent")]
+    Closed(u64),
+    /// The connection closed.
+    #[error("connection closed ({0}) after {1} messages sent")]
+    Connection(CloseReason, u64),
+}
+
+/// The sending half of a stream: one message at a time, each waiting for the flow-control credit
+/// the receiver grants (at most a window's worth buffered on this side).
+#[derive(Debug)]
+pub struct StreamSender<T> {
+    conn: ConnectionHandle,
+    key: StreamKey,
+    /// Bytes this side may hold for the stream (queued or waiting for credit): the peer's window.
+    buffer: Arc<Semaphore>,
+    buffer_size: u32,
+    stall_timeout: Option<Duration>,
+    encode: fn(&T) -> Bytes,
+    sent: u64,
+    ended: bool,
+}
+
+impl StreamSender<Bytes> {
+    pub(crate) fn new(conn: ConnectionHandle, key: StreamKey, window: u32, stall_timeout: Option<Duration>) -> Self {
+        let size = window.clamp(1, Semaphore::MAX_PERMITS as u32);
+        StreamSender {
+            conn,
+            key,
+            buffer: Arc::new(Semaphore::new(size as usize)),
+            buffer_size: size,
+            stall_timeout,
+            encode: |b: &Bytes| b.clone(),
+            sent: 0,
+            ended: false,
+        }
+    }
+
+    /// A sender of typed messages.
+    pub fn encoded<T>(self, encode: fn(&T) -> Bytes) -> StreamSender<T> {
+        StreamSender {
+            conn: self.conn,
+            key: self.key,
+            buffer: self.buffer,
+            buffer_size: self.buffer_size,
+            stall_timeout: self.stall_timeout,
+            encode,
+            sent: self.sent,
+            ended: self.ended,
+        }
+    }
+}
+
+impl<T> StreamSender<T> {
+    /// Messages sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Sends one message, waiting for credit; fails if the stream or its connection ended, or the
+    /// receiver grants nothing for `stream_stall_timeout` (the stream is then reset).
+    pub async fn send(&mut self, msg: T) -> Result<(), SendError> {
+        let payload = (self.encode)(&msg);
+        self.send_frame(payload, false).await?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Ends this side of the stream (the peer's `Streaming` ends after the messages sent).
+    pub async fn finish(mut self) -> Result<(), SendError> {
+        self.send_frame(Bytes::new(), true).await
+    }
+
+    async fn send_frame(&mut self, payload: Bytes, end: bool) -> Result<(), SendError> {
+        if self.ended {
+            return Err(SendError::Closed(self.sent));
+        }
+        let want = u32::try_from(payload.len()).unwrap_or(u32::MAX).min(self.buffer_size);
+        let permit = if want == 0 {
+            None
+        } else {
+            let acquire = self.buffer.clone().acquire_many_owned(want);
+            let permit = match self.stall_timeout {
+                Some(t) => match tokio::time::timeout(t, acquire).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        self.ended = true;
+                        self.reset(Status::resource_exhausted(format!(
+                            "stream stalled: the receiver took nothing for {t:?}"
+                        )))
+                        .await;
+                        return Err(SendError::Stalled(t, self.sent));
+                    }
+                },
+                None => acquire.await,
+            };
+            Some(permit.map_err(|_| SendError::Closed(self.sent))?)
+        };
+        self.ended = end;
+        let msg = Outbound::Data {
+            key: self.key.clone(),
+            end,
+            payload,
+            permit: permit.map(Held),
+        };
+        if self.conn.send(msg).await.is_err() {
+            let reason = self.conn.closed().await;
+            return Err(SendError::Connection(reason, self.sent));
+        }
+        Ok(())
+    }
+
+    /// Resets the stream from this side: a client's receiver then reports `status` and the server
+    /// is sent CANCEL; a server's `status` goes to the client as the stream's end.
+    async fn reset(&self, status: Status) {
+        let _ = self.key.0.reset.set(status.clone());
+        let _ = self
+            .conn
+            .send(Outbound::Reset {
+                key: self.key.clone(),
+                status,
+            })
+            .await;
+    }
+}
+
+/// Bytes of a stream's send buffer, released when its frame is encoded.
+#[derive(Debug)]
+pub struct Held(#[allow(dead_code)] OwnedSemaphorePermit);

@@ -1,0 +1,56 @@
+//! Streaming methods on the server: sending a handler's messages, and the adapters generated code
+//! uses for the three kinds of streaming method.
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use rpc_core::stream::{ResponseStream, SendError, StreamSender, Streaming};
+use rpc_core::{BoxError, Request, Response, Status};
+
+/// Sends `messages` through `sender`, each within the client's credit, until they end (`Ok`) or
+/// one is an error, the client stalls the stream, or the connection goes (`Err`: the status the
+/// stream ends with).
+pub(crate) async fn send_all(mut messages: ResponseStream, mut sender: StreamSender<Bytes>) -> Result<(), BoxError> {
+    while let Some(item) = messages.next().await {
+        let msg = item?;
+        if let Err(e) = sender.send(msg).await {
+            rpc_core::metrics::stream_send_failed(&e);
+            let status = match e {
+                SendError::Stalled(..) => Status::resource_exhausted(e.to_string()),
+                _ => Status::unavailable(e.to_string()),
+            };
+            return Err(status.into());
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a handler's typed messages.
+pub fn encode_stream<R, S>(messages: S) -> ResponseStream
+where
+    R: prost::Message + 'static,
+    S: Stream<Item = Result<R, Status>> + Send + 'static,
+{
+    Box::pin(messages.map(|item| item.map(|m| Bytes::from(m.encode_to_vec()))))
+}
+
+/// Decodes one message of a stream (INVALID_ARGUMENT if it does not decode).
+pub fn decode_message<M: prost::Message + Default>(b: Bytes) -> Result<M, Status> {
+    M::decode(b).map_err(|e| Status::invalid_argument(format!("stream message did not decode: {e}")))
+}
+
+/// The client's messages of a stream, typed; an empty stream for a request that opened none.
+pub fn request_stream<M: prost::Message + Default>(request: &mut Request<Bytes>) -> Option<Streaming<M>> {
+    request.take_stream().map(|s| s.decoded(decode_message::<M>))
+}
+
+/// A handler's response stream as the runtime sends it.
+pub fn response_stream<R, S>(response: Response<S>) -> Response<Bytes>
+where
+    R: prost::Message + 'static,
+    S: Stream<Item = Result<R, Status>> + Send + 'static,
+{
+    let (metadata, messages) = response.into_parts();
+    let mut out = Response::streaming(encode_stream(messages));
+    *out.metadata_mut() = metadata;
+    out
+}
