@@ -36,7 +36,8 @@ impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry 
         let Err(e) = result else { return None };
         let retry = self.attempts > 0
             && (!e.may_have_executed() || req.is_idempotent())
-            && req.deadline().is_none_or(|d| d > tokio::time::Instant::now());
+            && req.deadline().is_none_or(|d| d > tokio::time::Instant::now())
+            && rpc_core::context::deadline().is_none_or(|d| d > tokio::time::Instant::now());
         // Take the error out: recorded in the history if retried, or rebuilt with it if final.
         let placeholder = Error::new(ErrorKind::DeadlineExceeded, true);
         let err = std::mem::replace(e, placeholder);

@@ -7,7 +7,8 @@
 //! (its caller dropped the call or its deadline passed), the deadline passed on the server, the
 //! connection closed, or the server was aborted or ran out of `shutdown_grace`. Right after firing
 //! it, the runtime drops the handler's future, so a handler stops at its next `.await` without
-//! code of its own.
+//! code of its own. (At the deadline the handler is dropped first and the cancellation fires once
+//! the DEADLINE_EXCEEDED answer is queued.)
 //!
 //! **Deadline propagation.** A tether client called inside a context uses the context's deadline
 //! when it is earlier than the call's own (its `Request` deadline or `request_timeout`): a
@@ -105,7 +106,7 @@ struct CancelState {
     fired: AtomicBool,
     /// Everyone awaiting [`Cancellation::cancelled`].
     waiters: Notify,
-    /// The one [`Cancellation::guard`] future (the runtime's), woken without a lock.
+    /// The one [`GuardToken::guard`] future (the runtime's), woken without a lock.
     guard: AtomicWaker,
 }
 
@@ -150,19 +151,60 @@ impl Cancellation {
         }
     }
 
-    /// Runs `fut` until it completes (`Some`) or this fires (`None`, and `fut` is dropped at its
-    /// next poll). The server's runtime guards each handler with one; a `Cancellation` wakes only
-    /// the guard polled last, so use [`Cancellation::cancelled`] for anything else.
+    /// A handle that does not keep the cancellation alive: for a registry of running work, whose
+    /// entries go when the work does.
+    pub fn downgrade(&self) -> WeakCancellation {
+        WeakCancellation(Arc::downgrade(&self.0))
+    }
+
+    /// A cancellation and the one token that may guard a future with it (the server's runtime
+    /// guards each handler so; everyone else observes with [`Cancellation::cancelled`]).
+    pub fn with_guard() -> (Self, GuardToken) {
+        let c = Cancellation::new();
+        (c.clone(), GuardToken(c))
+    }
+}
+
+/// A [`Cancellation`] that does not keep it alive (see [`Cancellation::downgrade`]).
+#[derive(Debug, Clone)]
+pub struct WeakCancellation(std::sync::Weak<CancelState>);
+
+impl WeakCancellation {
+    /// The cancellation, while anyone else still holds it.
+    pub fn upgrade(&self) -> Option<Cancellation> {
+        self.0.upgrade().map(Cancellation)
+    }
+
+    /// True once nobody else holds it (its work is gone).
+    pub fn is_gone(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
+impl std::fmt::Debug for CancelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelState").finish_non_exhaustive()
+    }
+}
+
+/// The right to guard one future with a [`Cancellation`]: one per cancellation, so no other
+/// future can take over the wake-up the guard relies on.
+#[derive(Debug)]
+pub struct GuardToken(Cancellation);
+
+impl GuardToken {
+    /// Runs `fut` until it completes (`Some`) or the cancellation fires (`None`, and `fut` is
+    /// dropped at once, at its next poll).
     pub fn guard<F: Future>(self, fut: F) -> Guarded<F> {
         Guarded {
-            cancellation: self,
+            cancellation: self.0,
             inner: Some(fut),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of [`Cancellation::guard`].
+    /// The future of [`GuardToken::guard`].
     #[must_use = "futures do nothing unless polled"]
     pub struct Guarded<F> {
         cancellation: Cancellation,
@@ -202,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancel_wakes_waiters_and_drops_the_guarded_future() {
-        let c = Cancellation::new();
+        let (c, token) = Cancellation::with_guard();
         let dropped = Arc::new(AtomicBool::new(false));
         struct OnDrop(Arc<AtomicBool>);
         impl Drop for OnDrop {
@@ -211,7 +253,7 @@ mod tests {
             }
         }
         let guard_flag = OnDrop(dropped.clone());
-        let guarded = tokio::spawn(c.clone().guard(async move {
+        let guarded = tokio::spawn(token.guard(async move {
             let _keep = guard_flag;
             std::future::pending::<()>().await
         }));
@@ -231,10 +273,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_guarded_future_that_finishes_first_returns_its_output() {
-        let c = Cancellation::new();
-        assert_eq!(c.clone().guard(async { 7 }).await, Some(7));
+        let (_, token) = Cancellation::with_guard();
+        assert_eq!(token.guard(async { 7 }).await, Some(7));
+        let (c, token) = Cancellation::with_guard();
         c.cancel();
-        assert_eq!(c.guard(async { 7 }).await, None, "a fired cancellation runs nothing");
+        assert_eq!(
+            token.guard(async { 7 }).await,
+            None,
+            "a fired cancellation runs nothing"
+        );
     }
 
     #[tokio::test]

@@ -302,8 +302,8 @@ impl<T> Request<T> {
     }
 
     /// On the server, the request's cancellation: fired when the runtime gives up on it (CANCEL
-    /// from the client, its deadline, the connection closing, `abort()`), right before the
-    /// handler's future is dropped. For work the handler hands off (see `rpc_server::detach`);
+    /// from the client, the connection closing, `abort()`: right before the handler's future is
+    /// dropped; its deadline: once the DEADLINE_EXCEEDED answer is queued). For work the handler hands off (see `rpc_server::detach`);
     /// the handler itself simply stops at its next `.await`. `None` on a request a client builds.
     pub fn cancellation(&self) -> Option<&crate::context::Cancellation> {
         self.cancellation.as_ref()

@@ -305,10 +305,19 @@ pub struct StreamSender<T> {
     encode: fn(&T) -> Bytes,
     sent: u64,
     ended: bool,
+    /// A client's sender resets its stream itself on a stall; a server's leaves that to its
+    /// handler's error answer, which ends the stream at once.
+    client: bool,
 }
 
 impl StreamSender<Bytes> {
-    pub(crate) fn new(conn: ConnectionHandle, key: StreamKey, window: u32, stall_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(
+        conn: ConnectionHandle,
+        key: StreamKey,
+        window: u32,
+        stall_timeout: Option<Duration>,
+        client: bool,
+    ) -> Self {
         let size = window.clamp(1, Semaphore::MAX_PERMITS as u32);
         StreamSender {
             conn,
@@ -319,6 +328,7 @@ impl StreamSender<Bytes> {
             encode: |b: &Bytes| b.clone(),
             sent: 0,
             ended: false,
+            client,
         }
     }
 
@@ -333,6 +343,7 @@ impl StreamSender<Bytes> {
             encode,
             sent: self.sent,
             ended: self.ended,
+            client: self.client,
         }
     }
 }
@@ -371,10 +382,12 @@ impl<T> StreamSender<T> {
                     Ok(p) => p,
                     Err(_) => {
                         self.ended = true;
-                        self.reset(Status::resource_exhausted(format!(
-                            "stream stalled: the receiver took nothing for {t:?}"
-                        )))
-                        .await;
+                        if self.client {
+                            self.reset(Status::resource_exhausted(format!(
+                                "stream stalled: the server took nothing for {t:?}"
+                            )))
+                            .await;
+                        }
                         return Err(SendError::Stalled(t, self.sent));
                     }
                 },
@@ -396,8 +409,7 @@ impl<T> StreamSender<T> {
         Ok(())
     }
 
-    /// Resets the stream from this side: a client's receiver then reports `status` and the server
-    /// is sent CANCEL; a server's `status` goes to the client as the stream's end.
+    /// Resets a client's stream: its receiver then reports `status`, and the server is sent CANCEL.
     async fn reset(&self, status: Status) {
         let _ = self.key.0.reset.set(status.clone());
         let _ = self

@@ -14,7 +14,10 @@
 //!   with a semaphore of your own.
 //! - It is still the server's: [`ServerHandle::shutdown`](crate::ServerHandle::shutdown) waits for
 //!   it until `shutdown_grace` ends, then drops it; [`ServerHandle::abort`](crate::ServerHandle::abort)
-//!   drops it at once. Both return only after it is gone.
+//!   drops it at once. Both return only after it is gone. That holds for `detach` called on the
+//!   handler's own task (the server is found through a task-local, as the request's context is);
+//!   called from a task the handler spawned, or from detached work, it is a plain `tokio::spawn`
+//!   the server neither waits for nor stops.
 //! - It runs outside the request's [`Context`](rpc_core::context::Context): calls it makes do not
 //!   inherit the request's deadline (they would fail once the request is cancelled). Carry it with
 //!   `rpc_core::context::current()` and `Context::scope` if they should.

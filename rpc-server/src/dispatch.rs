@@ -142,6 +142,10 @@ pub(crate) struct ServerDispatch {
     /// goes (which drops their handlers). Bounded by `max_requests_per_connection`: an entry
     /// leaves when its answer is taken.
     running: HashMap<u64, Cancellation>,
+    /// The cancellations of oneway requests whose work may still run, fired when the connection
+    /// goes. Pruned of finished work whenever it doubles past 64.
+    oneways: Vec<rpc_core::context::WeakCancellation>,
+    oneways_kept: usize,
     /// Server-wide: every handler holds a token of its tracker, so `abort()` can wait for them
     /// all; its stop token ends oneway handlers (which no answer or CANCEL ends).
     tasks: Arc<ServerTasks>,
@@ -186,6 +190,8 @@ impl ServerDispatch {
             router: server.router.clone(),
             max_request_duration: server.max_request_duration,
             running: HashMap::new(),
+            oneways: Vec::new(),
+            oneways_kept: 0,
             tasks: server.tasks.clone(),
             batch: Vec::new(),
         }
@@ -245,7 +251,7 @@ impl Dispatch for ServerDispatch {
             (None, None) => Some(received_at + self.max_request_duration),
         };
         let method = frame.method.clone();
-        let cancellation = Cancellation::new();
+        let (cancellation, guard) = Cancellation::with_guard();
         let mut req = Request::new(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
@@ -261,6 +267,8 @@ impl Dispatch for ServerDispatch {
         let server_tasks = self.tasks.clone();
         let context = RequestContext::new(deadline);
         let on_deadline = cancellation.clone();
+        let mut responder = responder;
+        responder.watch(cancellation.clone());
         let span = tracing::debug_span!("request", %method, id = frame_id);
         let work = async move {
             let permits = (permit, conn_permit);
@@ -297,17 +305,16 @@ impl Dispatch for ServerDispatch {
             let timed = async move {
                 match deadline {
                     Some(d) => match tokio::time::timeout_at(d, call).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            // Observers learn it before the handler is dropped (at this match's end).
-                            on_deadline.cancel();
-                            Err(Status::deadline_exceeded("deadline passed while the handler ran").into())
-                        }
+                        Ok(r) => (r, false),
+                        Err(_) => (
+                            Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
+                            true,
+                        ),
                     },
-                    None => call.await,
+                    None => (call.await, false),
                 }
             };
-            let (result, marks) = crate::entry::track(timed, server_tasks).await;
+            let ((result, timed_out), marks) = crate::entry::track(timed, server_tasks).await;
             // A handler that was entered serves the method; only otherwise is the router asked.
             let label = if marks.entered() {
                 method.as_str()
@@ -332,6 +339,11 @@ impl Dispatch for ServerDispatch {
                     }
                 }
             }
+            // The handler is gone at its deadline; what it handed off learns it once the answer
+            // is queued (fired before, it would stop this very answer on its way).
+            if timed_out {
+                on_deadline.cancel();
+            }
         };
         // Each request on its own: a panic fails that request alone (its responder, dropped while
         // unwinding, answers INTERNAL, "may have executed"), never the others of its batch.
@@ -343,18 +355,25 @@ impl Dispatch for ServerDispatch {
         // permits. A oneway cannot be cancelled by its client, and has no answer that would end
         // an entry here; it runs to its deadline, or until the server stops.
         let work: Work = if oneway {
+            // Ended by the connection going (its cancellation, fired from `drop`) or the server
+            // stopping; no CANCEL names it.
+            if self.oneways.len() >= 64 && self.oneways.len() >= 2 * self.oneways_kept {
+                self.oneways.retain(|w| !w.is_gone());
+                self.oneways_kept = self.oneways.len();
+            }
+            self.oneways.push(cancellation.downgrade());
             let stop = self.tasks.stop.clone();
             // Boxed first: the async block then holds a plain `Work` (rustc cannot prove the
             // unboxed one `Send` for every lifetime of a panic payload).
-            let work: Work = Box::pin(work);
+            let work: Work = Box::pin(guard.guard(work).map(discard));
             Box::pin(async move {
                 if stop.run_until_cancelled_owned(work).await.is_none() {
                     cancellation.cancel();
                 }
             })
         } else {
-            self.running.insert(frame_id, cancellation.clone());
-            Box::pin(cancellation.guard(work).map(discard))
+            self.running.insert(frame_id, cancellation);
+            Box::pin(guard.guard(work).map(discard))
         };
         self.batch.push(work);
         if self.batch.len() >= MAX_BATCH {
@@ -387,6 +406,11 @@ impl Drop for ServerDispatch {
     fn drop(&mut self) {
         for (_, cancellation) in self.running.drain() {
             cancellation.cancel();
+        }
+        for weak in self.oneways.drain(..) {
+            if let Some(cancellation) = weak.upgrade() {
+                cancellation.cancel();
+            }
         }
     }
 }

@@ -2,9 +2,10 @@
 //! `rpc-core` so that changes to the real codec cannot change it: the peer that proves version-2
 //! builds still serve and call version-1 builds.
 //!
-//! It is as strict as version 1 was: a header version other than 1, a kind above 7 and any bytes
-//! after a HEARTBEAT, HEARTBEAT_ACK, GOAWAY or SETTINGS body are errors; flags are ignored;
-//! unknown setting ids are ignored. Do not edit it to make a test pass: a failure here means a
+//! It is as strict as version 1 was: a header version other than 1, a kind above 7, any bytes
+//! after a HEARTBEAT, HEARTBEAT_ACK, GOAWAY or SETTINGS body, more than 64 metadata entries or
+//! 16 KiB of metadata keys and values in a frame (its unannounced defaults), and a method not
+//! starting with `/` are errors; flags are ignored; unknown setting ids are ignored. Do not edit it to make a test pass: a failure here means a
 //! version-2 build sent a version-1 peer something it cannot read.
 
 use std::time::Duration;
@@ -168,13 +169,21 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<V1Frame>, V1Error> {
     let metadata = |b: &mut Bytes| -> Result<Vec<(String, Bytes)>, V1Error> {
         need(b, 2)?;
         let n = b.get_u16();
+        if n > 64 {
+            return Err(V1Error::Malformed("too many metadata entries"));
+        }
         let mut md = Vec::new();
+        let mut size = 0usize;
         for _ in 0..n {
             need(b, 2)?;
             let kl = b.get_u16() as usize;
             let k = string(b, kl)?;
             need(b, 4)?;
             let vl = b.get_u32() as usize;
+            size += kl + vl;
+            if size > 16 * 1024 {
+                return Err(V1Error::Malformed("metadata over 16 KiB"));
+            }
             need(b, vl)?;
             md.push((k, b.split_to(vl)));
         }
@@ -193,6 +202,9 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<V1Frame>, V1Error> {
             let timeout_ms = b.get_u32();
             let ml = b.get_u16() as usize;
             let method = string(&mut b, ml)?;
+            if !method.starts_with('/') {
+                return Err(V1Error::Malformed("method must start with '/'"));
+            }
             let metadata = metadata(&mut b)?;
             V1Frame::Request {
                 id,

@@ -351,3 +351,72 @@ async fn cancelling_half_the_requests_at_random_points_leaks_nothing() {
         b.await.unwrap().unwrap();
     }
 }
+
+/// Review finding: a request that reached its deadline while the outbound queue was full was
+/// dropped in the middle of sending its DEADLINE_EXCEEDED (the deadline fired the cancellation
+/// that also guards the work), and was never answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_deadline_answer_waiting_for_a_full_queue_still_goes() {
+    use prost::Message;
+    let config = ServerConfig {
+        connection: rpc_core::config::ConnectionConfig {
+            outbound_queue: 1,
+            max_outbound_bytes: 4096,
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    };
+    let server = tests::echo_server(config).await;
+    let mut raw = RawPeer::connect(server.local_addr()).await;
+    raw.send_settings().await;
+    let say = |delay_ms, reply_size| {
+        Bytes::from(
+            examples::echo::EchoRequest {
+                delay_ms,
+                reply_size,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    // The slow one first (its deadline passes while it sleeps), then enough large answers to
+    // fill the socket, the write budget and the one-frame queue while this peer reads nothing.
+    let slow = raw.next_id();
+    raw.send(Frame::Request(RequestFrame {
+        id: slow,
+        timeout: Some(ms(150)),
+        method: "/echo.Echo/Say".into(),
+        payload: say(400, 0),
+        ..Default::default()
+    }))
+    .await;
+    for _ in 0..64 {
+        let id = raw.next_id();
+        raw.send(Frame::Request(RequestFrame {
+            id,
+            timeout: Some(ms(20_000)),
+            method: "/echo.Echo/Say".into(),
+            payload: say(0, 256 * 1024),
+            ..Default::default()
+        }))
+        .await;
+    }
+    // Long enough for the slow request's deadline to pass while its answer cannot be queued.
+    let conn = server.connections()[0].clone();
+    tests::wait_until(ms(5000), || conn.outbound_buffered() >= 4096).await;
+    tokio::time::sleep(ms(600)).await; // the fault is the passage of time itself
+    let mut answered = None;
+    let mut seen = 0;
+    while let Some(frame) = raw.next_frame(ms(5000)).await {
+        if let Frame::Response(r) = frame {
+            seen += 1;
+            if r.id == slow {
+                answered = Some(r.code);
+            }
+            if seen == 65 {
+                break;
+            }
+        }
+    }
+    assert_eq!(answered, Some(Code::DeadlineExceeded), "{seen} answers read");
+}

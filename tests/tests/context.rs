@@ -383,18 +383,20 @@ async fn a_caller_giving_up_cancels_the_whole_chain() {
     let client = Client::connect(front_server.local_addr(), quiet_client())
         .await
         .unwrap();
-    let start = Instant::now();
-    let err = client
-        .unary(Request::new("/t.Front/Call", Bytes::new()).with_timeout(ms(300)))
-        .await
-        .unwrap_err();
-    assert!(err.is_deadline_exceeded(), "{err}");
+    // No deadline does the work here: the caller drops its call after the back handler started.
+    let call = tokio::spawn(async move {
+        client
+            .unary(Request::new("/t.Front/Call", Bytes::new()).with_timeout(ms(60_000)))
+            .await
+    });
     assert_eq!(next(&mut events, "the back handler's start").await, "back started");
+    let gave_up = Instant::now();
+    call.abort();
     assert_eq!(next(&mut events, "the back handler's drop").await, "back dropped");
     assert!(
-        start.elapsed() < ms(2000),
-        "the chain ended after {:?}",
-        start.elapsed()
+        gave_up.elapsed() < ms(1000),
+        "the chain ended {:?} after the caller gave up",
+        gave_up.elapsed()
     );
 }
 
@@ -428,4 +430,65 @@ async fn a_call_whose_inherited_deadline_has_passed_is_not_sent() {
         .await;
     assert!(ok.is_ok());
     assert_eq!(runs.load(Ordering::SeqCst), 1, "only the call outside the context ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_oneways_cancellation_fires_when_its_client_goes() {
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let server = Server::builder()
+        .route(
+            "/t.T/Oneway",
+            handler_fn(move |req: Request<Bytes>| {
+                let tx = tx.clone();
+                let cancellation = req.cancellation().cloned().unwrap();
+                async move {
+                    // The handler itself is dropped when it fires; a task it handed work to sees it.
+                    let watcher = tx.clone();
+                    tokio::spawn(async move {
+                        cancellation.cancelled().await;
+                        let _ = watcher.send("cancelled");
+                    });
+                    let _ = tx.send("started");
+                    std::future::pending::<()>().await;
+                    Ok(Response::new(Bytes::new()))
+                }
+            }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    // A client whose process dies after its oneway: its socket just closes.
+    let mut raw = tests::RawPeer::connect(server.local_addr()).await;
+    raw.send_settings().await;
+    let id = raw.next_id();
+    raw.send(rpc_core::frame::Frame::Request(rpc_core::frame::RequestFrame {
+        id,
+        oneway: true,
+        timeout: Some(ms(60_000)),
+        method: "/t.T/Oneway".into(),
+        ..Default::default()
+    }))
+    .await;
+    assert_eq!(next(&mut events, "start").await, "started");
+    let gone = Instant::now();
+    drop(raw);
+    assert_eq!(next(&mut events, "the cancellation").await, "cancelled");
+    assert!(gone.elapsed() < ms(2000), "after {:?}", gone.elapsed());
+}
+
+#[tokio::test]
+async fn safe_retry_does_not_spend_attempts_on_an_inherited_deadline_already_gone() {
+    use tower::ServiceExt;
+    let back = echo_server(ServerConfig::default()).await;
+    let client = Client::connect(back.local_addr(), quiet_client()).await.unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(rpc_client::SafeRetry::new(3)))
+        .service(client);
+    let body = EchoRequest::default().encode_to_vec();
+    let err = Context::new(Some(Instant::now() - ms(1)))
+        .scope(svc.oneshot(Request::new("/echo.Echo/Say", Bytes::from(body)).with_timeout(ms(5000))))
+        .await
+        .unwrap_err();
+    assert!(err.is_deadline_exceeded(), "{err}");
+    assert_eq!(err.attempts().len(), 0, "no attempt was retried: {err:?}");
 }

@@ -197,6 +197,13 @@ async fn this_client_calls_a_version_1_server_and_never_sends_it_what_it_cannot_
     .await;
     assert!(dropped.is_err(), "the hold was answered");
 
+    // More metadata than version 1 took (16 KiB, never announced) fails that call alone, here,
+    // unsent, instead of closing the server's connection.
+    let mut big = Request::new("/t.Echo/Say", Bytes::new()).with_timeout(ms(5000));
+    big.metadata_mut().insert("k", Bytes::from(vec![b'x'; 20 * 1024]));
+    let refused = client.unary(big).await.unwrap_err();
+    assert!(!refused.may_have_executed(), "{refused}");
+
     // Heartbeats flow while idle, and the connection still serves.
     let conn = client.connections()[0].clone();
     wait_until(ms(5000), || conn.heartbeats_acked() >= 3).await;

@@ -61,6 +61,8 @@ pub struct Responder {
     id: u64,
     oneway: bool,
     tx: Option<OutboundSender>,
+    /// The request's cancellation: once it fired, nobody waits for the answer, so none is sent.
+    cancellation: Option<crate::context::Cancellation>,
 }
 
 impl Responder {
@@ -69,7 +71,17 @@ impl Responder {
             id,
             oneway,
             tx: Some(tx),
+            cancellation: None,
         }
+    }
+
+    /// Sends nothing once `cancellation` fired (the client gave up, or the connection went).
+    pub fn watch(&mut self, cancellation: crate::context::Cancellation) {
+        self.cancellation = Some(cancellation);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancellation.as_ref().is_some_and(|c| c.is_cancelled())
     }
 
     /// The request id being answered.
@@ -118,24 +130,28 @@ impl Responder {
     }
 
     async fn send(mut self, frame: ResponseFrame) {
-        let Some(tx) = self.tx.take() else { return };
-        if self.oneway {
+        if self.oneway || self.cancelled() {
+            self.tx = None;
             return;
         }
+        let Some(tx) = self.tx.as_ref() else { return };
         // Waits while the outbound queue is full; fails only if the connection is gone, and then
-        // the caller has already been told why.
+        // the caller has already been told why. Dropped while it waits, the responder still
+        // answers from `drop`, unless the request was cancelled.
         let _ = tx.send(Outbound::Response(frame)).await;
+        self.tx = None;
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            if !self.oneway {
+            if !self.oneway && !self.cancelled() {
                 let frame = status_frame(
                     self.id,
                     Status::internal("handler ended without a response (panicked?)"),
                 );
+                // Past the queue's limits if need be: an answer is never lost to a full queue.
                 tx.try_send(Outbound::Response(frame));
             }
         }

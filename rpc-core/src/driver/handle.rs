@@ -388,7 +388,8 @@ impl ConnectionHandle {
             conn: self.clone(),
             window: self.shared.stream_window,
         };
-        let sender = crate::stream::StreamSender::new(self.clone(), key, peer_window, self.shared.stream_stall_timeout);
+        let sender =
+            crate::stream::StreamSender::new(self.clone(), key, peer_window, self.shared.stream_stall_timeout, true);
         Ok((sender, crate::stream::Streaming::responses(incoming, end_rx, in_flight)))
     }
 

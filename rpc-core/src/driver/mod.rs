@@ -150,9 +150,6 @@ pub struct Driver<S> {
     decode_paused: bool,
     /// The features both sides announced in their SETTINGS (see [`downgrade_for_v1`] and CANCEL).
     peer_features: u64,
-    /// Server: requests the client cancelled whose answers are still to be dropped. Bounded by the
-    /// requests in flight: an id leaves when its answer is taken.
-    cancelled_by_peer: std::collections::HashSet<u64>,
     /// The streams open on this connection, their credit and what waits for it.
     streams: streams::Streams,
     /// Write coalescing: whether a write waits for the frames other tasks are about to queue.
@@ -324,7 +321,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tasks_idle: None,
             open_pending: false,
             peer_features: 0,
-            cancelled_by_peer: Default::default(),
             streams: streams::Streams::new(cfg.settings.stream_window, cfg.settings.connection_window),
             handshake_deadline: now + cfg.connection.handshake_timeout,
             decode_paused: false,
@@ -613,9 +609,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 if self.cfg.side == Side::Client {
                     return Err(ProtocolError::UnexpectedFrame(FrameKind::Cancel).into());
                 }
-                // Its handler is dropped; the answer its responder still sends is not written.
+                // Its handler is dropped, and its responder sends nothing (an answer already
+                // queued is written; the client discards it).
                 if self.dispatch.as_mut().is_some_and(|d| d.cancel(id)) {
-                    self.cancelled_by_peer.insert(id);
+                    self.end_stream(id, "cancelled");
                 }
             }
             Frame::Heartbeat { id } => self.encode(&Frame::HeartbeatAck { id }),
@@ -698,10 +695,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.codec.set_max_send_frame_size(max);
         }
         // The peer's metadata limits are checked before sending: a call over them fails alone,
-        // locally, never written (a version-1 peer advertises no byte limit).
-        let limit = |v: Option<u32>| v.map_or(usize::MAX, |v| v as usize);
-        self.codec
-            .set_max_send_metadata(limit(s.max_metadata_entries), limit(s.max_metadata_bytes));
+        // locally, never written. A peer that advertises none enforces the defaults (a version-1
+        // peer closes its connection on 16 KiB of metadata without saying so).
+        let limit = |v: Option<u32>, default: usize| v.map_or(default, |v| v as usize);
+        self.codec.set_max_send_metadata(
+            limit(s.max_metadata_entries, crate::codec::DEFAULT_MAX_METADATA_ENTRIES),
+            limit(s.max_metadata_bytes, crate::codec::DEFAULT_MAX_METADATA_BYTES),
+        );
         let _ = self.shared.peer_settings.set(s);
         // A feature is used only when both sides announced it.
         self.peer_features = s.features.unwrap_or(0) & self.cfg.settings.features.unwrap_or(0);
@@ -749,6 +749,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     key,
                     self.streams.peer_stream_window(),
                     self.cfg.connection.stream_stall_timeout,
+                    false,
                 ),
             }
         });
@@ -766,12 +767,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn on_goaway(&mut self, g: GoAway, now: Instant) {
         self.metrics.goaway_received(g.reason);
+        let (not_run, newly) = self.session.on_goaway(now, &g, self.cfg.drain_timeout);
         self.emit(ConnectionEvent::GoAwayReceived {
             id: self.shared.id,
             reason: g.reason,
-            last_request_id: g.last_request_id,
+            // The lowest seen: a repeated GOAWAY never raises it.
+            last_request_id: self.session.goaway_last_id().unwrap_or(g.last_request_id),
         });
-        let (not_run, newly) = self.session.on_goaway(now, &g, self.cfg.drain_timeout);
         // Draining is visible before any caller is woken, so a retry never picks this connection.
         if newly {
             self.shared.state.send_replace(ConnectionState::Draining {
@@ -891,10 +893,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 if let Some(d) = self.dispatch.as_mut() {
                     d.finished(r.id);
                 }
-                if !self.cancelled_by_peer.is_empty() && self.cancelled_by_peer.remove(&r.id) {
-                    self.end_stream(r.id, "cancelled");
-                    return; // the client gave up on it: nobody reads this answer
-                }
                 if !self.streams.contains(r.id) {
                     return self.encode_response(r); // a unary call's
                 }
@@ -931,9 +929,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                             self.encode(&Frame::Cancel { id });
                         }
                     }
+                    // A server's stalled stream ends through its handler's error answer instead.
                     Side::Server => {
-                        // Ends the stream now; the handler's own answer, when it comes, is dropped.
-                        self.cancelled_by_peer.insert(id);
+                        if let Some(d) = self.dispatch.as_mut() {
+                            d.cancel(id);
+                        }
                         self.encode_response(status_frame(id, status));
                     }
                 }

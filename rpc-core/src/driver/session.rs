@@ -221,6 +221,11 @@ impl<R: Waiter, W> Session<R, W> {
         gone
     }
 
+    /// The last request id the peer's GOAWAYs named (the lowest), if it sent one.
+    pub(crate) fn goaway_last_id(&self) -> Option<u64> {
+        self.goaway_received.map(|(_, last)| last)
+    }
+
     /// Forgets call `id` (this side reset it); whether its request reached the socket.
     pub(crate) fn forget(&mut self, id: u64) -> Option<bool> {
         let p = self.pending.remove(&id)?;
