@@ -281,6 +281,22 @@ impl ConnectionConfig {
         if self.partial_frame_grace.is_zero() {
             return Err(ConfigError::Zero("partial_frame_grace"));
         }
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        if !(1024..=MAX_WINDOW).contains(&self.stream_window) {
+            return Err(ConfigError::OutOfRange {
+                field: "stream_window",
+                why: "must be between 1 KiB and 2^31 - 1 bytes",
+            });
+        }
+        if self.connection_window < self.stream_window || self.connection_window > MAX_WINDOW {
+            return Err(ConfigError::OutOfRange {
+                field: "connection_window",
+                why: "must be at least stream_window and at most 2^31 - 1 bytes",
+            });
+        }
+        if self.stream_stall_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Zero("stream_stall_timeout"));
+        }
         Ok(())
     }
 }

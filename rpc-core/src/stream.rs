@@ -39,6 +39,8 @@ pub struct StreamKey(Arc<KeyState>);
 #[derive(Debug, Default)]
 struct KeyState {
     id: AtomicU64,
+    /// The driver forgot the stream (it ended, was reset, refused, or its connection closed).
+    closed: std::sync::atomic::AtomicBool,
     /// Why this side reset the stream, if it did (a stall): what its receiver then reports.
     reset: OnceLock<Status>,
 }
@@ -60,25 +62,66 @@ impl StreamKey {
         self.0.id.store(id, Ordering::Release);
     }
 
+    /// The driver forgot the stream: nothing sent on it goes anywhere.
+    pub(crate) fn close(&self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
+
+    /// True once the stream is gone on this side.
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+
     fn reset_status(&self) -> Option<Status> {
         self.0.reset.get().cloned()
     }
 }
 
 /// Credit the application gives back to its connection's driver, which turns it into WINDOW
-/// frames. One per connection; bounded by the streams open on it (an entry per stream per pass).
+/// frames: per stream in batches of half the stream's window (a list, bounded by the streams open
+/// on the connection: an entry per stream per pass), and for the connection as a count of every
+/// byte consumed on any stream, given back once it reaches a quarter of the connection window. So
+/// consumed bytes never stay held against the connection by the batching of their own stream
+/// (which, summed over many streams, would spend the connection window for good).
 #[derive(Debug, Default)]
-pub(crate) struct Returned(Mutex<Vec<(u64, u32)>>);
+pub(crate) struct Returned {
+    streams: Mutex<Vec<(u64, u32)>>,
+    connection: AtomicU64,
+    /// A quarter of this side's connection window.
+    connection_batch: u64,
+}
 
 impl Returned {
-    pub(crate) fn push(&self, id: u64, bytes: u32) {
-        if bytes > 0 {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).push((id, bytes));
+    pub(crate) fn new(connection_window: u32) -> Self {
+        Returned {
+            streams: Mutex::default(),
+            connection: AtomicU64::new(0),
+            connection_batch: u64::from(connection_window / 4).max(1),
         }
     }
 
+    pub(crate) fn push(&self, id: u64, bytes: u32) {
+        if bytes > 0 {
+            self.streams.lock().unwrap_or_else(|e| e.into_inner()).push((id, bytes));
+        }
+    }
+
+    /// Bytes consumed on some stream; true when the connection's batch is due (wake the driver).
+    pub(crate) fn consumed(&self, bytes: usize) -> bool {
+        let before = self.connection.fetch_add(bytes as u64, Ordering::AcqRel);
+        before < self.connection_batch && before + bytes as u64 >= self.connection_batch
+    }
+
     pub(crate) fn take(&self) -> Vec<(u64, u32)> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The connection credit to give back now, if a batch is due.
+    pub(crate) fn take_connection(&self) -> u32 {
+        if self.connection.load(Ordering::Acquire) < self.connection_batch {
+            return 0;
+        }
+        u32::try_from(self.connection.swap(0, Ordering::AcqRel)).unwrap_or(u32::MAX)
     }
 }
 
@@ -99,6 +142,7 @@ pub struct Streaming<T> {
     received: u64,
     trailers: Option<Metadata>,
     close_reason: Option<CloseReason>,
+    may_have_executed: bool,
     done: bool,
     /// Client side: counts the stream in flight until it ends; dropped early, it tells the driver
     /// the caller gave up.
@@ -145,6 +189,7 @@ impl Streaming<Bytes> {
             received: 0,
             trailers: None,
             close_reason: None,
+            may_have_executed: true,
             done: false,
             _in_flight: in_flight,
         }
@@ -162,6 +207,7 @@ impl Streaming<Bytes> {
             received: self.received,
             trailers: self.trailers.take(),
             close_reason: self.close_reason.take(),
+            may_have_executed: self.may_have_executed,
             done: self.done,
             _in_flight: self._in_flight.take(),
         }
@@ -186,6 +232,13 @@ impl<T> Streaming<T> {
         self.trailers.as_ref()
     }
 
+    /// After the stream ended in error: false when it is proven the server never started its
+    /// handler (a refusal flagged NOT_EXECUTED, a GOAWAY naming a lower id, never written), so
+    /// the stream may be opened again elsewhere; true otherwise, and while it runs.
+    pub fn may_have_executed(&self) -> bool {
+        self.may_have_executed
+    }
+
     /// Why the connection under the stream closed, if that is what ended it.
     pub fn close_reason(&self) -> Option<&CloseReason> {
         self.close_reason.as_ref()
@@ -196,10 +249,17 @@ impl<T> Streaming<T> {
         self.key.id()
     }
 
-    fn give_back(&mut self, n: u32) {
+    /// `consumed` bytes were taken (or will never be); `stream` is the stream's batch due now.
+    fn give_back(&mut self, consumed: usize, stream: Option<u32>) {
         if let Some(conn) = &self.conn {
-            conn.shared.returned.push(self.key.id(), n);
-            conn.shared.wake.wake();
+            let mut wake = conn.shared.returned.consumed(consumed);
+            if let Some(n) = stream {
+                conn.shared.returned.push(self.key.id(), n);
+                wake = true;
+            }
+            if wake {
+                conn.shared.wake.wake();
+            }
         }
     }
 
@@ -215,10 +275,15 @@ impl<T> Streaming<T> {
                 self.trailers = Some(frame.metadata);
                 return None;
             }
-            Ok(Ok(frame)) => Status::from_parts(frame.code, frame.message, frame.metadata),
+            Ok(Ok(frame)) => {
+                self.may_have_executed = !frame.not_executed;
+                Status::from_parts(frame.code, frame.message, frame.metadata)
+            }
             Ok(Err(e)) => {
                 self.close_reason = e.close_reason().cloned();
-                Status::unavailable(format!("stream broken after {received} messages received: {e}"))
+                self.may_have_executed = e.may_have_executed();
+                let proof = if e.may_have_executed() { "" } else { " (not executed)" };
+                Status::unavailable(format!("stream broken after {received} messages received{proof}: {e}"))
             }
             Err(_) => self
                 .key
@@ -242,9 +307,8 @@ impl<T> Stream for Streaming<T> {
         match this.messages.poll_recv(cx) {
             Poll::Ready(Some(msg)) => {
                 this.received += 1;
-                if let Some(n) = this.returns.on_consumed(msg.len()) {
-                    this.give_back(n);
-                }
+                let batch = this.returns.on_consumed(msg.len());
+                this.give_back(msg.len(), batch);
                 Poll::Ready(Some((this.decode)(msg)))
             }
             Poll::Ready(None) => match this.end.as_mut() {
@@ -273,7 +337,7 @@ impl<T> Drop for Streaming<T> {
         }
         self.returns.on_consumed(unread);
         let n = self.returns.take();
-        self.give_back(n);
+        self.give_back(unread, Some(n));
     }
 }
 
@@ -333,18 +397,20 @@ impl StreamSender<Bytes> {
     }
 
     /// A sender of typed messages.
-    pub fn encoded<T>(self, encode: fn(&T) -> Bytes) -> StreamSender<T> {
-        StreamSender {
-            conn: self.conn,
-            key: self.key,
-            buffer: self.buffer,
+    pub fn encoded<T>(mut self, encode: fn(&T) -> Bytes) -> StreamSender<T> {
+        let typed = StreamSender {
+            conn: self.conn.clone(),
+            key: self.key.clone(),
+            buffer: self.buffer.clone(),
             buffer_size: self.buffer_size,
             stall_timeout: self.stall_timeout,
             encode,
             sent: self.sent,
             ended: self.ended,
             client: self.client,
-        }
+        };
+        self.ended = true; // the typed sender carries the stream on: this one's drop ends nothing
+        typed
     }
 }
 
@@ -368,9 +434,39 @@ impl<T> StreamSender<T> {
         self.send_frame(Bytes::new(), true).await
     }
 
+    /// Waits until everything sent so far has left this side (within the receiver's credit and
+    /// `stream_stall_timeout`), so that what follows (a server's final status) comes after it.
+    pub async fn flush(&mut self) -> Result<(), SendError> {
+        let all = self.buffer.clone().acquire_many_owned(self.buffer_size);
+        let done = match self.stall_timeout {
+            Some(t) => match tokio::time::timeout(t, all).await {
+                Ok(p) => p,
+                Err(_) => return Err(SendError::Stalled(t, self.sent)),
+            },
+            None => all.await,
+        };
+        drop(done);
+        if self.key.is_closed() {
+            return Err(self.gone().await);
+        }
+        Ok(())
+    }
+
+    /// Why the stream can take nothing more.
+    async fn gone(&self) -> SendError {
+        match self.conn.state() {
+            crate::driver::ConnectionState::Closed(reason) => SendError::Connection(reason, self.sent),
+            _ => SendError::Closed(self.sent),
+        }
+    }
+
     async fn send_frame(&mut self, payload: Bytes, end: bool) -> Result<(), SendError> {
         if self.ended {
             return Err(SendError::Closed(self.sent));
+        }
+        if self.key.is_closed() {
+            self.ended = true;
+            return Err(self.gone().await);
         }
         let want = u32::try_from(payload.len()).unwrap_or(u32::MAX).min(self.buffer_size);
         let permit = if want == 0 {
@@ -395,6 +491,11 @@ impl<T> StreamSender<T> {
             };
             Some(permit.map_err(|_| SendError::Closed(self.sent))?)
         };
+        // The wait may have ended because the stream did (its parked messages were dropped).
+        if self.key.is_closed() {
+            self.ended = true;
+            return Err(self.gone().await);
+        }
         self.ended = end;
         let msg = Outbound::Data {
             key: self.key.clone(),
@@ -419,6 +520,21 @@ impl<T> StreamSender<T> {
                 status,
             })
             .await;
+    }
+}
+
+/// A sender dropped without `finish` ends its half of the stream anyway, so the peer's
+/// `Streaming` sees its end instead of waiting for ever.
+impl<T> Drop for StreamSender<T> {
+    fn drop(&mut self) {
+        if !self.ended && !self.key.is_closed() {
+            self.conn.tx.try_send(Outbound::Data {
+                key: self.key.clone(),
+                end: true,
+                payload: Bytes::new(),
+                permit: None,
+            });
+        }
     }
 }
 

@@ -21,6 +21,16 @@ pub(crate) async fn send_all(mut messages: ResponseStream, mut sender: StreamSen
             return Err(status.into());
         }
     }
+    // The final status goes only after every message has left (within the client's credit and
+    // the stall timeout), holding the request's permits until then.
+    if let Err(e) = sender.flush().await {
+        rpc_core::metrics::stream_send_failed(&e);
+        let status = match e {
+            SendError::Stalled(..) => Status::resource_exhausted(e.to_string()),
+            _ => Status::unavailable(e.to_string()),
+        };
+        return Err(status.into());
+    }
     Ok(())
 }
 

@@ -253,3 +253,240 @@ async fn a_stream_under_way_finishes_during_a_graceful_shutdown() {
     assert_eq!(n, 100, "the stream ran to its end inside the grace");
     shutdown.await.unwrap();
 }
+
+// Review findings (each failed, or would hang, on the first version of streams).
+
+/// Consumed bytes were given back to the connection only in their own stream's half-window
+/// batches, so streams that each consumed less than that spent the connection window for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_streams_that_each_consume_little_do_not_spend_the_connection_window() {
+    let connection = ConnectionConfig {
+        stream_window: 64 * 1024,
+        connection_window: 64 * 1024,
+        ..ConnectionConfig::default()
+    };
+    let server = feed_server(ServerConfig {
+        connection,
+        ..ServerConfig::default()
+    })
+    .await;
+    let config = ClientConfig {
+        connections_per_endpoint: 1,
+        connection,
+        ..quiet_client()
+    };
+    let client = FeedClient::new(Client::connect(server.local_addr(), config).await.unwrap());
+    for round in 0..8 {
+        let mut watch = client
+            .watch(Subscribe {
+                count: 30,
+                size: 1000,
+                interval_ms: 0,
+            })
+            .await
+            .unwrap();
+        let all = tokio::time::timeout(ms(5000), async {
+            let mut n = 0;
+            while watch.message().await.unwrap().is_some() {
+                n += 1;
+            }
+            n
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stream {round} hung"));
+        assert_eq!(all, 30);
+    }
+}
+
+/// A handler that returned while its last messages waited for credit: a graceful shutdown closed
+/// the connection under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_shutdown_delivers_the_messages_still_waiting_for_credit() {
+    let connection = ConnectionConfig {
+        stream_window: 64 * 1024,
+        ..ConnectionConfig::default()
+    };
+    let server = feed_server(ServerConfig {
+        connection,
+        ..ServerConfig::default()
+    })
+    .await;
+    let config = ClientConfig {
+        connection,
+        ..quiet_client()
+    };
+    let client = FeedClient::new(Client::connect(server.local_addr(), config).await.unwrap());
+    let mut watch = client
+        .watch(Subscribe {
+            count: 64,
+            size: 16 * 1024,
+            interval_ms: 0,
+        })
+        .await
+        .unwrap();
+    let sconn = {
+        let s = &server;
+        wait_until(ms(5000), || {
+            s.connections().first().is_some_and(|c| c.open_streams() == 1)
+        })
+        .await;
+        s.connections()[0].clone()
+    };
+    let shutdown = tokio::spawn(server.shutdown());
+    let mut n = 0;
+    while let Some(e) = watch.message().await.unwrap() {
+        n += 1;
+        assert_eq!(e.seq, n);
+    }
+    assert_eq!(n, 64, "every event, then the end");
+    tokio::time::timeout(ms(5000), shutdown).await.unwrap().unwrap();
+    assert_eq!(sconn.open_streams(), 0);
+}
+
+/// A stream the server's GOAWAY names as never started hung its consumer, and lost the proof
+/// that it did not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_stream_above_the_goaway_id_fails_at_once_as_not_executed() {
+    use rpc_core::frame::{features, Frame, GoAway, Settings};
+    let (addr, accept) = tests::RawPeer::server(Settings {
+        max_frame_size: Some(1 << 20),
+        features: Some(features::ALL),
+        ..Settings::default()
+    })
+    .await;
+    let peer = tokio::spawn(async move {
+        let mut raw = accept.await;
+        loop {
+            match raw.next_frame(ms(5000)).await {
+                Some(Frame::Request(r)) if r.stream => break,
+                Some(_) => {}
+                None => panic!("no stream opened"),
+            }
+        }
+        raw.send(Frame::GoAway(GoAway {
+            reason: rpc_core::GoAwayReason::Shutdown,
+            last_request_id: 0,
+            message: "going".into(),
+        }))
+        .await;
+        raw
+    });
+    let client = Client::connect(addr, quiet_client()).await.unwrap();
+    let (_sender, mut responses) = client
+        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Watch", ()))
+        .await
+        .unwrap();
+    let _raw = peer.await.unwrap();
+    let err = tokio::time::timeout(ms(2000), responses.message())
+        .await
+        .expect("the stream ended at the GOAWAY")
+        .unwrap_err();
+    assert!(!responses.may_have_executed(), "{err:?}");
+    assert!(err.message().contains("not executed"), "{err:?}");
+}
+
+/// A producer whose stream had ended kept "sending" into nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_producer_learns_that_its_stream_is_gone() {
+    let server = feed_server(ServerConfig::default()).await;
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let (mut sender, responses) = client
+        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+        .await
+        .unwrap();
+    sender.send(bytes::Bytes::from_static(b"\x08\x01")).await.unwrap();
+    drop(responses); // the consumer goes: the stream is cancelled
+    let failed = tokio::time::timeout(ms(2000), async {
+        loop {
+            if let Err(e) = sender.send(bytes::Bytes::from_static(b"\x08\x02")).await {
+                break e;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("send went on succeeding after the stream was cancelled");
+    assert!(matches!(failed, rpc_client::SendError::Closed(_)), "{failed:?}");
+}
+
+/// A sender dropped without `finish` left the server's handler waiting for the end for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_dropped_sender_ends_its_half_of_the_stream() {
+    use prost::Message;
+    let server = feed_server(ServerConfig::default()).await;
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let (mut sender, responses) = client
+        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Upload", ()))
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        let e = Event {
+            seq,
+            payload: vec![1u8; 10].into(),
+        };
+        sender.send(e.encode_to_vec().into()).await.unwrap();
+    }
+    drop(sender);
+    let mut responses = responses
+        .decoded(|b| examples::feed::v1::Summary::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+    let summary = tokio::time::timeout(ms(2000), responses.message())
+        .await
+        .expect("the handler saw the end")
+        .unwrap()
+        .unwrap();
+    assert_eq!((summary.count, summary.last_seq), (3, 3));
+}
+
+/// After the server's GOAWAY the client sent no CANCEL, and a stream has no deadline: a dropped
+/// stream's handler ran until the grace ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_stream_dropped_during_a_drain_is_cancelled() {
+    let server = feed_server(ServerConfig {
+        shutdown_grace: Duration::from_secs(30),
+        ..ServerConfig::default()
+    })
+    .await;
+    let client = FeedClient::new(Client::connect(server.local_addr(), quiet_client()).await.unwrap());
+    let mut watch = client
+        .watch(Subscribe {
+            count: 0,
+            size: 10,
+            interval_ms: 2,
+        })
+        .await
+        .unwrap();
+    watch.message().await.unwrap().unwrap();
+    let conn = client.get_ref().connections()[0].clone();
+    let start = tokio::time::Instant::now();
+    let shutdown = tokio::spawn(server.shutdown());
+    wait_until(ms(5000), || !conn.is_open()).await; // the GOAWAY arrived
+    drop(watch);
+    tokio::time::timeout(ms(5000), shutdown)
+        .await
+        .expect("shutdown waited for the grace")
+        .unwrap();
+    assert!(start.elapsed() < ms(5000));
+}
+
+#[test]
+fn review_stream_windows_are_validated() {
+    let bad = [
+        ConnectionConfig {
+            stream_window: 0,
+            ..ConnectionConfig::default()
+        },
+        ConnectionConfig {
+            stream_window: 1 << 20,
+            connection_window: 1 << 19,
+            ..ConnectionConfig::default()
+        },
+        ConnectionConfig {
+            connection_window: u32::MAX,
+            ..ConnectionConfig::default()
+        },
+    ];
+    for c in bad {
+        assert!(c.validate().is_err(), "{c:?}");
+    }
+    assert!(ConnectionConfig::default().validate().is_ok());
+}

@@ -117,8 +117,12 @@ impl Reply {
     /// Tells the caller why the request fails.
     pub(crate) fn fail(self, e: ConnectionError) {
         match self {
-            Reply::Response(r) | Reply::Stream { end: r, .. } => {
+            Reply::Response(r) => {
                 let _ = r.send(Err(e));
+            }
+            Reply::Stream { end, key, .. } => {
+                key.close();
+                let _ = end.send(Err(e));
             }
             Reply::Written(r) => {
                 let _ = r.send(Err(e));

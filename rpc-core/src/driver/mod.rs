@@ -214,6 +214,7 @@ impl<S> Driver<S> {
         for _ in 0..self.streams.clear() {
             self.metrics.stream_closed("connection");
         }
+        self.shared.open_streams.store(0, Ordering::Relaxed);
         for msg in self.rx.close() {
             if let Outbound::Request { reply, .. } = msg {
                 reply.fail(ConnectionError::NotWritten(reason.clone()));
@@ -280,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             pending_calls: Default::default(),
             open_streams: Default::default(),
             wake: tx.waker(),
-            returned: Default::default(),
+            returned: crate::stream::Returned::new(cfg.settings.connection_window.unwrap_or(streams::DEFAULT_WINDOW)),
             stream_window: cfg.settings.stream_window.unwrap_or(streams::DEFAULT_WINDOW),
             stream_stall_timeout: cfg.connection.stream_stall_timeout,
         });
@@ -611,9 +612,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 }
                 // Its handler is dropped, and its responder sends nothing (an answer already
                 // queued is written; the client discards it).
-                if self.dispatch.as_mut().is_some_and(|d| d.cancel(id)) {
-                    self.end_stream(id, "cancelled");
+                if let Some(d) = self.dispatch.as_mut() {
+                    d.cancel(id);
                 }
+                // A stream whose handler already returned may still have messages parked.
+                self.end_stream(id, "cancelled");
             }
             Frame::Heartbeat { id } => self.encode(&Frame::HeartbeatAck { id }),
             Frame::HeartbeatAck { .. } => {
@@ -730,9 +733,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             // A stream opened by the client: its messages go to the handler, whose own go back
             // through the same queue as responses, each within the client's credit.
             let (messages_tx, messages) = tokio::sync::mpsc::unbounded_channel();
-            self.streams.open(id, messages_tx);
-            self.metrics.stream_opened();
             let key = crate::stream::StreamKey::with_id(id);
+            self.streams.open(id, key.clone(), messages_tx);
+            self.metrics.stream_opened();
             let conn = ConnectionHandle {
                 tx: tx.clone(),
                 shared: self.shared.clone(),
@@ -785,6 +788,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         for (reply, e) in not_run {
             let _ = reply.send(Err(e));
         }
+        if let Some(last) = self.session.goaway_last_id() {
+            for _ in 0..self.streams.remove_above(last) {
+                self.metrics.stream_closed("goaway");
+            }
+        }
         self.tasks.close();
     }
 
@@ -805,7 +813,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     /// Once draining, the connection closes when nothing is left in flight.
     fn poll_drained(&mut self, cx: &mut Context<'_>) -> Option<CloseReason> {
-        if !self.session.drained() || !self.wbuf.is_empty() || self.needs_flush || !self.rx.is_empty() {
+        // A stream whose last messages wait for credit is not done either.
+        if !self.session.drained()
+            || !self.wbuf.is_empty()
+            || self.needs_flush
+            || !self.rx.is_empty()
+            || self.streams.len() > 0
+        {
             return None;
         }
         if self.cfg.side == Side::Server {
@@ -860,7 +874,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 reply,
             } => {
                 if reply.is_closed() {
-                    return; // the caller gave up before we got to it
+                    return reply.fail(ConnectionError::Draining); // the caller gave up before we got to it
                 }
                 let (id, timeout) = match self.session.admit(now, deadline) {
                     Ok(admitted) => admitted,
@@ -881,7 +895,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     Reply::Written(written) => self.session.on_oneway_sent(id, written),
                     Reply::Stream { end, messages, key } => {
                         key.set_id(id);
-                        self.streams.open(id, messages);
+                        self.streams.open(id, key, messages);
                         self.metrics.stream_opened();
                         self.session.on_request_sent(id, end);
                     }
@@ -971,8 +985,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// credit the application consumed.
     fn flush_parked(&mut self) {
         let returned = self.shared.returned.take();
-        if !returned.is_empty() {
-            for frame in self.streams.on_returned(returned) {
+        let connection = self.shared.returned.take_connection();
+        if !returned.is_empty() || connection > 0 {
+            for frame in self.streams.on_returned(returned, connection) {
                 self.encode(&frame);
             }
         }
@@ -1059,7 +1074,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// Server: work is in flight (handlers running, responses queued or unwritten), so the
     /// connection is not idle.
     fn busy(&self) -> bool {
-        self.cfg.side == Side::Server && (!self.tasks.is_empty() || !self.rx.is_empty() || !self.wbuf.is_empty())
+        self.cfg.side == Side::Server
+            && (!self.tasks.is_empty() || !self.rx.is_empty() || !self.wbuf.is_empty() || self.streams.len() > 0)
     }
 
     /// Forgets the calls whose callers gave up, and tells a server that understands CANCEL to drop
@@ -1069,13 +1085,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         for (id, _) in &gone {
             self.end_stream(*id, "cancelled");
         }
-        if self.peer_features & features::CANCEL == 0 || self.session.goaway_received() {
+        if self.peer_features & features::CANCEL == 0 {
             return;
         }
-        for (id, written) in gone {
-            if written {
-                self.encode(&Frame::Cancel { id });
-            }
+        // Every swept call was admitted, so its request is written or in the write buffer ahead
+        // of this CANCEL; after a GOAWAY, what is still pending is at or below its last id and
+        // still runs on the server: a stream would run for ever.
+        for (id, _) in gone {
+            self.encode(&Frame::Cancel { id });
         }
     }
 

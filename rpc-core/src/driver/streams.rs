@@ -39,6 +39,8 @@ pub(crate) enum Ready {
 
 #[derive(Debug)]
 struct Entry {
+    /// Tells this side's producer when the stream is gone.
+    key: crate::stream::StreamKey,
     /// Where the peer's messages go; `None` once the peer sent END.
     messages: Option<UnboundedSender<Bytes>>,
     /// What we granted the peer for this stream, minus what it sent.
@@ -74,8 +76,9 @@ impl Streams {
     }
 
     pub(crate) fn on_peer_settings(&mut self, s: &Settings) {
-        self.peer_stream_window = s.stream_window.unwrap_or(DEFAULT_WINDOW);
-        self.conn_send = Credit::new(s.connection_window.unwrap_or(DEFAULT_WINDOW));
+        const MAX: u32 = (1 << 31) - 1;
+        self.peer_stream_window = s.stream_window.unwrap_or(DEFAULT_WINDOW).min(MAX);
+        self.conn_send = Credit::new(s.connection_window.unwrap_or(DEFAULT_WINDOW).min(MAX));
     }
 
     /// The window this side grants each stream.
@@ -88,10 +91,11 @@ impl Streams {
         self.peer_stream_window
     }
 
-    pub(crate) fn open(&mut self, id: u64, messages: UnboundedSender<Bytes>) {
+    pub(crate) fn open(&mut self, id: u64, key: crate::stream::StreamKey, messages: UnboundedSender<Bytes>) {
         self.table.insert(
             id,
             Entry {
+                key,
                 messages: Some(messages),
                 recv: Credit::new(self.own_stream_window),
                 send: Credit::new(self.peer_stream_window),
@@ -113,12 +117,34 @@ impl Streams {
     /// Forgets a stream: what waited for credit is dropped (its permits released), its receiver
     /// sees the end of its messages.
     pub(crate) fn remove(&mut self, id: u64) -> bool {
-        self.table.remove(&id).is_some()
+        match self.table.remove(&id) {
+            Some(e) => {
+                e.key.close();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the streams above `last` (the peer's GOAWAY says it never started them).
+    pub(crate) fn remove_above(&mut self, last: u64) -> usize {
+        let before = self.table.len();
+        self.table.retain(|id, e| {
+            let keep = *id <= last;
+            if !keep {
+                e.key.close();
+            }
+            keep
+        });
+        before - self.table.len()
     }
 
     /// Forgets every stream (the connection closed); how many there were.
     pub(crate) fn clear(&mut self) -> usize {
         let n = self.table.len();
+        for e in self.table.values() {
+            e.key.close();
+        }
         self.table.clear();
         self.parked.clear();
         n
@@ -173,23 +199,21 @@ impl Streams {
             .map_err(|_| ProtocolError::FlowControl("WINDOW past 2^31 - 1"))
     }
 
-    /// The application consumed bytes of streams: the WINDOW frames that give them back.
-    pub(crate) fn on_returned(&mut self, returned: Vec<(u64, u32)>) -> Vec<Frame> {
+    /// The application consumed bytes: the WINDOW frames that give them back, per stream (its
+    /// batches) and for the connection (`connection` bytes).
+    pub(crate) fn on_returned(&mut self, returned: Vec<(u64, u32)>, connection: u32) -> Vec<Frame> {
         let mut frames = Vec::new();
-        let mut total: u64 = 0;
         for (id, n) in returned {
-            total += u64::from(n);
             if let Some(e) = self.table.get_mut(&id) {
                 if e.messages.is_some() && e.recv.grant(n).is_ok() {
                     frames.push(Frame::Window { id, increment: n });
                 }
             }
         }
-        let total = u32::try_from(total).unwrap_or(u32::MAX);
-        if total > 0 && self.conn_recv.grant(total).is_ok() {
+        if connection > 0 && self.conn_recv.grant(connection).is_ok() {
             frames.push(Frame::Window {
                 id: 0,
-                increment: total,
+                increment: connection,
             });
         }
         frames
@@ -211,7 +235,9 @@ impl Streams {
                     e.waiting.push_back(Waiting::Data { end, payload, permit });
                 }
                 Waiting::End(r) => {
-                    self.table.remove(&id);
+                    if let Some(e) = self.table.remove(&id) {
+                        e.key.close();
+                    }
                     return Some(Ready::End(r));
                 }
             }
@@ -245,9 +271,15 @@ impl Streams {
                         None
                     }
                 }
-                Some(Waiting::End(_)) => match self.table.remove(&id).and_then(|mut e| e.waiting.pop_front()) {
-                    Some(Waiting::End(r)) => return Some(Ready::End(r)),
-                    _ => None,
+                Some(Waiting::End(_)) => match self.table.remove(&id) {
+                    Some(mut e) => {
+                        e.key.close();
+                        match e.waiting.pop_front() {
+                            Some(Waiting::End(r)) => return Some(Ready::End(r)),
+                            _ => None,
+                        }
+                    }
+                    None => None,
                 },
                 None => continue,
             };
