@@ -197,6 +197,8 @@ pub(crate) struct Shared {
     pub(crate) pending_calls: AtomicUsize,
     /// Streams open, as of the driver's last pass.
     pub(crate) open_streams: AtomicUsize,
+    /// Stream message bytes waiting for the peer's credit, as of the driver's last pass.
+    pub(crate) stream_bytes_waiting: AtomicUsize,
     /// Wakes the driver (to sweep cancelled calls, or to give stream credit back).
     pub(crate) wake: QueueWaker,
     /// Stream bytes the application consumed, for the driver to give back as WINDOW frames.
@@ -294,6 +296,13 @@ impl ConnectionHandle {
     /// call is forgotten then).
     pub fn pending_calls(&self) -> usize {
         self.shared.pending_calls.load(Ordering::Relaxed)
+    }
+
+    /// Stream message bytes this side holds for the peer, waiting for its credit (as of the
+    /// driver's last pass): what a consumer that stops reading makes this side hold, besides
+    /// [`ConnectionHandle::outbound_buffered`].
+    pub fn stream_bytes_waiting(&self) -> usize {
+        self.shared.stream_bytes_waiting.load(Ordering::Relaxed)
     }
 
     /// Streams open on this connection, as of the driver's last pass.

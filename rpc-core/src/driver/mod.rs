@@ -215,6 +215,7 @@ impl<S> Driver<S> {
             self.metrics.stream_closed("connection");
         }
         self.shared.open_streams.store(0, Ordering::Relaxed);
+        self.shared.stream_bytes_waiting.store(0, Ordering::Relaxed);
         for msg in self.rx.close() {
             if let Outbound::Request { reply, .. } = msg {
                 reply.fail(ConnectionError::NotWritten(reason.clone()));
@@ -280,6 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             cancelled: Default::default(),
             pending_calls: Default::default(),
             open_streams: Default::default(),
+            stream_bytes_waiting: Default::default(),
             wake: tx.waker(),
             returned: crate::stream::Returned::new(cfg.settings.connection_window.unwrap_or(streams::DEFAULT_WINDOW)),
             stream_window: cfg.settings.stream_window.unwrap_or(streams::DEFAULT_WINDOW),
@@ -430,6 +432,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 .pending_calls
                 .store(self.session.pending(), Ordering::Relaxed);
             self.shared.open_streams.store(self.streams.len(), Ordering::Relaxed);
+            self.shared
+                .stream_bytes_waiting
+                .store(self.streams.parked_bytes(), Ordering::Relaxed);
             if !budget_used {
                 self.release_idle_buffers();
             }

@@ -59,6 +59,20 @@ pub(crate) struct Streams {
     table: HashMap<u64, Entry>,
     /// Streams with frames waiting for credit, served in turn.
     parked: VecDeque<u64>,
+    /// Message bytes waiting for credit, all streams.
+    parked_bytes: usize,
+}
+
+impl Entry {
+    fn waiting_bytes(&self) -> usize {
+        self.waiting
+            .iter()
+            .map(|w| match w {
+                Waiting::Data { payload, .. } => payload.len(),
+                Waiting::End(_) => 0,
+            })
+            .sum()
+    }
 }
 
 impl Streams {
@@ -72,6 +86,7 @@ impl Streams {
             conn_recv: Credit::new(own_connection_window),
             table: HashMap::new(),
             parked: VecDeque::new(),
+            parked_bytes: 0,
         }
     }
 
@@ -109,6 +124,15 @@ impl Streams {
         self.table.len()
     }
 
+    /// Message bytes waiting for credit, on all streams.
+    pub(crate) fn parked_bytes(&self) -> usize {
+        self.parked_bytes
+    }
+
+    fn forget_waiting(&mut self, e: &Entry) {
+        self.parked_bytes -= e.waiting_bytes();
+    }
+
     /// True while stream `id` is open here.
     pub(crate) fn contains(&self, id: u64) -> bool {
         self.table.contains_key(&id)
@@ -119,6 +143,7 @@ impl Streams {
     pub(crate) fn remove(&mut self, id: u64) -> bool {
         match self.table.remove(&id) {
             Some(e) => {
+                self.forget_waiting(&e);
                 e.key.close();
                 true
             }
@@ -129,13 +154,16 @@ impl Streams {
     /// Forgets the streams above `last` (the peer's GOAWAY says it never started them).
     pub(crate) fn remove_above(&mut self, last: u64) -> usize {
         let before = self.table.len();
+        let mut dropped = 0;
         self.table.retain(|id, e| {
             let keep = *id <= last;
             if !keep {
+                dropped += e.waiting_bytes();
                 e.key.close();
             }
             keep
         });
+        self.parked_bytes -= dropped;
         before - self.table.len()
     }
 
@@ -147,6 +175,7 @@ impl Streams {
         }
         self.table.clear();
         self.parked.clear();
+        self.parked_bytes = 0;
         n
     }
 
@@ -232,6 +261,7 @@ impl Streams {
                         self.conn_send.spend(len);
                         return Some(Ready::Data(Frame::Data { id, end, payload }, permit));
                     }
+                    self.parked_bytes += payload.len();
                     e.waiting.push_back(Waiting::Data { end, payload, permit });
                 }
                 Waiting::End(r) => {
@@ -242,6 +272,9 @@ impl Streams {
                 }
             }
         } else {
+            if let Waiting::Data { payload, .. } = &w {
+                self.parked_bytes += payload.len();
+            }
             e.waiting.push_back(w);
         }
         if !self.parked.contains(&id) {
@@ -263,6 +296,7 @@ impl Streams {
                         self.conn_send.spend(len);
                         match e.waiting.pop_front() {
                             Some(Waiting::Data { end, payload, permit }) => {
+                                self.parked_bytes -= payload.len();
                                 Some(Ready::Data(Frame::Data { id, end, payload }, permit))
                             }
                             _ => None,
