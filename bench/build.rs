@@ -3,7 +3,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../examples/proto/echo.proto");
-    let fds = protox::compile(["../examples/proto/echo.proto"], ["../examples/proto"])?;
+    println!("cargo:rerun-if-changed=../examples/proto/feed.proto");
+    let fds = protox::compile(
+        ["../examples/proto/echo.proto", "../examples/proto/feed.proto"],
+        ["../examples/proto"],
+    )?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

@@ -60,6 +60,22 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         window: Duration,
     },
+    /// Streams: server-stream messages per second at 64 B and MB/s at 16 KiB on one connection,
+    /// and a bidirectional ping-pong's latency (the raw floor's ping-pong is its unary echo).
+    Stream {
+        /// Messages of 64 B in the server stream.
+        #[arg(long, default_value_t = 300_000)]
+        small: u32,
+        /// Messages of 16 KiB in the server stream.
+        #[arg(long, default_value_t = 30_000)]
+        large: u32,
+        /// Round trips in the ping-pong.
+        #[arg(long, default_value_t = 20_000)]
+        pings: usize,
+        /// Only these systems (default all).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<System>,
+    },
     /// Serve one system's echo service (used by `run`).
     Server {
         #[arg(long)]
@@ -147,6 +163,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Cmd::Server { system } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(systems::serve(system))
+        }
+        Cmd::Stream {
+            small,
+            large,
+            pings,
+            systems,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let systems = if systems.is_empty() { System::ALL.to_vec() } else { systems };
+            rt.block_on(streams(systems, small, large, pings))
         }
         Cmd::Idle { connections, window } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -245,6 +271,76 @@ async fn run(
     }
     if checkout {
         checkout_cost().await?;
+    }
+    Ok(())
+}
+
+/// What one system did in the stream benchmark.
+#[derive(Debug, Clone)]
+struct StreamOutcome {
+    small_msgs_per_s: f64,
+    large_mb_per_s: f64,
+    ping_p50_us: f64,
+    ping_p99_us: f64,
+}
+
+async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "machine: {} cores; one connection; server stream of {small} x 64 B and {large} x 16 KiB; {pings} ping-pongs of 64 B",
+        std::thread::available_parallelism()?
+    );
+    let mut results = Vec::new();
+    for &system in &systems {
+        let (_child, _pid, addr) = spawn_server(system).await?;
+        // Warm-up: a short stream first.
+        systems::stream_once(system, addr, 1000, 64).await?;
+        let start = Instant::now();
+        let n = systems::stream_once(system, addr, small, 64).await?;
+        let small_msgs_per_s = n as f64 / start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let n = systems::stream_once(system, addr, large, 16 * 1024).await?;
+        let large_mb_per_s = (n as f64 * 16.0 * 1024.0) / (1024.0 * 1024.0) / start.elapsed().as_secs_f64();
+        let hist = systems::ping_pong(system, addr, pings).await?;
+        let outcome = StreamOutcome {
+            small_msgs_per_s,
+            large_mb_per_s,
+            ping_p50_us: hist.value_at_quantile(0.5) as f64,
+            ping_p99_us: hist.value_at_quantile(0.99) as f64,
+        };
+        eprintln!("{system:?}: {outcome:?}");
+        results.push((system, outcome));
+    }
+    println!();
+    println!("| system | server stream, 64 B msgs/s | server stream, 16 KiB MB/s | ping-pong p50 µs | ping-pong p99 µs |");
+    println!("|---|---|---|---|---|");
+    for (system, o) in &results {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            system.name(),
+            o.small_msgs_per_s,
+            o.large_mb_per_s,
+            o.ping_p50_us,
+            o.ping_p99_us
+        );
+    }
+    let get = |s: System| results.iter().find(|(sys, _)| *sys == s).map(|r| r.1.clone());
+    if let (Some(t), Some(g)) = (get(System::Tether), get(System::Tonic)) {
+        println!();
+        println!(
+            "tether / tonic: 64 B stream {:.2}x, 16 KiB stream {:.2}x, ping-pong p50 {:.2}, p99 {:.2}",
+            t.small_msgs_per_s / g.small_msgs_per_s,
+            t.large_mb_per_s / g.large_mb_per_s,
+            t.ping_p50_us / g.ping_p50_us,
+            t.ping_p99_us / g.ping_p99_us
+        );
+    }
+    if let (Some(t), Some(r)) = (get(System::Tether), get(System::Raw)) {
+        println!(
+            "tether / raw floor: 64 B stream {:.0} %, 16 KiB stream {:.0} %, ping-pong p50 {:.2}",
+            100.0 * t.small_msgs_per_s / r.small_msgs_per_s,
+            100.0 * t.large_mb_per_s / r.large_mb_per_s,
+            t.ping_p50_us / r.ping_p50_us
+        );
     }
     Ok(())
 }

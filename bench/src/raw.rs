@@ -59,6 +59,25 @@ pub(crate) async fn serve(listener: TcpListener) -> std::io::Result<()> {
                 let Ok(req) = pb::EchoRequest::decode(f.freeze()) else {
                     return;
                 };
+                if id == STREAM {
+                    // The streaming floor: `delay_ms` events of `reply_size` bytes, then an end
+                    // frame; TCP's own backpressure is the only flow control.
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let payload = Bytes::from(vec![0x5A; req.reply_size as usize]);
+                        for seq in 1..=u64::from(req.delay_ms) {
+                            let event = crate::systems::feed::Event {
+                                seq,
+                                payload: payload.clone(),
+                            };
+                            if tx.send(frame(0, &event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(frame(STREAM, &pb::EchoReply::default())).await;
+                    });
+                    continue;
+                }
                 let reply = pb::EchoReply {
                     message: req.message,
                     payload: req.payload,
@@ -70,6 +89,38 @@ pub(crate) async fn serve(listener: TcpListener) -> std::io::Result<()> {
             }
         });
     }
+}
+
+/// The request id that asks the raw server for a stream (see `serve`).
+pub(crate) const STREAM: u64 = u64::MAX;
+
+/// The raw streaming floor's client: asks for `count` events of `size` bytes on a connection of
+/// its own and reads them; returns how many arrived.
+pub(crate) async fn stream(addr: SocketAddr, count: u32, size: u32) -> std::io::Result<u64> {
+    use futures_util::StreamExt;
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut sink = FramedWrite::new(w, LengthDelimitedCodec::new());
+    let req = pb::EchoRequest {
+        delay_ms: count,
+        reply_size: size,
+        ..Default::default()
+    };
+    sink.send(frame(STREAM, &req)).await?;
+    let mut frames = FramedRead::new(r, LengthDelimitedCodec::new());
+    let mut n = 0;
+    while let Some(f) = frames.next().await {
+        let mut f = f?;
+        let id = u64::from_be_bytes(f.split_to(8)[..].try_into().expect("8 bytes"));
+        if id == STREAM {
+            break;
+        }
+        let event = crate::systems::feed::Event::decode(f.freeze())?;
+        std::hint::black_box(&event);
+        n += 1;
+    }
+    Ok(n)
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;

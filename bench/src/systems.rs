@@ -13,6 +13,58 @@ pub(crate) mod pb {
     tonic::include_proto!("echo");
 }
 
+/// The tonic side's streaming service (`feed.proto`, the same `Feed` tether serves).
+pub(crate) mod feed {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("feed.v1");
+}
+
+type TonicStream<T> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+struct TonicFeed;
+
+#[tonic::async_trait]
+impl feed::feed_server::Feed for TonicFeed {
+    type WatchStream = TonicStream<feed::Event>;
+    type EchoStream = TonicStream<feed::Event>;
+
+    async fn watch(
+        &self,
+        req: tonic::Request<feed::Subscribe>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let sub = req.into_inner();
+        let payload = Bytes::from(vec![0x5A; sub.size as usize]);
+        let count = u64::from(sub.count);
+        let events = futures_util::stream::iter((1..=count).map(move |seq| {
+            Ok(feed::Event {
+                seq,
+                payload: payload.clone(),
+            })
+        }));
+        Ok(tonic::Response::new(Box::pin(events)))
+    }
+
+    async fn upload(
+        &self,
+        req: tonic::Request<tonic::Streaming<feed::Event>>,
+    ) -> Result<tonic::Response<feed::Summary>, tonic::Status> {
+        let mut events = req.into_inner();
+        let mut summary = feed::Summary::default();
+        while let Some(e) = events.message().await? {
+            summary.count += 1;
+            summary.last_seq = e.seq;
+        }
+        Ok(tonic::Response::new(summary))
+    }
+
+    async fn echo(
+        &self,
+        req: tonic::Request<tonic::Streaming<feed::Event>>,
+    ) -> Result<tonic::Response<Self::EchoStream>, tonic::Status> {
+        Ok(tonic::Response::new(Box::pin(req.into_inner())))
+    }
+}
+
 /// A system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum System {
@@ -67,6 +119,9 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
                 .add_service(examples::echo::echo_server::EchoServer::new(
                     examples::services::EchoService::default(),
                 ))
+                .add_service(examples::feed::v1::feed_server::FeedServer::new(
+                    examples::services::FeedService,
+                ))
                 .serve(listener)?;
             std::future::pending::<()>().await;
             drop(server);
@@ -85,6 +140,7 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(pb::echo_server::EchoServer::new(TonicEcho))
+                .add_service(feed::feed_server::FeedServer::new(TonicFeed))
                 .serve_with_incoming(incoming)
                 .await?;
         }
@@ -257,4 +313,120 @@ pub(crate) async fn open_idle(system: System, addr: SocketAddr, n: usize) -> Res
         }
         System::Raw => Err("the raw floor has no heartbeats".into()),
     }
+}
+
+/// Opens one server stream of `count` events of `size` bytes on a fresh connection and reads it
+/// to its end; returns how many arrived.
+pub(crate) async fn stream_once(
+    system: System,
+    addr: SocketAddr,
+    count: u32,
+    size: u32,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    let mut n = 0u64;
+    match system {
+        System::Tether => {
+            let client = rpc_client::Client::connect(addr, rpc_client::ClientConfig::default()).await?;
+            let feed = examples::feed::v1::feed_client::FeedClient::new(client);
+            let mut events = feed
+                .watch(examples::feed::v1::Subscribe {
+                    count,
+                    size,
+                    interval_ms: 0,
+                })
+                .await?;
+            while let Some(e) = events.message().await? {
+                std::hint::black_box(&e);
+                n += 1;
+            }
+        }
+        System::Tonic => {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            let mut client = feed::feed_client::FeedClient::new(channel);
+            let mut events = client
+                .watch(feed::Subscribe {
+                    count,
+                    size,
+                    interval_ms: 0,
+                })
+                .await?
+                .into_inner();
+            while let Some(e) = events.message().await? {
+                std::hint::black_box(&e);
+                n += 1;
+            }
+        }
+        System::Raw => n = raw::stream(addr, count, size).await?,
+    }
+    if n != u64::from(count) {
+        return Err(format!("{system:?}: {n} of {count} events").into());
+    }
+    Ok(n)
+}
+
+/// `n` round trips of a 64 B message on one bidirectional stream (the raw floor: its unary echo,
+/// one caller); the latency of each.
+pub(crate) async fn ping_pong(
+    system: System,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<hdrhistogram::Histogram<u64>, Box<dyn std::error::Error>> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let payload = Bytes::from(vec![7u8; 64]);
+    match system {
+        System::Tether => {
+            let client = rpc_client::Client::connect(addr, rpc_client::ClientConfig::default()).await?;
+            let feed = examples::feed::v1::feed_client::FeedClient::new(client);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut replies = feed.echo(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+            for seq in 0..n as u64 {
+                let start = tokio::time::Instant::now();
+                tx.send(examples::feed::v1::Event {
+                    seq,
+                    payload: payload.clone(),
+                })
+                .await?;
+                replies.message().await?.ok_or("stream ended")?;
+                hist.record(start.elapsed().as_micros() as u64)?;
+            }
+        }
+        System::Tonic => {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            let mut client = feed::feed_client::FeedClient::new(channel);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut replies = client
+                .echo(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            for seq in 0..n as u64 {
+                let start = tokio::time::Instant::now();
+                tx.send(feed::Event {
+                    seq,
+                    payload: payload.clone(),
+                })
+                .await?;
+                replies.message().await?.ok_or("stream ended")?;
+                hist.record(start.elapsed().as_micros() as u64)?;
+            }
+        }
+        System::Raw => {
+            let client = RawClient::connect(addr).await?;
+            let req = pb::EchoRequest {
+                payload: payload.clone(),
+                ..Default::default()
+            };
+            for _ in 0..n {
+                let start = tokio::time::Instant::now();
+                client.call(&req).await.ok_or("raw call failed")?;
+                hist.record(start.elapsed().as_micros() as u64)?;
+            }
+        }
+    }
+    Ok(hist)
 }

@@ -17,6 +17,7 @@ impl Dispatch for Busy {
         _request: RequestFrame,
         _received_at: tokio::time::Instant,
         responder: Responder,
+        _stream: Option<rpc_core::driver::StreamIo>,
         _tasks: &tokio_util::task::TaskTracker,
     ) -> Option<ResponseFrame> {
         responder.immediate(Status::busy("fuzz"))

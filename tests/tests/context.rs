@@ -434,29 +434,7 @@ async fn a_call_whose_inherited_deadline_has_passed_is_not_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_oneways_cancellation_fires_when_its_client_goes() {
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let server = Server::builder()
-        .route(
-            "/t.T/Oneway",
-            handler_fn(move |req: Request<Bytes>| {
-                let tx = tx.clone();
-                let cancellation = req.cancellation().cloned().unwrap();
-                async move {
-                    // The handler itself is dropped when it fires; a task it handed work to sees it.
-                    let watcher = tx.clone();
-                    tokio::spawn(async move {
-                        cancellation.cancelled().await;
-                        let _ = watcher.send("cancelled");
-                    });
-                    let _ = tx.send("started");
-                    std::future::pending::<()>().await;
-                    Ok(Response::new(Bytes::new()))
-                }
-            }),
-        )
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, mut events) = watching_server(ServerConfig::default()).await;
     // A client whose process dies after its oneway: its socket just closes.
     let mut raw = tests::RawPeer::connect(server.local_addr()).await;
     raw.send_settings().await;
@@ -465,7 +443,7 @@ async fn a_oneways_cancellation_fires_when_its_client_goes() {
         id,
         oneway: true,
         timeout: Some(ms(60_000)),
-        method: "/t.T/Oneway".into(),
+        method: "/t.T/Watch".into(),
         ..Default::default()
     }))
     .await;

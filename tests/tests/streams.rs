@@ -34,6 +34,22 @@ async fn feed_server(config: ServerConfig) -> ServerHandle {
         .unwrap()
 }
 
+/// A feed server and a client on one connection, both with `connection`'s stream settings.
+async fn pair(connection: ConnectionConfig) -> (ServerHandle, Client) {
+    let server = feed_server(ServerConfig {
+        connection,
+        ..ServerConfig::default()
+    })
+    .await;
+    let config = ClientConfig {
+        connections_per_endpoint: 1,
+        connection,
+        ..quiet_client()
+    };
+    let client = Client::connect(server.local_addr(), config).await.unwrap();
+    (server, client)
+}
+
 fn events(n: u64, size: usize) -> impl futures_util::Stream<Item = Event> + Send + 'static {
     futures_util::stream::iter((1..=n).map(move |seq| Event {
         seq,
@@ -87,17 +103,7 @@ async fn a_consumer_that_stops_reading_stalls_only_its_own_stream_until_it_is_re
         stream_stall_timeout: Some(ms(800)),
         ..ConnectionConfig::default()
     };
-    let server = feed_server(ServerConfig {
-        connection,
-        ..ServerConfig::default()
-    })
-    .await;
-    let config = ClientConfig {
-        connections_per_endpoint: 1,
-        connection,
-        ..quiet_client()
-    };
-    let raw = Client::connect(server.local_addr(), config).await.unwrap();
+    let (server, raw) = pair(connection).await;
     let client = FeedClient::new(raw.clone());
     let forever = Subscribe {
         count: 0,
@@ -265,17 +271,8 @@ async fn review_streams_that_each_consume_little_do_not_spend_the_connection_win
         connection_window: 64 * 1024,
         ..ConnectionConfig::default()
     };
-    let server = feed_server(ServerConfig {
-        connection,
-        ..ServerConfig::default()
-    })
-    .await;
-    let config = ClientConfig {
-        connections_per_endpoint: 1,
-        connection,
-        ..quiet_client()
-    };
-    let client = FeedClient::new(Client::connect(server.local_addr(), config).await.unwrap());
+    let (server, client) = pair(connection).await;
+    let client = FeedClient::new(client);
     for round in 0..8 {
         let mut watch = client
             .watch(Subscribe {
@@ -306,16 +303,8 @@ async fn review_a_shutdown_delivers_the_messages_still_waiting_for_credit() {
         stream_window: 64 * 1024,
         ..ConnectionConfig::default()
     };
-    let server = feed_server(ServerConfig {
-        connection,
-        ..ServerConfig::default()
-    })
-    .await;
-    let config = ClientConfig {
-        connection,
-        ..quiet_client()
-    };
-    let client = FeedClient::new(Client::connect(server.local_addr(), config).await.unwrap());
+    let (server, client) = pair(connection).await;
+    let client = FeedClient::new(client);
     let mut watch = client
         .watch(Subscribe {
             count: 64,
