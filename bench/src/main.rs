@@ -171,7 +171,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             systems,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let systems = if systems.is_empty() { System::ALL.to_vec() } else { systems };
+            let systems = if systems.is_empty() {
+                System::ALL.to_vec()
+            } else {
+                systems
+            };
             rt.block_on(streams(systems, small, large, pings))
         }
         Cmd::Idle { connections, window } => {
@@ -311,7 +315,9 @@ async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> 
         results.push((system, outcome));
     }
     println!();
-    println!("| system | server stream, 64 B msgs/s | server stream, 16 KiB MB/s | ping-pong p50 µs | ping-pong p99 µs |");
+    println!(
+        "| system | server stream, 64 B msgs/s | server stream, 16 KiB MB/s | ping-pong p50 µs | ping-pong p99 µs |"
+    );
     println!("|---|---|---|---|---|");
     for (system, o) in &results {
         println!(

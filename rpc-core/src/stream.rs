@@ -429,6 +429,26 @@ impl<T> StreamSender<T> {
         Ok(())
     }
 
+    /// Sends several messages at once (one trip to the connection for all of them), each within
+    /// the receiver's credit as [`StreamSender::send`] does.
+    pub async fn send_batch(&mut self, msgs: Vec<T>) -> Result<(), SendError> {
+        let payloads: Vec<Bytes> = msgs.iter().map(self.encode).collect();
+        let n = payloads.len() as u64;
+        let total: usize = payloads.iter().map(Bytes::len).sum();
+        let permit = self.acquire(total).await?;
+        let msg = Outbound::DataBatch {
+            key: self.key.clone(),
+            payloads,
+            permit,
+        };
+        if self.conn.send(msg).await.is_err() {
+            let reason = self.conn.closed().await;
+            return Err(SendError::Connection(reason, self.sent));
+        }
+        self.sent += n;
+        Ok(())
+    }
+
     /// Ends this side of the stream (the peer's `Streaming` ends after the messages sent).
     pub async fn finish(mut self) -> Result<(), SendError> {
         self.send_frame(Bytes::new(), true).await
@@ -461,6 +481,24 @@ impl<T> StreamSender<T> {
     }
 
     async fn send_frame(&mut self, payload: Bytes, end: bool) -> Result<(), SendError> {
+        let permit = self.acquire(payload.len()).await?;
+        self.ended = end;
+        let msg = Outbound::Data {
+            key: self.key.clone(),
+            end,
+            payload,
+            permit,
+        };
+        if self.conn.send(msg).await.is_err() {
+            let reason = self.conn.closed().await;
+            return Err(SendError::Connection(reason, self.sent));
+        }
+        Ok(())
+    }
+
+    /// `len` bytes of the send buffer (at most all of it), waiting for them within the stall
+    /// timeout; fails if the stream is gone.
+    async fn acquire(&mut self, len: usize) -> Result<Option<Held>, SendError> {
         if self.ended {
             return Err(SendError::Closed(self.sent));
         }
@@ -468,7 +506,7 @@ impl<T> StreamSender<T> {
             self.ended = true;
             return Err(self.gone().await);
         }
-        let want = u32::try_from(payload.len()).unwrap_or(u32::MAX).min(self.buffer_size);
+        let want = u32::try_from(len).unwrap_or(u32::MAX).min(self.buffer_size);
         let permit = if want == 0 {
             None
         } else {
@@ -496,18 +534,7 @@ impl<T> StreamSender<T> {
             self.ended = true;
             return Err(self.gone().await);
         }
-        self.ended = end;
-        let msg = Outbound::Data {
-            key: self.key.clone(),
-            end,
-            payload,
-            permit: permit.map(Held),
-        };
-        if self.conn.send(msg).await.is_err() {
-            let reason = self.conn.closed().await;
-            return Err(SendError::Connection(reason, self.sent));
-        }
-        Ok(())
+        Ok(permit.map(Held))
     }
 
     /// Resets a client's stream: its receiver then reports `status`, and the server is sent CANCEL.

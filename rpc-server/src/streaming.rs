@@ -2,36 +2,61 @@
 //! uses for the three kinds of streaming method.
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use rpc_core::stream::{ResponseStream, SendError, StreamSender, Streaming};
 use rpc_core::{BoxError, Request, Response, Status};
 
 /// Sends `messages` through `sender`, each within the client's credit, until they end (`Ok`) or
 /// one is an error, the client stalls the stream, or the connection goes (`Err`: the status the
 /// stream ends with).
-pub(crate) async fn send_all(mut messages: ResponseStream, mut sender: StreamSender<Bytes>) -> Result<(), BoxError> {
+pub(crate) async fn send_all(messages: ResponseStream, mut sender: StreamSender<Bytes>) -> Result<(), BoxError> {
+    // Fused: the batching below may see the end before the loop does.
+    let mut messages = messages.fuse();
     while let Some(item) = messages.next().await {
-        let msg = item?;
-        if let Err(e) = sender.send(msg).await {
-            rpc_core::metrics::stream_send_failed(&e);
-            let status = match e {
-                SendError::Stalled(..) => Status::resource_exhausted(e.to_string()),
-                _ => Status::unavailable(e.to_string()),
-            };
+        // What the handler has ready goes in one trip to the connection (up to a batch).
+        let mut batch = vec![item?];
+        let mut failed = None;
+        while batch.len() < MAX_BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                Some(Some(Err(status))) => {
+                    failed = Some(status);
+                    break;
+                }
+                Some(None) | None => break,
+            }
+        }
+        let sent = if batch.len() == 1 {
+            sender.send(batch.pop().unwrap_or_default()).await
+        } else {
+            sender.send_batch(batch).await
+        };
+        if let Err(e) = sent {
+            return Err(send_failed(e));
+        }
+        if let Some(status) = failed {
             return Err(status.into());
         }
     }
     // The final status goes only after every message has left (within the client's credit and
     // the stall timeout), holding the request's permits until then.
     if let Err(e) = sender.flush().await {
-        rpc_core::metrics::stream_send_failed(&e);
-        let status = match e {
-            SendError::Stalled(..) => Status::resource_exhausted(e.to_string()),
-            _ => Status::unavailable(e.to_string()),
-        };
-        return Err(status.into());
+        return Err(send_failed(e));
     }
     Ok(())
+}
+
+/// The most messages a handler had ready that go to the connection in one trip.
+const MAX_BATCH: usize = 64;
+
+/// The status a stream ends with when its messages could not be sent.
+fn send_failed(e: SendError) -> BoxError {
+    rpc_core::metrics::stream_send_failed(&e);
+    let status = match e {
+        SendError::Stalled(..) => Status::resource_exhausted(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    };
+    status.into()
 }
 
 /// Encodes a handler's typed messages.

@@ -271,7 +271,7 @@ async fn review_streams_that_each_consume_little_do_not_spend_the_connection_win
         connection_window: 64 * 1024,
         ..ConnectionConfig::default()
     };
-    let (server, client) = pair(connection).await;
+    let (_server, client) = pair(connection).await;
     let client = FeedClient::new(client);
     for round in 0..8 {
         let mut watch = client

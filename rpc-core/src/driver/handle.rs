@@ -156,6 +156,16 @@ pub enum Outbound {
         /// The message's share of the stream's send buffer, released once it is encoded.
         permit: Option<crate::stream::Held>,
     },
+    /// Several messages of one stream at once (a producer that had them ready): one trip through
+    /// the queue instead of one each.
+    DataBatch {
+        /// The stream.
+        key: crate::stream::StreamKey,
+        /// The encoded messages, in order.
+        payloads: Vec<bytes::Bytes>,
+        /// Their share of the stream's send buffer, released once the last is encoded.
+        permit: Option<crate::stream::Held>,
+    },
     /// This side resets a stream (a stall): a client forgets it and sends CANCEL; a server ends
     /// it with `status` at once, dropping what waits for credit.
     Reset {
@@ -172,6 +182,7 @@ impl Outbound {
             Outbound::Request { frame, .. } => frame.payload.len() + frame.method.len(),
             Outbound::Response(r) => r.payload.len() + r.message.len(),
             Outbound::Data { payload, .. } => payload.len(),
+            Outbound::DataBatch { payloads, .. } => payloads.iter().map(|p| p.len()).sum(),
             Outbound::Reset { .. } => 0,
         }
     }

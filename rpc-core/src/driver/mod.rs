@@ -938,6 +938,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     self.encode_ready(ready);
                 }
             }
+            Outbound::DataBatch {
+                key,
+                payloads,
+                mut permit,
+            } => {
+                let id = key.id();
+                let last = payloads.len().saturating_sub(1);
+                for (i, payload) in payloads.into_iter().enumerate() {
+                    let permit = if i == last { permit.take() } else { None };
+                    let w = streams::Waiting::Data {
+                        end: false,
+                        payload,
+                        permit,
+                    };
+                    if let Some(ready) = self.streams.offer(id, w) {
+                        self.encode_ready(ready);
+                    }
+                }
+            }
             Outbound::Reset { key, status } => {
                 let id = key.id();
                 self.end_stream(id, "reset");

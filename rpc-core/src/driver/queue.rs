@@ -281,7 +281,7 @@ mod tests {
         match m {
             Outbound::Response(r) => r.id,
             Outbound::Request { frame, .. } => frame.id,
-            Outbound::Data { key, .. } | Outbound::Reset { key, .. } => key.id(),
+            Outbound::Data { key, .. } | Outbound::DataBatch { key, .. } | Outbound::Reset { key, .. } => key.id(),
         }
     }
 
