@@ -6,10 +6,14 @@ use bytes::Bytes;
 use examples::echo::echo_client::EchoClient;
 use examples::echo::echo_server::EchoServer;
 use examples::echo::EchoRequest;
+use examples::feed::v1::feed_client::FeedClient;
+use examples::feed::v1::feed_server::FeedServer;
+use examples::feed::v1::{Event, Subscribe};
 use examples::greeter::v1::greeter_client::GreeterClient;
 use examples::greeter::v1::greeter_server::GreeterServer;
 use examples::greeter::v1::{person, CountRequest, HelloRequest, Person, Tag};
-use examples::services::{EchoService, GreeterService};
+use examples::services::{EchoService, FeedService, GreeterService};
+use futures_util::StreamExt;
 use rpc_client::{Client, ClientConfig, Request};
 use rpc_server::Server;
 
@@ -19,6 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = Server::builder()
         .add_service(EchoServer::new(EchoService::default()))
         .add_service(GreeterServer::new(GreeterService))
+        .add_service(FeedServer::new(FeedService))
         .bind("127.0.0.1:0")
         .await?;
     let addr = server.local_addr();
@@ -139,6 +144,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     client.oneway(Request::new("/echo.Echo/Say", Bytes::new())).await?;
     println!("oneway Say          -> queued");
+
+    // Streams, the three kinds, on the same connection.
+    let feed = FeedClient::new(client.clone());
+    let mut watch = feed
+        .watch(Subscribe {
+            count: 5,
+            size: 16,
+            interval_ms: 10,
+        })
+        .await?;
+    let mut seqs = Vec::new();
+    while let Some(event) = watch.message().await? {
+        seqs.push(event.seq);
+    }
+    println!("Feed/Watch (server stream)  -> events {seqs:?}, then the end");
+    let events = |n: u64| {
+        futures_util::stream::iter((1..=n).map(|seq| Event {
+            seq,
+            payload: Bytes::from_static(b"task"),
+        }))
+    };
+    let summary = feed.upload(events(100)).await?.into_body();
+    println!(
+        "Feed/Upload (client stream) -> the server counted {} events, {} bytes",
+        summary.count, summary.bytes
+    );
+    let echoed: Vec<u64> = feed
+        .echo(events(3))
+        .await?
+        .map(|e| e.map(|e| e.seq).unwrap_or(0))
+        .collect()
+        .await;
+    println!("Feed/Echo (bidirectional)   -> echoed {echoed:?}");
 
     let mut events = server.events();
     client.close();

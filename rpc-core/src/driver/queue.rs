@@ -31,6 +31,9 @@ struct State {
     items: VecDeque<Queued>,
     /// The driver, waiting for the queue to become non-empty.
     waiting: Option<Waker>,
+    /// A [`QueueWaker`] fired while the driver was not waiting (it was mid-pass): its next wait
+    /// must not sleep, or the wake-up (a swept call, stream credit to give back) would be lost.
+    woken: bool,
     /// The driver has closed the queue: nothing more is taken.
     closed: bool,
 }
@@ -90,6 +93,7 @@ pub(crate) fn outbound_queue(max_frames: usize, max_bytes: usize) -> (OutboundSe
         state: Mutex::new(State {
             items: VecDeque::new(),
             waiting: None,
+            woken: false,
             closed: false,
         }),
         senders: AtomicUsize::new(1),
@@ -135,7 +139,14 @@ pub(crate) struct QueueWaker(Arc<Inner>);
 
 impl QueueWaker {
     pub(crate) fn wake(&self) {
-        let waiting = self.0.lock().waiting.take();
+        let waiting = {
+            let mut s = self.0.lock();
+            let w = s.waiting.take();
+            if w.is_none() {
+                s.woken = true;
+            }
+            w
+        };
         if let Some(w) = waiting {
             w.wake();
         }
@@ -199,6 +210,11 @@ impl OutboundReceiver {
             if s.items.is_empty() {
                 if self.inner.senders.load(Ordering::Acquire) == 0 {
                     return Poll::Ready(None);
+                }
+                if std::mem::take(&mut s.woken) {
+                    // Woken mid-pass: run another pass instead of sleeping.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 match &mut s.waiting {
                     Some(w) if w.will_wake(cx.waker()) => {}
@@ -265,6 +281,32 @@ mod tests {
     use super::*;
     use crate::frame::ResponseFrame;
     use std::future::poll_fn;
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Review finding (a CI dry run): a wake-up that came while the driver was mid-pass (not
+    /// waiting on the queue) was lost, so a swept call or stream credit waited for some other event.
+    #[test]
+    fn a_wake_while_the_driver_is_not_waiting_is_kept_for_its_next_wait() {
+        let (tx, mut rx) = outbound_queue(8, 1024);
+        let count = Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        tx.waker().wake(); // the driver is mid-pass: nobody is registered
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the next wait wakes at once");
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "only once");
+        tx.waker().wake(); // now it waits: woken the usual way
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+    }
 
     fn response(id: u64, payload: usize) -> Outbound {
         Outbound::Response(ResponseFrame {
