@@ -402,6 +402,7 @@ async fn review_a_deadline_answer_waiting_for_a_full_queue_still_goes() {
         .await;
     }
     // Long enough for the slow request's deadline to pass while its answer cannot be queued.
+    tests::wait_until(ms(5000), || !server.connections().is_empty()).await;
     let conn = server.connections()[0].clone();
     tests::wait_until(ms(5000), || conn.outbound_buffered() >= 4096).await;
     tokio::time::sleep(ms(600)).await; // the fault is the passage of time itself
