@@ -149,6 +149,14 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
+/// A tonic channel to `addr`, as tonic's users dial: TCP_NODELAY on.
+async fn tonic_channel(addr: SocketAddr) -> Result<tonic::transport::Channel, Box<dyn std::error::Error>> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
 /// Connections to a server under test.
 pub(crate) enum Target {
     Tether(rpc_client::Client),
@@ -179,12 +187,7 @@ impl Target {
             System::Tonic => {
                 let mut channels = Vec::new();
                 for _ in 0..connections {
-                    channels.push(
-                        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                            .tcp_nodelay(true)
-                            .connect()
-                            .await?,
-                    );
+                    channels.push(tonic_channel(addr).await?);
                 }
                 Target::Tonic(channels)
             }
@@ -341,11 +344,7 @@ pub(crate) async fn stream_once(
             }
         }
         System::Tonic => {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
-            let mut client = feed::feed_client::FeedClient::new(channel);
+            let mut client = feed::feed_client::FeedClient::new(tonic_channel(addr).await?);
             let mut events = client
                 .watch(feed::Subscribe {
                     count,
@@ -394,11 +393,7 @@ pub(crate) async fn ping_pong(
             }
         }
         System::Tonic => {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
-            let mut client = feed::feed_client::FeedClient::new(channel);
+            let mut client = feed::feed_client::FeedClient::new(tonic_channel(addr).await?);
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let mut replies = client
                 .echo(tokio_stream::wrappers::ReceiverStream::new(rx))
