@@ -86,6 +86,8 @@ impl StreamKey {
 #[derive(Debug, Default)]
 pub(crate) struct Returned {
     streams: Mutex<Vec<(u64, u32)>>,
+    /// `streams` has entries: the driver, which looks every pass, takes the lock only then.
+    streams_pending: std::sync::atomic::AtomicBool,
     connection: AtomicU64,
     /// A quarter of this side's connection window.
     connection_batch: u64,
@@ -95,6 +97,7 @@ impl Returned {
     pub(crate) fn new(connection_window: u32) -> Self {
         Returned {
             streams: Mutex::default(),
+            streams_pending: Default::default(),
             connection: AtomicU64::new(0),
             connection_batch: u64::from(connection_window / 4).max(1),
         }
@@ -102,7 +105,9 @@ impl Returned {
 
     pub(crate) fn push(&self, id: u64, bytes: u32) {
         if bytes > 0 {
-            self.streams.lock().unwrap_or_else(|e| e.into_inner()).push((id, bytes));
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            streams.push((id, bytes));
+            self.streams_pending.store(true, Ordering::Release);
         }
     }
 
@@ -113,7 +118,12 @@ impl Returned {
     }
 
     pub(crate) fn take(&self) -> Vec<(u64, u32)> {
-        std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()))
+        if !self.streams_pending.load(Ordering::Acquire) {
+            return Vec::new(); // no lock on a connection whose streams gave nothing back
+        }
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        self.streams_pending.store(false, Ordering::Release);
+        std::mem::take(&mut *streams)
     }
 
     /// The connection credit to give back now, if a batch is due.
