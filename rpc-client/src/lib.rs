@@ -37,6 +37,6 @@ pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
 pub use retry::SafeRetry;
-pub use rpc_core::stream::{SendError, StreamSender, Streaming};
+pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};
 pub use tokio::net::ToSocketAddrs;

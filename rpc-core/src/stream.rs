@@ -43,6 +43,9 @@ struct KeyState {
     closed: std::sync::atomic::AtomicBool,
     /// Why this side reset the stream, if it did (a stall): what its receiver then reports.
     reset: OnceLock<Status>,
+    /// Messages this side sent and received on the stream, for the errors of both its halves.
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 impl StreamKey {
@@ -74,6 +77,48 @@ impl StreamKey {
 
     fn reset_status(&self) -> Option<Status> {
         self.0.reset.get().cloned()
+    }
+
+    /// Messages this side has sent on the stream.
+    pub fn sent(&self) -> u64 {
+        self.0.sent.load(Ordering::Relaxed)
+    }
+
+    /// Messages this side has received on the stream (taken by its application).
+    pub fn received(&self) -> u64 {
+        self.0.received.load(Ordering::Relaxed)
+    }
+
+    fn count_sent(&self, n: u64) {
+        self.0.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn count_received(&self) {
+        self.0.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What this side has sent and received on the stream so far.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            sent: self.sent(),
+            received: self.received(),
+        }
+    }
+}
+
+/// Messages one side of a stream sent and received, as the errors that end it report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Messages this side sent (queued to the connection).
+    pub sent: u64,
+    /// Messages this side's application took from its `Streaming`.
+    pub received: u64,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let noun = if self.sent == 1 { "message" } else { "messages" };
+        write!(f, "{} {noun} sent and {} received", self.sent, self.received)
     }
 }
 
@@ -279,7 +324,7 @@ impl<T> Streaming<T> {
         if let Some(g) = self._in_flight.as_mut() {
             g.answered();
         }
-        let received = self.received;
+        let counts = self.key.counts();
         let status = match end {
             Ok(Ok(frame)) if frame.code == Code::Ok => {
                 self.trailers = Some(frame.metadata);
@@ -293,12 +338,12 @@ impl<T> Streaming<T> {
                 self.close_reason = e.close_reason().cloned();
                 self.may_have_executed = e.may_have_executed();
                 let proof = if e.may_have_executed() { "" } else { " (not executed)" };
-                Status::unavailable(format!("stream broken after {received} messages received{proof}: {e}"))
+                Status::unavailable(format!("stream broken after {counts} on this side{proof}: {e}"))
             }
             Err(_) => self
                 .key
                 .reset_status()
-                .unwrap_or_else(|| Status::unavailable(format!("stream reset after {received} messages received"))),
+                .unwrap_or_else(|| Status::unavailable(format!("stream reset after {counts} on this side"))),
         };
         Some(Err(status))
     }
@@ -317,6 +362,7 @@ impl<T> Stream for Streaming<T> {
         match this.messages.poll_recv(cx) {
             Poll::Ready(Some(msg)) => {
                 this.received += 1;
+                this.key.count_received();
                 let batch = this.returns.on_consumed(msg.len());
                 this.give_back(msg.len(), batch);
                 Poll::Ready(Some((this.decode)(msg)))
@@ -356,14 +402,14 @@ impl<T> Drop for Streaming<T> {
 #[non_exhaustive]
 pub enum SendError {
     /// The receiver granted no credit for `stream_stall_timeout`: the stream was reset.
-    #[error("stream stalled: the receiver took nothing for {0:?} after {1} messages sent; stream reset")]
-    Stalled(Duration, u64),
+    #[error("stream stalled: the receiver took nothing for {0:?}, after {1} on this side; stream reset")]
+    Stalled(Duration, Counts),
     /// The stream ended (the peer ended it, or this side finished it).
-    #[error("stream closed after {0} messages sent")]
-    Closed(u64),
+    #[error("stream closed after {0} on this side")]
+    Closed(Counts),
     /// The connection closed.
-    #[error("connection closed ({0}) after {1} messages sent")]
-    Connection(CloseReason, u64),
+    #[error("connection closed ({0}) after {1} on this side")]
+    Connection(CloseReason, Counts),
 }
 
 /// The sending half of a stream: one message at a time, each waiting for the flow-control credit
@@ -377,7 +423,6 @@ pub struct StreamSender<T> {
     buffer_size: u32,
     stall_timeout: Option<Duration>,
     encode: fn(&T) -> Bytes,
-    sent: u64,
     ended: bool,
     /// A client's sender resets its stream itself on a stall; a server's leaves that to its
     /// handler's error answer, which ends the stream at once.
@@ -400,7 +445,6 @@ impl StreamSender<Bytes> {
             buffer_size: size,
             stall_timeout,
             encode: |b: &Bytes| b.clone(),
-            sent: 0,
             ended: false,
             client,
         }
@@ -415,7 +459,6 @@ impl StreamSender<Bytes> {
             buffer_size: self.buffer_size,
             stall_timeout: self.stall_timeout,
             encode,
-            sent: self.sent,
             ended: self.ended,
             client: self.client,
         };
@@ -427,7 +470,7 @@ impl StreamSender<Bytes> {
 impl<T> StreamSender<T> {
     /// Messages sent so far.
     pub fn sent(&self) -> u64 {
-        self.sent
+        self.key.sent()
     }
 
     /// Sends one message, waiting for credit; fails if the stream or its connection ended, or the
@@ -435,7 +478,7 @@ impl<T> StreamSender<T> {
     pub async fn send(&mut self, msg: T) -> Result<(), SendError> {
         let payload = (self.encode)(&msg);
         self.send_frame(payload, false).await?;
-        self.sent += 1;
+        self.key.count_sent(1);
         Ok(())
     }
 
@@ -453,9 +496,9 @@ impl<T> StreamSender<T> {
         };
         if self.conn.send(msg).await.is_err() {
             let reason = self.conn.closed().await;
-            return Err(SendError::Connection(reason, self.sent));
+            return Err(SendError::Connection(reason, self.key.counts()));
         }
-        self.sent += n;
+        self.key.count_sent(n);
         Ok(())
     }
 
@@ -471,7 +514,7 @@ impl<T> StreamSender<T> {
         let done = match self.stall_timeout {
             Some(t) => match tokio::time::timeout(t, all).await {
                 Ok(p) => p,
-                Err(_) => return Err(SendError::Stalled(t, self.sent)),
+                Err(_) => return Err(SendError::Stalled(t, self.key.counts())),
             },
             None => all.await,
         };
@@ -485,8 +528,8 @@ impl<T> StreamSender<T> {
     /// Why the stream can take nothing more.
     async fn gone(&self) -> SendError {
         match self.conn.state() {
-            crate::driver::ConnectionState::Closed(reason) => SendError::Connection(reason, self.sent),
-            _ => SendError::Closed(self.sent),
+            crate::driver::ConnectionState::Closed(reason) => SendError::Connection(reason, self.key.counts()),
+            _ => SendError::Closed(self.key.counts()),
         }
     }
 
@@ -501,7 +544,7 @@ impl<T> StreamSender<T> {
         };
         if self.conn.send(msg).await.is_err() {
             let reason = self.conn.closed().await;
-            return Err(SendError::Connection(reason, self.sent));
+            return Err(SendError::Connection(reason, self.key.counts()));
         }
         Ok(())
     }
@@ -510,7 +553,7 @@ impl<T> StreamSender<T> {
     /// timeout; fails if the stream is gone.
     async fn acquire(&mut self, len: usize) -> Result<Option<Held>, SendError> {
         if self.ended {
-            return Err(SendError::Closed(self.sent));
+            return Err(SendError::Closed(self.key.counts()));
         }
         if self.key.is_closed() {
             self.ended = true;
@@ -532,12 +575,12 @@ impl<T> StreamSender<T> {
                             )))
                             .await;
                         }
-                        return Err(SendError::Stalled(t, self.sent));
+                        return Err(SendError::Stalled(t, self.key.counts()));
                     }
                 },
                 None => acquire.await,
             };
-            Some(permit.map_err(|_| SendError::Closed(self.sent))?)
+            Some(permit.map_err(|_| SendError::Closed(self.key.counts()))?)
         };
         // The wait may have ended because the stream did (its parked messages were dropped).
         if self.key.is_closed() {

@@ -39,6 +39,6 @@ pub use detach::detach;
 pub use dispatch::status_from_error;
 pub use entry::Refused;
 pub use router::{handler_fn, BoxHandler, Handler, HandlerFuture, NamedService, Router, RouterFuture};
-pub use rpc_core::stream::{SendError, StreamSender, Streaming};
+pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, Metadata, Request, Response, Status};
 pub use server::{Server, ServerBuilder, ServerError, ServerHandle, CONNECTIONS_REFUSED, TLS_HANDSHAKE_FAILURES};

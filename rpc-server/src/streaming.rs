@@ -52,9 +52,10 @@ const MAX_BATCH: usize = 64;
 /// The status a stream ends with when its messages could not be sent.
 fn send_failed(e: SendError) -> BoxError {
     rpc_core::metrics::stream_send_failed(&e);
+    // The client reads this: "this side" is the server.
     let status = match e {
-        SendError::Stalled(..) => Status::resource_exhausted(e.to_string()),
-        _ => Status::unavailable(e.to_string()),
+        SendError::Stalled(..) => Status::resource_exhausted(format!("server: {e}")),
+        _ => Status::unavailable(format!("server: {e}")),
     };
     status.into()
 }

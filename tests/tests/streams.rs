@@ -201,7 +201,52 @@ async fn a_stream_on_a_dying_connection_ends_with_the_connections_reason_on_both
         watch.close_reason().is_some(),
         "the connection's reason is kept: {err:?}"
     );
-    assert!(err.message().contains("messages received"), "{err:?}");
+    // The error tells what this side had sent (the subscription) and received when it broke.
+    let counts = format!("1 message sent and {} received", watch.received());
+    assert!(err.message().contains(&counts), "{err:?} lacks {counts:?}");
+}
+
+/// Both halves of a bidirectional stream say, when their connection goes, what had been sent and
+/// received on it: the consumer's error and the producer's failed `send` alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_bidirectional_stream_reports_what_each_half_moved() {
+    let server = feed_server(ServerConfig::default()).await;
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let (mut sender, responses) = client
+        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+        .await
+        .unwrap();
+    let mut responses = responses.decoded(|b| {
+        <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string()))
+    });
+    for seq in 1..=5u64 {
+        let e = Event {
+            seq,
+            payload: vec![1u8; 10].into(),
+        };
+        sender.send(prost::Message::encode_to_vec(&e).into()).await.unwrap();
+        let echoed = responses.message().await.unwrap().unwrap();
+        assert_eq!(echoed.seq, seq);
+    }
+    tokio::time::timeout(ms(5000), server.abort()).await.unwrap();
+    let err = tokio::time::timeout(ms(5000), responses.message())
+        .await
+        .unwrap()
+        .expect_err("the stream breaks");
+    assert!(
+        err.message().contains("5 messages sent and 5 received"),
+        "{err:?}"
+    );
+    let failed = tokio::time::timeout(ms(5000), sender.send(bytes::Bytes::from_static(b"\x08\x06")))
+        .await
+        .unwrap()
+        .expect_err("the producer learns the connection went");
+    match failed {
+        rpc_client::SendError::Connection(_, counts) => {
+            assert_eq!(counts, rpc_client::Counts { sent: 5, received: 5 })
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
