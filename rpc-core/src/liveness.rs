@@ -16,6 +16,16 @@
 //! A server's connection is idle when nothing has been read from it and no request has been in
 //! flight for `idle_timeout` (as gRPC's MAX_CONNECTION_IDLE, which counts only time with no
 //! outstanding call): the driver calls [`Liveness::busy`] while requests run.
+//!
+//! # Server heartbeats while work runs
+//!
+//! Idle eviction waits for what is in flight, so it cannot tell a quiet client from a dead one
+//! while a handler or a stream runs: a server stream's client reads without writing, and a client
+//! gone in a power cut leaves its stream (and the handler feeding it) running until the kernel
+//! gives up, if it ever does. So a server also heartbeats, with the same rules and bound as a
+//! client, but only while it is busy ([`Liveness::set_busy`]): the first heartbeat is due
+//! `interval` after the later of the last read and the moment the connection became busy. A
+//! connection with nothing in flight is left to idle eviction, and sends nothing.
 
 use std::time::Duration;
 
@@ -52,6 +62,10 @@ pub struct Liveness {
     awaiting_ack: Option<Instant>,
     failures: u32,
     next_heartbeat_id: u64,
+    /// A server's: heartbeats only while work is in flight.
+    only_while_busy: bool,
+    /// Whether work is in flight, and since when (a server's).
+    busy: Option<Instant>,
 }
 
 impl Liveness {
@@ -66,7 +80,40 @@ impl Liveness {
             awaiting_ack: None,
             failures: 0,
             next_heartbeat_id: 1,
+            only_while_busy: false,
+            busy: None,
         }
+    }
+
+    /// A server's liveness: idle eviction at `idle_timeout`, and `heartbeat` only while work is
+    /// in flight (see the module docs).
+    pub fn server(now: Instant, heartbeat: Option<HeartbeatConfig>, idle_timeout: Option<Duration>) -> Self {
+        Liveness {
+            only_while_busy: true,
+            ..Liveness::new(now, heartbeat, idle_timeout)
+        }
+    }
+
+    /// A server's connection has work in flight at `now` (`true`), or none (`false`). Becoming
+    /// idle forgets an unanswered heartbeat: idle eviction takes over.
+    pub fn set_busy(&mut self, busy: bool, now: Instant) {
+        match (busy, self.busy) {
+            (true, None) => self.busy = Some(now),
+            (false, Some(_)) => {
+                self.busy = None;
+                self.awaiting_ack = None;
+                self.failures = 0;
+            }
+            _ => {}
+        }
+    }
+
+    /// When the next heartbeat is due if nothing is read (none while a server is idle).
+    fn heartbeat_due(&self, h: &HeartbeatConfig) -> Option<Instant> {
+        if !self.only_while_busy {
+            return Some(self.last_read + h.interval);
+        }
+        self.busy.map(|since| self.last_read.max(since) + h.interval)
     }
 
     /// Bytes were read at `now`: proof of life.
@@ -101,10 +148,10 @@ impl Liveness {
     /// The earliest instant at which [`Liveness::poll`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let idle = self.idle_timeout.map(|t| self.idle_since + t);
-        let hb = self.heartbeat.as_ref().map(|h| match self.awaiting_ack {
-            Some(deadline) => deadline,
+        let hb = self.heartbeat.as_ref().and_then(|h| match self.awaiting_ack {
+            Some(deadline) => Some(deadline),
             // After a miss, the connection is already idle past `interval`: the next heartbeat is due now.
-            None => self.last_read + h.interval,
+            None => self.heartbeat_due(h),
         });
         match (idle, hb) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -135,7 +182,7 @@ impl Liveness {
                 }
             }
             Some(_) => None,
-            None if now >= self.last_read + hb.interval => {
+            None if self.heartbeat_due(hb).is_some_and(|due| now >= due) => {
                 self.awaiting_ack = Some(now + hb.timeout);
                 let id = self.next_heartbeat_id;
                 self.next_heartbeat_id += 1;
@@ -475,5 +522,110 @@ mod tests {
         );
         // Once only: the driver is draining by then.
         assert_eq!(l.poll(t0 + ms(5000)), None);
+    }
+
+    #[test]
+    fn an_idle_server_sends_no_heartbeat() {
+        let t0 = Instant::now();
+        let mut l = Liveness::server(t0, Some(hb(100, 50, 3)), Some(ms(1000)));
+        // Only idle eviction is due.
+        assert_eq!(l.next_deadline(), Some(t0 + ms(1000)));
+        for t in (0..1000).step_by(10) {
+            assert_eq!(l.poll(t0 + ms(t)), None, "at {t} ms");
+        }
+    }
+
+    #[test]
+    fn a_busy_server_closes_a_silent_client_at_the_bound_from_when_work_began() {
+        let t0 = Instant::now();
+        let mut l = Liveness::server(t0, Some(hb(100, 50, 3)), Some(ms(10_000)));
+        // Nothing read since t0; a stream opens at 1 s (its request was read then).
+        l.on_read(t0 + ms(1000));
+        l.set_busy(true, t0 + ms(1000));
+        assert_eq!(l.next_deadline(), Some(t0 + ms(1100)));
+        let mut now = t0 + ms(1000);
+        let closed_at = loop {
+            l.busy(now);
+            match l.poll(now) {
+                Some(LivenessAction::Close(reason)) => {
+                    assert_eq!(reason, CloseReason::HeartbeatTimeout);
+                    break now;
+                }
+                Some(_) => continue,
+                None => now = l.next_deadline().unwrap(),
+            }
+        };
+        assert_eq!(closed_at, t0 + ms(1000 + 100 + 3 * 50));
+    }
+
+    #[test]
+    fn a_server_that_falls_idle_forgets_its_unanswered_heartbeat() {
+        let t0 = Instant::now();
+        let mut l = Liveness::server(t0, Some(hb(100, 50, 3)), Some(ms(10_000)));
+        l.set_busy(true, t0);
+        assert_eq!(l.poll(t0 + ms(100)), Some(LivenessAction::SendHeartbeat { id: 1 }));
+        l.set_busy(false, t0 + ms(120));
+        assert_eq!(l.next_deadline(), Some(t0 + ms(10_000)));
+        assert_eq!(l.poll(t0 + ms(200)), None);
+        // Busy again: a fresh interval from then.
+        l.set_busy(true, t0 + ms(300));
+        assert_eq!(l.next_deadline(), Some(t0 + ms(400)));
+    }
+
+    proptest::proptest! {
+        /// Whatever reads and busy spells a server sees, it sends a heartbeat only while busy and
+        /// closes for heartbeats only when the peer was silent for at least the bound since the
+        /// later of its last read and the start of the busy spell; and a server kept busy with a
+        /// silent peer closes no later than the bound (plus the step it is polled at).
+        #[test]
+        fn server_heartbeats_only_while_busy_and_within_the_bound(
+            steps in proptest::collection::vec((0u64..40, 0u8..4), 1..200),
+        ) {
+            let (interval, timeout, max) = (100u64, 30u64, 3u32);
+            let bound = ms(interval + timeout * u64::from(max));
+            let t0 = Instant::now();
+            let mut l = Liveness::server(t0, Some(hb(interval, timeout, max)), None);
+            let mut now = t0;
+            let mut last_read = t0;
+            let mut busy_since: Option<Instant> = None;
+            for (dt, op) in steps {
+                let target = now + ms(dt);
+                // The driver polls at every deadline on the way to the next event, as its timer does.
+                loop {
+                    let at = match l.next_deadline() {
+                        Some(d) if d <= target => d.max(now),
+                        _ => target,
+                    };
+                    now = at;
+                    while let Some(a) = l.poll(now) {
+                        match a {
+                            LivenessAction::SendHeartbeat { .. } => {
+                                proptest::prop_assert!(busy_since.is_some(), "heartbeat while idle");
+                            }
+                            LivenessAction::Close(CloseReason::HeartbeatTimeout) => {
+                                let since = busy_since.expect("closed while idle").max(last_read);
+                                proptest::prop_assert!(now - since >= bound, "closed after {:?}", now - since);
+                                return Ok(());
+                            }
+                            LivenessAction::HeartbeatMissed { .. } => {}
+                            other => proptest::prop_assert!(false, "{other:?}"),
+                        }
+                    }
+                    if let Some(since) = busy_since {
+                        let since = since.max(last_read);
+                        proptest::prop_assert!(now - since < bound, "silent and busy for {:?}, still open", now - since);
+                    }
+                    if at == target {
+                        break;
+                    }
+                }
+                match op {
+                    0 => { l.on_read(now); last_read = now; }
+                    1 => { l.set_busy(true, now); busy_since.get_or_insert(now); }
+                    2 => { l.set_busy(false, now); busy_since = None; }
+                    _ => {}
+                }
+            }
+        }
     }
 }

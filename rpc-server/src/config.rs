@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rpc_core::config::{ConfigError, ConnectionConfig, TcpConfig};
+use rpc_core::config::{ConfigError, ConnectionConfig, HeartbeatConfig, TcpConfig};
 
 /// Server settings. Plain struct with `Default`; checked by [`ServerConfig::validate`] when the
 /// server is built.
@@ -18,6 +18,12 @@ pub struct ServerConfig {
     /// interval, and is advertised to clients in the handshake so their pools can avoid it.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub idle_timeout: Option<Duration>,
+    /// Heartbeats the server sends, only while a connection has handlers or streams in flight
+    /// and has read nothing for `heartbeat.interval`: idle eviction waits for that work, so this
+    /// is what notices a client that vanished under a running stream or a long handler (closed
+    /// as `HeartbeatTimeout` within `interval + max_failures × timeout`, the work cancelled).
+    /// Default: on, 15 s / 1 s / 3, as the client's.
+    pub heartbeat: HeartbeatConfig,
     /// Connections served at once; the excess is accepted and closed at once. Default 10 000.
     pub max_connections: usize,
     /// Requests run at once across all connections; over it the server answers SERVER_BUSY at
@@ -46,6 +52,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             idle_timeout: Some(Duration::from_secs(90)),
+            heartbeat: HeartbeatConfig::default(),
             max_connections: 10_000,
             max_concurrent_requests: 1024,
             max_requests_per_connection: 256,
@@ -76,6 +83,7 @@ impl ServerConfig {
         if self.max_request_duration.is_zero() {
             return Err(ConfigError::Zero("max_request_duration"));
         }
+        self.heartbeat.validate()?;
         self.connection.validate()
     }
 }

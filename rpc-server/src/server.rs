@@ -346,6 +346,7 @@ impl AcceptLoop {
         let mut cfg = DriverConfig::new(Side::Server);
         cfg.connection = c.connection;
         cfg.idle_timeout = c.idle_timeout;
+        cfg.heartbeat = Some(c.heartbeat);
         cfg.drain_timeout = c.shutdown_grace;
         cfg.tcp_options = tcp_options;
         cfg.peer = Some(peer);

@@ -524,3 +524,143 @@ fn review_stream_windows_are_validated() {
     }
     assert!(ConnectionConfig::default().validate().is_ok());
 }
+
+/// A Feed whose `Watch` streams record, in a ledger, when the server dropped them: the moment
+/// their producer learns the subscriber is gone.
+#[derive(Clone, Default)]
+struct LedgerFeed {
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct DropMark(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for DropMark {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl examples::feed::v1::feed_server::Feed for LedgerFeed {
+    async fn watch(
+        &self,
+        request: rpc_core::Request<Subscribe>,
+    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
+        let inner = FeedService.watch(request).await?.into_body();
+        let mark = DropMark(self.dropped.clone());
+        let events = inner.map(move |e| {
+            let _held = &mark;
+            e
+        });
+        Ok(rpc_core::Response::new(Box::pin(events)))
+    }
+
+    async fn upload(
+        &self,
+        request: rpc_core::Request<rpc_server::Streaming<Event>>,
+    ) -> Result<rpc_core::Response<examples::feed::v1::Summary>, rpc_core::Status> {
+        FeedService.upload(request).await
+    }
+
+    async fn echo(
+        &self,
+        request: rpc_core::Request<rpc_server::Streaming<Event>>,
+    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
+        FeedService.echo(request).await
+    }
+}
+
+/// The power cut under a server stream, at the application level: a proxy that forwards nothing
+/// while both its sockets stay open, so neither kernel ever reports a thing. Idle eviction waits
+/// for the stream, and the server's writes are all acknowledged by the proxy's kernel: only the
+/// server's own heartbeats (sent while work runs) can tell. Both sides end within their heartbeat
+/// bound, and the server drops the stream's producer; with the server's heartbeats off, the
+/// server holds the stream (and its producer) long past that bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stream_whose_client_vanishes_ends_on_both_sides_within_the_heartbeat_bound() {
+    use rpc_core::config::HeartbeatConfig;
+    use rpc_core::event::ConnectionEvent;
+    use rpc_core::CloseReason;
+    use std::sync::atomic::Ordering;
+    let beat = HeartbeatConfig {
+        enabled: true,
+        interval: ms(200),
+        timeout: ms(100),
+        max_failures: 2,
+    };
+    let bound = ms(200 + 2 * 100);
+    let slack = ms(400);
+    for server_heartbeats in [true, false] {
+        let feed = LedgerFeed::default();
+        let server = Server::builder()
+            .config(ServerConfig {
+                heartbeat: if server_heartbeats { beat } else { HeartbeatConfig::disabled() },
+                idle_timeout: Some(ms(300)),
+                ..ServerConfig::default()
+            })
+            .add_service(FeedServer::new(feed.clone()))
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let mut server_events = server.events();
+        let proxy = tests::proxy::FaultProxy::start(server.local_addr()).await;
+        let client = Client::connect(
+            proxy.addr(),
+            ClientConfig {
+                heartbeat: beat,
+                ..quiet_client()
+            },
+        )
+        .await
+        .unwrap();
+        let mut watch = FeedClient::new(client.clone())
+            .watch(Subscribe {
+                count: 0,
+                size: 64,
+                interval_ms: 20,
+            })
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            watch.message().await.unwrap().unwrap();
+        }
+        proxy.set(tests::proxy::Fault::Blackhole);
+        let cut = tokio::time::Instant::now();
+        if server_heartbeats {
+            let closed = tests::wait_event(&mut server_events, bound + slack, |e| {
+                matches!(e, ConnectionEvent::Closed { .. })
+            })
+            .await
+            .expect("the server notices its client is gone");
+            let server_took = cut.elapsed();
+            assert!(
+                matches!(
+                    closed,
+                    ConnectionEvent::Closed {
+                        reason: CloseReason::HeartbeatTimeout,
+                        ..
+                    }
+                ),
+                "{closed:?}"
+            );
+            wait_until(ms(1000), || feed.dropped.load(Ordering::SeqCst) == 1).await;
+            let err = loop {
+                match tokio::time::timeout(bound + slack, watch.message()).await.expect("client ends the stream") {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("ended as if complete"),
+                    Err(e) => break e,
+                }
+            };
+            let client_took = cut.elapsed();
+            assert_eq!(watch.close_reason(), Some(&CloseReason::HeartbeatTimeout), "{err:?}");
+            assert!(client_took <= bound + slack, "client took {client_took:?}");
+            println!("server ended the stream after {server_took:?}, client after {client_took:?}");
+        } else {
+            // Five bounds later the server still holds the stream and feeds its producer.
+            tokio::time::sleep(bound * 5).await;
+            assert_eq!(feed.dropped.load(Ordering::SeqCst), 0, "dropped without heartbeats");
+            // (The client, heartbeating, has left it and dialled again through the proxy.)
+            let holding = server.connections().iter().filter(|c| c.open_streams() == 1).count();
+            assert_eq!(holding, 1, "the stream's connection is still held");
+        }
+    }
+}

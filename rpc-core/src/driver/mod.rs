@@ -73,7 +73,8 @@ pub struct DriverConfig {
     pub side: Side,
     /// Frame size, outbound bytes, stall and partial-frame limits.
     pub connection: ConnectionConfig,
-    /// Client heartbeats (`None` or disabled: none sent).
+    /// Heartbeats (`None` or disabled: none sent). A client's are sent whenever it has read
+    /// nothing for their interval; a server's only while handlers or streams are in flight.
     pub heartbeat: Option<HeartbeatConfig>,
     /// Server idle eviction (`None`: never).
     pub idle_timeout: Option<Duration>,
@@ -294,11 +295,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         codec
             .encode_frame(&Frame::Settings(cfg.settings), &mut wbuf)
             .expect("settings always fit a frame");
-        let heartbeat = if cfg.side == Side::Client { cfg.heartbeat } else { None };
-        let idle = if cfg.side == Side::Server {
-            cfg.idle_timeout
-        } else {
-            None
+        let liveness = match cfg.side {
+            Side::Client => Liveness::new(now, cfg.heartbeat, None),
+            Side::Server => Liveness::server(now, cfg.heartbeat, cfg.idle_timeout),
         };
         let mut session = Session::new();
         session.on_encoded(wbuf.len());
@@ -311,7 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             rx,
             rx_closed: false,
             responder_tx: dispatch.is_some().then(|| tx.clone()),
-            liveness: Liveness::new(now, heartbeat, idle),
+            liveness,
             stall: WriteStall::default(),
             partial: PartialFrame::default(),
             timer: Box::pin(tokio::time::sleep_until(now)),
@@ -1130,6 +1129,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     fn on_timers(&mut self, now: Instant) -> Result<(), CloseReason> {
         if self.liveness.idle_due(now) && self.busy() {
             self.liveness.busy(now);
+        }
+        if self.cfg.side == Side::Server {
+            // Handlers or streams in flight: the server heartbeats a client that went quiet.
+            let working = !self.tasks.is_empty() || self.streams.len() > 0;
+            self.liveness.set_busy(working, now);
         }
         while let Some(action) = self.liveness.poll(now) {
             match action {
