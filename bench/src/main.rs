@@ -76,6 +76,19 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         systems: Vec<System>,
     },
+    /// Unary latency beside a stopped stream: 64 callers on one connection, alone and then while
+    /// a server stream on the same connection has a consumer that stopped reading.
+    Stall {
+        /// Unary callers.
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+        /// Measured time per phase (after 1 s of warm-up each).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+        /// Only these systems (default tether and tonic).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<System>,
+    },
     /// Serve one system's echo service (used by `run`).
     Server {
         #[arg(long)]
@@ -177,6 +190,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 systems
             };
             rt.block_on(streams(systems, small, large, pings))
+        }
+        Cmd::Stall {
+            callers,
+            duration,
+            systems,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let systems = if systems.is_empty() {
+                System::ALL.to_vec()
+            } else {
+                systems
+            };
+            rt.block_on(stall(systems, callers, duration))
         }
         Cmd::Idle { connections, window } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -477,43 +503,12 @@ async fn measure(
 
     let warm_end = Instant::now() + warmup;
     let end = warm_end + duration;
-    let mut tasks = Vec::new();
-    for i in 0..cell.callers {
-        let mut caller = target.caller(i);
-        let payload = payload.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-            let (mut count, mut errors) = (0u64, 0u64);
-            loop {
-                let start = Instant::now();
-                if start >= end {
-                    break;
-                }
-                let ok = caller.call(payload.clone()).await;
-                if start >= warm_end {
-                    if ok {
-                        hist.record(start.elapsed().as_micros().max(1) as u64).expect("record");
-                        count += 1;
-                    } else {
-                        errors += 1;
-                    }
-                }
-            }
-            (hist, count, errors)
-        }));
-    }
+    let load = tokio::spawn(load(&target, cell.callers, payload, warm_end, end));
     tokio::time::sleep_until(warm_end).await;
     let (client0, server0) = (cpu_ticks("self"), cpu_ticks(&pid));
     tokio::time::sleep_until(end).await;
     let (client1, server1) = (cpu_ticks("self"), cpu_ticks(&pid));
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut count, mut errors) = (0u64, 0u64);
-    for t in tasks {
-        let (h, c, e) = t.await?;
-        hist.add(h)?;
-        count += c;
-        errors += e;
-    }
+    let (hist, count, errors) = load.await??;
     drop(target);
     let _ = child.kill().await;
     let per_req = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e6 / count.max(1) as f64;
@@ -526,4 +521,108 @@ async fn measure(
         server_cpu_us: per_req(server1 - server0),
         errors,
     })
+}
+
+/// `callers` tasks calling echo back to back until `end`; what they measured after `warm_end`:
+/// the latency histogram, successes and failures.
+fn load(
+    target: &Target,
+    callers: usize,
+    payload: bytes::Bytes,
+    warm_end: Instant,
+    end: Instant,
+) -> impl std::future::Future<Output = Result<(Histogram<u64>, u64, u64), hdrhistogram::AdditionError>> + Send + 'static
+{
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let mut caller = target.caller(i);
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let (mut count, mut errors) = (0u64, 0u64);
+                loop {
+                    let start = Instant::now();
+                    if start >= end {
+                        break;
+                    }
+                    let ok = caller.call(payload.clone()).await;
+                    if start >= warm_end {
+                        if ok {
+                            hist.record(start.elapsed().as_micros().max(1) as u64).expect("record");
+                            count += 1;
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                (hist, count, errors)
+            })
+        })
+        .collect();
+    async move {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        let (mut count, mut errors) = (0u64, 0u64);
+        for t in tasks {
+            let (h, c, e) = t.await.expect("load task");
+            hist.add(h)?;
+            count += c;
+            errors += e;
+        }
+        Ok((hist, count, errors))
+    }
+}
+
+/// Unary latency beside a stopped stream: `callers` echo callers on one connection, measured
+/// alone, then while a server stream of 16 KiB events on the same connection has a consumer that
+/// took one event and stopped (its window spent, its sender waiting for credit).
+async fn stall(systems: Vec<System>, callers: usize, duration: Duration) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "machine: {} cores; one connection; {callers} unary callers of 64 B, {duration:?} alone, then {duration:?} beside a stopped stream",
+        std::thread::available_parallelism()?
+    );
+    let payload = bytes::Bytes::from(vec![0x5Au8; 64]);
+    let mut rows = Vec::new();
+    for system in systems {
+        if system == System::Raw {
+            continue; // the raw floor has no streams
+        }
+        let (mut child, _pid, addr) = spawn_server(system).await?;
+        let target = Target::connect(system, addr, 1).await?;
+        let mut phases = Vec::new();
+        let mut stopped = None;
+        for phase in 0..2 {
+            if phase == 1 {
+                stopped = Some(systems::stop_a_stream(&target).await?);
+            }
+            let warm_end = Instant::now() + Duration::from_secs(1);
+            let (hist, count, errors) = load(&target, callers, payload.clone(), warm_end, warm_end + duration).await?;
+            phases.push((hist, count, errors));
+        }
+        let stopped = stopped.ok_or("no stream")?;
+        let still_stopped = stopped.still_open(&target);
+        drop(stopped);
+        drop(target);
+        let _ = child.kill().await;
+        rows.push((system, phases, still_stopped));
+    }
+    println!();
+    println!("| system | alone p50 µs | alone p99 µs | beside a stopped stream p50 µs | p99 µs | p99 ratio | QPS alone / beside | errors | stream still stopped |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (system, phases, still) in &rows {
+        let (a, b) = (&phases[0], &phases[1]);
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2}x | {:.0} / {:.0} | {} | {} |",
+            system.name(),
+            a.0.value_at_quantile(0.5),
+            a.0.value_at_quantile(0.99),
+            b.0.value_at_quantile(0.5),
+            b.0.value_at_quantile(0.99),
+            b.0.value_at_quantile(0.99) as f64 / a.0.value_at_quantile(0.99).max(1) as f64,
+            a.1 as f64 / duration.as_secs_f64(),
+            b.1 as f64 / duration.as_secs_f64(),
+            a.2 + b.2,
+            still
+        );
+    }
+    Ok(())
 }

@@ -425,3 +425,62 @@ pub(crate) async fn ping_pong(
     }
     Ok(hist)
 }
+
+/// A server stream whose consumer took one event and stopped reading, held open.
+#[allow(dead_code)] // held, never read: that is the point
+pub(crate) enum Stopped {
+    Tether(rpc_client::Streaming<examples::feed::v1::Event>),
+    Tonic(tonic::Streaming<feed::Event>),
+}
+
+impl Stopped {
+    /// Whether the stream is still open, stalled rather than reset (tether can tell; tonic: unknown).
+    pub(crate) fn still_open(&self, target: &Target) -> &'static str {
+        match (self, target) {
+            (Stopped::Tether(_), Target::Tether(c)) => {
+                if c.connections().iter().any(|c| c.open_streams() == 1) {
+                    "yes"
+                } else {
+                    "no (reset)"
+                }
+            }
+            _ => "not observable",
+        }
+    }
+}
+
+/// Opens a server stream of 16 KiB events on the target's connection, takes one event, stops
+/// reading, and waits until the sender has spent the window.
+pub(crate) async fn stop_a_stream(target: &Target) -> Result<Stopped, Box<dyn std::error::Error>> {
+    let stopped = match target {
+        Target::Tether(client) => {
+            let feed = examples::feed::v1::feed_client::FeedClient::new(client.clone());
+            let mut events = feed
+                .watch(examples::feed::v1::Subscribe {
+                    count: 0,
+                    size: 16 * 1024,
+                    interval_ms: 0,
+                })
+                .await?;
+            events.message().await?.ok_or("stream ended")?;
+            Stopped::Tether(events)
+        }
+        Target::Tonic(channels) => {
+            let mut client = feed::feed_client::FeedClient::new(channels[0].clone());
+            let mut events = client
+                .watch(feed::Subscribe {
+                    count: 0,
+                    size: 16 * 1024,
+                    interval_ms: 0,
+                })
+                .await?
+                .into_inner();
+            events.message().await?.ok_or("stream ended")?;
+            Stopped::Tonic(events)
+        }
+        Target::Raw(_) => return Err("the raw floor has no streams".into()),
+    };
+    // The window (256 KiB for tether, 64 KiB for HTTP/2 by default) fills in well under this.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    Ok(stopped)
+}

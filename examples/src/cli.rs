@@ -77,6 +77,12 @@ pub struct TcpFlags {
     /// SO_RCVBUF in bytes (default: the kernel's autotuning).
     #[arg(long)]
     pub recv_buffer: Option<usize>,
+    /// Reset a stream whose receiver grants no credit for this long (default 30s; `off`: never).
+    #[arg(long, value_parser = duration_or_off)]
+    pub stream_stall_timeout: Option<OrOff<Duration>>,
+    /// Bytes a stream's receiver lets its sender have in flight (default 256 KiB).
+    #[arg(long)]
+    pub stream_window: Option<u32>,
 }
 
 /// A count flag that also accepts `off`.
@@ -121,6 +127,12 @@ impl TcpFlags {
         if self.recv_buffer.is_some() {
             tcp.recv_buffer_size = self.recv_buffer;
         }
+        if let Some(OrOff(t)) = self.stream_stall_timeout {
+            conn.stream_stall_timeout = t;
+        }
+        if let Some(w) = self.stream_window {
+            conn.stream_window = w;
+        }
     }
 }
 
@@ -154,6 +166,40 @@ pub fn event_json(side: &str, ev: &rpc_core::event::ConnectionEvent) -> serde_js
             json!({"t_ms": t, "side": side, "event": "closed", "conn": id, "peer": peer.map(|p| p.to_string()), "reason": reason.as_str(), "detail": reason.to_string()})
         }
         other => json!({"t_ms": t, "side": side, "event": format!("{other:?}")}),
+    }
+}
+
+/// Heartbeat flags shared by the probe binaries (a client heartbeats when it has read nothing for
+/// the interval; a server only while handlers or streams run).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HeartbeatFlags {
+    /// Read-idle time before a heartbeat (default 15s).
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Time to wait for an answer to a heartbeat (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+    /// Unanswered heartbeats in a row that close the connection (default 3).
+    #[arg(long)]
+    pub heartbeat_max_failures: Option<u32>,
+    /// Send no heartbeats.
+    #[arg(long)]
+    pub no_heartbeat: bool,
+}
+
+impl HeartbeatFlags {
+    /// Applies the flags over defaults.
+    pub fn apply(&self, hb: &mut rpc_core::config::HeartbeatConfig) {
+        if let Some(d) = self.heartbeat_interval {
+            hb.interval = d;
+        }
+        if let Some(d) = self.heartbeat_timeout {
+            hb.timeout = d;
+        }
+        if let Some(n) = self.heartbeat_max_failures {
+            hb.max_failures = n;
+        }
+        hb.enabled = !self.no_heartbeat;
     }
 }
 

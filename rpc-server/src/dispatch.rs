@@ -267,6 +267,7 @@ impl Dispatch for ServerDispatch {
         let server_tasks = self.tasks.clone();
         let context = RequestContext::new(deadline);
         let on_deadline = cancellation.clone();
+        let on_stream_gone = cancellation.clone();
         let mut responder = responder;
         responder.watch(cancellation.clone());
         let span = tracing::debug_span!("request", %method, id = frame_id);
@@ -290,7 +291,9 @@ impl Dispatch for ServerDispatch {
                 };
                 match (result, responses) {
                     (Ok(mut resp), Some(sender)) => match resp.take_stream() {
-                        Some(messages) => crate::streaming::send_all(messages, sender).await.map(|()| resp),
+                        Some(messages) => crate::streaming::send_all(messages, sender, on_stream_gone)
+                            .await
+                            .map(|()| resp),
                         None => Err(Status::internal("a streaming method answered without a stream").into()),
                     },
                     (result, _) => result,

@@ -3,18 +3,50 @@
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
+use rpc_core::context::Cancellation;
 use rpc_core::stream::{ResponseStream, SendError, StreamSender, Streaming};
 use rpc_core::{BoxError, Request, Response, Status};
 
 /// Sends `messages` through `sender`, each within the client's credit, until they end (`Ok`) or
 /// one is an error, the client stalls the stream, or the connection goes (`Err`: the status the
-/// stream ends with).
-pub(crate) async fn send_all(messages: ResponseStream, mut sender: StreamSender<Bytes>) -> Result<(), BoxError> {
-    // Fused: the batching below may see the end before the loop does.
+/// stream ends with). When the stream is gone (its connection closed, or the client cancelled or
+/// reset it), `cancellation` fires before the handler's stream is dropped, so work the handler
+/// handed off learns it at once (not at its next send into a dropped channel).
+pub(crate) async fn send_all(
+    messages: ResponseStream,
+    mut sender: StreamSender<Bytes>,
+    cancellation: Cancellation,
+) -> Result<(), BoxError> {
+    // Fused: the batching below may see the end before the loop does. Owned here, so the
+    // handler's stream is dropped only after the cancellation fired.
     let mut messages = messages.fuse();
+    match send_each(&mut messages, &mut sender).await {
+        Ok(()) => Ok(()),
+        Err(Ended::Handler(status)) => Err(status.into()),
+        Err(Ended::Send(e)) => {
+            if matches!(e, SendError::Closed(_) | SendError::Connection(..)) {
+                cancellation.cancel();
+            }
+            Err(send_failed(e))
+        }
+    }
+}
+
+/// Why a stream's sending stopped early.
+enum Ended {
+    /// The handler's stream yielded an error: the status the stream ends with.
+    Handler(Status),
+    /// A message could not be sent.
+    Send(SendError),
+}
+
+async fn send_each(
+    messages: &mut futures_util::stream::Fuse<ResponseStream>,
+    sender: &mut StreamSender<Bytes>,
+) -> Result<(), Ended> {
     while let Some(item) = messages.next().await {
         // What the handler has ready goes in one trip to the connection (up to a batch).
-        let mut batch = vec![item?];
+        let mut batch = vec![item.map_err(Ended::Handler)?];
         let mut failed = None;
         while batch.len() < MAX_BATCH {
             match messages.next().now_or_never() {
@@ -31,19 +63,14 @@ pub(crate) async fn send_all(messages: ResponseStream, mut sender: StreamSender<
         } else {
             sender.send_batch(batch).await
         };
-        if let Err(e) = sent {
-            return Err(send_failed(e));
-        }
+        sent.map_err(Ended::Send)?;
         if let Some(status) = failed {
-            return Err(status.into());
+            return Err(Ended::Handler(status));
         }
     }
     // The final status goes only after every message has left (within the client's credit and
     // the stall timeout), holding the request's permits until then.
-    if let Err(e) = sender.flush().await {
-        return Err(send_failed(e));
-    }
-    Ok(())
+    sender.flush().await.map_err(Ended::Send)
 }
 
 /// The most messages a handler had ready that go to the connection in one trip.

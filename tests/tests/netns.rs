@@ -8,6 +8,9 @@
 //! Settings used throughout: client heartbeats every 500 ms idle, 250 ms timeout, 3 failures
 //! (bound 1.25 s); request timeout 1 s; connect timeout 500 ms; server idle timeout 3 s; write
 //! stall timeout 1 s; TCP keepalive 2 s + 2 × 1 s; TCP_USER_TIMEOUT 3 s unless a case says otherwise.
+//! The stream cases give the server the clients' heartbeat settings too (it heartbeats only while
+//! a stream or handler runs, since idle eviction waits for those), and hold a Feed.Watch stream of
+//! an event every 100 ms beside a unary load.
 
 #![allow(clippy::unwrap_used)]
 
@@ -468,6 +471,7 @@ async fn control_with_every_liveness_mechanism_off_the_connection_stays_establis
     }
     let h = Hosts::new(8);
     let off = [
+        "--no-heartbeat",
         "--idle-timeout",
         "off",
         "--keepalive-time",
@@ -507,4 +511,344 @@ async fn control_with_every_liveness_mechanism_off_the_connection_stays_establis
         unresolved: 0,
     });
     let _ = client.child.kill().await;
+}
+
+/// Server heartbeats as the clients': 500 ms / 250 ms / 3 (sent only while streams or handlers run).
+const SERVER_HEARTBEATS: [&str; 6] = [
+    "--heartbeat-interval",
+    "500ms",
+    "--heartbeat-timeout",
+    "250ms",
+    "--heartbeat-max-failures",
+    "3",
+];
+
+/// A client holding a Watch stream (an event every `interval`) beside `rate` unary requests a second.
+const STREAM: [&str; 2] = ["--stream-interval", "100ms"];
+
+fn is_stream_end(v: &Value) -> bool {
+    is_event(v, "stream_end")
+}
+
+fn stream_message(v: &Value) -> bool {
+    is_event(v, "stream_message")
+}
+
+/// `base` (`--flag value` pairs) with each flag `extra` also names left to `extra`.
+fn overridden<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut out: Vec<&str> = base
+        .chunks(2)
+        .filter(|pair| !extra.contains(&pair[0]))
+        .flatten()
+        .copied()
+        .collect();
+    out.extend_from_slice(extra);
+    out
+}
+
+/// Starts a server with heartbeats and a client with a stream and unary load; returns once both flow.
+async fn streaming(h: &Hosts, server_extra: &[&str], duration: &str, client_extra: &[&str]) -> (Probe, Probe) {
+    let server_flags = overridden(&SERVER_HEARTBEATS, server_extra);
+    let client_flags = overridden(&STREAM, client_extra);
+    let (server, mut client) = running(h, &server_flags, 5, duration, &client_flags).await;
+    client
+        .wait(Duration::from_secs(5), stream_message)
+        .await
+        .expect("the stream flows");
+    (server, client)
+}
+
+/// The server closed no connection before the client printed its summary (when it closes its own).
+fn assert_no_close_before_the_end(server: &mut Probe, client: &mut Probe) {
+    let (end, _) = client
+        .matching(|v| is_event(v, "summary"))
+        .next()
+        .cloned()
+        .expect("summary");
+    let early: Vec<_> = server.matching(is_closed).filter(|(t, _)| *t < end).collect();
+    assert!(early.is_empty(), "a stalled stream closed its connection: {early:?}");
+}
+
+/// The first stream event of a stream opened after `after` (the stream reopened and flows).
+async fn stream_back_after(client: &mut Probe, after: Instant, limit: Duration) -> Option<Duration> {
+    let reopened = |v: &Value| stream_message(v) && v["stream"].as_u64() > Some(1);
+    if let Some((t, _)) = client.matching(reopened).find(|(t, _)| *t > after) {
+        return Some(*t - after);
+    }
+    let (t, _) = client.wait(limit, reopened).await?;
+    Some(t.saturating_duration_since(after))
+}
+
+/// Power loss during a server stream: the client ends the stream with the connection's reason
+/// within its heartbeat bound, the server drops the stream's producer within its own (its
+/// heartbeats run because the stream does), and the stream reopens after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_during_a_server_stream() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(10);
+    let (mut server, mut client) = streaming(&h, &[], "9s", &[]).await;
+
+    h.drop_all();
+    let t0 = Instant::now();
+    let (tc, cv) = client
+        .wait(HEARTBEAT_BOUND + SLACK * 2, is_stream_end)
+        .await
+        .expect("client ends the stream");
+    assert_eq!(cv["outcome"], "error", "{cv}");
+    assert_eq!(cv["close_reason"], "heartbeat_timeout", "{cv}");
+    assert!(cv["error"].as_str().is_some_and(|e| e.contains("received")), "{cv}");
+    let client_detect = tc - t0;
+    assert!(client_detect <= HEARTBEAT_BOUND + SLACK, "client {client_detect:?}");
+    let (ts, sv) = server
+        .wait(HEARTBEAT_BOUND + SLACK * 2, is_stream_end)
+        .await
+        .expect("server drops the stream");
+    assert_eq!(sv["cancelled"], true, "{sv}");
+    let server_detect = ts - t0;
+    assert!(server_detect <= HEARTBEAT_BOUND + SLACK, "server {server_detect:?}");
+    let seen = server.matching(is_closed).next().cloned();
+    let closed = match seen {
+        Some((_, v)) => v,
+        None => server.wait(SLACK, is_closed).await.expect("server closed").1,
+    };
+    assert_eq!(closed["reason"], "heartbeat_timeout", "{closed}");
+
+    h.heal();
+    let healed = Instant::now();
+    let recovery = stream_back_after(&mut client, healed, Duration::from_secs(5))
+        .await
+        .expect("the stream reopens");
+    let unresolved = finish_client(&mut client, true).await;
+    report(Row {
+        fault: "power loss during a server stream",
+        bound: format!(
+            "client {}; server {} (heartbeats while streaming)",
+            secs(HEARTBEAT_BOUND),
+            secs(HEARTBEAT_BOUND)
+        ),
+        client: format!("{} (stream ended: heartbeat_timeout)", secs(client_detect)),
+        server: format!("{} (producer dropped; heartbeat_timeout)", secs(server_detect)),
+        recovery: format!("{} (stream reopened)", secs(recovery)),
+        unresolved,
+    });
+}
+
+/// A NAT forgets the flow of a connection carrying a server stream: both sides end the stream
+/// within their heartbeat bounds; the client's new connection carries the reopened stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nat_forgets_the_flow_during_a_server_stream() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(11);
+    let (mut server, mut client) = streaming(&h, &[], "8s", &[]).await;
+    let (_, connected) = server
+        .matching(|v| is_event(v, "connected"))
+        .next()
+        .cloned()
+        .expect("connected");
+    let port: u16 = connected["peer"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    h.drop_flow(port);
+    let t0 = Instant::now();
+    let (tc, cv) = client
+        .wait(HEARTBEAT_BOUND + SLACK * 2, is_stream_end)
+        .await
+        .expect("client ends the stream");
+    assert_eq!(cv["close_reason"], "heartbeat_timeout", "{cv}");
+    let client_detect = tc - t0;
+    assert!(client_detect <= HEARTBEAT_BOUND + SLACK, "client {client_detect:?}");
+    let (ts, sv) = server
+        .wait(HEARTBEAT_BOUND + SLACK * 2, is_stream_end)
+        .await
+        .expect("server drops the stream");
+    assert_eq!(sv["cancelled"], true, "{sv}");
+    let server_detect = ts - t0;
+    assert!(server_detect <= HEARTBEAT_BOUND + SLACK, "server {server_detect:?}");
+    let recovery = stream_back_after(&mut client, tc, Duration::from_secs(3))
+        .await
+        .expect("the stream reopens on a new flow");
+    let unresolved = finish_client(&mut client, true).await;
+    report(Row {
+        fault: "NAT forgets the flow of a server stream",
+        bound: format!("client {}; server {}", secs(HEARTBEAT_BOUND), secs(HEARTBEAT_BOUND)),
+        client: format!("{} (stream ended: heartbeat_timeout)", secs(client_detect)),
+        server: format!("{} (producer dropped)", secs(server_detect)),
+        recovery: format!("{} (new flow)", secs(recovery)),
+        unresolved,
+    });
+}
+
+/// The server process killed mid-stream: the client's stream ends at once with the connection's
+/// reason (not as if complete), and reopens when a server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_stream() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(12);
+    let (server, mut client) = streaming(&h, &[], "8s", &[]).await;
+
+    server.signal("KILL");
+    let t0 = Instant::now();
+    let (tc, cv) = client
+        .wait(SLACK * 2, is_stream_end)
+        .await
+        .expect("client ends the stream");
+    assert_eq!(cv["outcome"], "error", "{cv}");
+    assert!(
+        matches!(cv["close_reason"].as_str(), Some("peer_closed" | "reset")),
+        "{cv}"
+    );
+    let client_detect = tc - t0;
+    assert!(client_detect <= SLACK, "client {client_detect:?}");
+    drop(server);
+    let _restarted = start_server(&h, &SERVER_HEARTBEATS).await;
+    let up = Instant::now();
+    let recovery = stream_back_after(&mut client, up, Duration::from_secs(6))
+        .await
+        .expect("the stream reopens");
+    let unresolved = finish_client(&mut client, true).await;
+    report(Row {
+        fault: "server SIGKILL mid-stream",
+        bound: "client immediate".into(),
+        client: format!(
+            "{} (stream ended: {})",
+            secs(client_detect),
+            cv["close_reason"].as_str().unwrap_or("?")
+        ),
+        server: "—".into(),
+        recovery: format!("{} (stream reopened)", secs(recovery)),
+        unresolved,
+    });
+}
+
+/// Flags for the zero-window cases: 16 KiB events every 10 ms against a 32 KiB stream window, so
+/// the window is spent in a few events and the kernels' buffers (which a stopped reader fills)
+/// hold all of it: only the stream stalls, never the connection's writes.
+const FAST_STREAM: [&str; 6] = [
+    "--stream-interval",
+    "10ms",
+    "--stream-size",
+    "16384",
+    "--stream-window",
+    "32768",
+];
+
+/// A client frozen mid-stream (SIGSTOP: its kernel still acknowledges, then advertises zero): the
+/// server's stream stalls and is reset after `stream_stall_timeout`, alone; the connection is not
+/// closed, and once resumed the client gets the buffered events, then the reset's reason, and
+/// reopens the stream on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_frozen_mid_stream_stalls_only_its_stream() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(13);
+    let stall = Duration::from_secs(1);
+    // Server heartbeats slower than the stall, so the stall is what acts first.
+    let server_extra = [
+        "--stream-stall-timeout",
+        "1s",
+        "--heartbeat-interval",
+        "6s",
+        "--idle-timeout",
+        "10s",
+    ];
+    let client_extra = overridden(
+        &FAST_STREAM,
+        &["--heartbeat-interval", "2s", "--heartbeat-timeout", "1s"],
+    );
+    let (mut server, mut client) = streaming(&h, &server_extra, "9s", &client_extra).await;
+
+    client.signal("STOP");
+    let t0 = Instant::now();
+    let (ts, sv) = server
+        .wait(stall + SLACK * 2, is_stream_end)
+        .await
+        .expect("server resets the stalled stream");
+    assert_eq!(sv["cancelled"], false, "a stall reset, not the connection: {sv}");
+    let server_detect = ts - t0;
+    assert!(server_detect <= stall + SLACK, "server {server_detect:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await; // frozen a while past the reset
+    client.signal("CONT");
+    let resumed = Instant::now();
+    let (_, cv) = client
+        .wait(SLACK * 4, is_stream_end)
+        .await
+        .expect("client learns the reset");
+    assert_eq!(cv["outcome"], "error", "{cv}");
+    assert_eq!(cv["code"], "RESOURCE_EXHAUSTED", "{cv}");
+    assert!(cv["close_reason"].is_null(), "the connection stays: {cv}");
+    let recovery = stream_back_after(&mut client, resumed, Duration::from_secs(3))
+        .await
+        .expect("the stream reopens");
+    let unresolved = finish_client(&mut client, false).await;
+    assert_no_close_before_the_end(&mut server, &mut client);
+    report(Row {
+        fault: "client SIGSTOP mid-stream (zero window)",
+        bound: format!("stream_stall_timeout {}", secs(stall)),
+        client: "frozen; then the reset's reason, connection kept".into(),
+        server: format!("{} (stream reset alone)", secs(server_detect)),
+        recovery: format!("{} after resume (same connection)", secs(recovery)),
+        unresolved,
+    });
+}
+
+/// A consumer that hangs inside a live client: its stream stalls and is reset after
+/// `stream_stall_timeout` while the same connection's unary requests keep completing on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_consumer_stalls_its_stream_while_unary_calls_go_on() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(14);
+    let stall = Duration::from_secs(1);
+    let client_extra = overridden(
+        &FAST_STREAM,
+        &["--stream-stop-after", "20", "--connections-per-endpoint", "1"],
+    );
+    let (mut server, mut client) = streaming(&h, &["--stream-stall-timeout", "1s"], "6s", &client_extra).await;
+    let (ts, sv) = server
+        .wait(Duration::from_secs(5), is_stream_end)
+        .await
+        .expect("server resets the stalled stream");
+    assert_eq!(sv["cancelled"], false, "{sv}");
+    let (tfirst, _) = client
+        .matching(stream_message)
+        .last()
+        .cloned()
+        .expect("stream events before the hang");
+    let server_detect = ts.saturating_duration_since(tfirst);
+    assert!(
+        server_detect <= stall + SLACK,
+        "reset {server_detect:?} after the consumer hung"
+    );
+    // Every unary request resolved ok and on time, before, during and after the stall.
+    let unresolved = finish_client(&mut client, true).await;
+    let failed: Vec<_> = client
+        .matching(|v| is_event(v, "request") && v["outcome"] != "ok")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "unary requests failed beside a stalled stream: {failed:?}"
+    );
+    assert_no_close_before_the_end(&mut server, &mut client);
+    report(Row {
+        fault: "consumer hangs mid-stream (client alive)",
+        bound: format!("stream_stall_timeout {}", secs(stall)),
+        client: "unary requests all ok, on time".into(),
+        server: format!("{} (stream reset alone)", secs(server_detect)),
+        recovery: "—".into(),
+        unresolved,
+    });
 }

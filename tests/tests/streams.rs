@@ -216,9 +216,8 @@ async fn a_broken_bidirectional_stream_reports_what_each_half_moved() {
         .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
         .await
         .unwrap();
-    let mut responses = responses.decoded(|b| {
-        <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string()))
-    });
+    let mut responses = responses
+        .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
     for seq in 1..=5u64 {
         let e = Event {
             seq,
@@ -233,10 +232,7 @@ async fn a_broken_bidirectional_stream_reports_what_each_half_moved() {
         .await
         .unwrap()
         .expect_err("the stream breaks");
-    assert!(
-        err.message().contains("5 messages sent and 5 received"),
-        "{err:?}"
-    );
+    assert!(err.message().contains("5 messages sent and 5 received"), "{err:?}");
     let failed = tokio::time::timeout(ms(5000), sender.send(bytes::Bytes::from_static(b"\x08\x06")))
         .await
         .unwrap()
@@ -527,16 +523,23 @@ fn review_stream_windows_are_validated() {
 
 /// A Feed whose `Watch` streams record, in a ledger, when the server dropped them: the moment
 /// their producer learns the subscriber is gone.
+/// Also counts the streams whose request's cancellation had fired by then (what work the handler
+/// handed off would have seen).
 #[derive(Clone, Default)]
 struct LedgerFeed {
     dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cancelled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-struct DropMark(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+struct DropMark(LedgerFeed, Option<rpc_core::context::Cancellation>);
 
 impl Drop for DropMark {
     fn drop(&mut self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.1.as_ref().is_some_and(|c| c.is_cancelled()) {
+            self.0.cancelled.fetch_add(1, SeqCst);
+        }
+        self.0.dropped.fetch_add(1, SeqCst);
     }
 }
 
@@ -545,8 +548,9 @@ impl examples::feed::v1::feed_server::Feed for LedgerFeed {
         &self,
         request: rpc_core::Request<Subscribe>,
     ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
+        let cancellation = request.cancellation().cloned();
         let inner = FeedService.watch(request).await?.into_body();
-        let mark = DropMark(self.dropped.clone());
+        let mark = DropMark(self.clone(), cancellation);
         let events = inner.map(move |e| {
             let _held = &mark;
             e
@@ -593,7 +597,11 @@ async fn a_server_stream_whose_client_vanishes_ends_on_both_sides_within_the_hea
         let feed = LedgerFeed::default();
         let server = Server::builder()
             .config(ServerConfig {
-                heartbeat: if server_heartbeats { beat } else { HeartbeatConfig::disabled() },
+                heartbeat: if server_heartbeats {
+                    beat
+                } else {
+                    HeartbeatConfig::disabled()
+                },
                 idle_timeout: Some(ms(300)),
                 ..ServerConfig::default()
             })
@@ -643,8 +651,13 @@ async fn a_server_stream_whose_client_vanishes_ends_on_both_sides_within_the_hea
                 "{closed:?}"
             );
             wait_until(ms(1000), || feed.dropped.load(Ordering::SeqCst) == 1).await;
+            // The request's cancellation fired before the producer was dropped.
+            assert_eq!(feed.cancelled.load(Ordering::SeqCst), 1);
             let err = loop {
-                match tokio::time::timeout(bound + slack, watch.message()).await.expect("client ends the stream") {
+                match tokio::time::timeout(bound + slack, watch.message())
+                    .await
+                    .expect("client ends the stream")
+                {
                     Ok(Some(_)) => {}
                     Ok(None) => panic!("ended as if complete"),
                     Err(e) => break e,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use examples::cli::{event_json, init_tracing, parse_duration, unix_ms, TcpFlags};
+use examples::cli::{event_json, init_tracing, parse_duration, unix_ms, HeartbeatFlags, TcpFlags};
 use examples::echo::echo_client::EchoClient;
 use examples::echo::EchoRequest;
 use rpc_client::{Balance, Client, ClientConfig, Request};
@@ -29,18 +29,8 @@ struct Args {
     /// Multiplexed connections per endpoint.
     #[arg(long)]
     connections_per_endpoint: Option<usize>,
-    /// Read-idle time before a heartbeat (default 15s).
-    #[arg(long, value_parser = parse_duration)]
-    heartbeat_interval: Option<Duration>,
-    /// Time to wait for an answer to a heartbeat (default 1s).
-    #[arg(long, value_parser = parse_duration)]
-    heartbeat_timeout: Option<Duration>,
-    /// Unanswered heartbeats in a row that close the connection (default 3).
-    #[arg(long)]
-    heartbeat_max_failures: Option<u32>,
-    /// Send no heartbeats.
-    #[arg(long)]
-    no_heartbeat: bool,
+    #[command(flatten)]
+    heartbeat: HeartbeatFlags,
     /// Deadline of each request (default 3s).
     #[arg(long, value_parser = parse_duration)]
     request_timeout: Option<Duration>,
@@ -61,6 +51,17 @@ struct Args {
     /// Bytes the server answers each request with (large replies fill a client that stops reading).
     #[arg(long, default_value_t = 0)]
     reply_size: u32,
+    /// Also hold a server stream (Feed.Watch) sending an event this often, printing each event
+    /// and the stream's end; reopened after it breaks (default: no stream).
+    #[arg(long, value_parser = parse_duration)]
+    stream_interval: Option<Duration>,
+    /// Payload bytes per stream event.
+    #[arg(long, default_value_t = 64)]
+    stream_size: u32,
+    /// Stop consuming the stream after this many events (until the run ends), as a consumer
+    /// that hangs while the rest of the process goes on.
+    #[arg(long)]
+    stream_stop_after: Option<u64>,
     /// Print one JSON object per line for each connection event and each finished request, and a summary.
     #[arg(long)]
     json: bool,
@@ -89,16 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         examples::cli::serve_prometheus(addr)?;
     }
     let mut config = ClientConfig::default();
-    if let Some(d) = args.heartbeat_interval {
-        config.heartbeat.interval = d;
-    }
-    if let Some(d) = args.heartbeat_timeout {
-        config.heartbeat.timeout = d;
-    }
-    if let Some(n) = args.heartbeat_max_failures {
-        config.heartbeat.max_failures = n;
-    }
-    config.heartbeat.enabled = !args.no_heartbeat;
+    args.heartbeat.apply(&mut config.heartbeat);
     if let Some(d) = args.request_timeout {
         config.request_timeout = d;
     }
@@ -139,8 +131,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let echo = EchoClient::new(client.clone());
-    let payload = Bytes::from(vec![0x5A; args.payload]);
     let end = Instant::now() + args.duration;
+    let stream = args.stream_interval.map(|interval| {
+        let feed = examples::feed::v1::feed_client::FeedClient::new(client.clone());
+        let sub = examples::feed::v1::Subscribe {
+            count: 0,
+            size: args.stream_size,
+            interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        };
+        tokio::spawn(subscriber(feed, sub, args.stream_stop_after, end, json))
+    });
+    let payload = Bytes::from(vec![0x5A; args.payload]);
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut sent = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
@@ -173,6 +174,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(done) = tasks.join_next().await {
         record(json, done?, &mut outcomes);
     }
+    if let Some(stream) = stream {
+        stream.await?;
+    }
     let ok = outcomes.get("ok").copied().unwrap_or(0);
     let resolved: u64 = outcomes.values().sum();
     report(
@@ -185,6 +189,73 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(echo);
     let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
     Ok(())
+}
+
+/// Holds a Watch stream until `end`: prints each event, and each end of the stream (with what
+/// this side had received, the error, and the connection's reason); reopens it after a break.
+async fn subscriber(
+    feed: examples::feed::v1::feed_client::FeedClient<Client>,
+    sub: examples::feed::v1::Subscribe,
+    stop_after: Option<u64>,
+    end: Instant,
+    json: bool,
+) {
+    let mut opened = 0u64;
+    while Instant::now() < end {
+        opened += 1;
+        let mut events = match feed.watch(sub).await {
+            Ok(s) => s,
+            Err(e) => {
+                report(
+                    json,
+                    &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "stream_open_failed", "stream": opened,
+                            "error": e.to_string(), "may_have_executed": e.may_have_executed()}),
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        report(
+            json,
+            &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "stream_open", "stream": opened}),
+        );
+        let outcome = loop {
+            if stop_after.is_some_and(|n| events.received() >= n) {
+                // A consumer that hangs: it takes nothing more until the run ends.
+                tokio::time::sleep_until(end).await;
+                break None;
+            }
+            let next = tokio::select! {
+                next = events.message() => next,
+                () = tokio::time::sleep_until(end) => break None,
+            };
+            match next {
+                Ok(Some(e)) => report(
+                    json,
+                    &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "stream_message", "stream": opened, "seq": e.seq}),
+                ),
+                Ok(None) => break Some(Ok(())),
+                Err(status) => break Some(Err(status)),
+            }
+        };
+        let line = match &outcome {
+            None => json!({"t_ms": unix_ms() as u64, "side": "client", "event": "stream_end", "stream": opened,
+                           "outcome": "run_over", "received": events.received()}),
+            Some(Ok(())) => json!({"t_ms": unix_ms() as u64, "side": "client", "event": "stream_end", "stream": opened,
+                                   "outcome": "complete", "received": events.received()}),
+            Some(Err(status)) => {
+                json!({"t_ms": unix_ms() as u64, "side": "client", "event": "stream_end", "stream": opened,
+                                        "outcome": "error", "received": events.received(), "code": status.code().to_string(),
+                                        "error": status.message(), "may_have_executed": events.may_have_executed(),
+                                        "close_reason": events.close_reason().map(|r| r.as_str())})
+            }
+        };
+        report(json, &line);
+        if outcome.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn parse_balance(s: &str) -> Result<Balance, String> {

@@ -7,11 +7,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use examples::cli::{duration_or_off, event_json, init_tracing, parse_duration, OrOff, TcpFlags};
+use examples::cli::{
+    duration_or_off, event_json, init_tracing, parse_duration, unix_ms, HeartbeatFlags, OrOff, TcpFlags,
+};
 use examples::echo::echo_server::EchoServer;
+use examples::feed::v1::feed_server::{Feed, FeedServer};
+use examples::feed::v1::{Event, Subscribe, Summary};
 use examples::greeter::v1::greeter_server::GreeterServer;
+use examples::services::FeedService;
 use examples::services::{EchoService, GreeterService};
-use rpc_server::{Server, ServerConfig};
+use futures_util::StreamExt;
+use rpc_server::codegen::BoxStream;
+use rpc_server::{Request, Response, Server, ServerConfig, Status, Streaming};
 
 #[derive(Debug, Parser)]
 #[command(about = "tether echo server (liveness probe, server half)")]
@@ -33,7 +40,10 @@ struct Args {
     shutdown_grace: Option<Duration>,
     #[command(flatten)]
     tcp: TcpFlags,
-    /// Print one JSON object per line for each connection event.
+    /// The server's heartbeats, sent only while a connection has handlers or streams running.
+    #[command(flatten)]
+    heartbeat: HeartbeatFlags,
+    /// Print one JSON object per line for each connection event (and each Feed stream's end).
     #[arg(long)]
     json: bool,
     /// Serve TLS with this PEM certificate chain (needs --tls-key).
@@ -68,6 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.shutdown_grace = g;
     }
     args.tcp.apply(&mut config.tcp, &mut config.connection);
+    args.heartbeat.apply(&mut config.heartbeat);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let mut tls = rpc_core::tls::TlsServerConfig::new(cert, key);
         tls.client_ca_file = args.tls_ca.clone();
@@ -79,6 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             handler_delay: args.handler_delay,
         }))
         .add_service(GreeterServer::new(GreeterService))
+        .add_service(FeedServer::new(ProbeFeed { json: args.json }))
         .bind(args.addr)
         .await?;
     let mut events = server.events();
@@ -128,5 +140,58 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The Feed service, printing when each `Watch` stream ends on the server: the moment its
+/// producer learns the subscriber is gone (or the stream finished), with how many events it had
+/// produced and whether the request was cancelled (CANCEL, or its connection closed).
+#[derive(Debug, Clone)]
+struct ProbeFeed {
+    json: bool,
+}
+
+struct StreamEnd {
+    json: bool,
+    produced: u64,
+    cancellation: Option<rpc_core::context::Cancellation>,
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        let cancelled = self.cancellation.as_ref().is_some_and(|c| c.is_cancelled());
+        let line = serde_json::json!({"t_ms": unix_ms() as u64, "side": "server", "event": "stream_end",
+                                      "produced": self.produced, "cancelled": cancelled});
+        if self.json {
+            println!("{line}");
+        } else {
+            println!("stream ended: {line}");
+        }
+    }
+}
+
+impl Feed for ProbeFeed {
+    async fn watch(&self, request: Request<Subscribe>) -> Result<Response<BoxStream<Event>>, Status> {
+        let mut end = StreamEnd {
+            json: self.json,
+            produced: 0,
+            cancellation: request.cancellation().cloned(),
+        };
+        let events = FeedService.watch(request).await?.into_body();
+        let counted = events.map(move |e| {
+            // The whole guard goes into the closure (not just its field), so it drops with the stream.
+            let end = &mut end;
+            end.produced += 1;
+            e
+        });
+        Ok(Response::new(Box::pin(counted)))
+    }
+
+    async fn upload(&self, request: Request<Streaming<Event>>) -> Result<Response<Summary>, Status> {
+        FeedService.upload(request).await
+    }
+
+    async fn echo(&self, request: Request<Streaming<Event>>) -> Result<Response<BoxStream<Event>>, Status> {
+        FeedService.echo(request).await
     }
 }
