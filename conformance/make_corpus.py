@@ -101,9 +101,17 @@ case("request-stream", request(9, method=b"/feed.v1.Feed/Watch", timeout_ms=0, p
      {"kind": "REQUEST", "id": 9, "timeout_ms": 0, "method": "/feed.v1.Feed/Watch", "metadata": [],
       "payload_hex": "", "stream": True}, canonical=True)
 case("data", header(9, 9, b"\x08\x01"), "DATA on stream 9: one message (an Event with seq 1).",
-     {"kind": "DATA", "id": 9, "end": False, "payload_hex": "0801"}, canonical=True)
+     {"kind": "DATA", "id": 9, "end": False, "packed": False, "payload_hex": "0801"}, canonical=True)
 case("data-end", header(9, 9, b"", flags=0x10), "DATA with flag END and no message: the sender's half ends.",
-     {"kind": "DATA", "id": 9, "end": True, "payload_hex": ""}, canonical=True)
+     {"kind": "DATA", "id": 9, "end": True, "packed": False, "payload_hex": ""}, canonical=True)
+PACKED = struct.pack(">I", 2) + b"\x08\x02" + struct.pack(">I", 2) + b"\x08\x03" + struct.pack(">I", 0)
+case("data-packed", header(9, 9, PACKED, flags=0x20), "DATA with flag PACKED (0x20, must-understand): three "
+     "messages, each a 4-byte big-endian length and its bytes: `08 02`, `08 03` and an empty one.",
+     {"kind": "DATA", "id": 9, "end": False, "packed": True, "payload_hex": PACKED.hex()}, canonical=True)
+case("data-packed-short", header(9, 9, struct.pack(">I", 5) + b"\x08\x02", flags=0x20), "PACKED whose "
+     "length prefix runs past the body: malformed, the framing is broken.", error={"close": "Malformed"})
+case("data-packed-empty", header(9, 9, b"", flags=0x20), "PACKED with no message at all: malformed.",
+     error={"close": "Malformed"})
 case("window-stream", header(10, 9, struct.pack(">I", 131072)), "WINDOW: 128 KiB more credit for stream 9.",
      {"kind": "WINDOW", "id": 9, "increment": 131072}, canonical=True)
 case("window-connection", header(10, 0, struct.pack(">I", 1 << 20)), "WINDOW with id 0: 1 MiB more for the "

@@ -309,6 +309,9 @@ async fn run(
 #[derive(Debug, Clone)]
 struct StreamOutcome {
     small_msgs_per_s: f64,
+    /// CPU per 64 B message, consumer's and producer's process (ns).
+    small_client_cpu_ns: f64,
+    small_server_cpu_ns: f64,
     large_mb_per_s: f64,
     ping_p50_us: f64,
     ping_p99_us: f64,
@@ -321,18 +324,23 @@ async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> 
     );
     let mut results = Vec::new();
     for &system in &systems {
-        let (_child, _pid, addr) = spawn_server(system).await?;
+        let (_child, pid, addr) = spawn_server(system).await?;
         // Warm-up: a short stream first.
         systems::stream_once(system, addr, 1000, 64).await?;
         let start = Instant::now();
+        let (client0, server0) = (cpu_ticks("self"), cpu_ticks(&pid));
         let n = systems::stream_once(system, addr, small, 64).await?;
+        let (client1, server1) = (cpu_ticks("self"), cpu_ticks(&pid));
         let small_msgs_per_s = n as f64 / start.elapsed().as_secs_f64();
+        let per_msg = |ticks: u64| ticks as f64 / TICKS_PER_SEC * 1e9 / n.max(1) as f64;
         let start = Instant::now();
         let n = systems::stream_once(system, addr, large, 16 * 1024).await?;
         let large_mb_per_s = (n as f64 * 16.0 * 1024.0) / (1024.0 * 1024.0) / start.elapsed().as_secs_f64();
         let hist = systems::ping_pong(system, addr, pings).await?;
         let outcome = StreamOutcome {
             small_msgs_per_s,
+            small_client_cpu_ns: per_msg(client1 - client0),
+            small_server_cpu_ns: per_msg(server1 - server0),
             large_mb_per_s,
             ping_p50_us: hist.value_at_quantile(0.5) as f64,
             ping_p99_us: hist.value_at_quantile(0.99) as f64,
@@ -342,14 +350,16 @@ async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> 
     }
     println!();
     println!(
-        "| system | server stream, 64 B msgs/s | server stream, 16 KiB MB/s | ping-pong p50 µs | ping-pong p99 µs |"
+        "| system | server stream, 64 B msgs/s | 64 B CPU ns/msg, consumer + producer | server stream, 16 KiB MB/s | ping-pong p50 µs | ping-pong p99 µs |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for (system, o) in &results {
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.0} + {:.0} | {:.0} | {:.0} | {:.0} |",
             system.name(),
             o.small_msgs_per_s,
+            o.small_client_cpu_ns,
+            o.small_server_cpu_ns,
             o.large_mb_per_s,
             o.ping_p50_us,
             o.ping_p99_us
@@ -359,8 +369,9 @@ async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> 
     if let (Some(t), Some(g)) = (get(System::Tether), get(System::Tonic)) {
         println!();
         println!(
-            "tether / tonic: 64 B stream {:.2}x, 16 KiB stream {:.2}x, ping-pong p50 {:.2}, p99 {:.2}",
+            "tether / tonic: 64 B stream {:.2}x (CPU per message {:.2}), 16 KiB stream {:.2}x, ping-pong p50 {:.2}, p99 {:.2}",
             t.small_msgs_per_s / g.small_msgs_per_s,
+            (t.small_client_cpu_ns + t.small_server_cpu_ns) / (g.small_client_cpu_ns + g.small_server_cpu_ns),
             t.large_mb_per_s / g.large_mb_per_s,
             t.ping_p50_us / g.ping_p50_us,
             t.ping_p99_us / g.ping_p99_us

@@ -110,6 +110,42 @@ impl pb::echo_server::Echo for TonicEcho {
 }
 
 /// Serves `system` on 127.0.0.1 and prints `LISTENING <addr>`.
+/// The Feed service as the tonic one above is written (a plain iterator of events), so both
+/// systems run the same handler code.
+struct TetherFeed;
+
+impl examples::feed::v1::feed_server::Feed for TetherFeed {
+    async fn watch(
+        &self,
+        req: rpc_core::Request<examples::feed::v1::Subscribe>,
+    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<examples::feed::v1::Event>>, rpc_core::Status> {
+        let sub = req.into_body();
+        let payload = Bytes::from(vec![0x5A; sub.size as usize]);
+        let count = u64::from(sub.count);
+        let events = futures_util::stream::iter((1..=count).map(move |seq| {
+            Ok(examples::feed::v1::Event {
+                seq,
+                payload: payload.clone(),
+            })
+        }));
+        Ok(rpc_core::Response::new(Box::pin(events)))
+    }
+
+    async fn upload(
+        &self,
+        req: rpc_core::Request<rpc_server::Streaming<examples::feed::v1::Event>>,
+    ) -> Result<rpc_core::Response<examples::feed::v1::Summary>, rpc_core::Status> {
+        examples::services::FeedService.upload(req).await
+    }
+
+    async fn echo(
+        &self,
+        req: rpc_core::Request<rpc_server::Streaming<examples::feed::v1::Event>>,
+    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<examples::feed::v1::Event>>, rpc_core::Status> {
+        examples::services::FeedService.echo(req).await
+    }
+}
+
 pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("LISTENING {}", listener.local_addr()?);
@@ -119,9 +155,7 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
                 .add_service(examples::echo::echo_server::EchoServer::new(
                     examples::services::EchoService::default(),
                 ))
-                .add_service(examples::feed::v1::feed_server::FeedServer::new(
-                    examples::services::FeedService,
-                ))
+                .add_service(examples::feed::v1::feed_server::FeedServer::new(TetherFeed))
                 .serve(listener)?;
             std::future::pending::<()>().await;
             drop(server);
@@ -457,7 +491,7 @@ pub(crate) async fn stop_a_stream(target: &Target) -> Result<Stopped, Box<dyn st
             let feed = examples::feed::v1::feed_client::FeedClient::new(client.clone());
             let mut events = feed
                 .watch(examples::feed::v1::Subscribe {
-                    count: 0,
+                    count: u32::MAX,
                     size: 16 * 1024,
                     interval_ms: 0,
                 })
@@ -469,7 +503,7 @@ pub(crate) async fn stop_a_stream(target: &Target) -> Result<Stopped, Box<dyn st
             let mut client = feed::feed_client::FeedClient::new(channels[0].clone());
             let mut events = client
                 .watch(feed::Subscribe {
-                    count: 0,
+                    count: u32::MAX,
                     size: 16 * 1024,
                     interval_ms: 0,
                 })

@@ -36,7 +36,7 @@ fn decode<R: prost::Message + Default>(b: Bytes) -> Result<R, Status> {
     R::decode(b).map_err(|e| Status::internal(format!("stream message did not decode: {e}")))
 }
 
-fn encode<M: prost::Message>(m: &M) -> Bytes {
+fn encode<M: prost::Message>(m: M) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
 

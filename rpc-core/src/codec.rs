@@ -188,7 +188,9 @@ impl FrameCodec {
         dst.put_u8(match frame {
             Frame::Response(r) if r.not_executed => flags::NOT_EXECUTED,
             Frame::Request(r) if r.stream => flags::STREAM,
-            Frame::Data { end: true, .. } => flags::END,
+            Frame::Data { end, packed, .. } => {
+                (if *end { flags::END } else { 0 }) | (if *packed { flags::PACKED } else { 0 })
+            }
             Frame::Unknown(u) => u.flags,
             _ => 0,
         });
@@ -501,11 +503,18 @@ fn decode_body(
         FrameKind::Heartbeat => Frame::Heartbeat { id },
         FrameKind::HeartbeatAck => Frame::HeartbeatAck { id },
         FrameKind::Cancel => Frame::Cancel { id },
-        FrameKind::Data => Frame::Data {
-            id,
-            end: flags & crate::frame::flags::END != 0,
-            payload: std::mem::take(&mut r.buf),
-        },
+        FrameKind::Data => {
+            let packed = flags & crate::frame::flags::PACKED != 0;
+            if packed && crate::frame::packed_messages(&r.buf).is_none() {
+                return Err(r.malformed("packed messages"));
+            }
+            Frame::Data {
+                id,
+                end: flags & crate::frame::flags::END != 0,
+                packed,
+                payload: std::mem::take(&mut r.buf),
+            }
+        }
         FrameKind::Window => Frame::Window {
             id,
             increment: r.u32("window increment")?,

@@ -94,13 +94,17 @@ pub enum Frame {
         /// The request's id.
         id: u64,
     },
-    /// One message of stream `id`; `end` closes the sender's half (the last message, or none).
+    /// One message of stream `id` (or, `packed`, several); `end` closes the sender's half (the
+    /// last message, or none).
     Data {
         /// The stream (its opening request's id).
         id: u64,
         /// The sender sends nothing more on this stream (flag [`flags::END`]).
         end: bool,
-        /// The encoded message; empty with `end` alone.
+        /// The body is several messages, each a 4-byte big-endian length and that many bytes
+        /// (flag [`flags::PACKED`]; see [`packed_messages`]).
+        packed: bool,
+        /// The encoded message (or, `packed`, the messages); empty with `end` alone.
         payload: Bytes,
     },
     /// The receiver of stream `id` (or, with id 0, of the whole connection) may be sent
@@ -209,6 +213,9 @@ pub mod flags {
     pub const STREAM: u8 = 0x10;
     /// DATA: the sender's last frame on this stream.
     pub const END: u8 = 0x10;
+    /// DATA: the body packs several messages, each prefixed by its 4-byte big-endian length
+    /// (must be understood; part of feature STREAMS).
+    pub const PACKED: u8 = 0x20;
     /// The flag bits a receiver may ignore when it does not know them.
     pub const IGNORABLE: u8 = 0x0F;
     /// The flag bits a receiver must understand.
@@ -218,7 +225,7 @@ pub mod flags {
     pub fn known_critical(kind: super::FrameKind) -> u8 {
         match kind {
             super::FrameKind::Request => STREAM,
-            super::FrameKind::Data => END,
+            super::FrameKind::Data => END | PACKED,
             _ => 0,
         }
     }
@@ -299,4 +306,22 @@ pub(crate) mod setting_id {
     pub(crate) const VERSION: u16 = 9;
     pub(crate) const STREAM_WINDOW: u16 = 10;
     pub(crate) const CONNECTION_WINDOW: u16 = 11;
+}
+
+/// How many messages a packed DATA body holds: each is a 4-byte big-endian length and that many
+/// bytes, and the body is exactly a whole number of them, at least one (`None` otherwise: the
+/// frame is malformed).
+pub fn packed_messages(body: &[u8]) -> Option<usize> {
+    let mut rest = body;
+    let mut n = 0;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if tail.len() < len {
+            return None;
+        }
+        rest = &tail[len..];
+        n += 1;
+    }
+    (n > 0).then_some(n)
 }

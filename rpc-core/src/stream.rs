@@ -93,8 +93,9 @@ impl StreamKey {
         self.0.sent.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn count_received(&self) {
-        self.0.received.fetch_add(1, Ordering::Relaxed);
+    /// The receiving half (the only writer) took its `n`-th message.
+    fn set_received(&self, n: u64) {
+        self.0.received.store(n, Ordering::Relaxed);
     }
 
     /// What this side has sent and received on the stream so far.
@@ -180,13 +181,23 @@ impl Returned {
     }
 }
 
+/// What the driver hands a stream's receiver for one DATA frame: its body, one message or (packed)
+/// several, each prefixed by its 4-byte big-endian length. Credit is the body's length either way.
+#[derive(Debug)]
+pub struct Chunk {
+    pub(crate) body: Bytes,
+    pub(crate) packed: bool,
+}
+
 /// Decodes one message of a stream.
 pub type Decode<T> = fn(Bytes) -> Result<T, Status>;
 
 /// The receiving half of a stream: the peer's messages, in order, then its end (`None`), or an
 /// error that ends it. Dropping it before the end cancels the stream (a client sends CANCEL).
 pub struct Streaming<T> {
-    messages: mpsc::UnboundedReceiver<Bytes>,
+    messages: mpsc::UnboundedReceiver<Chunk>,
+    /// What is left of a packed chunk, taken a message at a time.
+    packed: Bytes,
     /// Client side: the stream's final RESPONSE (status and trailers), or why there is none.
     end: Option<oneshot::Receiver<CallResult>>,
     decode: Decode<T>,
@@ -216,7 +227,7 @@ impl<T> std::fmt::Debug for Streaming<T> {
 
 /// What the driver gives the application for one stream it receives on.
 pub(crate) struct Incoming {
-    pub(crate) messages: mpsc::UnboundedReceiver<Bytes>,
+    pub(crate) messages: mpsc::UnboundedReceiver<Chunk>,
     pub(crate) key: StreamKey,
     pub(crate) conn: ConnectionHandle,
     pub(crate) window: u32,
@@ -236,6 +247,7 @@ impl Streaming<Bytes> {
     fn build(incoming: Incoming, end: Option<oneshot::Receiver<CallResult>>, in_flight: Option<InFlightGuard>) -> Self {
         Streaming {
             messages: incoming.messages,
+            packed: Bytes::new(),
             end,
             decode: Ok,
             key: incoming.key,
@@ -254,6 +266,7 @@ impl Streaming<Bytes> {
     pub fn decoded<T>(mut self, decode: Decode<T>) -> Streaming<T> {
         Streaming {
             messages: std::mem::replace(&mut self.messages, mpsc::unbounded_channel().1),
+            packed: std::mem::take(&mut self.packed),
             end: self.end.take(),
             decode,
             key: self.key.clone(),
@@ -349,6 +362,32 @@ impl<T> Streaming<T> {
     }
 }
 
+impl<T> Streaming<T> {
+    /// The next message of the packed chunk being taken apart (its frame was checked whole when
+    /// decoded).
+    fn next_packed(&mut self) -> Option<Bytes> {
+        if self.packed.len() < 4 {
+            return None;
+        }
+        let len = u32::from_be_bytes([self.packed[0], self.packed[1], self.packed[2], self.packed[3]]) as usize;
+        let mut msg = self.packed.split_to((4 + len).min(self.packed.len()));
+        let _ = msg.split_to(4);
+        Some(msg)
+    }
+
+    /// The application takes `msg` (which cost `overhead` more bytes of credit: its length prefix).
+    fn consumed(&mut self, msg: Bytes, overhead: usize) -> Result<T, Status> {
+        self.received += 1;
+        self.key.set_received(self.received);
+        let cost = msg.len() + overhead;
+        let batch = self.returns.on_consumed(cost);
+        // Counted back to the connection at once: a consumer that takes one message and then
+        // works for an hour holds no connection credit for it.
+        self.give_back(cost, batch);
+        (self.decode)(msg)
+    }
+}
+
 impl<T> Unpin for Streaming<T> {}
 
 impl<T> Stream for Streaming<T> {
@@ -359,13 +398,17 @@ impl<T> Stream for Streaming<T> {
         if this.done {
             return Poll::Ready(None);
         }
+        if let Some(msg) = this.next_packed() {
+            return Poll::Ready(Some(this.consumed(msg, 4)));
+        }
         match this.messages.poll_recv(cx) {
-            Poll::Ready(Some(msg)) => {
-                this.received += 1;
-                this.key.count_received();
-                let batch = this.returns.on_consumed(msg.len());
-                this.give_back(msg.len(), batch);
-                Poll::Ready(Some((this.decode)(msg)))
+            Poll::Ready(Some(Chunk { body, packed: false })) => Poll::Ready(Some(this.consumed(body, 0))),
+            Poll::Ready(Some(Chunk { body, packed: true })) => {
+                this.packed = body;
+                match this.next_packed() {
+                    Some(msg) => Poll::Ready(Some(this.consumed(msg, 4))),
+                    None => Poll::Ready(Some(Err(Status::internal("an empty packed DATA frame")))),
+                }
             }
             Poll::Ready(None) => match this.end.as_mut() {
                 None => {
@@ -387,9 +430,9 @@ impl<T> Drop for Streaming<T> {
     /// shrink by what a dropped stream held.
     fn drop(&mut self) {
         self.messages.close();
-        let mut unread = 0usize;
+        let mut unread = self.packed.len();
         while let Ok(m) = self.messages.try_recv() {
-            unread += m.len();
+            unread += m.body.len();
         }
         self.returns.on_consumed(unread);
         let n = self.returns.take();
@@ -422,7 +465,7 @@ pub struct StreamSender<T> {
     buffer: Arc<Semaphore>,
     buffer_size: u32,
     stall_timeout: Option<Duration>,
-    encode: fn(&T) -> Bytes,
+    encode: fn(T) -> Bytes,
     ended: bool,
     /// A client's sender resets its stream itself on a stall; a server's leaves that to its
     /// handler's error answer, which ends the stream at once.
@@ -444,14 +487,14 @@ impl StreamSender<Bytes> {
             buffer: Arc::new(Semaphore::new(size as usize)),
             buffer_size: size,
             stall_timeout,
-            encode: |b: &Bytes| b.clone(),
+            encode: |b: Bytes| b,
             ended: false,
             client,
         }
     }
 
     /// A sender of typed messages.
-    pub fn encoded<T>(mut self, encode: fn(&T) -> Bytes) -> StreamSender<T> {
+    pub fn encoded<T>(mut self, encode: fn(T) -> Bytes) -> StreamSender<T> {
         let typed = StreamSender {
             conn: self.conn.clone(),
             key: self.key.clone(),
@@ -476,7 +519,7 @@ impl<T> StreamSender<T> {
     /// Sends one message, waiting for credit; fails if the stream or its connection ended, or the
     /// receiver grants nothing for `stream_stall_timeout` (the stream is then reset).
     pub async fn send(&mut self, msg: T) -> Result<(), SendError> {
-        let payload = (self.encode)(&msg);
+        let payload = (self.encode)(msg);
         self.send_frame(payload, false).await?;
         self.key.count_sent(1);
         Ok(())
@@ -485,7 +528,7 @@ impl<T> StreamSender<T> {
     /// Sends several messages at once (one trip to the connection for all of them), each within
     /// the receiver's credit as [`StreamSender::send`] does.
     pub async fn send_batch(&mut self, msgs: Vec<T>) -> Result<(), SendError> {
-        let payloads: Vec<Bytes> = msgs.iter().map(self.encode).collect();
+        let payloads: Vec<Bytes> = msgs.into_iter().map(self.encode).collect();
         let n = payloads.len() as u64;
         let total: usize = payloads.iter().map(Bytes::len).sum();
         let permit = self.acquire(total).await?;

@@ -101,11 +101,19 @@ fn every_kind() -> Vec<Frame> {
         Frame::Data {
             id: 11,
             end: false,
+            packed: false,
             payload: Bytes::from_static(b"a message"),
         },
         Frame::Data {
             id: 11,
+            end: false,
+            packed: true,
+            payload: Bytes::from_static(b"\0\0\0\x02hi\0\0\0\x01!"),
+        },
+        Frame::Data {
+            id: 11,
             end: true,
+            packed: false,
             payload: Bytes::new(),
         },
         Frame::Window {
@@ -294,10 +302,21 @@ fn an_unknown_critical_flag_is_refused_and_an_unknown_ignorable_one_is_not() {
     for kind in 1u8..=10 {
         let mut codec = FrameCodec::default();
         let mut buf = header(MAGIC, VERSION, kind, 0);
-        buf[3] = if kind == 1 || kind == 9 { 0x20 } else { 0x10 };
+        // REQUEST knows 0x10 (STREAM), DATA 0x10 and 0x20 (END, PACKED): each gets one it does not.
+        buf[3] = match kind {
+            1 => 0x20,
+            9 => 0x40,
+            _ => 0x10,
+        };
         let err = protocol_error(&mut buf, &mut codec);
         assert!(
-            matches!(err, ProtocolError::UnknownCriticalFlags { flags: 0x10 | 0x20, .. }),
+            matches!(
+                err,
+                ProtocolError::UnknownCriticalFlags {
+                    flags: 0x10 | 0x20 | 0x40,
+                    ..
+                }
+            ),
             "kind {kind}: {err:?}"
         );
     }

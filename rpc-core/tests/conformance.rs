@@ -102,7 +102,12 @@ fn describe(frame: &Frame) -> Value {
         Frame::Heartbeat { id } => json!({"kind": "HEARTBEAT", "id": id}),
         Frame::HeartbeatAck { id } => json!({"kind": "HEARTBEAT_ACK", "id": id}),
         Frame::Cancel { id } => json!({"kind": "CANCEL", "id": id}),
-        Frame::Data { id, end, payload } => json!({"kind": "DATA", "id": id, "end": end, "payload_hex": hex(payload)}),
+        Frame::Data {
+            id,
+            end,
+            packed,
+            payload,
+        } => json!({"kind": "DATA", "id": id, "end": end, "packed": packed, "payload_hex": hex(payload)}),
         Frame::Window { id, increment } => json!({"kind": "WINDOW", "id": id, "increment": increment}),
         Frame::GoAway(g) => json!({
             "kind": "GOAWAY",

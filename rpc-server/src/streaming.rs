@@ -73,8 +73,11 @@ async fn send_each(
     sender.flush().await.map_err(Ended::Send)
 }
 
+/// The size of the blocks a stream's messages are encoded into.
+const ENCODE_BLOCK: usize = 8 * 1024;
+
 /// The most messages a handler had ready that go to the connection in one trip.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
 
 /// The status a stream ends with when its messages could not be sent.
 fn send_failed(e: SendError) -> BoxError {
@@ -93,7 +96,21 @@ where
     R: prost::Message + 'static,
     S: Stream<Item = Result<R, Status>> + Send + 'static,
 {
-    Box::pin(messages.map(|item| item.map(|m| Bytes::from(m.encode_to_vec()))))
+    // Encoded into shared blocks of a few KiB rather than one allocation each: a stream of small
+    // messages then costs an allocation per block. A block lives while any of its messages does,
+    // so what a stalled stream holds is its window plus at most one block.
+    let mut scratch = bytes::BytesMut::new();
+    Box::pin(messages.map(move |item| {
+        item.map(|m| {
+            let len = m.encoded_len();
+            if scratch.capacity() < len {
+                scratch = bytes::BytesMut::with_capacity(ENCODE_BLOCK.max(len));
+            }
+            // Cannot fail: the capacity is there.
+            let _ = m.encode(&mut scratch);
+            scratch.split().freeze()
+        })
+    }))
 }
 
 /// Decodes one message of a stream (INVALID_ARGUMENT if it does not decode).

@@ -677,3 +677,33 @@ async fn a_server_stream_whose_client_vanishes_ends_on_both_sides_within_the_hea
         }
     }
 }
+
+/// Consumers that each take a message and then hold their stream without reading on (busy with
+/// it) hold no connection credit for what they took: many of them on one connection whose
+/// window their messages add up past leave it open for the next stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_streams_that_took_their_message_leave_the_connection_window_open() {
+    let connection = ConnectionConfig {
+        stream_window: 16 * 1024,
+        connection_window: 16 * 1024,
+        ..ConnectionConfig::default()
+    };
+    let (_server, client) = pair(connection).await;
+    let client = FeedClient::new(client);
+    let one = Subscribe {
+        count: 1,
+        size: 1000,
+        interval_ms: 0,
+    };
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut watch = client.watch(one).await.unwrap();
+        tokio::time::timeout(ms(5000), watch.message())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} got nothing: the connection window is spent"))
+            .unwrap()
+            .unwrap();
+        held.push(watch); // taken, and held without reading on
+    }
+    assert_eq!(held.len(), 40);
+}

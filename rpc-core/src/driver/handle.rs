@@ -99,7 +99,7 @@ pub enum Reply {
         /// The stream's final answer.
         end: oneshot::Sender<CallResult>,
         /// The peer's messages (bounded by the stream's flow-control window).
-        messages: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
+        messages: tokio::sync::mpsc::UnboundedSender<crate::stream::Chunk>,
         /// Gets the stream's id.
         key: crate::stream::StreamKey,
     },

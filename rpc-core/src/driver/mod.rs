@@ -172,6 +172,15 @@ impl<S> Drop for Driver<S> {
     }
 }
 
+/// Messages in a DATA body (a packed one was checked when decoded, or built by `pack`).
+fn messages_in(packed: bool, body: &[u8]) -> u64 {
+    if packed {
+        crate::frame::packed_messages(body).unwrap_or(0) as u64
+    } else {
+        1
+    }
+}
+
 /// A response for a peer that predates [`features::NOT_EXECUTED_FLAG`] (a version-1 peer): it
 /// knows codes 0 to 11 only, and reads SERVER_BUSY, NOT_FOUND and UNAVAILABLE as "the handler did
 /// not run". So those codes go to it only as the runtime's refusals (true for it too),
@@ -593,12 +602,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         match frame {
             // A newer peer's extension: its body is skipped, the connection goes on.
             Frame::Unknown(_) => self.metrics.frame_ignored(),
-            Frame::Data { id, end, payload } => {
+            Frame::Data {
+                id,
+                end,
+                packed,
+                payload,
+            } => {
                 if !(end && payload.is_empty()) {
-                    self.metrics.stream_messages_in.increment(1);
+                    self.metrics.stream_messages_in.increment(messages_in(packed, &payload));
                     self.metrics.stream_bytes_in.increment(payload.len() as u64);
                 }
-                if let Some(grant) = self.streams.on_data(id, end, payload)? {
+                if let Some(grant) = self.streams.on_data(id, end, packed, payload)? {
                     self.encode(&Frame::Window {
                         id: 0,
                         increment: grant,
@@ -930,10 +944,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 payload,
                 permit,
             } => {
-                if let Some(ready) = self
-                    .streams
-                    .offer(key.id(), streams::Waiting::Data { end, payload, permit })
-                {
+                let w = streams::Waiting::Data {
+                    end,
+                    packed: false,
+                    payload,
+                    permit,
+                };
+                if let Some(ready) = self.streams.offer(key.id(), w) {
                     self.encode_ready(ready);
                 }
             }
@@ -942,12 +959,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 payloads,
                 mut permit,
             } => {
+                // Small messages go several to a DATA frame (flag PACKED): one header, one
+                // hand-off to the consumer, for all of them.
                 let id = key.id();
-                let last = payloads.len().saturating_sub(1);
-                for (i, payload) in payloads.into_iter().enumerate() {
-                    let permit = if i == last { permit.take() } else { None };
+                let mut frames = streams::pack(payloads).peekable();
+                while let Some((packed, payload)) = frames.next() {
+                    let permit = if frames.peek().is_none() { permit.take() } else { None };
                     let w = streams::Waiting::Data {
                         end: false,
+                        packed,
                         payload,
                         permit,
                     };
@@ -981,9 +1001,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     fn encode_ready(&mut self, ready: streams::Ready) {
         match ready {
             streams::Ready::Data(frame, permit) => {
-                if let Frame::Data { payload, end, .. } = &frame {
+                if let Frame::Data {
+                    payload, end, packed, ..
+                } = &frame
+                {
                     if !(*end && payload.is_empty()) {
-                        self.metrics.stream_messages_out.increment(1);
+                        self.metrics
+                            .stream_messages_out
+                            .increment(messages_in(*packed, payload));
                         self.metrics.stream_bytes_out.increment(payload.len() as u64);
                     }
                 }

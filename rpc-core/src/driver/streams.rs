@@ -10,7 +10,50 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::flow::Credit;
 use crate::error::ProtocolError;
 use crate::frame::{Frame, ResponseFrame, Settings};
-use crate::stream::Held;
+use crate::stream::{Chunk, Held};
+
+/// Messages at most this large are packed several to a DATA frame.
+pub(crate) const PACK_MESSAGE_MAX: usize = 4 * 1024;
+/// A packed DATA body grows to about this much (one message may take it past).
+pub(crate) const PACK_BODY_TARGET: usize = 16 * 1024;
+
+/// The DATA bodies for a batch of messages, in order, as `(packed, body)`: runs of small messages
+/// packed together (each prefixed by its 4-byte big-endian length, up to about
+/// [`PACK_BODY_TARGET`]), any other message alone and as it is. A run of one stays unpacked.
+pub(crate) fn pack(payloads: Vec<Bytes>) -> impl Iterator<Item = (bool, Bytes)> {
+    fn flush(run: &mut Vec<Bytes>, run_bytes: &mut usize, out: &mut Vec<(bool, Bytes)>) {
+        match run.len() {
+            0 => {}
+            1 => out.push((false, run.pop().unwrap_or_default())),
+            _ => {
+                let mut body = bytes::BytesMut::with_capacity(*run_bytes);
+                for m in run.drain(..) {
+                    body.extend_from_slice(&(m.len() as u32).to_be_bytes());
+                    body.extend_from_slice(&m);
+                }
+                out.push((true, body.freeze()));
+            }
+        }
+        *run_bytes = 0;
+    }
+    let mut out: Vec<(bool, Bytes)> = Vec::new();
+    let mut run: Vec<Bytes> = Vec::new();
+    let mut run_bytes = 0;
+    for m in payloads {
+        if m.len() > PACK_MESSAGE_MAX {
+            flush(&mut run, &mut run_bytes, &mut out);
+            out.push((false, m));
+            continue;
+        }
+        run_bytes += 4 + m.len();
+        run.push(m);
+        if run_bytes >= PACK_BODY_TARGET {
+            flush(&mut run, &mut run_bytes, &mut out);
+        }
+    }
+    flush(&mut run, &mut run_bytes, &mut out);
+    out.into_iter()
+}
 
 /// The window a peer that announces none is taken to grant (PROTOCOL.md, *Streams*).
 pub(crate) const DEFAULT_WINDOW: u32 = 64 * 1024;
@@ -21,6 +64,8 @@ pub(crate) enum Waiting {
     /// A message (or END).
     Data {
         end: bool,
+        /// The body packs several messages (flag PACKED).
+        packed: bool,
         payload: Bytes,
         permit: Option<Held>,
     },
@@ -42,7 +87,7 @@ struct Entry {
     /// Tells this side's producer when the stream is gone.
     key: crate::stream::StreamKey,
     /// Where the peer's messages go; `None` once the peer sent END.
-    messages: Option<UnboundedSender<Bytes>>,
+    messages: Option<UnboundedSender<Chunk>>,
     /// What we granted the peer for this stream, minus what it sent.
     recv: Credit,
     /// What the peer granted us for this stream, minus what we sent.
@@ -106,7 +151,7 @@ impl Streams {
         self.peer_stream_window
     }
 
-    pub(crate) fn open(&mut self, id: u64, key: crate::stream::StreamKey, messages: UnboundedSender<Bytes>) {
+    pub(crate) fn open(&mut self, id: u64, key: crate::stream::StreamKey, messages: UnboundedSender<Chunk>) {
         self.table.insert(
             id,
             Entry {
@@ -181,7 +226,13 @@ impl Streams {
 
     /// A DATA frame from the peer. Returns connection credit to give back at once (for bytes
     /// nobody will consume), or the violation that closes the connection.
-    pub(crate) fn on_data(&mut self, id: u64, end: bool, payload: Bytes) -> Result<Option<u32>, ProtocolError> {
+    pub(crate) fn on_data(
+        &mut self,
+        id: u64,
+        end: bool,
+        packed: bool,
+        payload: Bytes,
+    ) -> Result<Option<u32>, ProtocolError> {
         let len = payload.len();
         if !self.conn_recv.allows(len) {
             return Err(ProtocolError::FlowControl("DATA beyond the connection's window"));
@@ -196,7 +247,7 @@ impl Streams {
                 e.recv.spend(len);
                 // Delivered: its bytes come back when the application consumes them. An END alone
                 // carries no message (an empty message is a DATA without END).
-                if end && len == 0 || tx.send(payload).is_ok() {
+                if end && len == 0 || tx.send(Chunk { body: payload, packed }).is_ok() {
                     back = 0;
                 }
                 if end {
@@ -254,15 +305,31 @@ impl Streams {
         let e = self.table.get_mut(&id)?;
         if e.waiting.is_empty() {
             match w {
-                Waiting::Data { end, payload, permit } => {
+                Waiting::Data {
+                    end,
+                    packed,
+                    payload,
+                    permit,
+                } => {
                     let len = payload.len();
                     if e.send.allows(len) && self.conn_send.allows(len) {
                         e.send.spend(len);
                         self.conn_send.spend(len);
-                        return Some(Ready::Data(Frame::Data { id, end, payload }, permit));
+                        let frame = Frame::Data {
+                            id,
+                            end,
+                            packed,
+                            payload,
+                        };
+                        return Some(Ready::Data(frame, permit));
                     }
                     self.parked_bytes += payload.len();
-                    e.waiting.push_back(Waiting::Data { end, payload, permit });
+                    e.waiting.push_back(Waiting::Data {
+                        end,
+                        packed,
+                        payload,
+                        permit,
+                    });
                 }
                 Waiting::End(r) => {
                     if let Some(e) = self.table.remove(&id) {
@@ -295,9 +362,20 @@ impl Streams {
                         e.send.spend(len);
                         self.conn_send.spend(len);
                         match e.waiting.pop_front() {
-                            Some(Waiting::Data { end, payload, permit }) => {
+                            Some(Waiting::Data {
+                                end,
+                                packed,
+                                payload,
+                                permit,
+                            }) => {
                                 self.parked_bytes -= payload.len();
-                                Some(Ready::Data(Frame::Data { id, end, payload }, permit))
+                                let frame = Frame::Data {
+                                    id,
+                                    end,
+                                    packed,
+                                    payload,
+                                };
+                                Some(Ready::Data(frame, permit))
                             }
                             _ => None,
                         }
@@ -325,5 +403,61 @@ impl Streams {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The messages of the bodies `pack` made, unpacked as a receiver does.
+    fn unpack(frames: Vec<(bool, Bytes)>) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for (packed, mut body) in frames {
+            if !packed {
+                out.push(body);
+                continue;
+            }
+            let n = crate::frame::packed_messages(&body).expect("a well-formed packed body");
+            for _ in 0..n {
+                let len = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+                let mut m = body.split_to(4 + len);
+                let _ = m.split_to(4);
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Whatever the batch, packing loses, reorders and adds nothing; only small messages
+        /// are packed, never one alone; and a packed body stays near its target.
+        #[test]
+        fn packing_keeps_every_message_in_order(sizes in proptest::collection::vec(
+            prop_oneof![0usize..100, 100usize..5000, Just(PACK_MESSAGE_MAX), Just(PACK_MESSAGE_MAX + 1)], 0..120)) {
+            let msgs: Vec<Bytes> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
+                .collect();
+            let frames: Vec<(bool, Bytes)> = pack(msgs.clone()).collect();
+            for (packed, body) in &frames {
+                if *packed {
+                    let n = crate::frame::packed_messages(body).unwrap();
+                    prop_assert!(n >= 2, "a packed body of one message");
+                    prop_assert!(body.len() < PACK_BODY_TARGET + 4 + PACK_MESSAGE_MAX);
+                }
+            }
+            prop_assert_eq!(unpack(frames), msgs);
+        }
+    }
+
+    #[test]
+    fn a_packed_body_must_be_whole_messages() {
+        assert_eq!(crate::frame::packed_messages(b""), None);
+        assert_eq!(crate::frame::packed_messages(b"\0\0\0"), None);
+        assert_eq!(crate::frame::packed_messages(b"\0\0\0\x02a"), None);
+        assert_eq!(crate::frame::packed_messages(b"\0\0\0\x01a\0\0\0\0"), Some(2));
     }
 }
