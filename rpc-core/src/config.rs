@@ -176,6 +176,13 @@ pub struct ConnectionConfig {
     /// its window). Default 30 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub stream_stall_timeout: Option<Duration>,
+    /// A stream on which no message has moved either way for this long is reset by this side
+    /// (DEADLINE_EXCEEDED, "stream idle"; the connection and its other streams go on), between
+    /// this and 1.25 times this after its last message. For subscriptions that should never fall
+    /// silent, and to reclaim streams a peer forgot. `None` (the default): a stream may be
+    /// quiet for ever (its connection's heartbeats still run).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl Default for ConnectionConfig {
@@ -194,6 +201,7 @@ impl Default for ConnectionConfig {
             stream_window: 256 * 1024,
             connection_window: 4 * 1024 * 1024,
             stream_stall_timeout: Some(Duration::from_secs(30)),
+            stream_idle_timeout: None,
         }
     }
 }
@@ -293,6 +301,9 @@ impl ConnectionConfig {
                 field: "connection_window",
                 why: "must be at least stream_window and at most 2^31 - 1 bytes",
             });
+        }
+        if self.stream_idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Zero("stream_idle_timeout"));
         }
         if self.stream_stall_timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::Zero("stream_stall_timeout"));

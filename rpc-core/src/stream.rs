@@ -75,6 +75,11 @@ impl StreamKey {
         self.0.closed.load(Ordering::Acquire)
     }
 
+    /// This side reset the stream: its receiver reports `status`.
+    pub(crate) fn set_reset(&self, status: Status) {
+        let _ = self.0.reset.set(status);
+    }
+
     fn reset_status(&self) -> Option<Status> {
         self.0.reset.get().cloned()
     }
@@ -635,7 +640,7 @@ impl<T> StreamSender<T> {
 
     /// Resets a client's stream: its receiver then reports `status`, and the server is sent CANCEL.
     async fn reset(&self, status: Status) {
-        let _ = self.key.0.reset.set(status.clone());
+        self.key.set_reset(status.clone());
         let _ = self
             .conn
             .send(Outbound::Reset {

@@ -707,3 +707,75 @@ async fn held_streams_that_took_their_message_leave_the_connection_window_open()
     }
     assert_eq!(held.len(), 40);
 }
+
+/// `stream_idle_timeout`: a stream on which nothing moves either way is reset by the side that
+/// set it (DEADLINE_EXCEEDED, "stream idle"), between the timeout and 1.25 times it, while a
+/// stream that keeps moving on the same connection is left alone and the connection stays; the
+/// server's handler is cancelled either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_idle_past_stream_idle_timeout_is_reset_alone_by_either_side() {
+    use std::sync::atomic::Ordering;
+    let timeout = ms(400);
+    for server_side in [true, false] {
+        let idle = ConnectionConfig {
+            stream_idle_timeout: Some(timeout),
+            ..ConnectionConfig::default()
+        };
+        let feed = LedgerFeed::default();
+        let server = Server::builder()
+            .config(ServerConfig {
+                connection: if server_side { idle } else { ConnectionConfig::default() },
+                ..ServerConfig::default()
+            })
+            .add_service(FeedServer::new(feed.clone()))
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let config = ClientConfig {
+            connections_per_endpoint: 1,
+            connection: if server_side { ConnectionConfig::default() } else { idle },
+            ..quiet_client()
+        };
+        let client = FeedClient::new(Client::connect(server.local_addr(), config).await.unwrap());
+        let mut quiet = client
+            .watch(Subscribe {
+                count: 0,
+                size: 10,
+                interval_ms: 60_000,
+            })
+            .await
+            .unwrap();
+        let mut busy = client
+            .watch(Subscribe {
+                count: 0,
+                size: 10,
+                interval_ms: 20,
+            })
+            .await
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let busy_reader = tokio::spawn(async move {
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < start + ms(1200) {
+                busy.message().await.unwrap().unwrap();
+                n += 1;
+            }
+            n
+        });
+        let err = tokio::time::timeout(ms(3000), quiet.message())
+            .await
+            .expect("the quiet stream is reset")
+            .expect_err("reset, not ended");
+        let took = start.elapsed();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("stream idle"), "{err:?}");
+        assert!(took >= timeout, "reset after {took:?}, before the timeout");
+        assert!(took <= timeout * 5 / 4 + ms(300), "reset after {took:?}");
+        // The quiet stream's handler is gone (the busy one's still runs).
+        wait_until(ms(500), || feed.dropped.load(Ordering::SeqCst) == 1).await;
+        // The busy stream kept flowing past the quiet one's reset, on the same connection.
+        assert!(busy_reader.await.unwrap() > 30);
+        assert_eq!(server.connections().len(), 1, "server side {server_side}");
+        println!("server side {server_side}: reset after {took:?}");
+    }
+}

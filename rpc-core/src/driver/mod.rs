@@ -138,6 +138,8 @@ pub struct Driver<S> {
     timer_at: Option<Instant>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_seen: bool,
+    /// When the next idle scan of the streams is due (with `stream_idle_timeout` and streams open).
+    stream_idle_at: Option<Instant>,
     /// The session rules: ids, calls waiting, what was written, GOAWAY, drain, close outcomes.
     session: Session<oneshot::Sender<CallResult>, oneshot::Sender<Result<(), ConnectionError>>>,
     dispatch: Option<Box<dyn Dispatch>>,
@@ -171,6 +173,9 @@ impl<S> Drop for Driver<S> {
         self.finish(CloseReason::Aborted);
     }
 }
+
+/// Idle scans per `stream_idle_timeout` (a stream is reset after this many with nothing moved).
+const IDLE_SCANS: u32 = 4;
 
 /// Messages in a DATA body (a packed one was checked when decoded, or built by `pack`).
 fn messages_in(packed: bool, body: &[u8]) -> u64 {
@@ -326,6 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             timer_at: None,
             shutdown: Box::pin(token.cancelled_owned()),
             shutdown_seen: false,
+            stream_idle_at: None,
             session,
             dispatch,
             tasks: TaskTracker::new(),
@@ -976,25 +982,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     }
                 }
             }
-            Outbound::Reset { key, status } => {
-                let id = key.id();
-                self.end_stream(id, "reset");
-                match self.cfg.side {
-                    Side::Client => {
-                        // Its receiver reports the key's reset status; the server drops the handler.
-                        if self.session.forget(id) == Some(true) && self.peer_features & features::CANCEL != 0 {
-                            self.encode(&Frame::Cancel { id });
-                        }
-                    }
-                    // A server's stalled stream ends through its handler's error answer instead.
-                    Side::Server => {
-                        if let Some(d) = self.dispatch.as_mut() {
-                            d.cancel(id);
-                        }
-                        self.encode_response(status_frame(id, status));
-                    }
+            Outbound::Reset { key, status } => self.reset_stream(key.id(), status, "reset"),
+        }
+    }
+
+    /// Resets stream `id` from this side: a client's receiver reports the key's reset status and
+    /// the server is sent CANCEL (it drops the handler); a server drops its handler and ends the
+    /// stream with `status`.
+    fn reset_stream(&mut self, id: u64, status: Status, reason: &'static str) {
+        self.end_stream(id, reason);
+        match self.cfg.side {
+            Side::Client => {
+                if self.session.forget(id) == Some(true) && self.peer_features & features::CANCEL != 0 {
+                    self.encode(&Frame::Cancel { id });
                 }
             }
+            Side::Server => {
+                if let Some(d) = self.dispatch.as_mut() {
+                    d.cancel(id);
+                }
+                self.encode_response(status_frame(id, status));
+            }
+        }
+    }
+
+    /// `stream_idle_timeout`: a scan every quarter of it while streams are open; a stream with
+    /// nothing moved for four scans in a row is reset.
+    fn scan_idle_streams(&mut self, now: Instant) {
+        let Some(timeout) = self.cfg.connection.stream_idle_timeout else {
+            return;
+        };
+        if self.streams.len() == 0 {
+            self.stream_idle_at = None;
+            return;
+        }
+        let every = timeout / IDLE_SCANS;
+        match self.stream_idle_at {
+            None => self.stream_idle_at = Some(now + every),
+            Some(at) if now >= at => {
+                self.stream_idle_at = Some(now + every);
+                for (id, key) in self.streams.scan_idle(IDLE_SCANS) {
+                    let status = Status::deadline_exceeded(format!(
+                        "stream idle: no message either way for {timeout:?} (stream_idle_timeout), after {} on this side",
+                        key.counts()
+                    ));
+                    if self.cfg.side == Side::Client {
+                        key.set_reset(status.clone());
+                    }
+                    self.reset_stream(id, status, "idle");
+                }
+            }
+            Some(_) => {}
         }
     }
 
@@ -1155,6 +1193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if self.liveness.idle_due(now) && self.busy() {
             self.liveness.busy(now);
         }
+        self.scan_idle_streams(now);
         if self.cfg.side == Side::Server {
             // Handlers or streams in flight: the server heartbeats a client that went quiet.
             let working = !self.tasks.is_empty() || self.streams.len() > 0;
@@ -1215,6 +1254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             (!self.session.handshake_done()).then_some(self.handshake_deadline),
             self.partial.deadline(c.min_receive_rate),
             self.session.drain_deadline(),
+            self.stream_idle_at,
         ]
         .into_iter()
         .flatten()

@@ -93,6 +93,10 @@ struct Entry {
     /// What the peer granted us for this stream, minus what we sent.
     send: Credit,
     waiting: VecDeque<Waiting>,
+    /// A message moved either way since the last idle scan.
+    moved: bool,
+    /// Idle scans in a row with nothing moved.
+    idle_scans: u32,
 }
 
 #[derive(Debug)]
@@ -160,6 +164,8 @@ impl Streams {
                 recv: Credit::new(self.own_stream_window),
                 send: Credit::new(self.peer_stream_window),
                 waiting: VecDeque::new(),
+                moved: true,
+                idle_scans: 0,
             },
         );
     }
@@ -194,6 +200,25 @@ impl Streams {
             }
             None => false,
         }
+    }
+
+    /// One idle scan (the driver runs one every quarter of `stream_idle_timeout`): the streams
+    /// on which nothing moved for `scans` scans in a row, with their keys. A message either way
+    /// restarts a stream's count, so a stream is named between `scans - 1` and `scans` scan
+    /// intervals after its last message.
+    pub(crate) fn scan_idle(&mut self, scans: u32) -> Vec<(u64, crate::stream::StreamKey)> {
+        let mut idle = Vec::new();
+        for (id, e) in &mut self.table {
+            if std::mem::take(&mut e.moved) {
+                e.idle_scans = 0;
+            } else {
+                e.idle_scans += 1;
+                if e.idle_scans >= scans {
+                    idle.push((*id, e.key.clone()));
+                }
+            }
+        }
+        idle
     }
 
     /// Forgets the streams above `last` (the peer's GOAWAY says it never started them).
@@ -245,6 +270,7 @@ impl Streams {
                     return Err(ProtocolError::FlowControl("DATA beyond the stream's window"));
                 }
                 e.recv.spend(len);
+                e.moved = true;
                 // Delivered: its bytes come back when the application consumes them. An END alone
                 // carries no message (an empty message is a DATA without END).
                 if end && len == 0 || tx.send(Chunk { body: payload, packed }).is_ok() {
@@ -315,6 +341,7 @@ impl Streams {
                     if e.send.allows(len) && self.conn_send.allows(len) {
                         e.send.spend(len);
                         self.conn_send.spend(len);
+                        e.moved = true;
                         let frame = Frame::Data {
                             id,
                             end,
@@ -361,6 +388,7 @@ impl Streams {
                     if e.send.allows(len) && self.conn_send.allows(len) {
                         e.send.spend(len);
                         self.conn_send.spend(len);
+                        e.moved = true;
                         match e.waiting.pop_front() {
                             Some(Waiting::Data {
                                 end,
@@ -451,6 +479,23 @@ mod tests {
             }
             prop_assert_eq!(unpack(frames), msgs);
         }
+    }
+
+    #[test]
+    fn a_stream_is_idle_after_the_scans_with_nothing_moved_and_a_message_restarts_the_count() {
+        let mut s = Streams::new(None, None);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        s.open(1, crate::stream::StreamKey::with_id(1), tx);
+        // Opening counts as movement: the first scan only clears it.
+        for _ in 0..4 {
+            assert!(s.scan_idle(4).is_empty());
+        }
+        assert_eq!(s.scan_idle(4).len(), 1);
+        s.on_data(1, false, false, Bytes::from_static(b"x")).unwrap();
+        for _ in 0..4 {
+            assert!(s.scan_idle(4).is_empty());
+        }
+        assert_eq!(s.scan_idle(4)[0].0, 1);
     }
 
     #[test]
