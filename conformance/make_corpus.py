@@ -64,12 +64,12 @@ def case(name, frame, about, expect=None, error=None, canonical=None, limits=Non
         c["error"] = error
     cases.append(c)
 
-client = [(1, 4 << 20), (4, 15000), (5, 64), (6, 16384), (8, 7), (9, 2), (10, 256 << 10), (11, 4 << 20)]
-server = [(1, 4 << 20), (2, 90000), (3, 1024), (5, 64), (6, 16384), (7, 256), (8, 7), (9, 2), (10, 256 << 10),
+client = [(1, 4 << 20), (4, 15000), (5, 64), (6, 16384), (8, 15), (9, 2), (10, 256 << 10), (11, 4 << 20)]
+server = [(1, 4 << 20), (2, 90000), (3, 1024), (5, 64), (6, 16384), (7, 256), (8, 15), (9, 2), (10, 256 << 10),
           (11, 4 << 20)]
 v1_client = [(1, 4 << 20), (4, 15000), (5, 64)]
 case("settings-client", settings(client), "A version-2 client's SETTINGS: max frame 4 MiB, heartbeat 15 s, "
-     "metadata limits, features NOT_EXECUTED_FLAG, CANCEL and STREAMS, version 2, stream window 256 KiB, "
+     "metadata limits, features NOT_EXECUTED_FLAG, CANCEL, STREAMS and PACKED_DATA, version 2, stream window 256 KiB, "
      "connection window 4 MiB.",
      {"kind": "SETTINGS", "settings": known(client)}, canonical=True)
 case("settings-server", settings(server), "A version-2 server's SETTINGS: idle 90 s, 1024 requests at once, "

@@ -95,6 +95,20 @@ impl History {
 }
 
 impl Error {
+    /// A connect failure as another caller that waited on the same attempt should see it: the
+    /// same kind (I/O errors rebuilt from their kind and text), for connect errors only.
+    pub(crate) fn replay_connect(&self) -> Option<Error> {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        let kind = match &self.kind {
+            ErrorKind::Connect(e) => ErrorKind::Connect(io(e)),
+            ErrorKind::Tls(e) => ErrorKind::Tls(io(e)),
+            ErrorKind::ConnectTimeout => ErrorKind::ConnectTimeout,
+            ErrorKind::Handshake(r) => ErrorKind::Handshake(r.clone()),
+            _ => return None,
+        };
+        Some(Error::new(kind, self.may_have_executed))
+    }
+
     pub(crate) fn new(kind: ErrorKind, may_have_executed: bool) -> Self {
         Error {
             kind,

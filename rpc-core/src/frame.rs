@@ -214,7 +214,7 @@ pub mod flags {
     /// DATA: the sender's last frame on this stream.
     pub const END: u8 = 0x10;
     /// DATA: the body packs several messages, each prefixed by its 4-byte big-endian length
-    /// (must be understood; part of feature STREAMS).
+    /// (must be understood; sent only to a peer announcing feature PACKED_DATA).
     pub const PACKED: u8 = 0x20;
     /// The flag bits a receiver may ignore when it does not know them.
     pub const IGNORABLE: u8 = 0x0F;
@@ -289,8 +289,10 @@ pub mod features {
     pub const CANCEL: u64 = 1 << 1;
     /// The sender understands streams: REQUEST with flag STREAM, DATA and WINDOW frames.
     pub const STREAMS: u64 = 1 << 2;
+    /// The sender understands DATA frames with flag PACKED (several messages in one body).
+    pub const PACKED_DATA: u64 = 1 << 3;
     /// Every feature this build supports.
-    pub const ALL: u64 = NOT_EXECUTED_FLAG | CANCEL | STREAMS;
+    pub const ALL: u64 = NOT_EXECUTED_FLAG | CANCEL | STREAMS | PACKED_DATA;
 }
 
 /// Setting identifiers on the wire.

@@ -384,7 +384,7 @@ impl<T> Streaming<T> {
     fn consumed(&mut self, msg: Bytes, overhead: usize) -> Result<T, Status> {
         self.received += 1;
         self.key.set_received(self.received);
-        let cost = msg.len() + overhead;
+        let cost = (msg.len() + overhead).max(1);
         let batch = self.returns.on_consumed(cost);
         // Counted back to the connection at once: a consumer that takes one message and then
         // works for an hour holds no connection credit for it.
@@ -437,7 +437,7 @@ impl<T> Drop for Streaming<T> {
         self.messages.close();
         let mut unread = self.packed.len();
         while let Ok(m) = self.messages.try_recv() {
-            unread += m.body.len();
+            unread += m.body.len().max(1);
         }
         self.returns.on_consumed(unread);
         let n = self.returns.take();
@@ -516,7 +516,14 @@ impl StreamSender<Bytes> {
 }
 
 impl<T> StreamSender<T> {
-    /// Messages sent so far.
+    /// Bytes this side may hold for the stream before `send` waits (the peer's stream window):
+    /// what a batch should stay within.
+    pub fn window(&self) -> usize {
+        self.buffer_size as usize
+    }
+
+    /// Messages sent so far (queued to the connection: those still waiting for credit when the
+    /// stream fails never reach the peer).
     pub fn sent(&self) -> u64 {
         self.key.sent()
     }
@@ -535,7 +542,9 @@ impl<T> StreamSender<T> {
     pub async fn send_batch(&mut self, msgs: Vec<T>) -> Result<(), SendError> {
         let payloads: Vec<Bytes> = msgs.into_iter().map(self.encode).collect();
         let n = payloads.len() as u64;
-        let total: usize = payloads.iter().map(Bytes::len).sum();
+        // What the batch may cost on the wire: each message's length (at least 1) and, packed,
+        // its 4-byte prefix.
+        let total: usize = payloads.iter().map(|p| p.len().max(1) + 4).sum();
         let permit = self.acquire(total).await?;
         let msg = Outbound::DataBatch {
             key: self.key.clone(),
@@ -582,7 +591,7 @@ impl<T> StreamSender<T> {
     }
 
     async fn send_frame(&mut self, payload: Bytes, end: bool) -> Result<(), SendError> {
-        let permit = self.acquire(payload.len()).await?;
+        let permit = self.acquire(crate::driver::flow::cost(payload.len(), end)).await?;
         self.ended = end;
         let msg = Outbound::Data {
             key: self.key.clone(),

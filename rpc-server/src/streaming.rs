@@ -46,11 +46,17 @@ async fn send_each(
 ) -> Result<(), Ended> {
     while let Some(item) = messages.next().await {
         // What the handler has ready goes in one trip to the connection (up to a batch).
-        let mut batch = vec![item.map_err(Ended::Handler)?];
+        let first = item.map_err(Ended::Handler)?;
+        // Within the window too: a stalled stream holds at most a window and one message.
+        let mut bytes = first.len();
+        let mut batch = vec![first];
         let mut failed = None;
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < sender.window() {
             match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
+                Some(Some(Ok(m))) => {
+                    bytes += m.len();
+                    batch.push(m);
+                }
                 Some(Some(Err(status))) => {
                     failed = Some(status);
                     break;
@@ -73,8 +79,11 @@ async fn send_each(
     sender.flush().await.map_err(Ended::Send)
 }
 
-/// The size of the blocks a stream's messages are encoded into.
+/// The size of the blocks a stream's small messages are encoded into.
 const ENCODE_BLOCK: usize = 8 * 1024;
+/// Messages up to this size share blocks (so a block is held by at most a few kilobytes of
+/// messages beyond its own); larger ones get their own allocation.
+const ENCODE_SHARED_MAX: usize = 1024;
 
 /// The most messages a handler had ready that go to the connection in one trip.
 const MAX_BATCH: usize = 256;
@@ -103,6 +112,9 @@ where
     Box::pin(messages.map(move |item| {
         item.map(|m| {
             let len = m.encoded_len();
+            if len > ENCODE_SHARED_MAX {
+                return Bytes::from(m.encode_to_vec()); // its own allocation, exactly its size
+            }
             if scratch.capacity() < len {
                 scratch = bytes::BytesMut::with_capacity(ENCODE_BLOCK.max(len));
             }

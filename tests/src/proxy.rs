@@ -40,6 +40,9 @@ pub enum Fault {
     StopReading(Direction),
     /// Forward after this delay.
     Delay(Duration),
+    /// Forward bytes flowing in this direction at about this many bytes a second (a slow
+    /// link); the other direction passes.
+    Throttle(Direction, u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,8 +180,13 @@ async fn pump(
             }
             continue;
         }
+        // A throttled direction reads in small steps, so its pace is even.
+        let step = match current {
+            Fault::Throttle(d, _) if d == dir => 4096,
+            _ => buf.len(),
+        };
         let n = tokio::select! {
-            r = from.read(&mut buf) => r,
+            r = from.read(&mut buf[..step]) => r,
             changed = fault.changed() => {
                 if changed.is_err() {
                     break;
@@ -209,6 +217,14 @@ async fn pump(
                     tokio::time::sleep(d).await;
                     if to.write_all(&buf[..n]).await.is_err() {
                         break;
+                    }
+                }
+                Fault::Throttle(d, rate) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if d == dir && rate > 0 {
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / f64::from(rate))).await;
                     }
                 }
                 Fault::Blackhole => {} // discarded

@@ -779,3 +779,276 @@ async fn a_stream_idle_past_stream_idle_timeout_is_reset_alone_by_either_side() 
         println!("server side {server_side}: reset after {took:?}");
     }
 }
+
+/// A Feed whose `Watch` yields empty events (0 bytes each), always ready.
+#[derive(Clone, Default)]
+struct EmptyFeed;
+
+impl examples::feed::v1::feed_server::Feed for EmptyFeed {
+    async fn watch(
+        &self,
+        _request: rpc_core::Request<Subscribe>,
+    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
+        Ok(rpc_core::Response::new(Box::pin(futures_util::stream::repeat_with(
+            || Ok(Event::default()),
+        ))))
+    }
+
+    async fn upload(
+        &self,
+        request: rpc_core::Request<rpc_server::Streaming<Event>>,
+    ) -> Result<rpc_core::Response<examples::feed::v1::Summary>, rpc_core::Status> {
+        FeedService.upload(request).await
+    }
+
+    async fn echo(
+        &self,
+        request: rpc_core::Request<rpc_server::Streaming<Event>>,
+    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
+        FeedService.echo(request).await
+    }
+}
+
+/// Review: packed frames were built up to ~20 KiB whatever the peer's max frame size, and a frame
+/// over it was dropped with its credit spent: messages lost, the stream ending "OK".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_packed_frames_respect_the_peers_max_frame_size() {
+    let server = feed_server(ServerConfig::default()).await;
+    let config = ClientConfig {
+        connection: ConnectionConfig {
+            max_frame_size: 8192,
+            ..ConnectionConfig::default()
+        },
+        ..quiet_client()
+    };
+    let client = FeedClient::new(Client::connect(server.local_addr(), config).await.unwrap());
+    let mut watch = client
+        .watch(Subscribe {
+            count: 2000,
+            size: 1000,
+            interval_ms: 0,
+        })
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Some(e) = tokio::time::timeout(ms(5000), watch.message()).await.unwrap().unwrap() {
+        n += 1;
+        assert_eq!(e.seq, n);
+    }
+    assert_eq!(n, 2000);
+}
+
+/// Review: empty messages cost no credit and no send buffer, so a producer of empty messages
+/// facing a consumer that stopped parked frames without bound and never stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_stream_of_empty_messages_is_flow_controlled_and_stalls() {
+    let window = 16 * 1024;
+    let connection = ConnectionConfig {
+        stream_window: window,
+        stream_stall_timeout: Some(ms(500)),
+        ..ConnectionConfig::default()
+    };
+    let server = Server::builder()
+        .config(ServerConfig {
+            connection,
+            ..ServerConfig::default()
+        })
+        .add_service(FeedServer::new(EmptyFeed))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let config = ClientConfig {
+        connection,
+        ..quiet_client()
+    };
+    let raw = Client::connect(server.local_addr(), config).await.unwrap();
+    let mut watch = FeedClient::new(raw.clone()).watch(Subscribe::default()).await.unwrap();
+    watch.message().await.unwrap().unwrap(); // one, then the consumer stops
+    wait_until(ms(2000), || !server.connections().is_empty()).await;
+    let sconn = server.connections()[0].clone();
+    let mut most = 0;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < ms(300) {
+        most = most.max(sconn.stream_bytes_waiting());
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        most <= 2 * window as usize,
+        "{most} B parked against a {window} B window"
+    );
+    // Stalled, then reset alone.
+    wait_until(ms(3000), || sconn.open_streams() == 0).await;
+    assert!(sconn.is_open());
+}
+
+/// Review: a batch of ready messages had no byte cap, so a stalled stream of large messages
+/// parked up to a batch of them (256) against its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_batch_of_large_messages_stays_within_the_window() {
+    let (server, raw) = pair(ConnectionConfig::default()).await;
+    let size = 512 * 1024;
+    let mut watch = FeedClient::new(raw.clone())
+        .watch(Subscribe {
+            count: 0,
+            size,
+            interval_ms: 0,
+        })
+        .await
+        .unwrap();
+    watch.message().await.unwrap().unwrap();
+    wait_until(ms(2000), || !server.connections().is_empty()).await;
+    let sconn = server.connections()[0].clone();
+    let window = ConnectionConfig::default().stream_window as usize;
+    let mut most = 0;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < ms(300) {
+        most = most.max(sconn.stream_bytes_waiting() + sconn.outbound_buffered());
+        tokio::task::yield_now().await;
+    }
+    let bound = window + 2 * size as usize;
+    assert!(most <= bound, "{most} B held on the server, bound {bound}");
+}
+
+/// Review: a receiver that took some messages of a packed frame and was dropped gives back the
+/// whole frame's credit, so the connection window stays whole for the next stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_partly_read_packed_frame_gives_back_all_its_credit_when_dropped() {
+    let connection = ConnectionConfig {
+        stream_window: 16 * 1024,
+        connection_window: 16 * 1024,
+        ..ConnectionConfig::default()
+    };
+    let (_server, client) = pair(connection).await;
+    let client = FeedClient::new(client);
+    for round in 0..20 {
+        let mut watch = client
+            .watch(Subscribe {
+                count: 1000,
+                size: 60,
+                interval_ms: 0,
+            })
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            tokio::time::timeout(ms(5000), watch.message())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the connection window is spent"))
+                .unwrap()
+                .unwrap();
+        }
+        drop(watch);
+    }
+}
+
+/// Review: a client's GOAWAY (`Client::close`) carries last id 0, and the server read it as "the
+/// streams above 0 were never run": it dropped every stream the client had open, which then
+/// hung until the client's drain timeout. A closing client's streams run on, as its calls do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_closing_clients_streams_keep_flowing() {
+    let server = feed_server(ServerConfig::default()).await;
+    let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let mut watch = FeedClient::new(client.clone())
+        .watch(Subscribe {
+            count: 0,
+            size: 10,
+            interval_ms: 5,
+        })
+        .await
+        .unwrap();
+    watch.message().await.unwrap().unwrap();
+    client.close();
+    for i in 0..20 {
+        tokio::time::timeout(ms(1000), watch.message())
+            .await
+            .unwrap_or_else(|_| panic!("the stream hung after close ({i} more)"))
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Review: while a server's writes wait on a slow link (a large answer draining at its pace), a
+/// heartbeat queues behind them and its answer cannot come back in time; the server's
+/// heartbeats, which run while a stream is open, then closed a live connection as
+/// HeartbeatTimeout. The write-stall bucket is what judges a peer behind a backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_server_behind_its_own_backlog_does_not_count_heartbeat_misses() {
+    use rpc_core::config::{HeartbeatConfig, TcpConfig};
+    use rpc_core::event::ConnectionEvent;
+    let beat = HeartbeatConfig {
+        enabled: true,
+        interval: ms(200),
+        timeout: ms(100),
+        max_failures: 2,
+    };
+    let server = Server::builder()
+        .config(ServerConfig {
+            heartbeat: beat,
+            tcp: TcpConfig {
+                send_buffer_size: Some(32 * 1024),
+                ..TcpConfig::default()
+            },
+            ..ServerConfig::default()
+        })
+        .add_service(FeedServer::new(FeedService))
+        .add_service(examples::echo::echo_server::EchoServer::new(
+            examples::services::EchoService::default(),
+        ))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let mut events = server.events();
+    let proxy = tests::proxy::FaultProxy::start(server.local_addr()).await;
+    let client = Client::connect(
+        proxy.addr(),
+        ClientConfig {
+            connections_per_endpoint: 1,
+            request_timeout: Duration::from_secs(20),
+            connection: ConnectionConfig {
+                max_frame_size: 8 << 20,
+                ..ConnectionConfig::default()
+            },
+            tcp: TcpConfig {
+                recv_buffer_size: Some(32 * 1024),
+                ..TcpConfig::default()
+            },
+            ..quiet_client()
+        },
+    )
+    .await
+    .unwrap();
+    // A stream keeps the server's heartbeats running.
+    let mut watch = FeedClient::new(client.clone())
+        .watch(Subscribe {
+            count: 0,
+            size: 10,
+            interval_ms: 50,
+        })
+        .await
+        .unwrap();
+    watch.message().await.unwrap().unwrap();
+    // A slow link from the server (about 1 MB/s), and a 2 MiB answer to drain through it.
+    proxy.set(tests::proxy::Fault::Throttle(
+        tests::proxy::Direction::ToClient,
+        1 << 20,
+    ));
+    let mut echo = examples::echo::echo_client::EchoClient::new(client.clone());
+    let big = tokio::spawn(async move {
+        echo.say(examples::echo::EchoRequest {
+            message: "big".into(),
+            reply_size: 2 << 20,
+            ..Default::default()
+        })
+        .await
+    });
+    let reply = tokio::time::timeout(ms(15_000), big).await.unwrap().unwrap().unwrap();
+    assert_eq!(reply.into_body().payload.len(), 2 << 20);
+    let closed = tests::wait_event(&mut events, ms(1), |e| matches!(e, ConnectionEvent::Closed { .. })).await;
+    assert!(closed.is_none(), "closed while draining: {closed:?}");
+    proxy.set(tests::proxy::Fault::Pass);
+    tokio::time::timeout(ms(2000), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(server.connections().len(), 1);
+}

@@ -105,6 +105,8 @@ struct Endpoint {
     /// Set once the endpoint has lost its connections or failed to connect, so its return is
     /// reported as `Reconnected`.
     lost: bool,
+    /// Why its last connect attempt failed, for the checkouts that waited on it.
+    last_failure: Option<Error>,
 }
 
 impl Endpoint {
@@ -171,6 +173,7 @@ impl ConnectionHolder {
                     conns: Vec::new(),
                     connecting: 0,
                     lost: false,
+                    last_failure: None,
                 });
             }
         }
@@ -361,7 +364,13 @@ impl ConnectionHolder {
                     }
                 }
                 Next::Wait => continue, // handled above
-                Next::Unavailable => return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false))),
+                // A checkout that waited on another's attempt (the checker's) reports why that
+                // attempt failed, not only that no endpoint is left.
+                Next::Unavailable => {
+                    return Err(last_error
+                        .or_else(|| self.inner.last_failure())
+                        .unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false)))
+                }
             }
         }
     }
@@ -376,6 +385,13 @@ impl ConnectionHolder {
 }
 
 impl Inner {
+    /// The last connect failure of an endpoint, if one failed (the first found).
+    fn last_failure(&self) -> Option<Error> {
+        self.lock()
+            .iter()
+            .find_map(|e| e.last_failure.as_ref().and_then(Error::replay_connect))
+    }
+
     /// Adds an endpoint, or brings a discarded one back.
     fn add_endpoint(&self, addr: SocketAddr) {
         let now = Instant::now();
@@ -389,6 +405,7 @@ impl Inner {
                     conns: Vec::new(),
                     connecting: 0,
                     lost: false,
+                    last_failure: None,
                 }),
             }
         }
@@ -520,9 +537,11 @@ impl Inner {
                         }
                         e.lost = false;
                         e.pool.on_connected();
+                        e.last_failure = None;
                     }
                     Err(err) => {
                         e.lost = true;
+                        e.last_failure = err.replay_connect();
                         let unit = rand::random::<f64>();
                         event = Some(
                             match e.pool.on_connect_failed(

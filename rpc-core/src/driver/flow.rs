@@ -9,6 +9,17 @@
 //! frames as the application consumes messages, not as the driver buffers them, so what a slow
 //! consumer's peer can make it hold is bounded by the window plus one message.
 
+/// The credit a DATA frame with `len` body bytes costs: its length, and at least 1 for a frame
+/// that carries a message (an empty message too, so a flood of them is flow controlled); an END
+/// with no body costs nothing.
+pub(crate) fn cost(len: usize, end: bool) -> usize {
+    if len == 0 && end {
+        0
+    } else {
+        len.max(1)
+    }
+}
+
 /// Credit one side may still spend: the peer's grants minus what was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Credit(i64);

@@ -812,9 +812,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         for (reply, e) in not_run {
             let _ = reply.send(Err(e));
         }
-        if let Some(last) = self.session.goaway_last_id() {
-            for _ in 0..self.streams.remove_above(last) {
-                self.metrics.stream_closed("goaway");
+        // A server's GOAWAY tells a client which of its streams never started. A client's names
+        // no stream of the server's (streams are the client's requests), so it removes nothing.
+        if self.cfg.side == Side::Client {
+            if let Some(last) = self.session.goaway_last_id() {
+                for _ in 0..self.streams.remove_above(last) {
+                    self.metrics.stream_closed("goaway");
+                }
             }
         }
         self.tasks.close();
@@ -968,7 +972,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 // Small messages go several to a DATA frame (flag PACKED): one header, one
                 // hand-off to the consumer, for all of them.
                 let id = key.id();
-                let mut frames = streams::pack(payloads).peekable();
+                let max_body = if self.peer_features & features::PACKED_DATA != 0 {
+                    self.codec.max_send_frame_size() as usize
+                } else {
+                    0 // a peer that does not know PACKED gets every message alone
+                };
+                let mut frames = streams::pack(payloads, max_body).peekable();
                 while let Some((packed, payload)) = frames.next() {
                     let permit = if frames.peek().is_none() { permit.take() } else { None };
                     let w = streams::Waiting::Data {
@@ -990,6 +999,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// the server is sent CANCEL (it drops the handler); a server drops its handler and ends the
     /// stream with `status`.
     fn reset_stream(&mut self, id: u64, status: Status, reason: &'static str) {
+        if self.cfg.side == Side::Client {
+            if let Some(key) = self.streams.key(id) {
+                key.set_reset(status.clone());
+            }
+        }
         self.end_stream(id, reason);
         match self.cfg.side {
             Side::Client => {
@@ -1026,9 +1040,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                         "stream idle: no message either way for {timeout:?} (stream_idle_timeout), after {} on this side",
                         key.counts()
                     ));
-                    if self.cfg.side == Side::Client {
-                        key.set_reset(status.clone());
-                    }
                     self.reset_stream(id, status, "idle");
                 }
             }
@@ -1050,7 +1061,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                         self.metrics.stream_bytes_out.increment(payload.len() as u64);
                     }
                 }
-                self.encode(&frame);
+                if let Err(e) = self.try_encode(&frame) {
+                    // A message over the peer's max frame size: the stream fails, typed, rather
+                    // than losing it (and its credit) silently.
+                    if let Frame::Data { id, .. } = frame {
+                        let status = Status::resource_exhausted(format!("stream message not sent: {e}"));
+                        self.reset_stream(id, status, "too_large");
+                    }
+                }
                 drop(permit);
             }
             streams::Ready::End(r) => {
@@ -1194,6 +1212,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.liveness.busy(now);
         }
         self.scan_idle_streams(now);
+        if self.write_budget_full() || self.stall.deadline().is_some() {
+            // This side's writes wait on the peer: a heartbeat queues behind them, and with the
+            // budget full nothing the peer sends is read, so its silence proves nothing. The
+            // write-stall bucket judges the peer meanwhile (it closes one that takes too little).
+            self.liveness.on_read(now);
+        }
         if self.cfg.side == Side::Server {
             // Handlers or streams in flight: the server heartbeats a client that went quiet.
             let working = !self.tasks.is_empty() || self.streams.len() > 0;

@@ -19,8 +19,11 @@ pub(crate) const PACK_BODY_TARGET: usize = 16 * 1024;
 
 /// The DATA bodies for a batch of messages, in order, as `(packed, body)`: runs of small messages
 /// packed together (each prefixed by its 4-byte big-endian length, up to about
-/// [`PACK_BODY_TARGET`]), any other message alone and as it is. A run of one stays unpacked.
-pub(crate) fn pack(payloads: Vec<Bytes>) -> impl Iterator<Item = (bool, Bytes)> {
+/// [`PACK_BODY_TARGET`], never past `max_body`), any other message alone and as it is. A run of
+/// one stays unpacked.
+pub(crate) fn pack(payloads: Vec<Bytes>, max_body: usize) -> impl Iterator<Item = (bool, Bytes)> {
+    // Never past the peer's largest frame.
+    let limit = PACK_BODY_TARGET.min(max_body);
     fn flush(run: &mut Vec<Bytes>, run_bytes: &mut usize, out: &mut Vec<(bool, Bytes)>) {
         match run.len() {
             0 => {}
@@ -40,16 +43,16 @@ pub(crate) fn pack(payloads: Vec<Bytes>) -> impl Iterator<Item = (bool, Bytes)> 
     let mut run: Vec<Bytes> = Vec::new();
     let mut run_bytes = 0;
     for m in payloads {
-        if m.len() > PACK_MESSAGE_MAX {
+        if m.len() > PACK_MESSAGE_MAX || 4 + m.len() > limit {
             flush(&mut run, &mut run_bytes, &mut out);
             out.push((false, m));
             continue;
         }
-        run_bytes += 4 + m.len();
-        run.push(m);
-        if run_bytes >= PACK_BODY_TARGET {
+        if run_bytes + 4 + m.len() > limit {
             flush(&mut run, &mut run_bytes, &mut out);
         }
+        run_bytes += 4 + m.len();
+        run.push(m);
     }
     flush(&mut run, &mut run_bytes, &mut out);
     out.into_iter()
@@ -221,6 +224,11 @@ impl Streams {
         idle
     }
 
+    /// The key of stream `id`, while it is open.
+    pub(crate) fn key(&self, id: u64) -> Option<crate::stream::StreamKey> {
+        self.table.get(&id).map(|e| e.key.clone())
+    }
+
     /// Forgets the streams above `last` (the peer's GOAWAY says it never started them).
     pub(crate) fn remove_above(&mut self, last: u64) -> usize {
         let before = self.table.len();
@@ -258,7 +266,7 @@ impl Streams {
         packed: bool,
         payload: Bytes,
     ) -> Result<Option<u32>, ProtocolError> {
-        let len = payload.len();
+        let len = super::flow::cost(payload.len(), end);
         if !self.conn_recv.allows(len) {
             return Err(ProtocolError::FlowControl("DATA beyond the connection's window"));
         }
@@ -273,7 +281,7 @@ impl Streams {
                 e.moved = true;
                 // Delivered: its bytes come back when the application consumes them. An END alone
                 // carries no message (an empty message is a DATA without END).
-                if end && len == 0 || tx.send(Chunk { body: payload, packed }).is_ok() {
+                if len == 0 || tx.send(Chunk { body: payload, packed }).is_ok() {
                     back = 0;
                 }
                 if end {
@@ -337,7 +345,7 @@ impl Streams {
                     payload,
                     permit,
                 } => {
-                    let len = payload.len();
+                    let len = super::flow::cost(payload.len(), end);
                     if e.send.allows(len) && self.conn_send.allows(len) {
                         e.send.spend(len);
                         self.conn_send.spend(len);
@@ -383,8 +391,8 @@ impl Streams {
             let id = self.parked.pop_front()?;
             let Some(e) = self.table.get_mut(&id) else { continue };
             let ready = match e.waiting.front() {
-                Some(Waiting::Data { payload, .. }) => {
-                    let len = payload.len();
+                Some(Waiting::Data { payload, end, .. }) => {
+                    let len = super::flow::cost(payload.len(), *end);
                     if e.send.allows(len) && self.conn_send.allows(len) {
                         e.send.spend(len);
                         self.conn_send.spend(len);
@@ -463,18 +471,19 @@ mod tests {
         /// are packed, never one alone; and a packed body stays near its target.
         #[test]
         fn packing_keeps_every_message_in_order(sizes in proptest::collection::vec(
-            prop_oneof![0usize..100, 100usize..5000, Just(PACK_MESSAGE_MAX), Just(PACK_MESSAGE_MAX + 1)], 0..120)) {
+            prop_oneof![0usize..100, 100usize..5000, Just(PACK_MESSAGE_MAX), Just(PACK_MESSAGE_MAX + 1)], 0..120),
+            max_body in prop_oneof![Just(64usize), 64usize..20_000, Just(4 << 20)]) {
             let msgs: Vec<Bytes> = sizes
                 .iter()
                 .enumerate()
                 .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
                 .collect();
-            let frames: Vec<(bool, Bytes)> = pack(msgs.clone()).collect();
+            let frames: Vec<(bool, Bytes)> = pack(msgs.clone(), max_body).collect();
             for (packed, body) in &frames {
                 if *packed {
                     let n = crate::frame::packed_messages(body).unwrap();
                     prop_assert!(n >= 2, "a packed body of one message");
-                    prop_assert!(body.len() < PACK_BODY_TARGET + 4 + PACK_MESSAGE_MAX);
+                    prop_assert!(body.len() <= PACK_BODY_TARGET.min(max_body), "{} B packed", body.len());
                 }
             }
             prop_assert_eq!(unpack(frames), msgs);
