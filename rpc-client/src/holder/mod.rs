@@ -329,6 +329,8 @@ impl ConnectionHolder {
         let limit = deadline.unwrap_or_else(|| Instant::now() + self.inner.config.connect_timeout);
         // When this checkout's own connect attempt failed, that error says more than "no endpoint".
         let mut last_error = None;
+        // Whether it waited on another's connect attempt (the checker's), whose failure it reports.
+        let mut waited = false;
         loop {
             let next = match self.inner.next(avoid) {
                 // Registering for a wakeup takes a lock: only a checkout that may wait does it,
@@ -342,6 +344,7 @@ impl ConnectionHolder {
                             if tokio::time::timeout_at(limit, notified).await.is_err() {
                                 return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false)));
                             }
+                            waited = true;
                             continue;
                         }
                         other => other,
@@ -368,7 +371,7 @@ impl ConnectionHolder {
                 // attempt failed, not only that no endpoint is left.
                 Next::Unavailable => {
                     return Err(last_error
-                        .or_else(|| self.inner.last_failure())
+                        .or_else(|| waited.then(|| self.inner.last_failure()).flatten())
                         .unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false)))
                 }
             }
