@@ -525,10 +525,12 @@ fn review_stream_windows_are_validated() {
 /// their producer learns the subscriber is gone.
 /// Also counts the streams whose request's cancellation had fired by then (what work the handler
 /// handed off would have seen).
+/// With `empty_events`, its `Watch` yields empty events (0 bytes each), always ready.
 #[derive(Clone, Default)]
 struct LedgerFeed {
     dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     cancelled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    empty_events: bool,
 }
 
 struct DropMark(LedgerFeed, Option<rpc_core::context::Cancellation>);
@@ -549,7 +551,11 @@ impl examples::feed::v1::feed_server::Feed for LedgerFeed {
         request: rpc_core::Request<Subscribe>,
     ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
         let cancellation = request.cancellation().cloned();
-        let inner = FeedService.watch(request).await?.into_body();
+        let inner: rpc_server::codegen::BoxStream<Event> = if self.empty_events {
+            Box::pin(futures_util::stream::repeat_with(|| Ok(Event::default())))
+        } else {
+            FeedService.watch(request).await?.into_body()
+        };
         let mark = DropMark(self.clone(), cancellation);
         let events = inner.map(move |e| {
             let _held = &mark;
@@ -780,35 +786,6 @@ async fn a_stream_idle_past_stream_idle_timeout_is_reset_alone_by_either_side() 
     }
 }
 
-/// A Feed whose `Watch` yields empty events (0 bytes each), always ready.
-#[derive(Clone, Default)]
-struct EmptyFeed;
-
-impl examples::feed::v1::feed_server::Feed for EmptyFeed {
-    async fn watch(
-        &self,
-        _request: rpc_core::Request<Subscribe>,
-    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
-        Ok(rpc_core::Response::new(Box::pin(futures_util::stream::repeat_with(
-            || Ok(Event::default()),
-        ))))
-    }
-
-    async fn upload(
-        &self,
-        request: rpc_core::Request<rpc_server::Streaming<Event>>,
-    ) -> Result<rpc_core::Response<examples::feed::v1::Summary>, rpc_core::Status> {
-        FeedService.upload(request).await
-    }
-
-    async fn echo(
-        &self,
-        request: rpc_core::Request<rpc_server::Streaming<Event>>,
-    ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
-        FeedService.echo(request).await
-    }
-}
-
 /// Review: packed frames were built up to ~20 KiB whatever the peer's max frame size, and a frame
 /// over it was dropped with its credit spent: messages lost, the stream ending "OK".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -853,7 +830,10 @@ async fn review_a_stream_of_empty_messages_is_flow_controlled_and_stalls() {
             connection,
             ..ServerConfig::default()
         })
-        .add_service(FeedServer::new(EmptyFeed))
+        .add_service(FeedServer::new(LedgerFeed {
+            empty_events: true,
+            ..LedgerFeed::default()
+        }))
         .bind("127.0.0.1:0")
         .await
         .unwrap();
