@@ -439,8 +439,8 @@ impl<T> Drop for Streaming<T> {
         while let Ok(m) = self.messages.try_recv() {
             unread += m.body.len().max(1);
         }
-        self.returns.on_consumed(unread);
-        let n = self.returns.take();
+        // A batch due now is part of what goes back, as is the remainder.
+        let n = self.returns.on_consumed(unread).unwrap_or(0) + self.returns.take();
         self.give_back(unread, Some(n));
     }
 }

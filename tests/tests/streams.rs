@@ -531,6 +531,8 @@ struct LedgerFeed {
     dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     cancelled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     empty_events: bool,
+    /// Its `Echo` reads one request, drops the client's stream, and streams events back.
+    drop_requests: bool,
 }
 
 struct DropMark(LedgerFeed, Option<rpc_core::context::Cancellation>);
@@ -575,7 +577,24 @@ impl examples::feed::v1::feed_server::Feed for LedgerFeed {
         &self,
         request: rpc_core::Request<rpc_server::Streaming<Event>>,
     ) -> Result<rpc_core::Response<rpc_server::codegen::BoxStream<Event>>, rpc_core::Status> {
-        FeedService.echo(request).await
+        if !self.drop_requests {
+            return FeedService.echo(request).await;
+        }
+        // Reads one request, drops the rest of the client's stream, and answers with events.
+        let mut requests = request.into_body();
+        requests.message().await?;
+        drop(requests);
+        let events = futures_util::stream::unfold(0u64, |seq| async move {
+            tokio::time::sleep(ms(20)).await;
+            Some((
+                Ok(Event {
+                    seq: seq + 1,
+                    payload: Default::default(),
+                }),
+                seq + 1,
+            ))
+        });
+        Ok(rpc_core::Response::new(Box::pin(events)))
     }
 }
 
@@ -1031,4 +1050,154 @@ async fn review_a_server_behind_its_own_backlog_does_not_count_heartbeat_misses(
         .unwrap()
         .unwrap();
     assert_eq!(server.connections().len(), 1);
+}
+
+/// Second review: a message over the peer's max frame size spent its frame's credit before the
+/// encode failed, wedging every stream of the connection; and its stream's reset sent no CANCEL
+/// while the opening request still sat in the write buffer, so the server's handler ran on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_oversized_message_fails_its_stream_alone_and_cancels_the_handler() {
+    let server = feed_server(ServerConfig {
+        connection: ConnectionConfig {
+            max_frame_size: 64 * 1024,
+            ..ConnectionConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    let config = ClientConfig {
+        connections_per_endpoint: 1,
+        connection: ConnectionConfig {
+            // The client's own window small, so a lost frame's credit would wedge what follows.
+            stream_window: 64 * 1024,
+            connection_window: 64 * 1024,
+            ..ConnectionConfig::default()
+        },
+        ..quiet_client()
+    };
+    let client = Client::connect(server.local_addr(), config).await.unwrap();
+    for _ in 0..3 {
+        let (mut sender, responses) = client
+            .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+            .await
+            .unwrap();
+        let mut responses = responses
+            .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+        let big = Event {
+            seq: 1,
+            payload: vec![0u8; 100 * 1024].into(),
+        };
+        let _ = sender.send(prost::Message::encode_to_vec(&big).into()).await;
+        let err = tokio::time::timeout(ms(2000), responses.message())
+            .await
+            .unwrap()
+            .expect_err("the oversized message fails its stream");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("max_frame_size"), "{err:?}");
+    }
+    // The server's handlers were cancelled, and the connection's other streams still flow.
+    wait_until(ms(2000), || server.connections()[0].open_streams() == 0).await;
+    let mut watch = FeedClient::new(client.clone())
+        .watch(Subscribe {
+            count: 200,
+            size: 1000,
+            interval_ms: 0,
+        })
+        .await
+        .unwrap();
+    let mut n = 0;
+    while tokio::time::timeout(ms(2000), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .is_some()
+    {
+        n += 1;
+    }
+    assert_eq!(n, 200);
+}
+
+/// Second review: only DATA frames counted as activity for `stream_idle_timeout`, so a steady
+/// consumer slower than half a window per timeout (its credit goes back a half window at a time)
+/// was reset as idle while it read every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_slow_steady_consumer_is_not_idle() {
+    let connection = ConnectionConfig {
+        stream_window: 8 * 1024,
+        connection_window: 8 * 1024,
+        stream_idle_timeout: Some(ms(200)),
+        ..ConnectionConfig::default()
+    };
+    let (_server, client) = pair(connection).await;
+    let mut watch = FeedClient::new(client)
+        .watch(Subscribe {
+            count: 0,
+            size: 1000,
+            interval_ms: 0,
+        })
+        .await
+        .unwrap();
+    // 10 a second for 3 s, against a window of 8 events: credit goes back every 4 events (0.4 s),
+    // twice the idle timeout, and nothing but the consumer moves meanwhile.
+    for i in 0..30 {
+        watch
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("reset while being read, at {i}: {e:?}"))
+            .unwrap();
+        tokio::time::sleep(ms(100)).await;
+    }
+}
+
+/// Second review: a handler that dropped its request stream left the client's messages to it
+/// costing stream credit that never came back, so the client's sender stalled and was reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_handler_that_drops_its_requests_does_not_stall_the_client() {
+    let connection = ConnectionConfig {
+        stream_window: 16 * 1024,
+        stream_stall_timeout: Some(ms(500)),
+        ..ConnectionConfig::default()
+    };
+    let server = Server::builder()
+        .config(ServerConfig {
+            connection,
+            ..ServerConfig::default()
+        })
+        .add_service(FeedServer::new(LedgerFeed {
+            drop_requests: true,
+            ..LedgerFeed::default()
+        }))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let client = Client::connect(
+        server.local_addr(),
+        ClientConfig {
+            connection,
+            ..quiet_client()
+        },
+    )
+    .await
+    .unwrap();
+    let (mut sender, responses) = client
+        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+        .await
+        .unwrap();
+    let mut responses = responses
+        .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+    let e = Event {
+        seq: 1,
+        payload: vec![1u8; 1000].into(),
+    };
+    let msg: bytes::Bytes = prost::Message::encode_to_vec(&e).into();
+    sender.send(msg.clone()).await.unwrap();
+    responses.message().await.unwrap().unwrap();
+    // Five windows' worth to a receiver that is gone: every send goes through.
+    for i in 0..80 {
+        tokio::time::timeout(ms(2000), sender.send(msg.clone()))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("send {i}: {e}"));
+    }
+    responses.message().await.unwrap().unwrap();
 }

@@ -105,8 +105,8 @@ struct Endpoint {
     /// Set once the endpoint has lost its connections or failed to connect, so its return is
     /// reported as `Reconnected`.
     lost: bool,
-    /// Why its last connect attempt failed, for the checkouts that waited on it.
-    last_failure: Option<Error>,
+    /// When and why its last connect attempt failed, for the checkouts that waited on it.
+    last_failure: Option<(Instant, Error)>,
 }
 
 impl Endpoint {
@@ -331,6 +331,7 @@ impl ConnectionHolder {
         let mut last_error = None;
         // Whether it waited on another's connect attempt (the checker's), whose failure it reports.
         let mut waited = false;
+        let started = Instant::now();
         loop {
             let next = match self.inner.next(avoid) {
                 // Registering for a wakeup takes a lock: only a checkout that may wait does it,
@@ -371,7 +372,7 @@ impl ConnectionHolder {
                 // attempt failed, not only that no endpoint is left.
                 Next::Unavailable => {
                     return Err(last_error
-                        .or_else(|| waited.then(|| self.inner.last_failure()).flatten())
+                        .or_else(|| waited.then(|| self.inner.last_failure(started)).flatten())
                         .unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false)))
                 }
             }
@@ -388,11 +389,16 @@ impl ConnectionHolder {
 }
 
 impl Inner {
-    /// The last connect failure of an endpoint, if one failed (the first found).
-    fn last_failure(&self) -> Option<Error> {
+    /// The most recent connect failure of any endpoint not discarded, if `since` or later (what
+    /// a checkout that waited from `since` waited on).
+    fn last_failure(&self, since: Instant) -> Option<Error> {
         self.lock()
             .iter()
-            .find_map(|e| e.last_failure.as_ref().and_then(Error::replay_connect))
+            .filter(|e| e.pool.state() != PoolState::Discarded)
+            .filter_map(|e| e.last_failure.as_ref())
+            .filter(|(at, _)| *at >= since)
+            .max_by_key(|(at, _)| *at)
+            .and_then(|(_, f)| f.replay_connect())
     }
 
     /// Adds an endpoint, or brings a discarded one back.
@@ -401,7 +407,10 @@ impl Inner {
         {
             let mut eps = self.lock();
             match eps.iter_mut().find(|e| e.addr == addr) {
-                Some(e) => e.pool.revive(now),
+                Some(e) => {
+                    e.pool.revive(now);
+                    e.last_failure = None;
+                }
                 None => eps.push(Endpoint {
                     addr,
                     pool: EndpointPool::new(now),
@@ -544,7 +553,7 @@ impl Inner {
                     }
                     Err(err) => {
                         e.lost = true;
-                        e.last_failure = err.replay_connect();
+                        e.last_failure = err.replay_connect().map(|f| (now, f));
                         let unit = rand::random::<f64>();
                         event = Some(
                             match e.pool.on_connect_failed(

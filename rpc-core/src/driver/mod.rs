@@ -618,11 +618,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     self.metrics.stream_messages_in.increment(messages_in(packed, &payload));
                     self.metrics.stream_bytes_in.increment(payload.len() as u64);
                 }
-                if let Some(grant) = self.streams.on_data(id, end, packed, payload)? {
-                    self.encode(&Frame::Window {
-                        id: 0,
-                        increment: grant,
-                    });
+                let granted = self.streams.on_data(id, end, packed, payload)?;
+                if let Some(increment) = granted.connection {
+                    self.encode(&Frame::Window { id: 0, increment });
+                }
+                if let Some(increment) = granted.stream {
+                    self.encode(&Frame::Window { id, increment });
                 }
             }
             Frame::Window { id, increment } => {
@@ -954,6 +955,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 payload,
                 permit,
             } => {
+                if self.over_max_frame(key.id(), payload.len()) {
+                    return;
+                }
                 let w = streams::Waiting::Data {
                     end,
                     packed: false,
@@ -979,6 +983,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 };
                 let mut frames = streams::pack(payloads, max_body).peekable();
                 while let Some((packed, payload)) = frames.next() {
+                    if self.over_max_frame(id, payload.len()) {
+                        return;
+                    }
                     let permit = if frames.peek().is_none() { permit.take() } else { None };
                     let w = streams::Waiting::Data {
                         end: false,
@@ -995,6 +1002,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         }
     }
 
+    /// A message too large for the peer's max frame size fails its stream at once, typed, before
+    /// any credit is spent on it (a frame that cannot be encoded would take its credit with it).
+    fn over_max_frame(&mut self, id: u64, len: usize) -> bool {
+        let max = self.codec.max_send_frame_size() as usize;
+        if len <= max {
+            return false;
+        }
+        let status = Status::resource_exhausted(format!(
+            "stream message of {len} bytes is over the peer's max_frame_size {max}; stream reset"
+        ));
+        self.reset_stream(id, status, "too_large");
+        true
+    }
+
     /// Resets stream `id` from this side: a client's receiver reports the key's reset status and
     /// the server is sent CANCEL (it drops the handler); a server drops its handler and ends the
     /// stream with `status`.
@@ -1007,7 +1028,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         self.end_stream(id, reason);
         match self.cfg.side {
             Side::Client => {
-                if self.session.forget(id) == Some(true) && self.peer_features & features::CANCEL != 0 {
+                // Pending: its REQUEST is written or in the write buffer ahead of this CANCEL,
+                // and the server runs it until told.
+                if self.session.forget(id).is_some() && self.peer_features & features::CANCEL != 0 {
                     self.encode(&Frame::Cancel { id });
                 }
             }
@@ -1212,7 +1235,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.liveness.busy(now);
         }
         self.scan_idle_streams(now);
-        if self.write_budget_full() || self.stall.deadline().is_some() {
+        if self.cfg.connection.min_send_rate > 0 && (self.write_budget_full() || self.stall.deadline().is_some()) {
             // This side's writes wait on the peer: a heartbeat queues behind them, and with the
             // budget full nothing the peer sends is read, so its silence proves nothing. The
             // write-stall bucket judges the peer meanwhile (it closes one that takes too little).

@@ -58,6 +58,14 @@ pub(crate) fn pack(payloads: Vec<Bytes>, max_body: usize) -> impl Iterator<Item 
     out.into_iter()
 }
 
+/// Credit a DATA frame gives back at once (nobody will consume it): for the connection, and for
+/// its stream when the stream is open but its receiver is gone.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Granted {
+    pub(crate) connection: Option<u32>,
+    pub(crate) stream: Option<u32>,
+}
+
 /// The window a peer that announces none is taken to grant (PROTOCOL.md, *Streams*).
 pub(crate) const DEFAULT_WINDOW: u32 = 64 * 1024;
 
@@ -100,6 +108,9 @@ struct Entry {
     moved: bool,
     /// Idle scans in a row with nothing moved.
     idle_scans: u32,
+    /// The stream's message counts (sent, taken by the application) at the last idle scan: a
+    /// consumer taking what was buffered is activity, though no frame moves.
+    seen: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -169,6 +180,7 @@ impl Streams {
                 waiting: VecDeque::new(),
                 moved: true,
                 idle_scans: 0,
+                seen: (0, 0),
             },
         );
     }
@@ -206,13 +218,17 @@ impl Streams {
     }
 
     /// One idle scan (the driver runs one every quarter of `stream_idle_timeout`): the streams
-    /// on which nothing moved for `scans` scans in a row, with their keys. A message either way
-    /// restarts a stream's count, so a stream is named between `scans - 1` and `scans` scan
-    /// intervals after its last message.
+    /// on which nothing moved for `scans` scans in a row, with their keys. A message or a WINDOW
+    /// either way, a message queued or taken by the application, or data waiting for credit,
+    /// restarts a stream's count, so a stream is named
+    /// between `scans` and `scans + 1` scan intervals after the last of them.
     pub(crate) fn scan_idle(&mut self, scans: u32) -> Vec<(u64, crate::stream::StreamKey)> {
         let mut idle = Vec::new();
         for (id, e) in &mut self.table {
-            if std::mem::take(&mut e.moved) {
+            // Data waiting for credit is the stall timeout's to judge, not this.
+            let counts = (e.key.sent(), e.key.received());
+            let consumed = std::mem::replace(&mut e.seen, counts) != counts;
+            if std::mem::take(&mut e.moved) || consumed || !e.waiting.is_empty() {
                 e.idle_scans = 0;
             } else {
                 e.idle_scans += 1;
@@ -265,13 +281,14 @@ impl Streams {
         end: bool,
         packed: bool,
         payload: Bytes,
-    ) -> Result<Option<u32>, ProtocolError> {
+    ) -> Result<Granted, ProtocolError> {
         let len = super::flow::cost(payload.len(), end);
         if !self.conn_recv.allows(len) {
             return Err(ProtocolError::FlowControl("DATA beyond the connection's window"));
         }
         self.conn_recv.spend(len);
         let mut back = len;
+        let mut stream_back = None;
         if let Some(e) = self.table.get_mut(&id) {
             if let Some(tx) = &e.messages {
                 if !e.recv.allows(len) {
@@ -283,19 +300,27 @@ impl Streams {
                 // carries no message (an empty message is a DATA without END).
                 if len == 0 || tx.send(Chunk { body: payload, packed }).is_ok() {
                     back = 0;
+                } else if e.recv.grant(len as u32).is_ok() {
+                    // Its receiver is gone (a handler that dropped its request stream): the
+                    // stream's credit comes back too, so the peer's sender is not stalled by it.
+                    stream_back = Some(len as u32);
                 }
                 if end {
                     e.messages = None;
                 }
             }
         }
+        let mut granted = Granted {
+            connection: None,
+            stream: stream_back,
+        };
         if back > 0 {
             // Never consumed: given back now.
             let n = back as u32;
             let _ = self.conn_recv.grant(n);
-            return Ok(Some(n));
+            granted.connection = Some(n);
         }
-        Ok(None)
+        Ok(granted)
     }
 
     /// A WINDOW frame from the peer.
@@ -304,7 +329,10 @@ impl Streams {
             &mut self.conn_send
         } else {
             match self.table.get_mut(&id) {
-                Some(e) => &mut e.send,
+                Some(e) => {
+                    e.moved = true;
+                    &mut e.send
+                }
                 None => return Ok(()), // ended meanwhile
             }
         };
@@ -320,6 +348,7 @@ impl Streams {
         for (id, n) in returned {
             if let Some(e) = self.table.get_mut(&id) {
                 if e.messages.is_some() && e.recv.grant(n).is_ok() {
+                    e.moved = true;
                     frames.push(Frame::Window { id, increment: n });
                 }
             }
