@@ -184,12 +184,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             systems,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let systems = if systems.is_empty() {
-                System::ALL.to_vec()
-            } else {
-                systems
-            };
-            rt.block_on(streams(systems, small, large, pings))
+            rt.block_on(streams(or_all(systems), small, large, pings))
         }
         Cmd::Stall {
             callers,
@@ -197,12 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             systems,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let systems = if systems.is_empty() {
-                System::ALL.to_vec()
-            } else {
-                systems
-            };
-            rt.block_on(stall(systems, callers, duration))
+            rt.block_on(stall(or_all(systems), callers, duration))
         }
         Cmd::Idle { connections, window } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -219,15 +209,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rt.block_on(run(
                 warmup,
                 duration,
-                if systems.is_empty() {
-                    System::ALL.to_vec()
-                } else {
-                    systems
-                },
+                or_all(systems),
                 cell.map_or(MATRIX.to_vec(), |c| vec![c]),
                 !no_checkout,
             ))
         }
+    }
+}
+
+/// The systems asked for, or all of them when none were.
+fn or_all(systems: Vec<System>) -> Vec<System> {
+    if systems.is_empty() {
+        System::ALL.to_vec()
+    } else {
+        systems
     }
 }
 

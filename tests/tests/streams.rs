@@ -23,15 +23,34 @@ fn ms(n: u64) -> Duration {
 }
 
 async fn feed_server(config: ServerConfig) -> ServerHandle {
+    serve_feed(config, FeedService).await
+}
+
+/// A server of `feed` (and the echo service) with `config`.
+async fn serve_feed<F>(config: ServerConfig, feed: F) -> ServerHandle
+where
+    F: examples::feed::v1::feed_server::Feed + Send + Sync + 'static,
+{
     Server::builder()
         .config(config)
-        .add_service(FeedServer::new(FeedService))
+        .add_service(FeedServer::new(feed))
         .add_service(examples::echo::echo_server::EchoServer::new(
             examples::services::EchoService::default(),
         ))
         .bind("127.0.0.1:0")
         .await
         .unwrap()
+}
+
+/// A raw bidirectional Echo stream on `client`, its responses decoded.
+async fn open_echo(client: &Client) -> (rpc_client::StreamSender<bytes::Bytes>, rpc_client::Streaming<Event>) {
+    let (sender, responses) = client
+        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+        .await
+        .unwrap();
+    let responses = responses
+        .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+    (sender, responses)
 }
 
 /// A feed server and a client on one connection, both with `connection`'s stream settings.
@@ -212,12 +231,7 @@ async fn a_stream_on_a_dying_connection_ends_with_the_connections_reason_on_both
 async fn a_broken_bidirectional_stream_reports_what_each_half_moved() {
     let server = feed_server(ServerConfig::default()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let (mut sender, responses) = client
-        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
-        .await
-        .unwrap();
-    let mut responses = responses
-        .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+    let (mut sender, mut responses) = open_echo(&client).await;
     for seq in 1..=5u64 {
         let e = Event {
             seq,
@@ -844,18 +858,17 @@ async fn review_a_stream_of_empty_messages_is_flow_controlled_and_stalls() {
         stream_stall_timeout: Some(ms(500)),
         ..ConnectionConfig::default()
     };
-    let server = Server::builder()
-        .config(ServerConfig {
+    let server = serve_feed(
+        ServerConfig {
             connection,
             ..ServerConfig::default()
-        })
-        .add_service(FeedServer::new(LedgerFeed {
+        },
+        LedgerFeed {
             empty_events: true,
             ..LedgerFeed::default()
-        }))
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let config = ClientConfig {
         connection,
         ..quiet_client()
@@ -1077,12 +1090,7 @@ async fn review_an_oversized_message_fails_its_stream_alone_and_cancels_the_hand
     };
     let client = Client::connect(server.local_addr(), config).await.unwrap();
     for _ in 0..3 {
-        let (mut sender, responses) = client
-            .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
-            .await
-            .unwrap();
-        let mut responses = responses
-            .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+        let (mut sender, mut responses) = open_echo(&client).await;
         let big = Event {
             seq: 1,
             payload: vec![0u8; 100 * 1024].into(),
@@ -1129,7 +1137,7 @@ async fn review_a_slow_steady_consumer_is_not_idle() {
         ..ConnectionConfig::default()
     };
     let (_server, client) = pair(connection).await;
-    let mut watch = FeedClient::new(client)
+    let mut watch = FeedClient::new(client.clone())
         .watch(Subscribe {
             count: 0,
             size: 1000,
@@ -1158,18 +1166,17 @@ async fn review_a_handler_that_drops_its_requests_does_not_stall_the_client() {
         stream_stall_timeout: Some(ms(500)),
         ..ConnectionConfig::default()
     };
-    let server = Server::builder()
-        .config(ServerConfig {
+    let server = serve_feed(
+        ServerConfig {
             connection,
             ..ServerConfig::default()
-        })
-        .add_service(FeedServer::new(LedgerFeed {
+        },
+        LedgerFeed {
             drop_requests: true,
             ..LedgerFeed::default()
-        }))
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let client = Client::connect(
         server.local_addr(),
         ClientConfig {
@@ -1179,12 +1186,7 @@ async fn review_a_handler_that_drops_its_requests_does_not_stall_the_client() {
     )
     .await
     .unwrap();
-    let (mut sender, responses) = client
-        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
-        .await
-        .unwrap();
-    let mut responses = responses
-        .decoded(|b| <Event as prost::Message>::decode(b).map_err(|e| rpc_core::Status::internal(e.to_string())));
+    let (mut sender, mut responses) = open_echo(&client).await;
     let e = Event {
         seq: 1,
         payload: vec![1u8; 1000].into(),
