@@ -42,6 +42,17 @@ where
         .unwrap()
 }
 
+/// The largest value `read` gives, sampled at every turn of the scheduler for `period`.
+async fn peak_for(period: Duration, read: impl Fn() -> usize) -> usize {
+    let mut most = 0;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < period {
+        most = most.max(read());
+        tokio::task::yield_now().await;
+    }
+    most
+}
+
 /// A raw bidirectional Echo stream on `client`, its responses decoded.
 async fn open_echo(client: &Client) -> (rpc_client::StreamSender<bytes::Bytes>, rpc_client::Streaming<Event>) {
     let (sender, responses) = client
@@ -878,12 +889,7 @@ async fn review_a_stream_of_empty_messages_is_flow_controlled_and_stalls() {
     watch.message().await.unwrap().unwrap(); // one, then the consumer stops
     wait_until(ms(2000), || !server.connections().is_empty()).await;
     let sconn = server.connections()[0].clone();
-    let mut most = 0;
-    let start = tokio::time::Instant::now();
-    while start.elapsed() < ms(300) {
-        most = most.max(sconn.stream_bytes_waiting());
-        tokio::task::yield_now().await;
-    }
+    let most = peak_for(ms(300), || sconn.stream_bytes_waiting()).await;
     assert!(
         most <= 2 * window as usize,
         "{most} B parked against a {window} B window"
@@ -911,12 +917,7 @@ async fn review_a_batch_of_large_messages_stays_within_the_window() {
     wait_until(ms(2000), || !server.connections().is_empty()).await;
     let sconn = server.connections()[0].clone();
     let window = ConnectionConfig::default().stream_window as usize;
-    let mut most = 0;
-    let start = tokio::time::Instant::now();
-    while start.elapsed() < ms(300) {
-        most = most.max(sconn.stream_bytes_waiting() + sconn.outbound_buffered());
-        tokio::task::yield_now().await;
-    }
+    let most = peak_for(ms(300), || sconn.stream_bytes_waiting() + sconn.outbound_buffered()).await;
     let bound = window + 2 * size as usize;
     assert!(most <= bound, "{most} B held on the server, bound {bound}");
 }
