@@ -71,18 +71,14 @@ type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 pin_project_lite::pin_project! {
     /// A handler's future holding its request's permits: they are released as soon as it
-    /// completes, and, if it is dropped first, before the handler's own future is.
+    /// completes, and, if it is dropped first, the moment its drop has returned. A handler
+    /// still being dropped (its locals' drops may do real work: a rollback, a flush) still
+    /// counts against `max_concurrent_requests`, so the limit bounds the handlers that exist.
     struct HoldingPermits<F> {
-        permits: Option<Permits>,
+        // Fields drop in order: the handler first, then its permits.
         #[pin]
         inner: F,
-    }
-
-    impl<F> PinnedDrop for HoldingPermits<F> {
-        fn drop(this: Pin<&mut Self>) {
-            // Before the fields: `inner` (the handler) is dropped after this.
-            this.project().permits.take();
-        }
+        permits: Option<Permits>,
     }
 }
 
@@ -300,10 +296,10 @@ impl Dispatch for ServerDispatch {
                 }
             });
             // The permits go the moment the handler is done, or dropped (deadline, CANCEL, the
-            // connection gone), before anything its drop wakes can ask for them again.
+            // connection gone), not when its answer has been queued.
             let call = HoldingPermits {
-                permits: Some(permits),
                 inner: call,
+                permits: Some(permits),
             };
             let timed = async move {
                 match deadline {
