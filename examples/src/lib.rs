@@ -21,6 +21,13 @@ pub mod feed {
     }
 }
 
+/// `topic.proto`: a resumable subscription (pub/sub).
+pub mod topic {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/topic.v1.rs"));
+    }
+}
+
 pub mod auth;
 pub mod cli;
 pub mod services;

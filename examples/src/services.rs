@@ -128,3 +128,36 @@ impl crate::feed::v1::feed_server::Feed for FeedService {
         Ok(Response::new(Box::pin(request.into_body())))
     }
 }
+
+/// A pub/sub topic served from a [`ReplayLog`](rpc_server::ReplayLog): a subscription starts
+/// at the log's head, a resume replays what the subscriber missed (or fails with
+/// `ResumeGap` if the log no longer has it). Several servers can serve one topic by sharing the
+/// log (in one process) or by each publishing the same positions into their own.
+#[derive(Debug, Clone)]
+pub struct TopicService {
+    log: rpc_server::ReplayLog<crate::topic::v1::Tick>,
+}
+
+impl TopicService {
+    /// Serves the `ticks` topic from `log`.
+    pub fn new(log: rpc_server::ReplayLog<crate::topic::v1::Tick>) -> Self {
+        TopicService { log }
+    }
+}
+
+impl crate::topic::v1::topic_server::Topic for TopicService {
+    async fn subscribe(
+        &self,
+        request: Request<crate::topic::v1::Subscription>,
+        after: Option<u64>,
+    ) -> Result<Response<rpc_server::codegen::PositionedStream<crate::topic::v1::Tick>>, Status> {
+        let topic = request.into_body().topic;
+        if topic != "ticks" {
+            return Err(Status::not_found(format!(
+                "no topic {topic:?} (this server has \"ticks\")"
+            )));
+        }
+        let subscription = self.log.subscribe(after).map_err(Status::from)?;
+        Ok(Response::new(subscription.into_stream()))
+    }
+}

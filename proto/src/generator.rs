@@ -12,12 +12,29 @@ use prost_build::{Method, Service, ServiceGenerator};
 pub struct TetherServiceGenerator {
     client: bool,
     server: bool,
+    /// Server-streaming methods marked resumable, by full name (`package.Service.Method`).
+    resumable: Vec<String>,
 }
 
 impl TetherServiceGenerator {
     /// Generates the client side, the server side, or both.
     pub fn new(client: bool, server: bool) -> Self {
-        TetherServiceGenerator { client, server }
+        TetherServiceGenerator {
+            client,
+            server,
+            resumable: Vec::new(),
+        }
+    }
+
+    /// Marks server-streaming methods resumable, by full name (`package.Service.Method`).
+    pub fn resumable(mut self, methods: impl IntoIterator<Item = String>) -> Self {
+        self.resumable.extend(methods);
+        self
+    }
+
+    fn is_resumable(&self, s: &Service, m: &Method) -> bool {
+        let name = format!("{}.{}", full_name(s), m.proto_name);
+        self.resumable.contains(&name)
     }
 }
 
@@ -121,6 +138,22 @@ impl TetherServiceGenerator {
             for m in streaming {
                 doc(&m.comments, "        ", buf);
                 let (input, output, p) = (&m.input_type, &m.output_type, path(s, m));
+                if self.is_resumable(s, m) {
+                    let _ = writeln!(
+                        buf,
+                        r#"        /// Subscribes to `{p}`, a resumable stream: one request, then the server's messages
+        /// in order across the breaks of the streams under it (see `rpc_client::Client::subscribe`).
+        pub async fn {method}(&self, request: impl ::rpc_client::IntoRequest<super::{input}>) -> Result<::rpc_client::Resumable<super::{output}>, ::rpc_client::Error> {{
+            ::rpc_client::codegen::resumable_streaming(&self.inner, "{p}", request.into_request(), None).await
+        }}
+        /// Subscribes to `{p}` after a position kept from an earlier subscription.
+        pub async fn {method}_after(&self, request: impl ::rpc_client::IntoRequest<super::{input}>, after: u64) -> Result<::rpc_client::Resumable<super::{output}>, ::rpc_client::Error> {{
+            ::rpc_client::codegen::resumable_streaming(&self.inner, "{p}", request.into_request(), Some(after)).await
+        }}"#,
+                        method = m.name
+                    );
+                    continue;
+                }
                 let _ = match (m.client_streaming, m.server_streaming) {
                     (false, _) => writeln!(
                         buf,
@@ -181,6 +214,14 @@ impl TetherServiceGenerator {
             } else {
                 format!("super::{}", m.input_type)
             };
+            if self.is_resumable(s, m) {
+                let _ = writeln!(
+                    buf,
+                    "        /// Resumable: `after` is `None` for a fresh subscription, or the position of the last\n        /// message the subscriber has; every message carries its position.\n        fn {}(&self, request: ::rpc_server::Request<{input}>, after: Option<u64>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<::rpc_server::codegen::PositionedStream<super::{}>>, ::rpc_server::Status>> + Send;",
+                    m.name, m.output_type
+                );
+                continue;
+            }
             let output = if m.server_streaming {
                 format!("::rpc_server::codegen::BoxStream<super::{}>", m.output_type)
             } else {
@@ -233,6 +274,15 @@ impl TetherServiceGenerator {
             match request.method() {{"#
         );
         for m in &s.methods {
+            if self.is_resumable(s, m) {
+                let _ = writeln!(
+                    buf,
+                    r#"                "{path}" => Box::pin(::rpc_server::codegen::resumable_streaming(request, move |r, after| async move {{ inner.{method}(r, after).await }})),"#,
+                    path = path(s, m),
+                    method = m.name
+                );
+                continue;
+            }
             let helper = match (m.client_streaming, m.server_streaming) {
                 (false, false) => "unary",
                 (false, true) => "server_streaming",

@@ -41,6 +41,9 @@ pub enum Error {
     /// A `.proto` file did not parse or resolve.
     #[error("failed to parse .proto files: {0}")]
     Parse(#[source] Box<protox::Error>),
+    /// A method marked resumable is missing or not server-streaming.
+    #[error("resumable method: {0}")]
+    Resumable(String),
     /// Writing the generated code failed.
     #[error("code generation failed: {0}")]
     Generate(#[source] std::io::Error),
@@ -59,6 +62,7 @@ pub fn configure() -> Builder {
         build_client: true,
         build_server: true,
         out_dir: None,
+        resumable: Vec::new(),
     }
 }
 
@@ -68,6 +72,7 @@ pub struct Builder {
     build_client: bool,
     build_server: bool,
     out_dir: Option<PathBuf>,
+    resumable: Vec<String>,
 }
 
 impl Builder {
@@ -80,6 +85,16 @@ impl Builder {
     /// Generate server traits and adapters (default `true`).
     pub fn build_server(mut self, yes: bool) -> Self {
         self.build_server = yes;
+        self
+    }
+
+    /// Marks a server-streaming method resumable, by its full name (`package.Service.Method`):
+    /// its stream survives the death of its connection (see `rpc_client::Client::subscribe`).
+    /// The server's handler then takes where the subscriber resumes after and returns
+    /// positioned messages; the client's method returns an `rpc_client::Resumable`. A method
+    /// that is not server-streaming only (or that no compiled file has) is an error.
+    pub fn resumable(mut self, method: impl Into<String>) -> Self {
+        self.resumable.push(method.into());
         self
     }
 
@@ -98,17 +113,41 @@ impl Builder {
             println!("cargo:rerun-if-changed={}", i.as_ref().display());
         }
         let fds = protox::compile(protos, includes).map_err(|e| Error::Parse(Box::new(e)))?;
+        for name in &self.resumable {
+            check_resumable(&fds, name)?;
+        }
         let mut config = prost_build::Config::new();
         if let Some(dir) = &self.out_dir {
             config.out_dir(dir);
         }
         // `bytes` fields as `bytes::Bytes`: decoding slices the frame instead of copying.
         config.bytes(["."]);
-        config.service_generator(Box::new(TetherServiceGenerator::new(
-            self.build_client,
-            self.build_server,
-        )));
+        config.service_generator(Box::new(
+            TetherServiceGenerator::new(self.build_client, self.build_server).resumable(self.resumable.clone()),
+        ));
         config.compile_fds(fds).map_err(Error::Generate)
+    }
+}
+
+/// A method marked resumable exists and is server-streaming only.
+fn check_resumable(fds: &prost_types::FileDescriptorSet, name: &str) -> Result<(), Error> {
+    let found = fds.file.iter().find_map(|f| {
+        f.service.iter().find_map(|s| {
+            s.method.iter().find(|m| {
+                let full = match f.package() {
+                    "" => format!("{}.{}", s.name(), m.name()),
+                    p => format!("{p}.{}.{}", s.name(), m.name()),
+                };
+                full == name
+            })
+        })
+    });
+    match found {
+        None => Err(Error::Resumable(format!("{name}: no such method"))),
+        Some(m) if m.client_streaming() || !m.server_streaming() => Err(Error::Resumable(format!(
+            "{name}: only a server-streaming method (one request, a stream of responses) can be resumable"
+        ))),
+        Some(_) => Ok(()),
     }
 }
 
@@ -185,6 +224,43 @@ mod tests {
             "const NAME: &'static str = \"greet.v1.Greeter\"",
         ] {
             assert!(code.contains(needle), "missing {needle} in:\n{code}");
+        }
+    }
+
+    #[test]
+    fn only_a_server_streaming_method_that_exists_can_be_resumable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proto = write(
+            dir.path(),
+            "t.proto",
+            r#"syntax = "proto3"; package t.v1;
+               message A {} message B {}
+               service T { rpc Sub(A) returns (stream B); rpc One(A) returns (B); rpc Chat(stream A) returns (stream B); }"#,
+        );
+        for bad in ["t.v1.T.One", "t.v1.T.Chat", "t.v1.T.Missing"] {
+            let err = configure()
+                .out_dir(dir.path())
+                .resumable(bad)
+                .compile(&[&proto], &[dir.path()])
+                .expect_err(bad);
+            assert!(matches!(err, Error::Resumable(_)), "{bad}: {err:?}");
+        }
+        configure()
+            .out_dir(dir.path())
+            .resumable("t.v1.T.Sub")
+            .compile(&[&proto], &[dir.path()])
+            .expect("compile");
+        let code = std::fs::read_to_string(dir.path().join("t.v1.rs")).expect("generated file");
+        let flat: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+        for needle in [
+            "pub async fn sub(",
+            "-> Result<::rpc_client::Resumable<super::B>, ::rpc_client::Error>",
+            "pub async fn sub_after(",
+            "request: ::rpc_server::Request<super::A>, after: Option<u64>,",
+            "::rpc_server::codegen::resumable_streaming(request",
+        ] {
+            let needle: String = needle.chars().filter(|c| !c.is_whitespace()).collect();
+            assert!(flat.contains(&needle), "missing {needle} in:\n{code}");
         }
     }
 

@@ -229,27 +229,58 @@ impl Client {
         ),
         Error,
     > {
-        let deadline = match (req.deadline(), rpc_core::context::deadline()) {
-            (Some(own), Some(served)) => Some(own.min(served)),
-            (own, served) => own.or(served),
-        };
+        let deadline = stream_deadline(req.deadline());
+        let (method, metadata, _) = req.into_parts();
+        let (_, sender, responses) = self.open_stream_on(method, metadata, deadline, None).await?;
+        Ok((sender, responses))
+    }
+
+    /// Opens a stream on a validated connection, preferring another endpoint than `avoid`.
+    pub(crate) async fn open_stream_on(
+        &self,
+        method: rpc_core::Method,
+        metadata: rpc_core::Metadata,
+        deadline: Option<Instant>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<
+        (
+            SocketAddr,
+            rpc_core::stream::StreamSender<Bytes>,
+            rpc_core::stream::Streaming<Bytes>,
+        ),
+        Error,
+    > {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Error::deadline(false));
         }
         let connect_by = deadline.unwrap_or_else(|| Instant::now() + self.config().request_timeout);
-        let conn = self.checkout(Some(connect_by)).await?;
+        let (addr, conn) = self.holder.checkout(Some(connect_by), avoid).await?;
         if !conn.supports_streams() {
             return Err(Error::status(rpc_core::Status::unimplemented(
                 "the server does not support streams (a version-1 tether server)",
             )));
         }
-        let (method, metadata, _) = req.into_parts();
         let frame = RequestFrame {
             method,
             metadata,
             ..RequestFrame::default()
         };
-        conn.open_stream(frame, deadline).await.map_err(Error::from)
+        let (sender, responses) = conn.open_stream(frame, deadline).await.map_err(Error::from)?;
+        Ok((addr, sender, responses))
+    }
+
+    /// Subscribes to a resumable server-streaming method (`req`'s body is its one request
+    /// message, encoded), fresh (`after` `None`) or after a position the application kept. The
+    /// returned stream survives the death of the streams under it: when one breaks short of the
+    /// server ending it (its connection closed for any reason, a GOAWAY, a stall or idle reset,
+    /// its server draining), it is opened again through the holder (preferring another
+    /// endpoint) asking for what comes after the last message delivered, within
+    /// `resume_timeout` and `max_resume_attempts`, the first at once and then after the
+    /// `backoff` delays. The consumer sees one stream, in order, without gap or duplicate.
+    pub async fn subscribe(&self, req: Request<Bytes>, after: Option<u64>) -> Result<crate::Resumable<Bytes>, Error> {
+        let deadline = stream_deadline(req.deadline());
+        let (method, metadata, body) = req.into_parts();
+        crate::Resumable::open(self.clone(), method, metadata, body, deadline, after).await
     }
 
     /// Gracefully closes every connection: GOAWAY, then close once requests in flight are answered.
@@ -276,6 +307,14 @@ impl Client {
             ErrorKind::Status(s) => idempotent && s.code() == Code::Unavailable,
             _ => false,
         }
+    }
+}
+
+/// A stream's deadline: its own, capped by that of the request this task serves; none if neither.
+fn stream_deadline(own: Option<Instant>) -> Option<Instant> {
+    match (own, rpc_core::context::deadline()) {
+        (Some(own), Some(served)) => Some(own.min(served)),
+        (own, served) => own.or(served),
     }
 }
 

@@ -60,6 +60,22 @@ where
     Ok(responses.decoded(decode::<R>))
 }
 
+/// A resumable server-streaming call: subscribes with the one request, fresh or after a position.
+pub async fn resumable_streaming<M, R>(
+    client: &Client,
+    path: &'static str,
+    req: Request<M>,
+    after: Option<u64>,
+) -> Result<crate::Resumable<R>, Error>
+where
+    M: prost::Message,
+    R: prost::Message + Default,
+{
+    let mut req = req.map(encode);
+    req.set_method(path);
+    Ok(client.subscribe(req, after).await?.decoded(decode::<R>))
+}
+
 /// Sends every message of `requests` on the stream, then ends it; stops at the first failure.
 async fn send_every<M, S>(sender: rpc_core::stream::StreamSender<Bytes>, requests: S)
 where

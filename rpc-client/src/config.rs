@@ -36,6 +36,13 @@ pub struct ClientConfig {
     pub check_interval: Duration,
     /// Reconnect backoff. Default 1 s, ×1.6, ±20 %, at most 120 s, as gRPC.
     pub backoff: BackoffConfig,
+    /// A resumable stream that breaks is opened again within this long of the break, or its
+    /// consumer gets the error. Default 30 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub resume_timeout: Duration,
+    /// Attempts to open a broken resumable stream again (the first at once, then after the
+    /// `backoff` delays), within `resume_timeout`. Default 10.
+    pub max_resume_attempts: u32,
     /// Failed connect attempts in a row after which an endpoint is discarded. `None` (the
     /// default): never discard, keep retrying at the maximum backoff.
     pub max_reconnect_attempts: Option<u32>,
@@ -65,6 +72,8 @@ impl Default for ClientConfig {
             max_attempts: 3,
             check_interval: Duration::from_secs(10),
             backoff: BackoffConfig::default(),
+            resume_timeout: Duration::from_secs(30),
+            max_resume_attempts: 10,
             max_reconnect_attempts: None,
             balance: Balance::default(),
             idle_margin: Duration::from_secs(1),
@@ -100,6 +109,12 @@ impl ClientConfig {
                 field: "backoff",
                 why: "initial must be positive, multiplier at least 1, jitter in [0, 1)",
             });
+        }
+        if self.max_resume_attempts == 0 {
+            return Err(ConfigError::Zero("max_resume_attempts"));
+        }
+        if self.resume_timeout.is_zero() {
+            return Err(ConfigError::Zero("resume_timeout"));
         }
         if self.max_reconnect_attempts == Some(0) {
             return Err(ConfigError::Zero("max_reconnect_attempts"));

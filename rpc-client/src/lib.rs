@@ -28,6 +28,7 @@ mod config;
 mod connection;
 mod error;
 pub mod holder;
+mod resume;
 mod retry;
 
 pub use backoff::BackoffConfig;
@@ -36,7 +37,9 @@ pub use config::ClientConfig;
 pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
+pub use resume::Resumable;
 pub use retry::SafeRetry;
+pub use rpc_core::resume::{Positioned, ResumeGap};
 pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};
 pub use tokio::net::ToSocketAddrs;

@@ -52,6 +52,33 @@ pub enum ConnectionEvent {
         /// Attempts made.
         attempts: u32,
     },
+    /// Client: a resumable stream broke and was opened again; the consumer's stream went on.
+    StreamResumed {
+        /// The method.
+        method: String,
+        /// The position it resumed after (`None`: before any message or checkpoint arrived).
+        after: Option<u64>,
+        /// Attempts it took (1: the first reopen worked).
+        attempts: u32,
+        /// From the moment the break was seen to the resumed stream's first item (the silence
+        /// before it, while the break went unnoticed, is the liveness bound's: heartbeats).
+        gap: std::time::Duration,
+        /// Messages the resumed stream delivered before its first checkpoint (where a
+        /// `ReplayLog` says its replay caught up): what the subscriber would have lost.
+        replayed: u64,
+    },
+    /// Client: a resumable stream could not be opened again within `resume_timeout` or
+    /// `max_resume_attempts`; its consumer gets the last error.
+    ResumeFailed {
+        /// The method.
+        method: String,
+        /// The position it tried to resume after.
+        after: Option<u64>,
+        /// Attempts made.
+        attempts: u32,
+        /// From the break to giving up.
+        waited: std::time::Duration,
+    },
     /// The connection closed.
     Closed {
         /// Connection id.

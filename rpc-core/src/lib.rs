@@ -31,6 +31,7 @@ pub mod frame;
 pub mod liveness;
 pub mod message;
 pub mod metrics;
+pub mod resume;
 pub mod socket;
 pub mod status;
 pub mod stream;

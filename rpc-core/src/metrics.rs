@@ -31,6 +31,14 @@ pub const STREAM_MESSAGES: &str = "tether_stream_messages_total";
 pub const STREAM_BYTES: &str = "tether_stream_bytes_total";
 /// Streams reset because their receiver granted no credit for `stream_stall_timeout`.
 pub const STREAM_STALLS: &str = "tether_stream_stalls_total";
+/// Client: resumable streams opened again after a break, by `outcome` (`resumed`, `failed`).
+pub const STREAM_RESUMES: &str = "tether_stream_resumes_total";
+/// Client: seconds from a resumable stream's break to its resumed stream's first item.
+pub const STREAM_RESUME_GAP: &str = "tether_stream_resume_gap_seconds";
+/// Client: messages a resumed stream delivered before its first checkpoint (replayed).
+pub const STREAM_REPLAYED: &str = "tether_stream_replayed_messages_total";
+/// Client: messages a resumable stream dropped as at or below what it had delivered.
+pub const STREAM_DUPLICATES: &str = "tether_stream_duplicates_dropped_total";
 
 /// Counts a send that failed on a stream (only stalls are counted here: the rest end the stream
 /// and are counted as its close).

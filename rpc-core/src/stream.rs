@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::driver::{CallResult, ConnectionHandle, InFlightGuard, Outbound};
+use crate::driver::{CallResult, ConnectionError, ConnectionHandle, InFlightGuard, Outbound};
 use crate::error::CloseReason;
 use crate::message::Metadata;
 use crate::status::{Code, Status};
@@ -214,6 +214,7 @@ pub struct Streaming<T> {
     trailers: Option<Metadata>,
     close_reason: Option<CloseReason>,
     may_have_executed: bool,
+    broken: bool,
     done: bool,
     /// Client side: counts the stream in flight until it ends; dropped early, it tells the driver
     /// the caller gave up.
@@ -262,6 +263,7 @@ impl Streaming<Bytes> {
             trailers: None,
             close_reason: None,
             may_have_executed: true,
+            broken: false,
             done: false,
             _in_flight: in_flight,
         }
@@ -281,6 +283,7 @@ impl Streaming<Bytes> {
             trailers: self.trailers.take(),
             close_reason: self.close_reason.take(),
             may_have_executed: self.may_have_executed,
+            broken: self.broken,
             done: self.done,
             _in_flight: self._in_flight.take(),
         }
@@ -310,6 +313,16 @@ impl<T> Streaming<T> {
     /// the stream may be opened again elsewhere; true otherwise, and while it runs.
     pub fn may_have_executed(&self) -> bool {
         self.may_have_executed
+    }
+
+    /// After the stream ended in error: true when it was broken rather than ended by the server's
+    /// handler: its connection closed or went away (GOAWAY, heartbeats), it was refused before it
+    /// ran, or the runtime of either side reset it for a reason that says nothing of the call
+    /// (a stall, `stream_idle_timeout`, a server draining: see [`crate::resume::BREAK_KEY`]).
+    /// What a resumable stream opens again after; false for the handler's own status, a
+    /// deadline, and a message too large to send (each would end the same way again).
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Why the connection under the stream closed, if that is what ended it.
@@ -350,18 +363,29 @@ impl<T> Streaming<T> {
             }
             Ok(Ok(frame)) => {
                 self.may_have_executed = !frame.not_executed;
-                Status::from_parts(frame.code, frame.message, frame.metadata)
+                let status = Status::from_parts(frame.code, frame.message, frame.metadata);
+                self.broken = frame.not_executed || crate::resume::is_break(&status);
+                status
             }
             Ok(Err(e)) => {
                 self.close_reason = e.close_reason().cloned();
                 self.may_have_executed = e.may_have_executed();
+                self.broken = matches!(
+                    e,
+                    ConnectionError::NotWritten(_)
+                        | ConnectionError::ClosedAfterWrite(_)
+                        | ConnectionError::GoAway { .. }
+                        | ConnectionError::Draining
+                );
                 let proof = if e.may_have_executed() { "" } else { " (not executed)" };
                 Status::unavailable(format!("stream broken after {counts} on this side{proof}: {e}"))
             }
-            Err(_) => self
-                .key
-                .reset_status()
-                .unwrap_or_else(|| Status::unavailable(format!("stream reset after {counts} on this side"))),
+            Err(_) => {
+                let status = self.key.reset_status();
+                // No status: the driver went without a word (its runtime stopped).
+                self.broken = status.as_ref().is_none_or(crate::resume::is_break);
+                status.unwrap_or_else(|| Status::unavailable(format!("stream reset after {counts} on this side")))
+            }
         };
         Some(Err(status))
     }
@@ -627,9 +651,12 @@ impl<T> StreamSender<T> {
                     Err(_) => {
                         self.ended = true;
                         if self.client {
-                            self.reset(Status::resource_exhausted(format!(
-                                "stream stalled: the server took nothing for {t:?}"
-                            )))
+                            self.reset(crate::resume::mark_break(
+                                Status::resource_exhausted(format!(
+                                    "stream stalled: the server took nothing for {t:?}"
+                                )),
+                                "stall",
+                            ))
                             .await;
                         }
                         return Err(SendError::Stalled(t, self.key.counts()));

@@ -81,23 +81,30 @@ where
     F: FnOnce(Request<M>) -> Fut,
     Fut: Future<Output = Result<Response<BoxStream<R>>, Status>>,
 {
+    let request = first_message::<M>(request).await?;
+    crate::entry::mark();
+    let response = handler(request).await?;
+    Ok(crate::streaming::response_stream(response))
+}
+
+/// The client's one message of a server-streaming call (the refusal, not executed, of a call
+/// that sent none or one that does not decode).
+pub(crate) async fn first_message<M: prost::Message + Default>(request: Request<Bytes>) -> Result<Request<M>, Status> {
     let mut request = stream_of::<M>(request)?;
-    let first = request.body_mut().message().await;
-    let msg = match first {
-        Ok(Some(m)) => m,
+    match request.body_mut().message().await {
+        Ok(Some(m)) => Ok(request.map(|_| m)),
         Ok(None) => {
             crate::entry::refuse();
-            return Err(Status::invalid_argument("the stream ended before its request message"));
+            Err(Status::invalid_argument("the stream ended before its request message"))
         }
         Err(e) => {
             crate::entry::refuse();
-            return Err(e);
+            Err(e)
         }
-    };
-    crate::entry::mark();
-    let response = handler(request.map(|_| msg)).await?;
-    Ok(crate::streaming::response_stream(response))
+    }
 }
+
+pub use crate::resume::{resumable_streaming, PositionedStream};
 
 /// A client-streaming method: runs `handler` on the client's messages and sends its one answer.
 pub async fn client_streaming<M, R, F, Fut>(request: Request<Bytes>, handler: F) -> Result<Response<Bytes>, Status>

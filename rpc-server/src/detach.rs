@@ -35,6 +35,9 @@ pub(crate) struct ServerTasks {
     pub(crate) tracker: TaskTracker,
     /// Fired by `abort()`, or when `shutdown_grace` ends: work not tied to a connection stops.
     pub(crate) stop: CancellationToken,
+    /// Fired when the server starts a graceful shutdown: resumable streams end at once, so
+    /// their clients resume them elsewhere instead of waiting out the grace.
+    pub(crate) draining: CancellationToken,
 }
 
 /// Runs `work` to its end on a task of its own, even if the request whose handler calls this is

@@ -150,7 +150,10 @@ impl<L> ServerBuilder<L> {
             None => None,
         };
         let registry = Registry::default();
-        let tasks = Arc::new(ServerTasks::default());
+        let tasks = Arc::new(ServerTasks {
+            draining: shutdown.clone(),
+            ..ServerTasks::default()
+        });
         let shutdown_grace = self.config.shutdown_grace;
         let accept = AcceptLoop {
             tls,

@@ -93,7 +93,9 @@ fn send_failed(e: SendError) -> BoxError {
     rpc_core::metrics::stream_send_failed(&e);
     // The client reads this: "this side" is the server.
     let status = match e {
-        SendError::Stalled(..) => Status::resource_exhausted(format!("server: {e}")),
+        SendError::Stalled(..) => {
+            rpc_core::resume::mark_break(Status::resource_exhausted(format!("server: {e}")), "stall")
+        }
         _ => Status::unavailable(format!("server: {e}")),
     };
     status.into()

@@ -204,6 +204,11 @@ impl ConnectionHolder {
         self.inner.events.subscribe()
     }
 
+    /// Publishes `event` to the subscribers of [`ConnectionHolder::events`].
+    pub(crate) fn emit(&self, event: ConnectionEvent) {
+        let _ = self.inner.events.send(event);
+    }
+
     /// Every endpoint and where it stands.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         self.inner

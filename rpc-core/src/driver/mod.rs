@@ -1059,10 +1059,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             Some(at) if now >= at => {
                 self.stream_idle_at = Some(now + every);
                 for (id, key) in self.streams.scan_idle(IDLE_SCANS) {
-                    let status = Status::deadline_exceeded(format!(
-                        "stream idle: no message either way for {timeout:?} (stream_idle_timeout), after {} on this side",
-                        key.counts()
-                    ));
+                    let status = crate::resume::mark_break(
+                        Status::deadline_exceeded(format!(
+                            "stream idle: no message either way for {timeout:?} (stream_idle_timeout), after {} on this side",
+                            key.counts()
+                        )),
+                        "idle",
+                    );
                     self.reset_stream(id, status, "idle");
                 }
             }
