@@ -139,28 +139,37 @@ fn consume(mut stream: rpc_client::Resumable<Tick>, paused: Arc<AtomicBool>) -> 
     rx
 }
 
-/// The ticks received until one at or past `position`: the longest silence between two, the
-/// last position, and the endpoint it came from. Fails on the stream's end.
-async fn until(rx: &mut mpsc::UnboundedReceiver<Got>, position: u64, limit: Duration) -> (Duration, u64, SocketAddr) {
-    let mut longest = Duration::ZERO;
-    let mut prev: Option<Instant> = None;
-    let deadline = Instant::now() + limit;
-    loop {
-        let got = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("position {position} not reached within {limit:?}"))
-            .expect("subscriber running");
-        match got {
-            Got::Tick(p, at, on) => {
-                if let Some(prev) = prev {
-                    longest = longest.max(at - prev);
+/// What the subscriber received, read in phases.
+struct Ticks {
+    rx: mpsc::UnboundedReceiver<Got>,
+    /// When the last tick read arrived: a silence spans the phases it falls between.
+    last_at: Option<Instant>,
+}
+
+impl Ticks {
+    /// The ticks received until one at or past `position`: the longest silence between two (the
+    /// one before the first counted too), the last position, and the endpoint it came from.
+    /// Fails on the stream's end.
+    async fn until(&mut self, position: u64, limit: Duration) -> (Duration, u64, SocketAddr) {
+        let mut longest = Duration::ZERO;
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("position {position} not reached within {limit:?}"))
+                .expect("subscriber running");
+            match got {
+                Got::Tick(p, at, on) => {
+                    if let Some(prev) = self.last_at {
+                        longest = longest.max(at - prev);
+                    }
+                    self.last_at = Some(at);
+                    if p >= position {
+                        return (longest, p, on);
+                    }
                 }
-                prev = Some(at);
-                if p >= position {
-                    return (longest, p, on);
-                }
+                Got::End(r) => panic!("the subscription ended: {r:?}"),
             }
-            Got::End(r) => panic!("the subscription ended: {r:?}"),
         }
     }
 }
@@ -244,15 +253,18 @@ async fn a_subscriber_receives_every_message_once_in_order_through_every_fault()
         .unwrap();
     let on = |endpoint: SocketAddr| proxies.iter().position(|p| p.addr() == endpoint).unwrap();
     let paused = Arc::new(AtomicBool::new(false));
-    let mut rx = consume(stream, paused.clone());
-    let (_, first_phase, endpoint) = until(&mut rx, publisher.head() + 200, ms(5000)).await;
+    let mut ticks = Ticks {
+        rx: consume(stream, paused.clone()),
+        last_at: None,
+    };
+    let (_, first_phase, endpoint) = ticks.until(publisher.head() + 200, ms(5000)).await;
     let mut table = Vec::new();
 
     // 1. The subscriber's server is killed (no GOAWAY, sockets closed), then restarted.
     let i = on(endpoint);
     drain(&mut events);
     servers[i].take().unwrap().abort().await;
-    let (longest, _, endpoint) = until(&mut rx, publisher.head() + 500, ms(5000)).await;
+    let (longest, _, endpoint) = ticks.until(publisher.head() + 500, ms(5000)).await;
     assert_ne!(on(endpoint), i, "resumed on another server");
     let (attempts, gap, replayed) = resumed_event(&mut events).await;
     table.push(("server killed", longest, gap, replayed, attempts));
@@ -264,7 +276,7 @@ async fn a_subscriber_receives_every_message_once_in_order_through_every_fault()
     drain(&mut events);
     let old = servers[now_on].take().unwrap();
     let shutting = tokio::spawn(old.shutdown());
-    let (longest, _, endpoint) = until(&mut rx, publisher.head() + 500, ms(5000)).await;
+    let (longest, _, endpoint) = ticks.until(publisher.head() + 500, ms(5000)).await;
     assert_ne!(on(endpoint), now_on, "resumed on another server");
     let (attempts, gap, replayed) = resumed_event(&mut events).await;
     assert!(
@@ -276,11 +288,11 @@ async fn a_subscriber_receives_every_message_once_in_order_through_every_fault()
     servers[now_on] = Some(topic_server(&log, addrs[now_on], config.clone()).await);
 
     // 3. The NAT forgets the flow: nothing passes, no FIN, no RST. Heartbeats notice.
-    let (_, _, endpoint) = until(&mut rx, publisher.head() + 10, ms(5000)).await;
+    let (_, _, endpoint) = ticks.until(publisher.head() + 10, ms(5000)).await;
     let now_on = on(endpoint);
     drain(&mut events);
     proxies[now_on].set(Fault::Blackhole);
-    let (longest, _, endpoint) = until(&mut rx, publisher.head() + 1000, ms(5000)).await;
+    let (longest, _, endpoint) = ticks.until(publisher.head() + 1000, ms(5000)).await;
     assert_ne!(on(endpoint), now_on, "resumed on another server");
     let (attempts, gap, replayed) = resumed_event(&mut events).await;
     assert!(
@@ -297,7 +309,7 @@ async fn a_subscriber_receives_every_message_once_in_order_through_every_fault()
     paused.store(true, Ordering::Relaxed);
     tokio::time::sleep(stall * 4).await; // the consumer's own pause: the workload, not a wait for an event
     paused.store(false, Ordering::Relaxed);
-    let (longest, last, _) = until(&mut rx, publisher.head() + 500, ms(5000)).await;
+    let (longest, last, _) = ticks.until(publisher.head() + 500, ms(5000)).await;
     let (attempts, gap, replayed) = resumed_event(&mut events).await;
     assert!(replayed > 0, "the messages published during the pause are replayed");
     table.push(("stall reset", longest, gap, replayed, attempts));
