@@ -140,10 +140,10 @@ impl ResumeState {
     }
 
     /// The stream (or an attempt to open it again) broke at `now`; `unit` is a random value in
-    /// `[0, 1)` for the backoff's jitter. Also returns the resume that was catching up, if the
-    /// break came before its checkpoint.
-    pub(crate) fn on_break(&mut self, now: Instant, unit: f64) -> (Decision, Option<Resumed>) {
-        let pending = self.catching_up.take();
+    /// `[0, 1)` for the backoff's jitter. A resume still catching up is not reported: it did not
+    /// get there.
+    pub(crate) fn on_break(&mut self, now: Instant, unit: f64) -> Decision {
+        self.catching_up = None;
         let delivered = self.delivered;
         let outage = self.outage.get_or_insert(Outage {
             since: now,
@@ -155,7 +155,7 @@ impl ResumeState {
         let ends = outage.since + self.policy.timeout;
         if outage.attempts >= self.policy.max_attempts || now >= ends {
             let attempts = outage.attempts;
-            return (Decision::GiveUp { attempts, waited }, pending);
+            return Decision::GiveUp { attempts, waited };
         }
         outage.attempts += 1;
         let attempt = outage.attempts;
@@ -166,7 +166,12 @@ impl ResumeState {
         };
         let delay = delay.min(ends.saturating_duration_since(now));
         let resume = self.resume();
-        (Decision::Reopen { resume, delay, attempt }, pending)
+        Decision::Reopen { resume, delay, attempt }
+    }
+
+    /// When the outage in progress is given up, if there is one.
+    pub(crate) fn outage_ends(&self) -> Option<Instant> {
+        self.outage.map(|o| o.since + self.policy.timeout)
     }
 }
 
@@ -325,9 +330,7 @@ impl<T> Resumable<T> {
     /// The stream broke with `status`: opens it again, or returns the error that ends it.
     fn broke(&mut self, status: Status) -> Option<Status> {
         let now = Instant::now();
-        let (decision, pending) = self.state.on_break(now, rand::random::<f64>());
-        self.report(pending);
-        match decision {
+        match self.state.on_break(now, rand::random::<f64>()) {
             Decision::Reopen { resume, delay, attempt } => {
                 tracing::debug!(method = %self.method, %status, attempt, ?delay, "resumable stream broke; opening it again");
                 self.last_error = Some(status);
@@ -340,9 +343,18 @@ impl<T> Resumable<T> {
                     resume,
                     self.endpoint,
                 );
+                // The attempt in flight is bounded by the outage's end too, and the wait by the
+                // stream's deadline (an attempt past it fails at once, typed).
+                let ends = self.state.outage_ends().unwrap_or(now);
+                let delay = self
+                    .deadline
+                    .map_or(delay, |d| delay.min(d.saturating_duration_since(now)));
                 self.opening = Some(Box::pin(async move {
                     tokio::time::sleep(delay).await;
-                    opening.await
+                    match tokio::time::timeout_at(ends, opening).await {
+                        Ok(opened) => opened,
+                        Err(_) => Err(Error::new(ErrorKind::ConnectTimeout, false)),
+                    }
                 }));
                 None
             }
@@ -367,14 +379,25 @@ impl<T> Resumable<T> {
     }
 }
 
-/// The status of an attempt that could not open its stream, and whether it is worth another.
+/// The status of an attempt that could not open its stream, and whether it is worth another:
+/// only when no endpoint could be reached or the connection failed under it. A deadline, a
+/// request that cannot be encoded, a server's answer (a version-1 server without streams), a
+/// configuration or TLS failure would end every attempt the same way.
 fn open_failure(e: &Error) -> (Status, bool) {
-    match e.kind() {
-        // The server answered (a version-1 server without streams): every attempt would.
-        ErrorKind::Status(s) => (s.clone(), false),
-        ErrorKind::Config(_) | ErrorKind::TlsConfig(_) => (Status::invalid_argument(e.to_string()), false),
-        _ => (Status::unavailable(e.to_string()), true),
-    }
+    use rpc_core::driver::ConnectionError as C;
+    let again = matches!(
+        e.kind(),
+        ErrorKind::Connect(_)
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::Handshake(_)
+            | ErrorKind::NoEndpoint
+            | ErrorKind::Connection(C::NotWritten(_) | C::ClosedAfterWrite(_) | C::GoAway { .. } | C::Draining)
+    );
+    let status = match e.as_status() {
+        Some(s) => s.clone(),
+        None => Status::new(e.code(), e.to_string()),
+    };
+    (status, again)
 }
 
 impl<T> Unpin for Resumable<T> {}
@@ -414,7 +437,15 @@ impl<T> Stream for Resumable<T> {
             match std::task::ready!(Pin::new(&mut *stream).poll_next(cx)) {
                 Some(Ok(body)) => match rpc_core::resume::decode(body) {
                     Ok(Positioned::Message(p, m)) => match this.state.on_message(Instant::now(), p) {
-                        Step::Deliver => return Poll::Ready(Some((this.decode)(m))),
+                        Step::Deliver => {
+                            let decoded = (this.decode)(m);
+                            if decoded.is_err() {
+                                // Its position is passed: the stream cannot go on without it.
+                                this.done = true;
+                                this.current = None;
+                            }
+                            return Poll::Ready(Some(decoded));
+                        }
                         Step::Duplicate => metrics::counter!(STREAM_DUPLICATES).increment(1),
                     },
                     Ok(Positioned::Checkpoint(p)) => {
@@ -518,7 +549,7 @@ mod tests {
                     }
                     Event::Break => {
                         let (since, attempts) = *outage.get_or_insert((now, 0));
-                        match s.on_break(now, unit).0 {
+                        match s.on_break(now, unit) {
                             Decision::Reopen { resume, delay, attempt } => {
                                 prop_assert_eq!(resume, delivered.map_or(Resume::New, Resume::After));
                                 prop_assert_eq!(attempt, attempts + 1);
@@ -553,7 +584,7 @@ mod tests {
             "a fresh stream's checkpoint is no resume"
         );
         assert_eq!(s.on_message(t0, 11), Step::Deliver);
-        let (d, _) = s.on_break(t0 + Duration::from_secs(1), 0.5);
+        let d = s.on_break(t0 + Duration::from_secs(1), 0.5);
         assert_eq!(
             d,
             Decision::Reopen {
@@ -562,7 +593,7 @@ mod tests {
                 attempt: 1
             }
         );
-        let (d, _) = s.on_break(t0 + Duration::from_secs(2), 0.5);
+        let d = s.on_break(t0 + Duration::from_secs(2), 0.5);
         assert!(matches!(d, Decision::Reopen { attempt: 2, delay, .. } if delay == Duration::from_secs(1)));
         assert_eq!(s.on_message(t0 + Duration::from_secs(4), 11), Step::Duplicate);
         assert_eq!(s.on_message(t0 + Duration::from_secs(4), 12), Step::Deliver);

@@ -317,10 +317,12 @@ impl<T> Streaming<T> {
 
     /// After the stream ended in error: true when it was broken rather than ended by the server's
     /// handler: its connection closed or went away (GOAWAY, heartbeats), it was refused before it
-    /// ran, or the runtime of either side reset it for a reason that says nothing of the call
-    /// (a stall, `stream_idle_timeout`, a server draining: see [`crate::resume::BREAK_KEY`]).
-    /// What a resumable stream opens again after; false for the handler's own status, a
-    /// deadline, and a message too large to send (each would end the same way again).
+    /// ran because the server was busy or stopping (SERVER_BUSY, UNAVAILABLE), or the runtime of
+    /// either side reset it for a reason that says nothing of the call (a stall,
+    /// `stream_idle_timeout`, a server draining: see [`crate::resume::BREAK_KEY`]). What a
+    /// resumable stream opens again after; false for the handler's own status, any other
+    /// refusal (an unknown method, an interceptor's, a request that does not decode), a deadline,
+    /// and a message too large to send (each would end the same way again).
     pub fn is_broken(&self) -> bool {
         self.broken
     }
@@ -364,7 +366,10 @@ impl<T> Streaming<T> {
             Ok(Ok(frame)) => {
                 self.may_have_executed = !frame.not_executed;
                 let status = Status::from_parts(frame.code, frame.message, frame.metadata);
-                self.broken = frame.not_executed || crate::resume::is_break(&status);
+                // Of the refusals, only overload and a server stopping go away on another try (an
+                // unknown method, an interceptor's refusal, a bad request would end the same way).
+                let transient = frame.not_executed && matches!(frame.code, Code::ServerBusy | Code::Unavailable);
+                self.broken = transient || crate::resume::is_break(&status);
                 status
             }
             Ok(Err(e)) => {

@@ -39,7 +39,10 @@ where
     let resume = Resume::of(request.metadata()).inspect_err(|_| crate::entry::refuse())?;
     let request = crate::codegen::first_message::<M>(request).await?;
     crate::entry::mark();
-    let draining = crate::entry::server_tasks().map(|t| Box::pin(t.draining.clone().cancelled_owned()));
+    // A plain client is not told to resume elsewhere: its stream runs on within the grace.
+    let draining = crate::entry::server_tasks()
+        .filter(|_| resume != Resume::Plain)
+        .map(|t| Box::pin(t.draining.clone().cancelled_owned()));
     let response = handler(request, resume.after()).await?;
     let (metadata, items) = response.into_parts();
     let mut out = Response::streaming(Box::pin(Positioning {

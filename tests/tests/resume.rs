@@ -502,3 +502,65 @@ async fn a_resume_with_nowhere_to_go_gives_up_within_the_resume_timeout() {
         "{failed:?}"
     );
 }
+
+/// A refusal that would end every attempt the same way (here an unknown method: a server
+/// without the topic) ends the subscription at once with it, not after `resume_timeout` of
+/// reopening. Found in review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_refusal_that_would_repeat_is_not_resumed() {
+    let server = tests::echo_server(server_config()).await;
+    let client = Client::connect(server.local_addr(), tests::quiet_client())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut sub = TopicClient::new(client.clone())
+        .subscribe(subscription())
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(ms(5000), sub.message())
+        .await
+        .expect("answers")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    assert!(start.elapsed() < ms(1000), "ended after {:?}", start.elapsed());
+}
+
+/// A subscription with a deadline whose server dies is not reopened past its deadline, and ends
+/// with DEADLINE_EXCEEDED, not a resume failure. Found in review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_subscription_with_a_deadline_is_not_resumed_past_it() {
+    let log = ReplayLog::new(100);
+    let _publisher = Publisher::start(log.clone());
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = topic_server(&log, any, server_config()).await;
+    let client = Client::connect(
+        server.local_addr(),
+        ClientConfig {
+            backoff: rpc_client::BackoffConfig {
+                initial: ms(50),
+                ..rpc_client::BackoffConfig::default()
+            },
+            ..tests::quiet_client()
+        },
+    )
+    .await
+    .unwrap();
+    let deadline = ms(1500);
+    let start = Instant::now();
+    let mut sub = TopicClient::new(client.clone())
+        .subscribe(Request::new("", subscription()).with_timeout(deadline))
+        .await
+        .unwrap();
+    sub.message().await.unwrap().unwrap();
+    server.abort().await;
+    let err = loop {
+        match tokio::time::timeout(ms(10_000), sub.message()).await.expect("ends") {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended as if complete"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    let took = start.elapsed();
+    assert!(took < deadline + ms(1000), "ended after {took:?}");
+}
