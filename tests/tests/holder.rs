@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use rpc_client::{BackoffConfig, Balance, Client, ClientConfig, ErrorKind, PoolState, Request};
+use rpc_client::{BackoffConfig, Balance, Client, ClientConfig, ErrorKind, PoolState, Request, Response};
 use rpc_core::config::HeartbeatConfig;
 use rpc_core::event::ConnectionEvent;
 use rpc_core::CloseReason;
@@ -609,4 +609,35 @@ async fn a_repeated_endpoint_address_is_one_endpoint() {
     assert_eq!(client.holder().endpoints().len(), 1);
     wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 1).await;
     assert_eq!(who(&client, ms(1000)).await.unwrap(), "s");
+}
+
+/// Connecting to a server that refuses every new connection (over `max_connections`) says why,
+/// every time: the refusal's reason, never "no endpoint available". A checkout that found the
+/// holder's checker already connecting, and saw that attempt end before it could wait on it,
+/// reported NoEndpoint (seen once in the CI run of the TLS case above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_every_refused_connect_reports_the_refusal() {
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let server = Server::builder()
+        .config(config)
+        .route(
+            "/t.T/Echo",
+            rpc_server::handler_fn(|req: Request<Bytes>| async move { Ok(Response::new(req.into_body())) }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let _first = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
+    let mut vague = 0;
+    for _ in 0..300 {
+        let err = Client::connect(server.local_addr(), quiet_client()).await.unwrap_err();
+        if err.close_reason().is_none() {
+            vague += 1;
+            println!("{err}");
+        }
+    }
+    assert_eq!(vague, 0, "connects that did not say they were refused");
 }

@@ -334,9 +334,6 @@ impl ConnectionHolder {
         let limit = deadline.unwrap_or_else(|| Instant::now() + self.inner.config.connect_timeout);
         // When this checkout's own connect attempt failed, that error says more than "no endpoint".
         let mut last_error = None;
-        // Whether it waited on another's connect attempt (the checker's), whose failure it reports.
-        let mut waited = false;
-        let started = Instant::now();
         loop {
             let next = match self.inner.next(avoid) {
                 // Registering for a wakeup takes a lock: only a checkout that may wait does it,
@@ -350,7 +347,6 @@ impl ConnectionHolder {
                             if tokio::time::timeout_at(limit, notified).await.is_err() {
                                 return Err(last_error.unwrap_or_else(|| Error::new(ErrorKind::ConnectTimeout, false)));
                             }
-                            waited = true;
                             continue;
                         }
                         other => other,
@@ -373,11 +369,12 @@ impl ConnectionHolder {
                     }
                 }
                 Next::Wait => continue, // handled above
-                // A checkout that waited on another's attempt (the checker's) reports why that
-                // attempt failed, not only that no endpoint is left.
+                // Every endpoint backing off: why the last attempt (its own, or another's, such
+                // as the checker's that it waited on or that ended just before it looked)
+                // failed, not only that no endpoint is left.
                 Next::Unavailable => {
                     return Err(last_error
-                        .or_else(|| waited.then(|| self.inner.last_failure(started)).flatten())
+                        .or_else(|| self.inner.last_failure())
                         .unwrap_or_else(|| Error::new(ErrorKind::NoEndpoint, false)))
                 }
             }
@@ -394,14 +391,13 @@ impl ConnectionHolder {
 }
 
 impl Inner {
-    /// The most recent connect failure of any endpoint not discarded, if `since` or later (what
-    /// a checkout that waited from `since` waited on).
-    fn last_failure(&self, since: Instant) -> Option<Error> {
+    /// The most recent connect failure of any endpoint not discarded: why it is backing off (a
+    /// connect that works, or a revive, clears it).
+    fn last_failure(&self) -> Option<Error> {
         self.lock()
             .iter()
             .filter(|e| e.pool.state() != PoolState::Discarded)
             .filter_map(|e| e.last_failure.as_ref())
-            .filter(|(at, _)| *at >= since)
             .max_by_key(|(at, _)| *at)
             .and_then(|(_, f)| f.replay_connect())
     }
