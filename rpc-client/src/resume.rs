@@ -80,6 +80,8 @@ pub(crate) struct ResumeState {
     /// The position of the last message delivered (or checkpoint passed).
     delivered: Option<u64>,
     outage: Option<Outage>,
+    /// When the stream under it was last opened again, during an outage.
+    reopened_at: Option<Instant>,
     /// After a resume, until its first checkpoint: the resume, with the messages delivered
     /// since.
     catching_up: Option<Resumed>,
@@ -91,6 +93,7 @@ impl ResumeState {
             policy,
             delivered: after,
             outage: None,
+            reopened_at: None,
             catching_up: None,
         }
     }
@@ -105,8 +108,14 @@ impl ResumeState {
         self.delivered
     }
 
+    /// A reopened stream was opened at `now` (its request is on its way).
+    pub(crate) fn on_reopened(&mut self, now: Instant) {
+        self.reopened_at = Some(now);
+    }
+
     /// The first item of a resumed stream ends the outage.
     fn arrived(&mut self, now: Instant) {
+        self.reopened_at = None;
         if let Some(o) = self.outage.take() {
             self.catching_up = Some(Resumed {
                 after: o.after,
@@ -144,6 +153,15 @@ impl ResumeState {
     /// get there.
     pub(crate) fn on_break(&mut self, now: Instant, unit: f64) -> Decision {
         self.catching_up = None;
+        // A reopened stream that stayed open for `timeout` without an item (a quiet topic) was
+        // healthy: its break begins an outage of its own.
+        if self
+            .reopened_at
+            .take()
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.policy.timeout)
+        {
+            self.outage = None;
+        }
         let delivered = self.delivered;
         let outage = self.outage.get_or_insert(Outage {
             since: now,
@@ -418,6 +436,7 @@ impl<T> Stream for Resumable<T> {
                     Ok((addr, stream)) => {
                         this.endpoint = Some(addr);
                         this.current = Some(stream);
+                        this.state.on_reopened(Instant::now());
                     }
                     Err(e) => {
                         let (status, again) = open_failure(&e);
@@ -495,6 +514,7 @@ mod tests {
         Message(u64),
         Checkpoint(u64),
         Break,
+        Reopened,
         Wait(u64),
     }
 
@@ -503,7 +523,8 @@ mod tests {
             4 => (0u64..40).prop_map(Event::Message),
             1 => (0u64..40).prop_map(Event::Checkpoint),
             1 => Just(Event::Break),
-            1 => (0u64..20_000).prop_map(Event::Wait),
+            1 => Just(Event::Reopened),
+            1 => (0u64..40_000).prop_map(Event::Wait),
         ]
     }
 
@@ -524,10 +545,15 @@ mod tests {
             let mut outage: Option<(Instant, u32)> = None;
             let mut given_up = false;
             let mut replayed_since_reopen = 0u64;
+            let mut reopened_at: Option<Instant> = None;
             for e in events {
                 if given_up { break; }
                 match e {
                     Event::Wait(ms) => now += Duration::from_millis(ms),
+                    Event::Reopened => {
+                        s.on_reopened(now);
+                        reopened_at = Some(now);
+                    }
                     Event::Message(pos) => {
                         let step = s.on_message(now, pos);
                         let expect = if delivered.is_some_and(|d| pos <= d) { Step::Duplicate } else { Step::Deliver };
@@ -537,6 +563,7 @@ mod tests {
                             replayed_since_reopen += 1;
                         }
                         outage = None;
+                        reopened_at = None;
                     }
                     Event::Checkpoint(pos) => {
                         let was_catching_up = s.catching_up.is_some() || s.outage.is_some();
@@ -546,8 +573,13 @@ mod tests {
                         }
                         if delivered.is_none_or(|d| pos > d) { delivered = Some(pos); }
                         outage = None;
+                        reopened_at = None;
                     }
                     Event::Break => {
+                        // A reopened stream quiet but open for the whole timeout was healthy.
+                        if reopened_at.take().is_some_and(|t| now - t >= p.timeout) {
+                            outage = None;
+                        }
                         let (since, attempts) = *outage.get_or_insert((now, 0));
                         match s.on_break(now, unit) {
                             Decision::Reopen { resume, delay, attempt } => {
@@ -572,6 +604,26 @@ mod tests {
                 prop_assert_eq!(s.delivered(), delivered);
             }
         }
+    }
+
+    /// A stream reopened on a quiet topic that stays open, silent, for longer than
+    /// `resume_timeout` and then breaks is resumed again, not given up as part of the old
+    /// outage. Found in review.
+    #[test]
+    fn review_a_quiet_reopened_stream_that_breaks_later_begins_a_new_outage() {
+        let mut s = ResumeState::new(Some(5), policy());
+        let t0 = Instant::now();
+        assert!(matches!(s.on_break(t0, 0.5), Decision::Reopen { attempt: 1, .. }));
+        s.on_reopened(t0);
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            s.on_break(later, 0.5),
+            Decision::Reopen {
+                resume: Resume::After(5),
+                delay: Duration::ZERO,
+                attempt: 1
+            }
+        );
     }
 
     #[test]

@@ -180,6 +180,15 @@ impl Hosts {
         ));
     }
 
+    /// A NAT that forgot every flow to the server's `port` (and drops new ones): that server is
+    /// unreachable, the others on the host are not.
+    pub fn drop_port(&self, port: u16) {
+        self.nft(&format!(
+            "chain input {{ type filter hook input priority 0; tcp dport {port} drop; }}\n\
+             chain output {{ type filter hook output priority 0; tcp sport {port} drop; }}"
+        ));
+    }
+
     /// New connections blackholed: SYNs to the server dropped.
     pub fn drop_syn(&self) {
         self.nft(

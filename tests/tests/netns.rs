@@ -858,3 +858,170 @@ async fn a_hung_consumer_stalls_its_stream_while_unary_calls_go_on() {
         unresolved,
     });
 }
+
+/// Three `pubsub serve` processes of one topic (1,000 messages a second) on the server host, on
+/// ports 7000-7002, with the server heartbeats; returns them once each listens.
+async fn topic_servers(h: &Hosts, epoch_ms: u64) -> Vec<Probe> {
+    let mut servers = Vec::new();
+    for port in 7000..7003 {
+        let mut args = s(&[
+            "serve",
+            "--addr",
+            &format!("{}:{port}", h.server_ip),
+            "--epoch-ms",
+            &epoch_ms.to_string(),
+        ]);
+        args.extend(s(&SERVER_HEARTBEATS));
+        let mut p = h.spawn(&h.server_ns, "pubsub", &args);
+        assert!(
+            p.wait(Duration::from_secs(5), |v| is_event(v, "listening"))
+                .await
+                .is_some(),
+            "topic server on {port} did not start"
+        );
+        servers.push(p);
+    }
+    servers
+}
+
+/// A subscriber of the three servers, with the suite's client heartbeats, for `duration`;
+/// returns once it has its first message.
+async fn subscriber(h: &Hosts, duration: &str) -> (Probe, Value) {
+    let endpoints: Vec<String> = (7000..7003).map(|p| format!("{}:{p}", h.server_ip)).collect();
+    let args = s(&[
+        "subscribe",
+        "--endpoints",
+        &endpoints.join(","),
+        "--duration",
+        duration,
+        "--connect-timeout",
+        "500ms",
+        "--backoff",
+        "200ms",
+        "--heartbeat-interval",
+        "500ms",
+        "--heartbeat-timeout",
+        "250ms",
+        "--heartbeat-max-failures",
+        "3",
+    ]);
+    let mut p = h.spawn(&h.client_ns, "pubsub", &args);
+    let (_, first) = p
+        .wait(Duration::from_secs(5), |v| is_event(v, "subscribed"))
+        .await
+        .expect("the subscriber gets its first message");
+    (p, first)
+}
+
+/// Reads the subscriber to its end: its summary must show every position from its first to its
+/// last exactly once, in order, and the subscription running to the end.
+async fn ledger_holds(sub: &mut Probe) -> Value {
+    let (_, summary) = sub
+        .wait(Duration::from_secs(15), |v| is_event(v, "summary"))
+        .await
+        .expect("summary");
+    assert_eq!(summary["outcome"], "ok", "{summary}");
+    assert_eq!(summary["missing"], 0, "{summary}");
+    assert_eq!(summary["duplicates"], 0, "{summary}");
+    let (first, last, received) = (
+        summary["first"].as_u64().unwrap(),
+        summary["last"].as_u64().unwrap(),
+        summary["received"].as_u64().unwrap(),
+    );
+    assert_eq!(received, last - first + 1, "{summary}");
+    sub.finish(Duration::from_secs(2)).await;
+    summary
+}
+
+/// Power loss between the hosts under a resumable subscription (issue 16): every server out of
+/// reach at once. The subscriber notices within its heartbeat bound, keeps trying within
+/// `resume_timeout`, and once the power is back resumes after the last message it delivered: the
+/// servers replay what was published meanwhile, and the subscriber's ledger has every position
+/// exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_under_a_resumable_subscription() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(15);
+    let epoch = examples::cli::unix_ms() as u64;
+    let _servers = topic_servers(&h, epoch).await;
+    let (mut sub, _) = subscriber(&h, "9s").await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // steady state before the fault
+
+    h.drop_all();
+    let t0 = Instant::now();
+    let (tc, closed) = sub
+        .wait(HEARTBEAT_BOUND + SLACK * 2, is_closed)
+        .await
+        .expect("the subscriber's connection closes");
+    assert_eq!(closed["reason"], "heartbeat_timeout", "{closed}");
+    let detect = tc - t0;
+    assert!(detect <= HEARTBEAT_BOUND + SLACK, "detected after {detect:?}");
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed())).await; // the outage lasts 3 s
+    h.heal();
+    let healed = Instant::now();
+    let (tr, resumed) = sub
+        .wait(Duration::from_secs(5), |v| is_event(v, "resumed"))
+        .await
+        .expect("the subscription resumes once the power is back");
+    let replayed = resumed["replayed"].as_u64().unwrap();
+    assert!(replayed >= 2500, "the 3 s without power are replayed: {resumed}");
+    let summary = ledger_holds(&mut sub).await;
+    report(Row {
+        fault: "power loss under a resumable subscription (3 servers, 1,000 msg/s)",
+        bound: format!("client {}", secs(HEARTBEAT_BOUND)),
+        client: format!("{} (heartbeat_timeout)", secs(detect)),
+        server: "—".into(),
+        recovery: format!(
+            "resumed {} after the heal, {replayed} replayed; {} ms without messages; every position once, in order",
+            secs(tr.saturating_duration_since(healed)),
+            summary["longest_silence_ms"]
+        ),
+        unresolved: 0,
+    });
+}
+
+/// A NAT forgets the flows to the subscriber's server (the others stay reachable): the
+/// subscriber notices within its heartbeat bound and resumes on another server, with every
+/// position once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nat_loss_to_its_server_moves_a_resumable_subscription() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(16);
+    let epoch = examples::cli::unix_ms() as u64;
+    let _servers = topic_servers(&h, epoch).await;
+    let (mut sub, first) = subscriber(&h, "6s").await;
+    let port: u16 = first["endpoint"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // steady state before the fault
+
+    h.drop_port(port);
+    let t0 = Instant::now();
+    let (tr, resumed) = sub
+        .wait(HEARTBEAT_BOUND + SLACK * 3, |v| is_event(v, "resumed"))
+        .await
+        .expect("the subscription resumes on another server");
+    let took = tr - t0;
+    assert!(took <= HEARTBEAT_BOUND + SLACK * 2, "resumed after {took:?}");
+    let summary = ledger_holds(&mut sub).await;
+    report(Row {
+        fault: "NAT forgets the flows to a resumable subscription's server",
+        bound: format!("client {}", secs(HEARTBEAT_BOUND)),
+        client: format!("{} to resume on another server", secs(took)),
+        server: "—".into(),
+        recovery: format!(
+            "{} replayed; {} ms without messages; every position once, in order",
+            resumed["replayed"], summary["longest_silence_ms"]
+        ),
+        unresolved: 0,
+    });
+}
