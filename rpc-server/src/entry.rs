@@ -29,6 +29,7 @@ use crate::detach::ServerTasks;
 
 const ENTERED: u8 = 1;
 const REFUSED: u8 = 2;
+const ENDS_ON_DRAIN: u8 = 4;
 
 /// One request's task-local state on the server.
 struct Scope {
@@ -58,6 +59,21 @@ pub(crate) fn mark() {
 /// States that the runtime refused the current request without running its handler.
 pub(crate) fn refuse() {
     set(REFUSED);
+}
+
+/// States that the current request's response stream ends the moment its server starts a
+/// graceful shutdown (a resumable stream: its client resumes elsewhere), even while it waits for
+/// its consumer's credit.
+pub(crate) fn end_on_drain() {
+    set(ENDS_ON_DRAIN);
+}
+
+/// The server's draining token, if the current request's stream ends on drain.
+pub(crate) fn drain_ends_stream() -> Option<tokio_util::sync::CancellationToken> {
+    SCOPE
+        .try_with(|s| (s.marks.get() & ENDS_ON_DRAIN != 0).then(|| s.tasks.draining.clone()))
+        .ok()
+        .flatten()
 }
 
 /// What the marks of one request say.

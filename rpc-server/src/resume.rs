@@ -39,10 +39,16 @@ where
     let resume = Resume::of(request.metadata()).inspect_err(|_| crate::entry::refuse())?;
     let request = crate::codegen::first_message::<M>(request).await?;
     crate::entry::mark();
-    // A plain client is not told to resume elsewhere: its stream runs on within the grace.
+    // A plain client is not told to resume elsewhere: its stream runs on within the grace. A
+    // resumable one ends at once: here when next polled, and in `send_all` while it waits for
+    // credit (when the handler ran on the request's own task, as it does without a layer that
+    // moves it).
     let draining = crate::entry::server_tasks()
         .filter(|_| resume != Resume::Plain)
         .map(|t| Box::pin(t.draining.clone().cancelled_owned()));
+    if resume != Resume::Plain {
+        crate::entry::end_on_drain();
+    }
     let response = handler(request, resume.after()).await?;
     let (metadata, items) = response.into_parts();
     let mut out = Response::streaming(Box::pin(Positioning {

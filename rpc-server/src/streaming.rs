@@ -20,7 +20,18 @@ pub(crate) async fn send_all(
     // Fused: the batching below may see the end before the loop does. Owned here, so the
     // handler's stream is dropped only after the cancellation fired.
     let mut messages = messages.fuse();
-    match send_each(&mut messages, &mut sender).await {
+    let sent = match crate::entry::drain_ends_stream() {
+        // A resumable stream ends as its server starts draining, even blocked on credit.
+        Some(draining) => tokio::select! {
+            r = send_each(&mut messages, &mut sender) => r,
+            () = draining.cancelled() => Err(Ended::Handler(rpc_core::resume::mark_break(
+                Status::unavailable("server draining: the stream resumes on another server"),
+                "shutdown",
+            ))),
+        },
+        None => send_each(&mut messages, &mut sender).await,
+    };
+    match sent {
         Ok(()) => Ok(()),
         Err(Ended::Handler(status)) => Err(status.into()),
         Err(Ended::Send(e)) => {

@@ -564,3 +564,55 @@ async fn review_a_subscription_with_a_deadline_is_not_resumed_past_it() {
     let took = start.elapsed();
     assert!(took < deadline + ms(1000), "ended after {took:?}");
 }
+
+/// A graceful shutdown ends a resumable stream at once even while the stream waits for its
+/// consumer's credit (its handler's stream is not being polled then): the server does not wait
+/// out its grace for it, and the subscriber, reading again, resumes on the other server with
+/// every position once, in order. Found in review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_draining_server_ends_a_resumable_stream_blocked_on_credit() {
+    let log = ReplayLog::new(10_000);
+    for _ in 0..2000 {
+        publish(&log);
+    }
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let grace = ServerConfig {
+        shutdown_grace: Duration::from_secs(20),
+        ..ServerConfig::default()
+    };
+    let a = topic_server(&log, any, grace.clone()).await;
+    let b = topic_server(&log, any, grace).await;
+    let client = Client::with_endpoints(
+        [a.local_addr(), b.local_addr()],
+        ClientConfig {
+            connection: ConnectionConfig {
+                stream_window: 4096,
+                ..ConnectionConfig::default()
+            },
+            ..tests::quiet_client()
+        },
+    )
+    .unwrap();
+    // 2,000 messages to replay against a 4 KiB window: the server blocks on credit at once.
+    let mut sub = TopicClient::new(client.clone())
+        .subscribe_after(subscription(), 0)
+        .await
+        .unwrap();
+    assert_eq!(sub.message().await.unwrap().unwrap().position, 1);
+    let on = sub.endpoint().unwrap();
+    let (draining, other) = if on == a.local_addr() { (a, b) } else { (b, a) };
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), draining.shutdown())
+        .await
+        .expect("the drain does not wait out the 20 s grace for a resumable stream");
+    println!("drained in {:?}", start.elapsed());
+    for expect in 2..=2000 {
+        let t = tokio::time::timeout(Duration::from_secs(5), sub.message())
+            .await
+            .expect("the subscription goes on")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.position, expect);
+    }
+    assert_eq!(sub.endpoint(), Some(other.local_addr()));
+}
