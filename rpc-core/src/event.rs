@@ -90,6 +90,68 @@ pub enum ConnectionEvent {
     },
 }
 
-/// Where a connection publishes its events: a bounded broadcast channel, so a slow subscriber lags
-/// (and is told how many events it missed) instead of holding memory or blocking the I/O task.
-pub type EventSender = tokio::sync::broadcast::Sender<ConnectionEvent>;
+/// Where connections publish their events: a bounded broadcast channel, so a slow subscriber
+/// lags (and is told how many events it missed) instead of holding memory or blocking the I/O
+/// task. The channel is made on the first [`EventSender::subscribe`]: until someone listens,
+/// publishing costs nothing and a client or server holds no event buffer (1,024 slots take about
+/// 96 KiB). Clones share the channel.
+#[derive(Clone)]
+pub struct EventSender {
+    inner: std::sync::Arc<Shared>,
+}
+
+struct Shared {
+    channel: std::sync::OnceLock<tokio::sync::broadcast::Sender<ConnectionEvent>>,
+    capacity: usize,
+    /// Told the id of every connection that closes, subscribers or not (a holder's checker).
+    on_closed: Option<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for EventSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSender")
+            .field("capacity", &self.inner.capacity)
+            .field("subscribed", &self.inner.channel.get().is_some())
+            .finish()
+    }
+}
+
+impl EventSender {
+    /// A sender whose channel, once made, holds `capacity` events per subscriber.
+    pub fn new(capacity: usize) -> Self {
+        Self::build(capacity, None)
+    }
+
+    /// Also calls `on_closed` with the id of every connection that closes.
+    pub fn with_close_hook(capacity: usize, on_closed: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        Self::build(capacity, Some(Box::new(on_closed)))
+    }
+
+    fn build(capacity: usize, on_closed: Option<Box<dyn Fn(u64) + Send + Sync>>) -> Self {
+        EventSender {
+            inner: std::sync::Arc::new(Shared {
+                channel: std::sync::OnceLock::new(),
+                capacity: capacity.max(1),
+                on_closed,
+            }),
+        }
+    }
+
+    /// A receiver of the events published from now on (the first one makes the channel).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
+        self.inner
+            .channel
+            .get_or_init(|| tokio::sync::broadcast::channel(self.inner.capacity).0)
+            .subscribe()
+    }
+
+    /// Publishes `event` to the subscribers, if there are any.
+    pub fn send(&self, event: ConnectionEvent) {
+        if let (Some(hook), ConnectionEvent::Closed { id, .. }) = (&self.inner.on_closed, &event) {
+            hook(*id);
+        }
+        if let Some(tx) = self.inner.channel.get() {
+            let _ = tx.send(event);
+        }
+    }
+}

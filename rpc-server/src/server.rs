@@ -142,7 +142,7 @@ impl<L> ServerBuilder<L> {
         let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
         let router = Arc::new(self.router.clone());
         let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
-        let (events, _) = broadcast::channel(1024);
+        let events = EventSender::new(1024);
         let shutdown = CancellationToken::new();
         let kill = CancellationToken::new();
         let tls = match &self.config.tls {

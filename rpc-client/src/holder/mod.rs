@@ -160,7 +160,11 @@ impl ConnectionHolder {
             )),
             None => None,
         };
-        let (events, _) = broadcast::channel(1024);
+        // The checker hears of every close at once, whether or not anyone subscribes to events.
+        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = EventSender::with_close_hook(1024, move |id| {
+            let _ = closed_tx.send(id);
+        });
         let shutdown = CancellationToken::new();
         let now = Instant::now();
         let mut endpoints: Vec<Endpoint> = Vec::new();
@@ -187,7 +191,7 @@ impl ConnectionHolder {
             rr: AtomicUsize::new(0),
             shutdown: shutdown.clone(),
         });
-        tokio::spawn(checker(inner.clone()));
+        tokio::spawn(checker(inner.clone(), closed_rx));
         Ok(ConnectionHolder {
             inner,
             _guard: Arc::new(shutdown.drop_guard()),
@@ -206,7 +210,7 @@ impl ConnectionHolder {
 
     /// Publishes `event` to the subscribers of [`ConnectionHolder::events`].
     pub(crate) fn emit(&self, event: ConnectionEvent) {
-        let _ = self.inner.events.send(event);
+        self.inner.events.send(event);
     }
 
     /// Every endpoint and where it stands.
@@ -582,7 +586,7 @@ impl Inner {
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         metrics::counter!(RECONNECT_ATTEMPTS, "result" => outcome).increment(1);
         if let Some(ev) = event {
-            let _ = self.events.send(ev);
+            self.events.send(ev);
         }
         self.publish_pool_sizes();
         self.connect_done.notify_waiters();
@@ -735,8 +739,7 @@ fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
     });
 }
 
-async fn checker(inner: Arc<Inner>) {
-    let mut events = inner.events.subscribe();
+async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedReceiver<u64>) {
     let interval = inner.config.check_interval;
     let mut next_check = Instant::now();
     loop {
@@ -750,14 +753,12 @@ async fn checker(inner: Arc<Inner>) {
         }
         tokio::select! {
             _ = inner.shutdown.cancelled() => break,
-            ev = events.recv() => match ev {
-                Ok(ConnectionEvent::Closed { id, .. }) => {
+            id = closed.recv() => match id {
+                Some(id) => {
                     inner.on_closed(id);
                     next_check = Instant::now(); // reconnect (or top up) without waiting for the tick
                 }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => next_check = Instant::now(),
-                Err(broadcast::error::RecvError::Closed) => break,
+                None => break,
             },
             _ = inner.wake.notified() => next_check = Instant::now(),
             _ = tokio::time::sleep_until(next_check) => {}

@@ -247,7 +247,7 @@ impl<S> Driver<S> {
 
     fn emit(&self, event: ConnectionEvent) {
         if let Some(tx) = &self.cfg.events {
-            let _ = tx.send(event);
+            tx.send(event);
         }
     }
 }
