@@ -398,9 +398,11 @@ impl<T> Resumable<T> {
 }
 
 /// The status of an attempt that could not open its stream, and whether it is worth another:
-/// only when no endpoint could be reached or the connection failed under it. A deadline, a
-/// request that cannot be encoded, a server's answer (a version-1 server without streams), a
-/// configuration or TLS failure would end every attempt the same way.
+/// when no endpoint could be reached (a TLS handshake failure included: with every endpoint
+/// backing off, the holder reports the latest failure of any of them, which may not be the one
+/// the stream will come back on) or the connection failed under it. A deadline, a request that
+/// cannot be encoded, a server's answer (a version-1 server without streams) or a configuration
+/// would end every attempt the same way.
 fn open_failure(e: &Error) -> (Status, bool) {
     use rpc_core::driver::ConnectionError as C;
     let again = matches!(
@@ -408,6 +410,7 @@ fn open_failure(e: &Error) -> (Status, bool) {
         ErrorKind::Connect(_)
             | ErrorKind::ConnectTimeout
             | ErrorKind::Handshake(_)
+            | ErrorKind::Tls(_)
             | ErrorKind::NoEndpoint
             | ErrorKind::Connection(C::NotWritten(_) | C::ClosedAfterWrite(_) | C::GoAway { .. } | C::Draining)
     );
@@ -624,6 +627,26 @@ mod tests {
                 attempt: 1
             }
         );
+    }
+
+    /// Which failures to open a stream again are worth another attempt. A TLS failure is: with
+    /// every endpoint backing off, the holder reports the newest failure of any of them (found
+    /// in review: another endpoint's bad certificate ended a subscription whose own server was
+    /// restarting).
+    #[test]
+    fn review_open_failures_worth_another_attempt() {
+        let io = || std::io::Error::other("x");
+        for (kind, again) in [
+            (ErrorKind::Tls(io()), true),
+            (ErrorKind::Connect(io()), true),
+            (ErrorKind::NoEndpoint, true),
+            (ErrorKind::ConnectTimeout, true),
+            (ErrorKind::DeadlineExceeded, false),
+            (ErrorKind::Status(Status::unimplemented("no streams")), false),
+        ] {
+            let name = format!("{kind:?}");
+            assert_eq!(open_failure(&Error::new(kind, false)).1, again, "{name}");
+        }
     }
 
     #[test]

@@ -24,7 +24,11 @@ fn a_client_nobody_subscribes_to_allocates_no_event_buffer() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let addr = "127.0.0.1:9".parse().unwrap();
+        // A port with nothing listening (bound, then released): no connection is made.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let before = live();
         let clients: Vec<Client> = (0..100)
             .map(|_| Client::with_endpoints([addr], ClientConfig::default()).unwrap())

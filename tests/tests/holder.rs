@@ -641,3 +641,26 @@ async fn review_every_refused_connect_reports_the_refusal() {
     }
     assert_eq!(vague, 0, "connects that did not say they were refused");
 }
+
+/// An endpoint named again while it backs off (a DNS refresh, a discovery update) keeps the
+/// reason it backs off: a checkout then still says why, not only "no endpoint". Found in review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_endpoint_named_again_keeps_its_failure() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = ClientConfig {
+        backoff: BackoffConfig {
+            initial: Duration::from_secs(30),
+            ..BackoffConfig::default()
+        },
+        ..quiet_client()
+    };
+    let client = Client::with_endpoints([addr], config).unwrap();
+    let first = client.checkout(None).await.unwrap_err();
+    assert!(matches!(first.kind(), ErrorKind::Connect(_)), "{first}");
+    client.holder().set_endpoints(&[addr]);
+    let again = client.checkout(None).await.unwrap_err();
+    assert!(matches!(again.kind(), ErrorKind::Connect(_)), "{again}");
+}

@@ -413,8 +413,12 @@ impl Inner {
             let mut eps = self.lock();
             match eps.iter_mut().find(|e| e.addr == addr) {
                 Some(e) => {
+                    // Named again (a discovery update, a DNS refresh): only a discarded endpoint
+                    // starts afresh; one backing off keeps the reason it backs off.
+                    if e.pool.state() == PoolState::Discarded {
+                        e.last_failure = None;
+                    }
                     e.pool.revive(now);
-                    e.last_failure = None;
                 }
                 None => eps.push(Endpoint {
                     addr,
