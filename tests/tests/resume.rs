@@ -195,6 +195,24 @@ async fn resumed_event(events: &mut broadcast::Receiver<ConnectionEvent>) -> (u3
     }
 }
 
+/// Reads `stream` until it ends in error, within `limit`: the error (an end without one fails).
+async fn error_end<T, S>(stream: &mut S, limit: Duration) -> rpc_core::Status
+where
+    S: futures_util::Stream<Item = Result<T, rpc_core::Status>> + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(limit, stream.next())
+            .await
+            .expect("the stream ends")
+        {
+            Some(Ok(_)) => {}
+            None => panic!("a broken stream ended as if complete"),
+            Some(Err(e)) => return e,
+        }
+    }
+}
+
 fn subscription() -> Subscription {
     Subscription { topic: "ticks".into() }
 }
@@ -398,16 +416,7 @@ async fn a_plain_stream_under_the_same_fault_ends_with_its_error() {
     let on_a = stream_endpoint(&client).await == a.local_addr();
     let (victim, _other) = if on_a { (a, b) } else { (b, a) };
     victim.abort().await;
-    let err = loop {
-        match tokio::time::timeout(ms(5000), watch.message())
-            .await
-            .expect("the stream ends")
-        {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("a broken plain stream ended as if complete"),
-            Err(e) => break e,
-        }
-    };
+    let err = error_end(&mut watch, ms(5000)).await;
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(watch.close_reason().is_some(), "{err}");
     assert!(watch.is_broken());
@@ -480,16 +489,7 @@ async fn a_resume_with_nowhere_to_go_gives_up_within_the_resume_timeout() {
     live.message().await.unwrap().unwrap();
     server.abort().await;
     let broke = Instant::now();
-    let err = loop {
-        match tokio::time::timeout(ms(10_000), live.message())
-            .await
-            .expect("gives up")
-        {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("ended as if complete"),
-            Err(e) => break e,
-        }
-    };
+    let err = error_end(&mut live, ms(10_000)).await;
     let took = broke.elapsed();
     assert!(err.message().contains("resume failed"), "{err}");
     assert!(took >= ms(1400) && took < ms(4000), "gave up after {took:?}");
@@ -553,13 +553,7 @@ async fn review_a_subscription_with_a_deadline_is_not_resumed_past_it() {
         .unwrap();
     sub.message().await.unwrap().unwrap();
     server.abort().await;
-    let err = loop {
-        match tokio::time::timeout(ms(10_000), sub.message()).await.expect("ends") {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("ended as if complete"),
-            Err(e) => break e,
-        }
-    };
+    let err = error_end(&mut sub, ms(10_000)).await;
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
     let took = start.elapsed();
     assert!(took < deadline + ms(1000), "ended after {took:?}");
