@@ -164,9 +164,12 @@ async fn idle_client_with_heartbeats_is_never_evicted_by_a_server_idle_timeout_t
 async fn idle_client_without_heartbeats_is_evicted_and_sees_goaway_idle_then_close() {
     let idle = ms(300);
     let server = echo_server(server_idle(300)).await;
+    // Before the connect: the server's idle clock starts at the handshake, which is later, so the
+    // eviction is at least `idle` after this (taken after the connect, it came out 1 ms short
+    // once in a CI dry run).
+    let start = Instant::now();
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let mut events = client.events();
-    let start = Instant::now();
 
     let goaway = wait_event(&mut events, idle + SLACK, |e| {
         matches!(e, ConnectionEvent::GoAwayReceived { .. })
