@@ -42,8 +42,18 @@ async fn server(
     mpsc::UnboundedReceiver<()>,
     mpsc::UnboundedReceiver<Instant>,
 ) {
-    let (started_tx, started) = mpsc::unbounded_channel();
     let (dropped_tx, dropped) = mpsc::unbounded_channel();
+    let (server, started) = server_holding(config, move || DropSignal(Some(dropped_tx.clone()))).await;
+    (server, started, dropped)
+}
+
+/// The same server, whose `/t.T/Hang` handler holds what `guard` makes for it until dropped
+/// (reporting its start).
+async fn server_holding<G: Send + 'static>(
+    config: ServerConfig,
+    guard: impl Fn() -> G + Clone + Send + Sync + 'static,
+) -> (ServerHandle, mpsc::UnboundedReceiver<()>) {
+    let (started_tx, started) = mpsc::unbounded_channel();
     let server = Server::builder()
         .config(ServerConfig {
             max_concurrent_requests: 1,
@@ -52,10 +62,10 @@ async fn server(
         .route(
             "/t.T/Hang",
             handler_fn(move |_req: Request<Bytes>| {
-                let signal = DropSignal(Some(dropped_tx.clone()));
+                let held = guard();
                 let started = started_tx.clone();
                 async move {
-                    let _signal = signal;
+                    let _held = held;
                     let _ = started.send(());
                     std::future::pending::<()>().await;
                     Ok(Response::new(Bytes::new()))
@@ -69,7 +79,7 @@ async fn server(
         .bind("127.0.0.1:0")
         .await
         .unwrap();
-    (server, started, dropped)
+    (server, started)
 }
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
@@ -469,34 +479,9 @@ async fn review_a_handler_being_dropped_still_holds_its_permit() {
         release: release_rx,
         ended: ended_tx,
     })));
-    let server = Server::builder()
-        .config(ServerConfig {
-            max_concurrent_requests: 1,
-            ..ServerConfig::default()
-        })
-        .route(
-            "/t.T/SlowDrop",
-            handler_fn(move |_req: Request<Bytes>| {
-                let guard = slow.lock().unwrap().take();
-                async move {
-                    let _guard = guard;
-                    std::future::pending::<()>().await;
-                    Ok(Response::new(Bytes::new()))
-                }
-            }),
-        )
-        .route(
-            "/t.T/Echo",
-            handler_fn(|req: Request<Bytes>| async move { Ok(Response::new(req.into_body())) }),
-        )
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, _started) = server_holding(ServerConfig::default(), move || slow.lock().unwrap().take()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let err = client
-        .unary(Request::new("/t.T/SlowDrop", Bytes::new()).with_timeout(ms(100)))
-        .await
-        .unwrap_err();
+    let err = client.unary(hang(ms(100))).await.unwrap_err();
     assert!(err.is_deadline_exceeded(), "{err}");
     next(&mut began, "the handler's drop").await;
     let busy = client
