@@ -28,8 +28,11 @@ pub const REQUEST_RETRIES: &str = "tether_client_retries_total";
 /// top (deadlines, safe retry). Clone it freely; clones share the holder.
 #[derive(Clone)]
 pub struct Client {
-    holder: ConnectionHolder,
+    pub(crate) holder: ConnectionHolder,
     metrics: Arc<RequestMetrics>,
+    /// Where registry discovery stands, for a client made by `with_registry`.
+    #[cfg(feature = "etcd")]
+    pub(crate) discovery: Option<tokio::sync::watch::Receiver<crate::registry::DiscoveryState>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -70,6 +73,8 @@ impl Client {
         Ok(Client {
             holder: ConnectionHolder::new(addrs, config)?,
             metrics: Arc::new(RequestMetrics::new(Side::Client)),
+            #[cfg(feature = "etcd")]
+            discovery: None,
         })
     }
 

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     Config(ConfigError),
     /// A tower layer around the client failed the request.
     Middleware(BoxError),
+    /// The service registry could not be reached to list a service's instances
+    /// (`Client::with_registry`, feature `etcd`).
+    Registry(String),
 }
 
 /// A failed request. Every request ends exactly once, in a response or in one of these, and the
@@ -230,6 +233,7 @@ impl Error {
             ErrorKind::Decode(_) => "decode",
             ErrorKind::Config(_) => "config",
             ErrorKind::Middleware(_) => "middleware",
+            ErrorKind::Registry(_) => "registry",
         }
     }
 
@@ -280,6 +284,7 @@ impl fmt::Display for Error {
             ErrorKind::Decode(e) => write!(f, "response did not decode: {e}")?,
             ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
             ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,
+            ErrorKind::Registry(e) => write!(f, "service registry: {e}")?,
         }
         if !self.may_have_executed {
             f.write_str(" (not executed)")?;
@@ -318,7 +323,10 @@ impl std::error::Error for Error {
             ErrorKind::Decode(e) => Some(e),
             ErrorKind::Config(e) => Some(e),
             ErrorKind::Middleware(e) => Some(e.as_ref()),
-            ErrorKind::DeadlineExceeded | ErrorKind::ConnectTimeout | ErrorKind::NoEndpoint => None,
+            ErrorKind::DeadlineExceeded
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::NoEndpoint
+            | ErrorKind::Registry(_) => None,
         }
     }
 }

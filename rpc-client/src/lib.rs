@@ -28,6 +28,8 @@ mod config;
 mod connection;
 mod error;
 pub mod holder;
+#[cfg(feature = "etcd")]
+pub mod registry;
 mod resume;
 mod retry;
 
@@ -39,6 +41,8 @@ pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
 pub use resume::Resumable;
 pub use retry::SafeRetry;
+#[cfg(feature = "etcd")]
+pub use rpc_core::registry::RegistryConfig;
 pub use rpc_core::resume::{Positioned, ResumeGap};
 pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, IntoRequest, Metadata, Request, Response, Status};

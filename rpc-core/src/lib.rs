@@ -31,6 +31,8 @@ pub mod frame;
 pub mod liveness;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "registry")]
+pub mod registry;
 pub mod resume;
 pub mod socket;
 pub mod status;

@@ -30,6 +30,8 @@ mod config;
 mod detach;
 mod dispatch;
 mod entry;
+#[cfg(feature = "etcd")]
+pub mod registry;
 pub mod resume;
 mod router;
 mod server;
@@ -41,6 +43,8 @@ pub use dispatch::status_from_error;
 pub use entry::Refused;
 pub use resume::{Positioned, ReplayLog, ResumeGap, Subscription};
 pub use router::{handler_fn, BoxHandler, Handler, HandlerFuture, NamedService, Router, RouterFuture};
+#[cfg(feature = "etcd")]
+pub use rpc_core::registry::RegistryConfig;
 pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, Metadata, Request, Response, Status};
 pub use server::{Server, ServerBuilder, ServerError, ServerHandle, CONNECTIONS_REFUSED, TLS_HANDSHAKE_FAILURES};

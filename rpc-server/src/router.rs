@@ -119,6 +119,18 @@ impl Router {
         self
     }
 
+    /// The services this router serves: every added service, and the service part of every
+    /// single-method route (sorted, without repeats).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn service_names(&self) -> Vec<String> {
+        let routed = self
+            .methods
+            .keys()
+            .filter_map(|m| m.strip_prefix('/')?.rsplit_once('/').map(|(s, _)| s.to_string()));
+        let names: std::collections::BTreeSet<String> = self.services.keys().cloned().chain(routed).collect();
+        names.into_iter().collect()
+    }
+
     /// True when a handler serves `method` (metric labels use only such paths).
     pub(crate) fn serves(&self, method: &str) -> bool {
         self.find(method).is_some()

@@ -46,6 +46,9 @@ pub enum ServerError {
     /// Binding the listener failed.
     #[error("bind failed: {0}")]
     Bind(#[source] std::io::Error),
+    /// The registry configuration cannot be used (feature `etcd`).
+    #[error("registry: {0}")]
+    Registry(String),
 }
 
 /// Entry point: `Server::builder()`.
@@ -60,6 +63,8 @@ impl Server {
             router: Router::new(),
             layer: Identity::new(),
             layered: false,
+            #[cfg(feature = "etcd")]
+            registry: None,
         }
     }
 }
@@ -73,6 +78,9 @@ pub struct ServerBuilder<L> {
     /// Whether any layer was added: without one the stack is the router alone, which is always
     /// ready and keeps no state between calls, so a connection may call it without cloning.
     layered: bool,
+    /// Where to register, if anywhere.
+    #[cfg(feature = "etcd")]
+    registry: Option<rpc_core::registry::RegistryConfig>,
 }
 
 impl<L> ServerBuilder<L> {
@@ -89,7 +97,17 @@ impl<L> ServerBuilder<L> {
             router: self.router,
             layer: Stack::new(layer, self.layer),
             layered: true,
+            #[cfg(feature = "etcd")]
+            registry: self.registry,
         }
+    }
+
+    /// Registers every service this server serves in etcd once it is bound (feature `etcd`; see
+    /// [`crate::registry`] for the lease, the key layout and the lame-duck shutdown).
+    #[cfg(feature = "etcd")]
+    pub fn registry(mut self, config: rpc_core::registry::RegistryConfig) -> Self {
+        self.registry = Some(config);
+        self
     }
 
     /// Adds a generated service.
@@ -155,6 +173,17 @@ impl<L> ServerBuilder<L> {
             ..ServerTasks::default()
         });
         let shutdown_grace = self.config.shutdown_grace;
+        #[cfg(feature = "etcd")]
+        let registration = match &self.registry {
+            Some(r) => Some(Registration::start(
+                r,
+                router.service_names(),
+                local_addr,
+                self.config.tls.is_some(),
+                &shutdown,
+            )?),
+            None => None,
+        };
         let accept = AcceptLoop {
             tls,
             registry: registry.clone(),
@@ -186,7 +215,49 @@ impl<L> ServerBuilder<L> {
             shutdown_grace,
             tasks,
             join: Some(join),
+            #[cfg(feature = "etcd")]
+            registration,
         })
+    }
+}
+
+/// A server's registration task and how to end it.
+#[cfg(feature = "etcd")]
+#[derive(Debug)]
+struct Registration {
+    /// Cancelled to start the lame-duck shutdown: the task deregisters, waits, then cancels the
+    /// server's graceful shutdown.
+    lame_duck: CancellationToken,
+    state: tokio::sync::watch::Receiver<crate::registry::RegistrationState>,
+    task: JoinHandle<()>,
+}
+
+#[cfg(feature = "etcd")]
+impl Registration {
+    fn start(
+        config: &rpc_core::registry::RegistryConfig,
+        services: Vec<String>,
+        local_addr: SocketAddr,
+        tls: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, ServerError> {
+        config.validate()?;
+        let instance = crate::registry::instance(config, local_addr, tls).map_err(ServerError::Registry)?;
+        let (state_tx, state) =
+            tokio::sync::watch::channel(crate::registry::RegistrationState::Unregistered { last_error: None });
+        let registrar = crate::registry::Registrar {
+            config: config.clone(),
+            services,
+            instance,
+            state: state_tx,
+        };
+        let lame_duck = CancellationToken::new();
+        let task = tokio::spawn(
+            registrar
+                .run(lame_duck.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("registry", %local_addr)),
+        );
+        Ok(Registration { lame_duck, state, task })
     }
 }
 
@@ -202,6 +273,8 @@ pub struct ServerHandle {
     /// Every handler and detached task holds a token of its tracker (see [`ServerHandle::abort`]).
     tasks: Arc<ServerTasks>,
     join: Option<JoinHandle<()>>,
+    #[cfg(feature = "etcd")]
+    registration: Option<Registration>,
 }
 
 /// The open connections of a server, for inspection.
@@ -230,11 +303,25 @@ impl ServerHandle {
         self.events.subscribe()
     }
 
+    /// Where the registration stands, for a server built with
+    /// [`ServerBuilder::registry`] (a receiver: `borrow` it, or wait for `changed`).
+    #[cfg(feature = "etcd")]
+    pub fn registration(&self) -> Option<tokio::sync::watch::Receiver<crate::registry::RegistrationState>> {
+        self.registration.as_ref().map(|r| r.state.clone())
+    }
+
     /// Graceful shutdown: stop accepting (new connections are refused), send GOAWAY on every
     /// connection, let requests in flight (and [detached](crate::detach) work) finish within
     /// `shutdown_grace`, close; handlers still running then are cancelled and dropped. Returns
     /// when every connection and handler is gone.
+    ///
+    /// A registered server deregisters first and waits its lame-duck period before the GOAWAY.
     pub async fn shutdown(mut self) {
+        #[cfg(feature = "etcd")]
+        if let Some(r) = self.registration.take() {
+            r.lame_duck.cancel();
+            let _ = r.task.await;
+        }
         let grace_ends = tokio::time::Instant::now() + self.shutdown_grace;
         self.shutdown.cancel();
         self.finish(Some(grace_ends)).await;
@@ -243,9 +330,16 @@ impl ServerHandle {
     /// Stops at once, like a killed process: the listener and every connection are dropped
     /// without GOAWAY, and every running handler (oneway and detached work too) is cancelled and
     /// dropped: it stops at its next `.await`. Returns when they are all gone.
+    ///
+    /// A registered server stops renewing its lease without deregistering, as a crashed one
+    /// would: it leaves the registry when the lease expires.
     pub async fn abort(mut self) {
         // Only the kill token: the graceful one would let drivers send GOAWAY first.
         self.kill.cancel();
+        #[cfg(feature = "etcd")]
+        if let Some(r) = self.registration.take() {
+            r.task.abort();
+        }
         self.finish(None).await;
     }
 
@@ -268,6 +362,12 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
+        // Registered: the registration task deregisters first, then starts the shutdown.
+        #[cfg(feature = "etcd")]
+        if let Some(r) = self.registration.take() {
+            r.lame_duck.cancel();
+            return;
+        }
         self.shutdown.cancel();
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
+pub mod etcd;
 pub mod netns;
 pub mod pki;
 pub mod proxy;

@@ -385,11 +385,48 @@ impl ConnectionHolder {
         }
     }
 
+    /// A reference for a background follower (the registry watcher) that does not keep the
+    /// holder alive.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn downgrade(&self) -> WeakHolder {
+        WeakHolder {
+            inner: Arc::downgrade(&self.inner),
+            stopped: self.inner.shutdown.clone(),
+        }
+    }
+
     /// Gracefully closes every connection and stops the checker.
     pub fn close(&self) {
         self.inner.shutdown.cancel();
         for c in self.connections() {
             c.shutdown();
+        }
+    }
+}
+
+/// A holder that may be gone: what a background follower of it keeps.
+#[cfg(feature = "etcd")]
+#[derive(Clone)]
+pub(crate) struct WeakHolder {
+    inner: std::sync::Weak<Inner>,
+    stopped: CancellationToken,
+}
+
+#[cfg(feature = "etcd")]
+impl WeakHolder {
+    /// Cancelled when the holder is closed or its last clone dropped.
+    pub(crate) fn stopped(&self) -> &CancellationToken {
+        &self.stopped
+    }
+
+    /// [`ConnectionHolder::set_endpoints`]; false when the holder is gone.
+    pub(crate) fn set_endpoints(&self, addrs: &[SocketAddr]) -> bool {
+        match self.inner.upgrade() {
+            Some(inner) => {
+                inner.set_endpoints(addrs);
+                true
+            }
+            None => false,
         }
     }
 }
