@@ -216,3 +216,58 @@ pub fn serve_prometheus(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::e
         .install()?;
     Ok(())
 }
+
+/// Registry flags shared by the probe binaries: `--registry URL` (repeat for every etcd member)
+/// turns service registration (server) or discovery (client) on.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RegistryFlags {
+    /// etcd endpoint, `http://host:port`; repeat for every member. Server: register there.
+    /// Client: find the servers there instead of `--addr`.
+    #[arg(long = "registry")]
+    pub registry: Vec<String>,
+    /// Key prefix in etcd (default `/tether/services`).
+    #[arg(long)]
+    pub registry_prefix: Option<String>,
+    /// Server: lease TTL, whole seconds, at least 2s (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub registry_ttl: Option<Duration>,
+    /// Server: the address to publish (default: the bound address, which must then be specific).
+    #[arg(long)]
+    pub registry_advertise: Option<std::net::SocketAddr>,
+    /// Server: the zone to publish.
+    #[arg(long)]
+    pub registry_zone: Option<String>,
+    /// Server: on graceful shutdown, the wait between deregistering and GOAWAY (default 500ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub registry_lame_duck: Option<Duration>,
+    /// HTTP/2 ping interval on the etcd connection (default 10s; at least etcd's
+    /// `--grpc-keepalive-min-time`, 5s unless changed).
+    #[arg(long, value_parser = parse_duration)]
+    pub registry_keep_alive: Option<Duration>,
+}
+
+impl RegistryFlags {
+    /// The registry config the flags describe, or `None` without `--registry`.
+    pub fn config(&self) -> Option<rpc_core::registry::RegistryConfig> {
+        if self.registry.is_empty() {
+            return None;
+        }
+        let mut c = rpc_core::registry::RegistryConfig::new(self.registry.iter().cloned());
+        if let Some(p) = &self.registry_prefix {
+            c.prefix = p.clone();
+        }
+        if let Some(t) = self.registry_ttl {
+            c.ttl = t;
+        }
+        c.advertise_addr = self.registry_advertise;
+        c.zone = self.registry_zone.clone();
+        if let Some(d) = self.registry_lame_duck {
+            c.lame_duck = d;
+        }
+        if let Some(k) = self.registry_keep_alive {
+            c.keep_alive = k;
+            c.keep_alive_timeout = c.keep_alive_timeout.min(k);
+        }
+        Some(c)
+    }
+}

@@ -31,11 +31,24 @@ struct Member {
     child: Option<Child>,
 }
 
+/// A network namespace to run a member in (`ip netns exec`), or none.
+fn command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(etcd_bin());
+            c
+        }
+        None => Command::new(etcd_bin()),
+    }
+}
+
 /// A running etcd cluster of one or more members on loopback.
 pub struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
     token: String,
+    netns: Option<String>,
 }
 
 impl Etcd {
@@ -59,11 +72,30 @@ impl Etcd {
             members,
             dir,
             token: format!("tether-test-{}", rand::random::<u64>()),
+            netns: None,
         };
         for i in 0..n {
             etcd.start(i);
         }
         etcd.wait_ready().await;
+        etcd
+    }
+
+    /// A single member inside network namespace `ns`, on `ip` ports 2379 (clients) and 2380. Not
+    /// waited for: this process cannot reach into the namespace; the probes there can.
+    pub fn single_in(ns: &str, ip: std::net::IpAddr) -> Etcd {
+        let mut etcd = Etcd {
+            members: vec![Member {
+                name: "m0".into(),
+                client: SocketAddr::new(ip, 2379),
+                peer: SocketAddr::new(ip, 2380),
+                child: None,
+            }],
+            dir: tempfile::tempdir().expect("temp dir for etcd"),
+            token: format!("tether-test-{}", rand::random::<u64>()),
+            netns: Some(ns.to_string()),
+        };
+        etcd.start(0);
         etcd
     }
 
@@ -81,7 +113,7 @@ impl Etcd {
         let data = self.dir.path().join(&self.members[i].name);
         let m = &mut self.members[i];
         assert!(m.child.is_none(), "member {i} already running");
-        let child = Command::new(etcd_bin())
+        let child = command(self.netns.as_deref())
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")

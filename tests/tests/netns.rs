@@ -1025,3 +1025,93 @@ async fn nat_loss_to_its_server_moves_a_resumable_subscription() {
         unresolved: 0,
     });
 }
+
+/// A registered server's host loses power. etcd and a second server run on the client's host. The
+/// client stops using the dead server within its heartbeat bound, and the dead server's
+/// registration (its lease no longer renewed) leaves etcd, and so the client's endpoints, within
+/// the lease TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
+async fn power_loss_of_a_registered_servers_host() {
+    if skip_unless_ready() {
+        return;
+    }
+    let h = Hosts::new(17);
+    let etcd = tests::etcd::Etcd::single_in(&h.client_ns, h.client_ip.parse().unwrap());
+    let registry = etcd.endpoints()[0].clone();
+    let ttl = Duration::from_secs(2);
+    let reg = [
+        "--registry",
+        registry.as_str(),
+        "--registry-ttl",
+        "2s",
+        "--registry-keep-alive",
+        "500ms",
+    ];
+    let mut dying = h.spawn(&h.server_ns, "echo-server", &server_args(&h, &reg));
+    let other_addr = format!("{}:7001", h.client_ip);
+    let mut other_reg = reg.to_vec();
+    other_reg.extend(["--addr", other_addr.as_str()]);
+    let mut other = h.spawn(&h.client_ns, "echo-server", &server_args(&h, &other_reg));
+    for p in [&mut dying, &mut other] {
+        p.wait(Duration::from_secs(20), |v| is_event(v, "registered"))
+            .await
+            .expect("the server registers in etcd");
+    }
+    let mut client = h.spawn(&h.client_ns, "echo-client", &client_args(&h, 50, "8s", &reg));
+    client
+        .wait(Duration::from_secs(5), |v| {
+            is_event(v, "discovery") && v["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+        })
+        .await
+        .expect("the client discovers both servers");
+    client
+        .wait(Duration::from_secs(5), ok_request)
+        .await
+        .expect("traffic flows");
+    tokio::time::sleep(Duration::from_millis(500)).await; // steady state before the fault
+
+    h.drop_all();
+    let t0 = Instant::now();
+    let (tc, closed) = client
+        .wait(HEARTBEAT_BOUND + SLACK * 2, |v| {
+            is_closed(v) && v["peer"].as_str() == Some(h.server_addr().as_str())
+        })
+        .await
+        .expect("the client's connection to the dead server closes");
+    assert_eq!(closed["reason"], "heartbeat_timeout", "{closed}");
+    let detect = tc - t0;
+    assert!(detect <= HEARTBEAT_BOUND + SLACK, "detected after {detect:?}");
+    let (tg, gone) = client
+        .wait(ttl + SLACK * 3, |v| {
+            is_event(v, "discovery") && v["endpoints"].as_array().is_some_and(|e| e.len() == 1)
+        })
+        .await
+        .expect("the dead server's registration expires");
+    assert_eq!(gone["endpoints"][0], other_addr.as_str(), "{gone}");
+    assert_eq!(gone["held_back"], false, "{gone}");
+    let deregistered = tg - t0;
+    // etcd checks for expired leases every 500 ms.
+    assert!(
+        deregistered <= ttl + SLACK * 2,
+        "registration gone after {deregistered:?}"
+    );
+    let unresolved = finish_client(&mut client, true).await;
+    let failed = client
+        .matching(|v| is_event(v, "request") && v["outcome"] != "ok")
+        .filter(|(t, _)| *t > tg + SLACK)
+        .count();
+    assert_eq!(failed, 0, "requests failed after the dead server left the endpoints");
+    drop(etcd);
+    report(Row {
+        fault: "power loss of a registered server's host (etcd and a 2nd server elsewhere)",
+        bound: format!("client {}, lease TTL {}", secs(HEARTBEAT_BOUND), secs(ttl)),
+        client: format!("{} (heartbeat_timeout)", secs(detect)),
+        server: "—".into(),
+        recovery: format!(
+            "registration gone from etcd and the client's endpoints {} after the power loss",
+            secs(deregistered)
+        ),
+        unresolved,
+    });
+}

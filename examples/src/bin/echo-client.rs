@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use examples::cli::{event_json, init_tracing, parse_duration, unix_ms, HeartbeatFlags, TcpFlags};
+use examples::cli::{event_json, init_tracing, parse_duration, unix_ms, HeartbeatFlags, RegistryFlags, TcpFlags};
 use examples::echo::echo_client::EchoClient;
 use examples::echo::EchoRequest;
 use rpc_client::{Balance, Client, ClientConfig, Request};
 use serde_json::json;
+
+/// The service the probe calls, as registered in etcd.
+const ECHO_SERVICE: &str = "echo.Echo";
 use tokio::time::{Instant, MissedTickBehavior};
 
 #[derive(Debug, Parser)]
@@ -80,6 +83,9 @@ struct Args {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Find the servers of the echo service in etcd (instead of `--addr`).
+    #[command(flatten)]
+    registry: RegistryFlags,
 }
 
 #[tokio::main]
@@ -111,7 +117,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(n) = args.connections_per_endpoint {
         config.connections_per_endpoint = n;
     }
-    let client = Client::with_endpoints(args.addrs.iter().copied(), config)?;
+    let client = match args.registry.config() {
+        Some(registry) => Client::with_registry(ECHO_SERVICE, registry, config).await?,
+        None => Client::with_endpoints(args.addrs.iter().copied(), config)?,
+    };
+    if let Some(mut discovery) = client.discovery() {
+        tokio::spawn(async move {
+            loop {
+                let d = discovery.borrow_and_update().clone();
+                let endpoints: Vec<String> = d.endpoints.iter().map(ToString::to_string).collect();
+                report(
+                    json,
+                    &json!({"t_ms": unix_ms() as u64, "side": "client", "event": "discovery", "endpoints": endpoints,
+                            "instances": d.instances, "held_back": d.held_back, "watching": d.watching, "revision": d.revision}),
+                );
+                if discovery.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let mut events = client.events();
     let printer = tokio::spawn(async move {
         while let Ok(ev) = events.recv().await {

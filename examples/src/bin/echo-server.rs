@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use examples::cli::{
-    duration_or_off, event_json, init_tracing, parse_duration, unix_ms, HeartbeatFlags, OrOff, TcpFlags,
+    duration_or_off, event_json, init_tracing, parse_duration, unix_ms, HeartbeatFlags, OrOff, RegistryFlags, TcpFlags,
 };
 use examples::echo::echo_server::EchoServer;
 use examples::feed::v1::feed_server::{Feed, FeedServer};
@@ -58,6 +58,9 @@ struct Args {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Register the echo, greeter and feed services in etcd.
+    #[command(flatten)]
+    registry: RegistryFlags,
 }
 
 #[tokio::main]
@@ -84,15 +87,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tls.client_ca_file = args.tls_ca.clone();
         config.tls = Some(tls);
     }
-    let server = Server::builder()
+    let mut builder = Server::builder()
         .config(config)
         .add_service(EchoServer::new(EchoService {
             handler_delay: args.handler_delay,
         }))
         .add_service(GreeterServer::new(GreeterService))
-        .add_service(FeedServer::new(ProbeFeed { json: args.json }))
-        .bind(args.addr)
-        .await?;
+        .add_service(FeedServer::new(ProbeFeed { json: args.json }));
+    if let Some(registry) = args.registry.config() {
+        builder = builder.registry(registry);
+    }
+    let server = builder.bind(args.addr).await?;
+    if let Some(mut registration) = server.registration() {
+        let json = args.json;
+        tokio::spawn(async move {
+            loop {
+                let line = match &*registration.borrow_and_update() {
+                    rpc_server::registry::RegistrationState::Registered { lease, registrations } => {
+                        serde_json::json!({"t_ms": unix_ms() as u64, "side": "server", "event": "registered", "lease": lease, "registrations": registrations})
+                    }
+                    rpc_server::registry::RegistrationState::Unregistered { last_error } => {
+                        serde_json::json!({"t_ms": unix_ms() as u64, "side": "server", "event": "unregistered", "error": last_error})
+                    }
+                    rpc_server::registry::RegistrationState::Deregistered { removed } => {
+                        serde_json::json!({"t_ms": unix_ms() as u64, "side": "server", "event": "deregistered", "removed": removed})
+                    }
+                };
+                if json {
+                    println!("{line}");
+                } else {
+                    println!("registry: {line}");
+                }
+                if registration.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let mut events = server.events();
     if args.json {
         println!(
