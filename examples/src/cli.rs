@@ -240,6 +240,9 @@ pub struct RegistryFlags {
     /// Server: on graceful shutdown, the wait between deregistering and GOAWAY (default 500ms).
     #[arg(long, value_parser = parse_duration)]
     pub registry_lame_duck: Option<Duration>,
+    /// Timeout for connecting to an etcd member and for each etcd call (default 2s each).
+    #[arg(long, value_parser = parse_duration)]
+    pub registry_timeout: Option<Duration>,
     /// HTTP/2 ping interval on the etcd connection (default 10s; at least etcd's
     /// `--grpc-keepalive-min-time`, 5s unless changed).
     #[arg(long, value_parser = parse_duration)]
@@ -263,6 +266,10 @@ impl RegistryFlags {
         c.zone = self.registry_zone.clone();
         if let Some(d) = self.registry_lame_duck {
             c.lame_duck = d;
+        }
+        if let Some(t) = self.registry_timeout {
+            c.dial_timeout = t;
+            c.request_timeout = t;
         }
         if let Some(k) = self.registry_keep_alive {
             c.keep_alive = k;

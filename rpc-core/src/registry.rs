@@ -149,8 +149,10 @@ pub struct RegistryConfig {
     /// How long a ping may go unanswered.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub keep_alive_timeout: Duration,
-    /// Server: the lease TTL (whole seconds, at least 2). An instance that stops renewing (killed,
-    /// power cut, partitioned from etcd) disappears from the registry within this.
+    /// Server: the lease TTL (whole seconds, at least 2, and long enough that one failed renewal
+    /// can be retried: `ttl/3 + dial_timeout + 2 × min(request_timeout, ttl/3) < ttl`). An instance
+    /// that stops renewing (killed, power cut, partitioned from etcd) disappears from the registry
+    /// within this.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub ttl: Duration,
     /// Server: the address clients connect to; the bound address when `None` (which then must not
@@ -211,6 +213,12 @@ impl RegistryConfig {
                 why: "must be at least 2s (etcd's shortest lease)",
             });
         }
+        if self.ttl.subsec_nanos() != 0 {
+            return Err(ConfigError::OutOfRange {
+                field: "registry.ttl",
+                why: "must be whole seconds (etcd's lease TTL unit)",
+            });
+        }
         let named = [
             ("registry.dial_timeout", self.dial_timeout),
             ("registry.request_timeout", self.request_timeout),
@@ -219,6 +227,16 @@ impl RegistryConfig {
         ];
         if let Some((field, _)) = named.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Zero(field));
+        }
+        // A renewal that fails once (its answer waited for, then a new connection and a second
+        // renewal) must still land before the lease expires.
+        let renew = self.renew_interval();
+        let wait = self.request_timeout.min(renew);
+        if renew + self.dial_timeout + wait * 2 >= self.ttl {
+            return Err(ConfigError::OutOfRange {
+                field: "registry.ttl",
+                why: "too short for its timeouts: ttl/3 + dial_timeout + 2 x min(request_timeout, ttl/3) must be below ttl, so one failed renewal can be retried before the lease expires",
+            });
         }
         Ok(())
     }
@@ -260,6 +278,14 @@ mod tests {
         assert!(c.validate().is_ok());
         c.ttl = Duration::from_secs(1);
         assert!(c.validate().is_err());
+        c.ttl = Duration::from_millis(2500);
+        assert!(c.validate().is_err(), "fractional seconds");
+        // 3 s with the default 2 s timeouts: one failed renewal could not be retried in time.
+        c.ttl = Duration::from_secs(3);
+        assert!(c.validate().is_err());
+        c.dial_timeout = Duration::from_millis(500);
+        c.request_timeout = Duration::from_millis(500);
+        assert!(c.validate().is_ok());
         let c = RegistryConfig::new(Vec::<String>::new());
         assert!(c.validate().is_err());
         assert_eq!(

@@ -19,8 +19,14 @@ use rpc_core::registry::{instance_key, Instance, InstanceState, RegistryConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Metric (gauge): 1 while this server's registration is live in etcd, 0 otherwise.
+/// Metric (gauge): 1 while this server's registration is live in etcd, 0 otherwise; label `addr`
+/// (the advertised address).
 pub const REGISTERED: &str = "tether_registry_registered";
+
+/// Sets the registration gauge of the server advertised at `addr`.
+pub(crate) fn set_gauge(addr: SocketAddr, value: f64) {
+    metrics::gauge!(REGISTERED, "addr" => addr.to_string()).set(value);
+}
 /// Metric: leases granted and keys written (the first registration, and each one after a lease
 /// expired), label `result`.
 pub const REGISTRATIONS: &str = "tether_registry_registrations_total";
@@ -76,29 +82,48 @@ pub(crate) fn instance(config: &RegistryConfig, local: SocketAddr, tls: bool) ->
 
 /// How a registration session ended.
 enum Ended {
+    /// Graceful shutdown began.
+    LameDuck,
     /// etcd failed or could not be reached; the lease may still be live.
     Failed(String),
     /// etcd says the lease is gone: register again under a new one.
     Expired,
 }
 
+/// Cancels the server's graceful shutdown when dropped once the lame duck has begun: on the
+/// normal end of [`Registrar::run`], and if the task panics or is dropped during deregistration.
+/// A panic while merely registering leaves the server serving (unregistered), as losing etcd would.
+struct ThenShutdown {
+    then: CancellationToken,
+    lame_duck: CancellationToken,
+}
+
+impl Drop for ThenShutdown {
+    fn drop(&mut self) {
+        if self.lame_duck.is_cancelled() {
+            self.then.cancel();
+        }
+    }
+}
+
 impl Registrar {
     /// Registers and renews until `lame_duck` is cancelled, then deregisters and waits the lame
-    /// duck period; `then` (the server's graceful shutdown) is cancelled when this returns or is
-    /// dropped, whatever happens.
+    /// duck period, then cancels `then` (the server's graceful shutdown).
     pub(crate) async fn run(self, lame_duck: CancellationToken, then: CancellationToken) {
-        let _then = then.drop_guard();
+        let _then = ThenShutdown {
+            then,
+            lame_duck: lame_duck.clone(),
+        };
         let mut lease: Option<i64> = None;
         let mut etcd: Option<etcd_client::Client> = None;
         let mut registrations = 0u64;
         let mut attempt = 0u32;
         loop {
-            let ended = tokio::select! {
-                _ = lame_duck.cancelled() => break,
-                e = self.session(&mut etcd, &mut lease, &mut registrations, &mut attempt) => e,
-            };
-            metrics::gauge!(REGISTERED).set(0.0);
+            let session = self.session(&mut etcd, &mut lease, &mut registrations, &mut attempt, &lame_duck);
+            let ended = session.await;
+            self.gauge(0.0);
             match ended {
+                Ended::LameDuck => break,
                 Ended::Expired => {
                     tracing::warn!(?lease, "registry lease expired; registering again");
                     lease = None;
@@ -127,30 +152,21 @@ impl Registrar {
             }
         }
         let removed = match lease {
-            Some(id) => {
-                let etcd = match etcd {
-                    Some(c) => Some(c),
-                    None => {
-                        let connect =
-                            etcd_client::Client::connect([self.member(attempt)], Some(self.connect_options()));
-                        tokio::time::timeout(self.config.dial_timeout, connect)
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    }
-                };
-                match etcd {
-                    Some(mut etcd) => self.deregister(&mut etcd, id).await,
-                    None => false,
-                }
-            }
+            // Boxed: deregistering holds an etcd client and its calls, rare and large.
+            Some(id) => Box::pin(self.deregister(etcd, id, attempt)).await,
             None => false,
         };
-        metrics::gauge!(REGISTERED).set(0.0);
+        self.gauge(0.0);
         self.state.send_replace(RegistrationState::Deregistered { removed });
         if removed {
             tokio::time::sleep(self.config.lame_duck).await;
         }
+    }
+
+    /// Sets this server's `tether_registry_registered` gauge (labelled by its address, so several
+    /// servers in one process each have their own).
+    pub(crate) fn gauge(&self, value: f64) {
+        set_gauge(self.instance.addr, value);
     }
 
     /// The etcd member to use after `failures` failed sessions in a row: one at a time, in turn.
@@ -167,37 +183,58 @@ impl Registrar {
             .with_connect_timeout(self.config.dial_timeout)
             .with_keep_alive(self.config.keep_alive, self.config.keep_alive_timeout)
             .with_keep_alive_while_idle(true)
+            // A member cut off from its cluster's leader refuses instead of answering stale.
+            .with_require_leader(true)
+    }
+
+    async fn connect(&self, failures: u32) -> Result<etcd_client::Client, String> {
+        let connect = etcd_client::Client::connect([self.member(failures)], Some(self.connect_options()));
+        match tokio::time::timeout(self.config.dial_timeout, connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!("connecting to etcd: {e}")),
+            Err(_) => Err("connecting to etcd timed out".into()),
+        }
+    }
+
+    /// How long to wait for one renewal's answer: never longer than the renewal interval, so a
+    /// lost answer leaves time for another try before the lease expires.
+    fn renewal_wait(&self) -> std::time::Duration {
+        self.config.request_timeout.min(self.config.renew_interval())
     }
 
     /// Connects (if needed), registers (if there is no live lease), then renews until something
-    /// fails.
+    /// fails or `lame_duck` is cancelled. A registration, once its lease is asked for, is not
+    /// interrupted (it takes at most `request_timeout`): a lease granted but not yet known here
+    /// could not be revoked.
     async fn session(
         &self,
         etcd: &mut Option<etcd_client::Client>,
         lease: &mut Option<i64>,
         registrations: &mut u64,
         attempt: &mut u32,
+        lame_duck: &CancellationToken,
     ) -> Ended {
         let timeout = self.config.request_timeout;
         let client = match etcd {
             Some(c) => c,
             None => {
-                let connect = etcd_client::Client::connect([self.member(*attempt)], Some(self.connect_options()));
-                match tokio::time::timeout(self.config.dial_timeout, connect).await {
-                    Ok(Ok(c)) => etcd.insert(c),
-                    Ok(Err(e)) => return Ended::Failed(format!("connecting to etcd: {e}")),
-                    Err(_) => return Ended::Failed("connecting to etcd timed out".into()),
+                let connected = tokio::select! {
+                    _ = lame_duck.cancelled() => return Ended::LameDuck,
+                    c = self.connect(*attempt) => c,
+                };
+                match connected {
+                    Ok(c) => etcd.insert(c),
+                    Err(why) => return Ended::Failed(why),
                 }
             }
         };
         let id = match *lease {
             Some(id) => id,
-            None => match tokio::time::timeout(timeout, self.register(client)).await {
+            None => match tokio::time::timeout(timeout, self.register(client, lease)).await {
                 Ok(Ok(id)) => {
                     *registrations += 1;
                     metrics::counter!(REGISTRATIONS, "result" => "ok").increment(1);
                     tracing::info!(lease = id, addr = %self.instance.addr, services = ?self.services, "registered");
-                    *lease = Some(id);
                     id
                 }
                 Ok(Err(e)) => {
@@ -210,18 +247,35 @@ impl Registrar {
                 }
             },
         };
-        let (mut keeper, mut answers) = match tokio::time::timeout(timeout, client.lease_keep_alive(id)).await {
+        if lame_duck.is_cancelled() {
+            return Ended::LameDuck;
+        }
+        let opened = tokio::select! {
+            _ = lame_duck.cancelled() => return Ended::LameDuck,
+            r = tokio::time::timeout(timeout, client.lease_keep_alive(id)) => r,
+        };
+        let (mut keeper, mut answers) = match opened {
             Ok(Ok(k)) => k,
+            // The first renewal is sent and answered inside `lease_keep_alive`: a lease that
+            // expired while etcd was out of reach is reported here, as not found.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(why))) if why.contains("not found") => {
+                metrics::counter!(LEASE_RENEWALS, "result" => "expired").increment(1);
+                tracing::debug!(lease = id, %why, "lease gone");
+                return Ended::Expired;
+            }
             Ok(Err(e)) => return Ended::Failed(format!("lease keepalive: {e}")),
             Err(_) => return Ended::Failed("lease keepalive timed out".into()),
         };
         let mut confirmed = false;
         loop {
-            let renewed = tokio::time::timeout(timeout, async {
+            let renewal = tokio::time::timeout(self.renewal_wait(), async {
                 keeper.keep_alive().await?;
                 answers.message().await
-            })
-            .await;
+            });
+            let renewed = tokio::select! {
+                _ = lame_duck.cancelled() => return Ended::LameDuck,
+                r = renewal => r,
+            };
             match renewed {
                 Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
                     metrics::counter!(LEASE_RENEWALS, "result" => "ok").increment(1);
@@ -247,21 +301,30 @@ impl Registrar {
                 // Registered (or, after etcd came back, still registered) for sure.
                 confirmed = true;
                 *attempt = 0;
-                metrics::gauge!(REGISTERED).set(1.0);
+                self.gauge(1.0);
                 self.state.send_replace(RegistrationState::Registered {
                     lease: id,
                     registrations: *registrations,
                 });
             }
-            tokio::time::sleep(self.config.renew_interval()).await;
+            tokio::select! {
+                _ = lame_duck.cancelled() => return Ended::LameDuck,
+                _ = tokio::time::sleep(self.config.renew_interval()) => {}
+            }
         }
     }
 
-    /// A new lease, and every service's key under it, in one transaction.
-    async fn register(&self, etcd: &mut etcd_client::Client) -> Result<i64, etcd_client::Error> {
-        let lease = etcd.lease_grant(self.config.ttl_secs(), None).await?.id();
-        self.put_all(etcd, lease, &self.instance).await?;
-        Ok(lease)
+    /// A new lease (recorded in `lease` at once, so a shutdown from here on deregisters it), and
+    /// every service's key under it, in one transaction.
+    async fn register(
+        &self,
+        etcd: &mut etcd_client::Client,
+        lease: &mut Option<i64>,
+    ) -> Result<i64, etcd_client::Error> {
+        let id = etcd.lease_grant(self.config.ttl_secs(), None).await?.id();
+        *lease = Some(id);
+        self.put_all(etcd, id, &self.instance).await?;
+        Ok(id)
     }
 
     async fn put_all(
@@ -283,27 +346,50 @@ impl Registrar {
         Ok(())
     }
 
-    /// Lame duck: announce `leaving`, then revoke the lease (which deletes the keys). True when
-    /// the keys are gone.
-    async fn deregister(&self, etcd: &mut etcd_client::Client, lease: i64) -> bool {
+    /// Lame duck: announce `leaving`, then revoke the lease (which deletes the keys), on the
+    /// session's connection or any member in turn, within `2 × (dial_timeout + request_timeout)`.
+    /// True when the keys are gone.
+    async fn deregister(&self, mut etcd: Option<etcd_client::Client>, lease: i64, attempt: u32) -> bool {
         let mut leaving = self.instance.clone();
         leaving.state = InstanceState::Leaving;
-        let steps = async {
-            self.put_all(etcd, lease, &leaving).await?;
-            etcd.lease_revoke(lease).await?;
-            Ok::<_, etcd_client::Error>(())
+        let budget = (self.config.dial_timeout + self.config.request_timeout) * 2;
+        let members = self.config.endpoints.len() as u32;
+        let tries = async {
+            for i in 0..members.max(1) {
+                let mut client = match etcd.take() {
+                    Some(c) => c,
+                    None => match self.connect(attempt + i).await {
+                        Ok(c) => c,
+                        Err(why) => {
+                            tracing::debug!(error = %why, "deregistering: member unreachable");
+                            continue;
+                        }
+                    },
+                };
+                let steps = async {
+                    self.put_all(&mut client, lease, &leaving).await?;
+                    client.lease_revoke(lease).await?;
+                    Ok::<_, etcd_client::Error>(())
+                };
+                match tokio::time::timeout(self.config.request_timeout, steps).await {
+                    Ok(Ok(())) => return true,
+                    // Already gone: the keys went with it.
+                    Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.message().contains("lease not found") => {
+                        return true
+                    }
+                    Ok(Err(e)) => tracing::debug!(lease, error = %e, "deregistering failed on one member"),
+                    Err(_) => tracing::debug!(lease, "deregistering timed out on one member"),
+                }
+            }
+            false
         };
-        match tokio::time::timeout(self.config.request_timeout, steps).await {
-            Ok(Ok(())) => {
+        match tokio::time::timeout(budget, tries).await {
+            Ok(true) => {
                 tracing::info!(lease, addr = %self.instance.addr, "deregistered (lame duck)");
                 true
             }
-            Ok(Err(e)) => {
-                tracing::warn!(lease, error = %e, "deregistering failed; the lease will expire");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(lease, "deregistering timed out; the lease will expire");
+            _ => {
+                tracing::warn!(lease, "deregistering failed; the lease will expire");
                 false
             }
         }

@@ -230,6 +230,8 @@ struct Registration {
     lame_duck: CancellationToken,
     state: tokio::sync::watch::Receiver<crate::registry::RegistrationState>,
     task: JoinHandle<()>,
+    /// The advertised address (the registration gauge's label).
+    addr: SocketAddr,
 }
 
 #[cfg(feature = "etcd")]
@@ -243,6 +245,7 @@ impl Registration {
     ) -> Result<Self, ServerError> {
         config.validate()?;
         let instance = crate::registry::instance(config, local_addr, tls).map_err(ServerError::Registry)?;
+        let addr = instance.addr;
         let (state_tx, state) =
             tokio::sync::watch::channel(crate::registry::RegistrationState::Unregistered { last_error: None });
         let registrar = crate::registry::Registrar {
@@ -257,7 +260,12 @@ impl Registration {
                 .run(lame_duck.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("registry", %local_addr)),
         );
-        Ok(Registration { lame_duck, state, task })
+        Ok(Registration {
+            lame_duck,
+            state,
+            task,
+            addr,
+        })
     }
 }
 
@@ -317,10 +325,13 @@ impl ServerHandle {
     ///
     /// A registered server deregisters first and waits its lame-duck period before the GOAWAY.
     pub async fn shutdown(mut self) {
+        // Kept in the handle while it runs: if this future is dropped mid-way, the handle's drop
+        // leaves the GOAWAY to the registration task, after the keys are gone.
         #[cfg(feature = "etcd")]
-        if let Some(r) = self.registration.take() {
+        if let Some(r) = self.registration.as_mut() {
             r.lame_duck.cancel();
-            let _ = r.task.await;
+            let _ = (&mut r.task).await;
+            self.registration = None;
         }
         let grace_ends = tokio::time::Instant::now() + self.shutdown_grace;
         self.shutdown.cancel();
@@ -339,6 +350,7 @@ impl ServerHandle {
         #[cfg(feature = "etcd")]
         if let Some(r) = self.registration.take() {
             r.task.abort();
+            crate::registry::set_gauge(r.addr, 0.0);
         }
         self.finish(None).await;
     }
@@ -362,11 +374,14 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        // Registered: the registration task deregisters first, then starts the shutdown.
+        // Registered: the registration task deregisters first, then starts the shutdown (unless it
+        // is gone already, after a panic).
         #[cfg(feature = "etcd")]
         if let Some(r) = self.registration.take() {
             r.lame_duck.cancel();
-            return;
+            if !r.task.is_finished() {
+                return;
+            }
         }
         self.shutdown.cancel();
     }

@@ -177,18 +177,24 @@ impl Etcd {
         self.wait_ready().await;
     }
 
+    /// Every member's client address.
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.members.iter().map(|m| m.client).collect()
+    }
+
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| format!("http://{}", m.client)).collect()
     }
 
-    /// A registry config for this cluster, with timings short enough for tests: a 2 s lease, 1 s
+    /// A registry config for this cluster, with timings short enough for tests: a 3 s lease (the
+    /// shortest that leaves room for a retried renewal with 500 ms timeouts), 500 ms dial and
     /// request timeouts, 500 ms keepalive pings, 100 ms lame duck.
     pub fn config(&self) -> RegistryConfig {
         let mut c = RegistryConfig::new(self.endpoints());
-        c.ttl = Duration::from_secs(2);
-        c.dial_timeout = Duration::from_secs(1);
-        c.request_timeout = Duration::from_secs(1);
+        c.ttl = Duration::from_secs(3);
+        c.dial_timeout = Duration::from_millis(500);
+        c.request_timeout = Duration::from_millis(500);
         c.keep_alive = Duration::from_millis(500);
         c.keep_alive_timeout = Duration::from_millis(500);
         c.lame_duck = Duration::from_millis(100);

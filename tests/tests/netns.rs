@@ -1039,12 +1039,14 @@ async fn power_loss_of_a_registered_servers_host() {
     let h = Hosts::new(17);
     let etcd = tests::etcd::Etcd::single_in(&h.client_ns, h.client_ip.parse().unwrap());
     let registry = etcd.endpoints()[0].clone();
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(3);
     let reg = [
         "--registry",
         registry.as_str(),
         "--registry-ttl",
-        "2s",
+        "3s",
+        "--registry-timeout",
+        "500ms",
         "--registry-keep-alive",
         "500ms",
     ];

@@ -24,6 +24,7 @@ use rpc_core::{Request, Response, Status};
 use rpc_server::registry::RegistrationState;
 use rpc_server::{Server, ServerConfig, ServerHandle};
 use tests::etcd::Etcd;
+use tests::proxy::{Fault, FaultProxy};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -609,4 +610,151 @@ async fn all_of_etcd_down_for_ten_seconds_fails_no_request_and_both_sides_recove
         &failed[..failed.len().min(5)]
     );
     eprintln!("registry: etcd outage: {ok} requests, {during} of them during the outage, 0 failed");
+}
+
+/// A registry config that reaches etcd only through `proxy`.
+fn through(etcd: &Etcd, proxy: &FaultProxy) -> RegistryConfig {
+    let mut c = etcd.config();
+    c.endpoints = vec![format!("http://{}", proxy.addr())];
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
+async fn a_server_cut_off_from_etcd_past_its_ttl_registers_again_when_it_is_back() {
+    tests::trace();
+    let etcd = Etcd::single().await;
+    let proxy = FaultProxy::start(etcd.client_addrs()[0]).await;
+    let ledger = Ledger::default();
+    let a = ledger_server("a", through(&etcd, &proxy), &ledger).await;
+    let b = ledger_server("b", etcd.config(), &ledger).await;
+    registered(&a).await;
+    registered(&b).await;
+    let client = Client::with_registry(SERVICE, etcd.config(), client_config())
+        .await
+        .unwrap();
+    sees(&client, &[a.local_addr(), b.local_addr()], Duration::from_secs(1)).await;
+
+    // Only `a` loses etcd (etcd itself stays up, so its lease really expires).
+    proxy.set(Fault::Blackhole);
+    let ttl = etcd.config().ttl;
+    sees(&client, &[b.local_addr()], ttl + Duration::from_secs(2)).await;
+    // It serves on meanwhile.
+    let direct = Client::with_endpoints([a.local_addr()], client_config()).unwrap();
+    direct
+        .unary(Request::new(METHOD, Bytes::copy_from_slice(&u64::MAX.to_be_bytes())))
+        .await
+        .unwrap();
+
+    proxy.set(Fault::Pass);
+    let mut state = a.registration().unwrap();
+    wait_for(
+        &mut state,
+        Duration::from_secs(10),
+        "registered under a new lease",
+        |s| matches!(s, RegistrationState::Registered { registrations: 2, .. }),
+    )
+    .await;
+    sees(&client, &[a.local_addr(), b.local_addr()], Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
+async fn the_first_etcd_member_down_at_start_is_passed_over() {
+    let mut etcd = Etcd::cluster(3).await;
+    etcd.kill(0);
+    let ledger = Ledger::default();
+    let a = ledger_server("a", etcd.config(), &ledger).await;
+    registered(&a).await;
+    let client = Client::with_registry(SERVICE, etcd.config(), client_config())
+        .await
+        .unwrap();
+    sees(&client, &[a.local_addr()], Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
+async fn the_keys_go_before_the_goaway_even_when_the_shutdown_future_is_dropped() {
+    let etcd = Etcd::single().await;
+    let ledger = Ledger::default();
+    let a = ledger_server("a", etcd.config(), &ledger).await;
+    registered(&a).await;
+    let key = format!(
+        "{}{}",
+        service_prefix(rpc_core::registry::DEFAULT_PREFIX, SERVICE),
+        a.local_addr()
+    );
+    // An observer connected to `a` directly (it never drops it for the registry): it sees the
+    // server's GOAWAY.
+    let observer = Client::with_endpoints([a.local_addr()], client_config()).unwrap();
+    observer.checkout(None).await.unwrap();
+    let mut events = observer.events();
+    let mut etcd_client = etcd.client().await;
+    let mut watch = etcd_client.watch(key.as_str(), None).await.unwrap();
+
+    // Given up on 1 ms in: the lame duck goes on without the future.
+    let _ = tokio::time::timeout(Duration::from_millis(1), a.shutdown()).await;
+    let deleted_at = loop {
+        let resp = tokio::time::timeout(Duration::from_secs(3), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if resp
+            .events()
+            .iter()
+            .any(|e| e.event_type() == etcd_client::EventType::Delete)
+        {
+            break Instant::now();
+        }
+    };
+    let goaway_at = loop {
+        match tokio::time::timeout(Duration::from_secs(3), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            rpc_core::event::ConnectionEvent::GoAwayReceived { .. } => break Instant::now(),
+            _ => continue,
+        }
+    };
+    assert!(goaway_at > deleted_at, "GOAWAY came before the keys went");
+    let lame_duck = etcd.config().lame_duck;
+    assert!(
+        goaway_at - deleted_at >= lame_duck / 2,
+        "GOAWAY only {:?} after the delete (lame duck {lame_duck:?})",
+        goaway_at - deleted_at
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
+async fn a_server_shut_down_while_it_registers_leaves_no_key_behind() {
+    tests::trace();
+    let etcd = Etcd::single().await;
+    // Every byte to and from etcd delayed, so the shutdown lands between the grant and the put.
+    let proxy = FaultProxy::start(etcd.client_addrs()[0]).await;
+    proxy.set(Fault::Delay(Duration::from_millis(100)));
+    let mut watcher = etcd.client().await;
+    let ledger = Ledger::default();
+    let mut config = through(&etcd, &proxy);
+    config.request_timeout = Duration::from_secs(1); // room for the delayed round trips
+    config.ttl = Duration::from_secs(5);
+    let a = ledger_server("a", config, &ledger).await;
+    // The lease is granted, the keys not yet written.
+    let granted = Instant::now();
+    loop {
+        if !watcher.leases().await.unwrap().leases().is_empty() {
+            break;
+        }
+        assert!(granted.elapsed() < Duration::from_secs(5), "no lease granted");
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling etcd: nothing to wait on
+    }
+    a.shutdown().await;
+    let prefix = service_prefix(rpc_core::registry::DEFAULT_PREFIX, SERVICE);
+    assert!(etcd.list(&prefix).await.is_empty(), "a key outlived the shutdown");
+    assert!(
+        watcher.leases().await.unwrap().leases().is_empty(),
+        "the lease outlived the shutdown"
+    );
 }

@@ -256,61 +256,126 @@ mod tests {
     }
 
     fn update() -> impl Strategy<Value = Update> {
-        (0u8..4, 0u8..3).prop_map(|(i, op)| match op {
+        (0u8..4, 0u8..4).prop_map(|(i, op)| match op {
             0 => put(i, InstanceState::Serving),
             1 => put(i, InstanceState::Leaving),
-            _ => del(i),
+            2 => del(i),
+            _ => Update::Put {
+                key: key(i),
+                instance: None,
+            },
         })
     }
 
+    /// What an observer of the registry can know, kept independently of `Directory`: the keys it
+    /// has seen, and which addresses were last seen leaving (announced, or gone while leaving).
+    #[derive(Default)]
+    struct Observer {
+        seen: BTreeMap<String, (SocketAddr, InstanceState)>,
+        left: BTreeSet<SocketAddr>,
+    }
+
+    impl Observer {
+        fn put(&mut self, key: &str, addr: SocketAddr, state: InstanceState) {
+            if let Some((old, s)) = self.seen.insert(key.to_string(), (addr, state)) {
+                if old != addr && s == InstanceState::Serving {
+                    self.left.remove(&old);
+                }
+            }
+            match state {
+                InstanceState::Leaving => self.left.insert(addr),
+                InstanceState::Serving => self.left.remove(&addr),
+            };
+        }
+
+        fn gone(&mut self, key: &str) {
+            if let Some((addr, InstanceState::Serving)) = self.seen.remove(key) {
+                self.left.remove(&addr);
+            }
+        }
+
+        fn serving(&self) -> BTreeSet<SocketAddr> {
+            self.seen
+                .values()
+                .filter(|(_, s)| *s == InstanceState::Serving)
+                .map(|(a, _)| *a)
+                .collect()
+        }
+    }
+
+    /// The registry after `updates`: key -> (addr, state); an unreadable value is no instance.
+    fn evolve(truth: &mut BTreeMap<String, (SocketAddr, InstanceState)>, updates: &[Update]) {
+        for u in updates {
+            match u {
+                Update::Put { key, instance: Some(i) } => {
+                    truth.insert(key.clone(), (i.addr, i.state));
+                }
+                Update::Put { key, instance: None } | Update::Delete { key } => {
+                    truth.remove(key);
+                }
+            }
+        }
+    }
+
+    fn listing(truth: &BTreeMap<String, (SocketAddr, InstanceState)>) -> Vec<(String, Option<Instance>)> {
+        truth
+            .iter()
+            .map(|(k, (a, s))| {
+                let mut i = Instance::new(*a);
+                i.state = *s;
+                (k.clone(), Some(i))
+            })
+            .collect()
+    }
+
     proptest! {
-        /// Whatever the registry does: unless held back, the holder has exactly the serving
-        /// instances; the holder is emptied only when every endpoint it had left gracefully; and
-        /// a relisting of the same keys decides nothing new.
+        /// Whatever the registry does, seen batch by batch or missed and relisted (a watch lost,
+        /// a compaction): unless held back, the holder has exactly the serving instances; the
+        /// holder is emptied only when every endpoint it had was last seen leaving; held back, it
+        /// keeps those it had that did not leave; and a relisting of the same keys decides
+        /// nothing new.
         #[test]
         fn the_holder_mirrors_serving_instances_and_is_never_emptied_by_a_vanishing(
-            batches in proptest::collection::vec(proptest::collection::vec(update(), 1..4), 1..30)
+            steps in proptest::collection::vec(
+                (any::<bool>(), proptest::collection::vec(update(), 1..4)), 1..30)
         ) {
             let mut d = Directory::new();
-            // What the registry holds, computed independently: key -> (addr, state).
             let mut truth: BTreeMap<String, (SocketAddr, InstanceState)> = BTreeMap::new();
-            let mut left_gracefully: BTreeSet<SocketAddr> = BTreeSet::new();
-            for batch in batches {
+            let mut observer = Observer::default();
+            for (missed, batch) in steps {
                 let before: BTreeSet<SocketAddr> = d.applied().collect();
-                for u in &batch {
-                    match u {
-                        Update::Put { key, instance: Some(i) } => {
-                            match i.state {
-                                InstanceState::Leaving => { left_gracefully.insert(i.addr); }
-                                InstanceState::Serving => { left_gracefully.remove(&i.addr); }
-                            }
-                            truth.insert(key.clone(), (i.addr, i.state));
-                        }
-                        Update::Delete { key } => {
-                            if let Some((a, InstanceState::Serving)) = truth.remove(key) {
-                                left_gracefully.remove(&a);
-                            }
-                        }
-                        Update::Put { instance: None, .. } => {}
+                evolve(&mut truth, &batch);
+                let decision = if missed {
+                    // Unseen: the watcher lists again.
+                    let gone: Vec<String> = observer.seen.keys().filter(|k| !truth.contains_key(*k)).cloned().collect();
+                    for k in gone {
+                        observer.gone(&k);
                     }
-                }
-                let decision = d.apply(batch);
-                let serving: BTreeSet<SocketAddr> = truth
-                    .values()
-                    .filter(|(_, s)| *s == InstanceState::Serving)
-                    .map(|(a, _)| *a)
-                    .collect();
+                    for (k, (a, s)) in &truth {
+                        observer.put(k, *a, *s);
+                    }
+                    d.reset(listing(&truth))
+                } else {
+                    for u in &batch {
+                        match u {
+                            Update::Put { key, instance: Some(i) } => observer.put(key, i.addr, i.state),
+                            Update::Put { key, instance: None } | Update::Delete { key } => observer.gone(key),
+                        }
+                    }
+                    d.apply(batch)
+                };
+                let serving = observer.serving();
                 let after: BTreeSet<SocketAddr> = d.applied().collect();
                 if d.held_back() {
                     prop_assert!(serving.is_empty());
-                    let kept: BTreeSet<SocketAddr> = before.difference(&left_gracefully).copied().collect();
+                    let kept: BTreeSet<SocketAddr> = before.difference(&observer.left).copied().collect();
                     prop_assert_eq!(&after, &kept);
                     prop_assert!(!after.is_empty());
                     prop_assert_eq!(decision, Decision::HeldBack(after.iter().copied().collect()));
                 } else {
                     prop_assert_eq!(&after, &serving);
                     if after.is_empty() && !before.is_empty() {
-                        prop_assert!(before.iter().all(|a| left_gracefully.contains(a)));
+                        prop_assert!(before.iter().all(|a| observer.left.contains(a)), "emptied, but not all left: {:?}", before);
                     }
                     match decision {
                         Decision::Unchanged => prop_assert_eq!(&before, &after),
@@ -318,14 +383,8 @@ mod tests {
                         Decision::HeldBack(_) => prop_assert!(false, "held back but not marked"),
                     }
                 }
-                // Relisting what the registry holds changes nothing.
                 let mut relisted = d.clone();
-                let listing = truth.iter().map(|(k, (a, s))| {
-                    let mut i = Instance::new(*a);
-                    i.state = *s;
-                    (k.clone(), Some(i))
-                });
-                let again = relisted.reset(listing);
+                let again = relisted.reset(listing(&truth));
                 prop_assert!(matches!(again, Decision::Unchanged | Decision::HeldBack(_)), "{:?}", again);
                 prop_assert_eq!(relisted.applied().collect::<Vec<_>>(), d.applied().collect::<Vec<_>>());
             }

@@ -27,7 +27,8 @@ pub const REGISTRY_UPDATES: &str = "tether_registry_updates_total";
 pub const REGISTRY_HELD_BACK: &str = "tether_registry_held_back_total";
 /// Metric: watches re-established (etcd unreachable, watch cancelled or compacted), label `service`.
 pub const REGISTRY_WATCH_RESTARTS: &str = "tether_registry_watch_restarts_total";
-/// Metric (gauge): instances registered for a service (serving or leaving), label `service`.
+/// Metric (gauge): instances registered for a service (serving or leaving), labels `service` and
+/// `prefix` (0 once the client is gone).
 pub const REGISTRY_INSTANCES: &str = "tether_registry_instances";
 
 /// Where a client's discovery stands ([`Client::discovery`]).
@@ -50,7 +51,8 @@ pub struct DiscoveryState {
 impl Client {
     /// A client for the instances of `service` (its full protobuf name, such as `echo.v1.Echo`)
     /// registered in etcd. Returns once the first listing is applied; fails with
-    /// [`ErrorKind::Registry`] if etcd cannot be reached for it within the registry's timeouts.
+    /// [`ErrorKind::Registry`] if no etcd member gives it (each is tried in turn, within its
+    /// `dial_timeout` and `request_timeout`).
     /// Discovery then follows the registry until the client is closed or dropped.
     pub async fn with_registry(service: &str, registry: RegistryConfig, config: ClientConfig) -> Result<Self, Error> {
         registry
@@ -115,12 +117,15 @@ impl Watcher {
         let mut attempt = 0u32;
         loop {
             let why = tokio::select! {
-                _ = stopped.cancelled() => return,
+                _ = stopped.cancelled() => break,
                 why = self.session(&mut first, &mut attempt) => why,
             };
-            if let Some(first) = first.take() {
-                let _ = first.send(Err(why));
-                return;
+            // The first listing gives up only once every member has failed it.
+            if attempt + 1 >= self.config.endpoints.len() as u32 {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(why));
+                    return;
+                }
             }
             tracing::warn!(service = %self.service, error = %why, "registry watch lost; keeping the known endpoints");
             metrics::counter!(REGISTRY_WATCH_RESTARTS, "service" => self.service.clone()).increment(1);
@@ -136,20 +141,24 @@ impl Watcher {
                 Some(n) => RECONNECT_BACKOFF.delay(n, rand::random::<f64>()),
             };
             tokio::select! {
-                _ = stopped.cancelled() => return,
+                _ = stopped.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        self.gauge(0.0);
     }
 
     /// Lists, then watches until the watch fails; returns why. `attempt` (failed sessions in a
-    /// row) picks the etcd member, and is reset once a listing succeeds.
+    /// row) picks the etcd member, and is reset once a watch is established.
     async fn session(&mut self, first: &mut Option<oneshot::Sender<Result<(), String>>>, attempt: &mut u32) -> String {
         let timeout = self.config.request_timeout;
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.config.dial_timeout)
             .with_keep_alive(self.config.keep_alive, self.config.keep_alive_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its cluster's leader cancels the watch rather than keeping it
+            // open and silent.
+            .with_require_leader(true);
         let mut etcd = match tokio::time::timeout(
             self.config.dial_timeout,
             etcd_client::Client::connect([member(&self.config, *attempt)], Some(options)),
@@ -178,7 +187,6 @@ impl Watcher {
             .collect();
         let decision = self.directory.reset(entries);
         self.apply(decision, revision);
-        *attempt = 0;
         if let Some(first) = first.take() {
             let _ = first.send(Ok(()));
         }
@@ -204,6 +212,9 @@ impl Watcher {
                     response.cancel_reason()
                 );
             }
+            if response.created() {
+                *attempt = 0;
+            }
             if response.events().is_empty() {
                 continue; // created, or a progress notification
             }
@@ -226,6 +237,12 @@ impl Watcher {
             let decision = self.directory.apply(batch);
             self.apply(decision, revision);
         }
+    }
+
+    /// `tether_registry_instances` of this client's service and prefix.
+    fn gauge(&self, value: f64) {
+        metrics::gauge!(REGISTRY_INSTANCES, "service" => self.service.clone(), "prefix" => self.prefix.clone())
+            .set(value);
     }
 
     fn read(&self, value: &[u8]) -> Option<Instance> {
@@ -262,7 +279,7 @@ impl Watcher {
         if let Some(addrs) = &endpoints {
             self.holder.set_endpoints(addrs);
         }
-        metrics::gauge!(REGISTRY_INSTANCES, "service" => self.service.clone()).set(self.directory.instances() as f64);
+        self.gauge(self.directory.instances() as f64);
         let held_back = self.directory.held_back();
         let instances = self.directory.instances();
         self.state.send_modify(|s| {
