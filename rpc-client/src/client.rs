@@ -21,6 +21,24 @@ use crate::config::ClientConfig;
 use crate::error::{Error, ErrorKind, History};
 use crate::holder::ConnectionHolder;
 
+/// What an attempt's result says about its endpoint, for outlier detection: `Some(true)` when it
+/// counts as the endpoint failing (a code in `failure_codes`, a connection that broke under it, a
+/// deadline that passed waiting for it), `Some(false)` for an answer (success, or any other code),
+/// `None` when it says nothing about the endpoint (a draining connection, a request this side
+/// could not encode or a response it refused).
+fn endpoint_failed(result: &Result<Response<Bytes>, Error>, failure_codes: &[Code]) -> Option<bool> {
+    let e = match result {
+        Ok(_) => return Some(false),
+        Err(e) => e,
+    };
+    match e.kind() {
+        ErrorKind::Status(s) => Some(failure_codes.contains(&s.code())),
+        ErrorKind::DeadlineExceeded => Some(true),
+        ErrorKind::Connection(ConnectionError::NotWritten(_) | ConnectionError::ClosedAfterWrite(_)) => Some(true),
+        _ => None,
+    }
+}
+
 /// Metric: requests retried because they provably did not run, label `cause`.
 pub const REQUEST_RETRIES: &str = "tether_client_retries_total";
 
@@ -30,6 +48,7 @@ pub const REQUEST_RETRIES: &str = "tether_client_retries_total";
 pub struct Client {
     pub(crate) holder: ConnectionHolder,
     metrics: Arc<RequestMetrics>,
+    budget: crate::budget::RetryBudget,
     /// Where registry discovery stands, for a client made by `with_registry`.
     #[cfg(feature = "etcd")]
     pub(crate) discovery: Option<tokio::sync::watch::Receiver<crate::registry::DiscoveryState>>,
@@ -71,6 +90,7 @@ impl Client {
     pub fn with_endpoints(addrs: impl IntoIterator<Item = SocketAddr>, config: ClientConfig) -> Result<Self, Error> {
         config.validate().map_err(|e| Error::new(ErrorKind::Config(e), false))?;
         Ok(Client {
+            budget: crate::budget::RetryBudget::new(config.retry_budget.clone()),
             holder: ConnectionHolder::new(addrs, config)?,
             metrics: Arc::new(RequestMetrics::new(Side::Client)),
             #[cfg(feature = "etcd")]
@@ -89,6 +109,12 @@ impl Client {
     /// The connection holder (endpoints, pools, discovery).
     pub fn holder(&self) -> &ConnectionHolder {
         &self.holder
+    }
+
+    /// The retry budget this client and its clones share (give it to
+    /// [`crate::SafeRetry::with_budget`] so retries stacked over the client draw on it too).
+    pub fn retry_budget(&self) -> crate::budget::RetryBudget {
+        self.budget.clone()
     }
 
     /// The config.
@@ -145,6 +171,7 @@ impl Client {
             return Err(Error::deadline(false));
         }
         let idempotent = req.is_idempotent();
+        self.budget.deposit();
         let mut frame = Some(to_frame(req, false));
         let max = self.config().max_attempts;
         let mut attempt = 1;
@@ -159,12 +186,25 @@ impl Client {
             };
             let (addr, result) = self.attempt(this, deadline, avoid).await;
             match result {
-                Err(e) if attempt < max && Instant::now() < deadline && self.retryable(&e, idempotent) => {
+                Err(e)
+                    if attempt < max
+                        && Instant::now() < deadline
+                        && self.retryable(&e, idempotent)
+                        && self.budget.try_withdraw() =>
+                {
                     metrics::counter!(REQUEST_RETRIES, "cause" => e.kind_str()).increment(1);
                     tracing::debug!(error = %e, attempt, "retrying request");
                     history.record(addr, e);
                     avoid = addr; // prefer another endpoint for the retry
                     attempt += 1;
+                    // The first retry goes at once; later ones back off, within the deadline.
+                    if attempt > 2 {
+                        let delay = self.config().retry_backoff.delay(attempt - 2, rand::random::<f64>());
+                        tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+                        if Instant::now() >= deadline {
+                            return Err(Error::deadline(false).after(history));
+                        }
+                    }
                 }
                 Err(e) => return Err(e.after(history)),
                 Ok(r) => return Ok(r),
@@ -183,7 +223,11 @@ impl Client {
             Ok(x) => x,
             Err(e) => return (None, Err(e)),
         };
-        (Some(addr), send_on(&conn, frame, deadline).await)
+        let result = send_on(&conn, frame, deadline).await;
+        if let Some(failed) = endpoint_failed(&result, &self.config().outlier.failure_codes) {
+            self.holder.record(addr, failed);
+        }
+        (Some(addr), result)
     }
 
     /// Sends a oneway request: no response comes back. Resolves once the frame has been written to

@@ -61,6 +61,15 @@ pub struct ClientConfig {
     pub tcp: TcpConfig,
     /// TLS; `None` (the default) speaks plain TCP. The TLS handshake counts inside `connect_timeout`.
     pub tls: Option<rpc_core::tls::TlsClientConfig>,
+    /// Retries (the client's own, and [`crate::SafeRetry`]'s given [`crate::Client::retry_budget`])
+    /// at most a fraction of recent requests plus a floor, shared by the client and its clones.
+    pub retry_budget: crate::budget::RetryBudgetConfig,
+    /// Delay before a request's second and later retries (the first goes to another endpoint at
+    /// once: a GOAWAY or a broken connection is that endpoint's problem). Capped by the deadline.
+    pub retry_backoff: BackoffConfig,
+    /// Gray-failure detection: endpoints whose requests fail or time out while their connections
+    /// look fine are ejected for a while (see [`crate::holder::OutlierConfig`]). On by default.
+    pub outlier: crate::holder::OutlierConfig,
 }
 
 impl Default for ClientConfig {
@@ -81,6 +90,14 @@ impl Default for ClientConfig {
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
             tls: None,
+            outlier: crate::holder::OutlierConfig::default(),
+            retry_budget: crate::budget::RetryBudgetConfig::default(),
+            retry_backoff: BackoffConfig {
+                initial: Duration::from_millis(10),
+                multiplier: 2.0,
+                jitter: 0.2,
+                max: Duration::from_millis(200),
+            },
         }
     }
 }
@@ -120,6 +137,14 @@ impl ClientConfig {
             return Err(ConfigError::Zero("max_reconnect_attempts"));
         }
         self.heartbeat.validate()?;
+        self.outlier.validate()?;
+        self.retry_budget.validate()?;
+        if self.retry_backoff.multiplier < 1.0 || !(0.0..1.0).contains(&self.retry_backoff.jitter) {
+            return Err(ConfigError::OutOfRange {
+                field: "retry_backoff",
+                why: "multiplier at least 1, jitter in [0, 1)",
+            });
+        }
         self.connection.validate()
     }
 }

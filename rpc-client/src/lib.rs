@@ -22,6 +22,7 @@
 //! ```
 
 mod backoff;
+pub mod budget;
 mod client;
 pub mod codegen;
 mod config;
@@ -34,11 +35,12 @@ mod resume;
 mod retry;
 
 pub use backoff::BackoffConfig;
+pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use client::{Client, REQUEST_RETRIES};
 pub use config::ClientConfig;
 pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};
-pub use holder::{Balance, ConnectionHolder, EndpointStatus, PoolState};
+pub use holder::{Balance, ConnectionHolder, EndpointStatus, HealthState, OutlierConfig, PoolState};
 pub use resume::Resumable;
 pub use retry::SafeRetry;
 #[cfg(feature = "etcd")]

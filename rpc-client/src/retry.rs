@@ -15,6 +15,8 @@ use crate::error::{Error, ErrorKind, History};
 #[derive(Debug, Clone)]
 pub struct SafeRetry {
     attempts: usize,
+    /// Shared with a client, if given one: retries draw on it.
+    budget: Option<crate::budget::RetryBudget>,
     /// This request's earlier attempts (tower's `Retry` clones the policy per request).
     history: History,
 }
@@ -24,8 +26,16 @@ impl SafeRetry {
     pub fn new(attempts: usize) -> Self {
         SafeRetry {
             attempts,
+            budget: None,
             history: History::default(),
         }
+    }
+
+    /// Retries also draw on `budget` (usually [`crate::Client::retry_budget`], shared with the
+    /// client's own retries): none goes once it is spent.
+    pub fn with_budget(mut self, budget: crate::budget::RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 }
 
@@ -37,7 +47,11 @@ impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry 
         let retry = self.attempts > 0
             && (!e.may_have_executed() || req.is_idempotent())
             && req.deadline().is_none_or(|d| d > tokio::time::Instant::now())
-            && rpc_core::context::deadline().is_none_or(|d| d > tokio::time::Instant::now());
+            && rpc_core::context::deadline().is_none_or(|d| d > tokio::time::Instant::now())
+            && self
+                .budget
+                .as_ref()
+                .is_none_or(crate::budget::RetryBudget::try_withdraw);
         // Take the error out: recorded in the history if retried, or rebuilt with it if final.
         let placeholder = Error::new(ErrorKind::DeadlineExceeded, true);
         let err = std::mem::replace(e, placeholder);

@@ -52,6 +52,28 @@ pub enum ConnectionEvent {
         /// Attempts made.
         attempts: u32,
     },
+    /// Client: an endpoint was ejected for gray failure (outlier detection): it takes no new
+    /// requests for `duration`, then goes on probation.
+    EndpointEjected {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why (`consecutive_failures`, `failure_percentage`, `success_rate`, `probe_failed`).
+        reason: &'static str,
+        /// How long it is ejected.
+        duration: std::time::Duration,
+        /// Its ejections not yet forgiven, this one included.
+        times: u32,
+    },
+    /// Client: an ejection ended; the endpoint takes one request at a time until enough succeed.
+    EndpointProbation {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
+    /// Client: an endpoint on probation answered well enough to be trusted again.
+    EndpointTrusted {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
     /// Client: a resumable stream broke and was opened again; the consumer's stream went on.
     StreamResumed {
         /// The method.

@@ -307,3 +307,29 @@ pub async fn wait_until(limit: Duration, cond: impl Fn() -> bool) -> Duration {
     }
     start.elapsed()
 }
+
+/// The one permit of a server with `max_concurrent_requests` 1 is free: a request to its
+/// `/t.T/Echo` succeeds next.
+///
+/// Called once the handler holding it is over (its drop signal fired, or its request was
+/// cancelled): the permit goes the moment the handler's drop returns (so the limit bounds the
+/// handlers that exist), a few microseconds later in the handler's task, which a request sent at
+/// once can beat. So SERVER_BUSY is asked again for up to 100 ms; anything else fails.
+pub async fn permit_is_free(client: &rpc_client::Client) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(100);
+    loop {
+        match client
+            .unary(Request::new("/t.T/Echo", Bytes::from_static(b"next")).with_timeout(Duration::from_secs(2)))
+            .await
+        {
+            Ok(resp) => {
+                assert_eq!(resp.into_body(), Bytes::from_static(b"next"));
+                return;
+            }
+            Err(e) if e.code() == rpc_core::Code::ServerBusy && tokio::time::Instant::now() < until => {
+                tokio::task::yield_now().await
+            }
+            Err(e) => panic!("the permit is not free: {e}"),
+        }
+    }
+}

@@ -14,6 +14,7 @@ use rpc_client::{Client, ClientConfig};
 use rpc_core::frame::{Frame, RequestFrame, Settings};
 use rpc_core::{Code, Request, Response};
 use rpc_server::{handler_fn, Server, ServerConfig, ServerHandle};
+use tests::permit_is_free;
 use tests::{quiet_client, RawPeer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -87,29 +88,6 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
         .await
         .unwrap_or_else(|_| panic!("{what} did not happen within 5 s"))
         .unwrap()
-}
-
-/// The one permit is free: a request needing it succeeds next.
-///
-/// Called once the handler's drop signal fired: the signal fires inside the drop, and the permit
-/// goes the moment the drop returns (so the limit bounds the handlers that exist), a few
-/// microseconds later, which a request sent at once can beat on a loaded machine. So a
-/// SERVER_BUSY within the first 100 ms is asked again; anything else, or busy after that, fails.
-async fn permit_is_free(client: &Client) {
-    let until = Instant::now() + ms(100);
-    loop {
-        match client
-            .unary(Request::new("/t.T/Echo", Bytes::from_static(b"next")).with_timeout(ms(2000)))
-            .await
-        {
-            Ok(resp) => {
-                assert_eq!(resp.into_body(), Bytes::from_static(b"next"));
-                return;
-            }
-            Err(e) if e.code() == Code::ServerBusy && Instant::now() < until => tokio::task::yield_now().await,
-            Err(e) => panic!("the permit is not free: {e}"),
-        }
-    }
 }
 
 fn hang(timeout: Duration) -> Request<Bytes> {

@@ -12,6 +12,7 @@
 //!   elapsed, within the request's deadline.
 
 mod balance;
+mod health;
 mod pool;
 
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::discover::{Change, Discover};
 
 pub use balance::Balance;
+pub use health::{evaluate, may_eject, EjectReason, Health, HealthState, OutlierConfig, Verdict};
 pub use pool::{AfterFailure, EndpointPool, PoolState};
 
 use crate::config::ClientConfig;
@@ -37,8 +39,14 @@ use crate::error::{Error, ErrorKind};
 pub const VALIDATION_REJECTED: &str = "tether_client_validation_rejected_total";
 /// Metric: reconnect attempts, label `result` (`ok` or `failed`).
 pub const RECONNECT_ATTEMPTS: &str = "tether_client_reconnect_attempts_total";
-/// Metric (gauge): endpoints per pool, label `pool` (`alive`, `retry`, `discarded`).
+/// Metric (gauge): endpoints per pool, label `pool` (`alive`, `retry`, `discarded`, `ejected`;
+/// an ejected endpoint counts only as ejected).
 pub const POOL_ENDPOINTS: &str = "tether_client_pool_endpoints";
+/// Metric: endpoints ejected for gray failure, label `reason`.
+pub const EJECTIONS: &str = "tether_client_ejections_total";
+/// Metric: ejections the caps refused (`max_ejection_percent`, or no other endpoint usable),
+/// label `reason`.
+pub const EJECTIONS_REFUSED: &str = "tether_client_ejections_refused_total";
 
 /// Why a pooled connection was not handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +97,10 @@ pub fn validate(conn: &ConnectionHandle, now: Instant, margin: Duration) -> Resu
 pub struct EndpointStatus {
     /// The address.
     pub addr: SocketAddr,
-    /// Alive, retry or discarded.
+    /// Alive, retry, discarded, or (alive but) ejected for gray failure.
     pub state: PoolState,
+    /// Trusted, ejected, or on probation (outlier detection).
+    pub health: HealthState,
     /// Open connections in the alive pool.
     pub connections: usize,
     /// Requests in flight on them.
@@ -107,11 +117,33 @@ struct Endpoint {
     lost: bool,
     /// When and why its last connect attempt failed, for the checkouts that waited on it.
     last_failure: Option<(Instant, Error)>,
+    /// Gray failure: whether its requests succeed.
+    health: Health,
 }
 
 impl Endpoint {
+    fn new(addr: SocketAddr, now: Instant) -> Self {
+        Endpoint {
+            addr,
+            pool: EndpointPool::new(now),
+            conns: Vec::new(),
+            connecting: 0,
+            lost: false,
+            last_failure: None,
+            health: Health::new(),
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.conns.iter().map(ConnectionHandle::in_flight).sum()
+    }
+
+    /// The state users see: an alive endpoint that is ejected shows as ejected.
+    fn reported_state(&self) -> PoolState {
+        match (self.pool.state(), self.health.state()) {
+            (PoolState::Alive, HealthState::Ejected { until, times }) => PoolState::Ejected { until, times },
+            (s, _) => s,
+        }
     }
 }
 
@@ -171,14 +203,7 @@ impl ConnectionHolder {
         for addr in addrs {
             // One endpoint per address: a repeated address would never come alive.
             if !endpoints.iter().any(|e| e.addr == addr) {
-                endpoints.push(Endpoint {
-                    addr,
-                    pool: EndpointPool::new(now),
-                    conns: Vec::new(),
-                    connecting: 0,
-                    lost: false,
-                    last_failure: None,
-                });
+                endpoints.push(Endpoint::new(addr, now));
             }
         }
         let inner = Arc::new(Inner {
@@ -220,7 +245,8 @@ impl ConnectionHolder {
             .iter()
             .map(|e| EndpointStatus {
                 addr: e.addr,
-                state: e.pool.state(),
+                state: e.reported_state(),
+                health: e.health.state(),
                 connections: e.conns.len(),
                 in_flight: e.in_flight(),
             })
@@ -395,6 +421,12 @@ impl ConnectionHolder {
         }
     }
 
+    /// Records a request's outcome at `addr` for outlier detection (`failed`: it counts as the
+    /// endpoint failing).
+    pub(crate) fn record(&self, addr: SocketAddr, failed: bool) {
+        self.inner.record(addr, failed);
+    }
+
     /// Gracefully closes every connection and stops the checker.
     pub fn close(&self) {
         self.inner.shutdown.cancel();
@@ -457,14 +489,7 @@ impl Inner {
                     }
                     e.pool.revive(now);
                 }
-                None => eps.push(Endpoint {
-                    addr,
-                    pool: EndpointPool::new(now),
-                    conns: Vec::new(),
-                    connecting: 0,
-                    lost: false,
-                    last_failure: None,
-                }),
+                None => eps.push(Endpoint::new(addr, now)),
             }
         }
         self.wake.notify_one();
@@ -517,8 +542,15 @@ impl Inner {
         // Candidates: alive endpoints, without `avoid` when another one is alive. No allocation:
         // this runs on every request.
         let alive = |e: &Endpoint| e.pool.state() == PoolState::Alive;
-        let avoid = avoid.filter(|a| eps.iter().any(|e| alive(e) && e.addr != *a));
-        let candidate = |e: &Endpoint| alive(e) && Some(e.addr) != avoid;
+        // Healthy: not ejected (outlier detection), and on probation only while its one probe is
+        // not in flight. When no alive endpoint is healthy, health is set aside: an ejection never
+        // leaves a client with no endpoint.
+        let outliers = self.config.outlier.enabled;
+        let healthy = |e: &Endpoint| !outliers || e.health.takes_requests_at(now, e.in_flight());
+        let judge = eps.iter().any(|e| alive(e) && healthy(e));
+        let usable = |e: &Endpoint| alive(e) && (!judge || healthy(e));
+        let avoid = avoid.filter(|a| eps.iter().any(|e| usable(e) && e.addr != *a));
+        let candidate = |e: &Endpoint| usable(e) && Some(e.addr) != avoid;
         let n = eps.iter().filter(|e| candidate(e)).count();
         let decision = if n == 0 {
             if let Some(e) = eps.iter_mut().find(|e| e.connecting == 0 && e.pool.is_due(now)) {
@@ -582,6 +614,7 @@ impl Inner {
         .await;
         let now = Instant::now();
         let mut event = None;
+        let mut probation = None;
         {
             let mut eps = self.lock();
             guard.armed = false; // lowered here, under the same lock as the outcome
@@ -592,6 +625,9 @@ impl Inner {
                         e.conns.push(conn.clone());
                         if e.pool.state() != PoolState::Alive && e.lost {
                             event = Some(ConnectionEvent::Reconnected { addr });
+                        }
+                        if e.pool.state() != PoolState::Alive && e.health.on_reconnected() {
+                            probation = Some(ConnectionEvent::EndpointProbation { addr });
                         }
                         e.lost = false;
                         e.pool.on_connected();
@@ -626,7 +662,7 @@ impl Inner {
         }
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         metrics::counter!(RECONNECT_ATTEMPTS, "result" => outcome).increment(1);
-        if let Some(ev) = event {
+        for ev in [event, probation].into_iter().flatten() {
             self.events.send(ev);
         }
         self.publish_pool_sizes();
@@ -636,17 +672,105 @@ impl Inner {
     }
 
     fn publish_pool_sizes(&self) {
-        let (mut alive, mut retry, mut discarded) = (0.0, 0.0, 0.0);
+        let (mut alive, mut retry, mut discarded, mut ejected) = (0.0, 0.0, 0.0, 0.0);
         for e in self.lock().iter() {
-            match e.pool.state() {
+            match e.reported_state() {
                 PoolState::Alive => alive += 1.0,
                 PoolState::Retry { .. } => retry += 1.0,
                 PoolState::Discarded => discarded += 1.0,
+                PoolState::Ejected { .. } => ejected += 1.0,
             }
         }
         metrics::gauge!(POOL_ENDPOINTS, "pool" => "alive").set(alive);
         metrics::gauge!(POOL_ENDPOINTS, "pool" => "retry").set(retry);
         metrics::gauge!(POOL_ENDPOINTS, "pool" => "discarded").set(discarded);
+        metrics::gauge!(POOL_ENDPOINTS, "pool" => "ejected").set(ejected);
+    }
+
+    /// A request's outcome at `addr` (`failed`: it counts as the endpoint failing; see
+    /// [`OutlierConfig::failure_codes`]): may eject the endpoint, or trust it again.
+    fn record(&self, addr: SocketAddr, failed: bool) {
+        let config = &self.config.outlier;
+        if !config.enabled {
+            return;
+        }
+        let now = Instant::now();
+        let event = {
+            let mut eps = self.lock();
+            let Some(i) = eps.iter().position(|e| e.addr == addr) else {
+                return;
+            };
+            match eps[i].health.record(failed, config) {
+                Verdict::None => return,
+                Verdict::Trusted => ConnectionEvent::EndpointTrusted { addr },
+                Verdict::Eject(reason) => match self.try_eject(&mut eps, i, reason, now) {
+                    Some(ev) => ev,
+                    None => return,
+                },
+            }
+        };
+        if let ConnectionEvent::EndpointEjected { reason, duration, .. } = &event {
+            tracing::warn!(%addr, reason, ?duration, "endpoint ejected (outlier detection)");
+        }
+        self.events.send(event);
+        self.publish_pool_sizes();
+        self.wake.notify_one(); // the checker schedules its probation
+    }
+
+    /// Ejects endpoint `i` if the caps allow; the event to send if it did.
+    fn try_eject(&self, eps: &mut [Endpoint], i: usize, reason: EjectReason, now: Instant) -> Option<ConnectionEvent> {
+        let config = &self.config.outlier;
+        let total = eps.iter().filter(|e| e.pool.state() != PoolState::Discarded).count();
+        let ejected = eps.iter().filter(|e| e.health.is_ejected()).count();
+        let others = eps
+            .iter()
+            .enumerate()
+            .filter(|(j, e)| *j != i && e.pool.state() == PoolState::Alive && !e.health.is_ejected())
+            .count();
+        if !may_eject(ejected, total, others, config.max_ejection_percent) {
+            metrics::counter!(EJECTIONS_REFUSED, "reason" => reason.as_str()).increment(1);
+            return None;
+        }
+        let duration = eps[i].health.eject(now, config);
+        metrics::counter!(EJECTIONS, "reason" => reason.as_str()).increment(1);
+        let times = match eps[i].health.state() {
+            HealthState::Ejected { times, .. } => times,
+            _ => 0,
+        };
+        Some(ConnectionEvent::EndpointEjected {
+            addr: eps[i].addr,
+            reason: reason.as_str(),
+            duration,
+            times,
+        })
+    }
+
+    /// The end of an outlier interval: the rate rules over the interval's outcomes.
+    fn evaluate_outliers(&self, now: Instant) {
+        let config = &self.config.outlier;
+        let mut events = Vec::new();
+        {
+            let mut eps = self.lock();
+            let windows: Vec<Option<(u32, u32)>> = eps
+                .iter_mut()
+                .map(|e| {
+                    let counts = e.health.end_interval();
+                    (e.pool.state() == PoolState::Alive && e.health.state() == HealthState::Trusted).then_some(counts)
+                })
+                .collect();
+            for (i, reason) in evaluate(&windows, config) {
+                if let Some(ev) = self.try_eject(&mut eps, i, reason, now) {
+                    events.push(ev);
+                }
+            }
+        }
+        let any = !events.is_empty();
+        for ev in events {
+            self.events.send(ev);
+        }
+        if any {
+            self.publish_pool_sizes();
+        }
     }
 
     /// One checker pass: validate, move, and start due reconnects and top-ups.
@@ -655,9 +779,17 @@ impl Inner {
         let per_endpoint = self.config.connections_per_endpoint;
         let mut to_connect = Vec::new();
         let mut next_due: Option<Instant> = None;
+        let mut probation = Vec::new();
         {
             let mut eps = self.lock();
             for e in eps.iter_mut() {
+                // An ejection that is over: probation. One still running: wake up when it ends.
+                if e.health.tick(now) {
+                    probation.push(ConnectionEvent::EndpointProbation { addr: e.addr });
+                }
+                if let Some(until) = e.health.ejected_until() {
+                    next_due = Some(next_due.map_or(until, |n| n.min(until)));
+                }
                 if e.pool.state() == PoolState::Alive {
                     prune(e, now, margin);
                     if e.conns.is_empty() && e.connecting == 0 {
@@ -680,6 +812,9 @@ impl Inner {
                     }
                 }
             }
+        }
+        for ev in probation {
+            self.events.send(ev);
         }
         self.publish_pool_sizes();
         for addr in to_connect {
@@ -782,15 +917,26 @@ fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
 
 async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedReceiver<u64>) {
     let interval = inner.config.check_interval;
+    let outliers = inner.config.outlier.enabled.then_some(inner.config.outlier.interval);
     let mut next_check = Instant::now();
+    let mut next_evaluation = outliers.map(|i| Instant::now() + i);
     loop {
         let now = Instant::now();
+        if let (Some(at), Some(every)) = (next_evaluation, outliers) {
+            if now >= at {
+                inner.evaluate_outliers(now);
+                next_evaluation = Some(now + every);
+            }
+        }
         if now >= next_check {
             let due = inner.check(now);
             next_check = now + interval;
             if let Some(d) = due {
                 next_check = next_check.min(d.max(now));
             }
+        }
+        if let Some(at) = next_evaluation {
+            next_check = next_check.min(at);
         }
         tokio::select! {
             _ = inner.shutdown.cancelled() => break,

@@ -22,6 +22,15 @@ pub enum PoolState {
     },
     /// Given up after `max_reconnect_attempts`; only a discovery update brings it back.
     Discarded,
+    /// Alive (its connections are fine) but ejected for gray failure until `until` (outlier
+    /// detection, [`crate::holder::OutlierConfig`]): no new requests go to it. Only
+    /// [`crate::ConnectionHolder::endpoints`] reports this; the pool logic never enters it.
+    Ejected {
+        /// When it goes on probation.
+        until: Instant,
+        /// Its ejections not yet forgiven, this one included.
+        times: u32,
+    },
 }
 
 /// What a failed connect attempt led to.
@@ -90,7 +99,8 @@ impl EndpointPool {
     ) -> AfterFailure {
         let attempts = match self.state {
             PoolState::Retry { attempts, .. } => attempts + 1,
-            PoolState::Alive => 1, // connects that top up an alive endpoint
+            // Connects that top up an alive endpoint (`Ejected` is only ever reported).
+            PoolState::Alive | PoolState::Ejected { .. } => 1,
             PoolState::Discarded => return AfterFailure::Discard { attempts: 0 },
         };
         if max_attempts.is_some_and(|m| attempts >= m) {

@@ -1,0 +1,569 @@
+//! Gray-failure detection per endpoint (outlier detection), as pure logic: the holder feeds each
+//! request's outcome and `now`, and asks which endpoints take requests.
+//!
+//! Heartbeats are answered on the I/O task, so a server whose handlers hang (a dead database, a
+//! deadlock) heartbeats perfectly. What gives it away is its requests: timeouts and errors. The
+//! rules, after Envoy's outlier detection and gRPC's gRFC A50:
+//!
+//! - `consecutive_failures` failures in a row eject an endpoint at once.
+//! - Every `interval`, an endpoint with at least `failure_percentage_min_requests` requests in the
+//!   interval and at least `failure_percentage` % of them failed is ejected; and with at least
+//!   `success_rate_min_hosts` endpoints that had `success_rate_min_requests` each, an endpoint
+//!   whose success rate is below the mean by more than `success_rate_stdev_factor` standard
+//!   deviations is ejected.
+//! - An ejected endpoint takes no requests for `base_ejection_time × times ejected` (at most
+//!   `max_ejection_time`), then is on probation: one request at a time, until
+//!   `probe_successes` succeed in a row (trusted again) or one fails (ejected again, for longer).
+//!   Each interval an endpoint spends trusted lowers its ejection count by one.
+//! - At most `max_ejection_percent` of the endpoints are ejected at once (one always may be), and
+//!   an endpoint is never ejected when no other could take its requests: a lone endpoint stays.
+
+use std::time::Duration;
+
+use rpc_core::Code;
+use tokio::time::Instant;
+
+/// Outlier detection settings ([`crate::ClientConfig::outlier`]).
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
+pub struct OutlierConfig {
+    /// Off: endpoints are judged by their connections alone.
+    pub enabled: bool,
+    /// Failures in a row that eject an endpoint at once (0: this rule is off).
+    pub consecutive_failures: u32,
+    /// How often the rate rules are evaluated, over the requests of the interval just ended.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub interval: Duration,
+    /// Failure percentage (0 to 100) that ejects an endpoint (100 or more: never).
+    pub failure_percentage: u32,
+    /// Requests an endpoint needs in an interval for its failure percentage to count.
+    pub failure_percentage_min_requests: u32,
+    /// How far below the mean success rate, in standard deviations, ejects an endpoint.
+    pub success_rate_stdev_factor: f64,
+    /// Endpoints with enough requests needed for the success-rate rule to run.
+    pub success_rate_min_hosts: usize,
+    /// Requests an endpoint needs in an interval to count for the success-rate rule.
+    pub success_rate_min_requests: u32,
+    /// The first ejection's length; the n-th lasts n times this.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub base_ejection_time: Duration,
+    /// The longest ejection.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub max_ejection_time: Duration,
+    /// The most endpoints ejected at once, as a percentage (one may always be).
+    pub max_ejection_percent: u32,
+    /// Successes in a row, one request at a time, that make an endpoint on probation trusted.
+    pub probe_successes: u32,
+    /// Status codes that count as the endpoint failing. Connection failures and client-side
+    /// deadlines always do; other codes (APPLICATION_ERROR, NOT_FOUND, ...) are answers, and count
+    /// as successes.
+    #[cfg_attr(feature = "serde", serde(with = "codes_by_name"))]
+    pub failure_codes: Vec<Code>,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            enabled: true,
+            consecutive_failures: 5,
+            interval: Duration::from_secs(10),
+            failure_percentage: 85,
+            failure_percentage_min_requests: 50,
+            success_rate_stdev_factor: 1.9,
+            success_rate_min_hosts: 5,
+            success_rate_min_requests: 100,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            probe_successes: 3,
+            failure_codes: vec![Code::DeadlineExceeded, Code::Unavailable, Code::Internal],
+        }
+    }
+}
+
+impl OutlierConfig {
+    /// Outlier detection off.
+    pub fn disabled() -> Self {
+        OutlierConfig {
+            enabled: false,
+            ..OutlierConfig::default()
+        }
+    }
+
+    /// Checks values that cannot work.
+    pub fn validate(&self) -> Result<(), rpc_core::config::ConfigError> {
+        use rpc_core::config::ConfigError;
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.interval.is_zero() {
+            return Err(ConfigError::Zero("outlier.interval"));
+        }
+        if self.base_ejection_time.is_zero() {
+            return Err(ConfigError::Zero("outlier.base_ejection_time"));
+        }
+        if self.max_ejection_time < self.base_ejection_time {
+            return Err(ConfigError::OutOfRange {
+                field: "outlier.max_ejection_time",
+                why: "must be at least base_ejection_time",
+            });
+        }
+        if self.probe_successes == 0 {
+            return Err(ConfigError::Zero("outlier.probe_successes"));
+        }
+        if self.success_rate_stdev_factor.is_nan() || self.success_rate_stdev_factor <= 0.0 {
+            return Err(ConfigError::OutOfRange {
+                field: "outlier.success_rate_stdev_factor",
+                why: "must be above zero",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "serde")]
+mod codes_by_name {
+    use rpc_core::Code;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(codes: &[Code], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(codes.iter().map(|c| c.as_str()))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Code>, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        names
+            .iter()
+            .map(|n| {
+                Code::ALL
+                    .iter()
+                    .copied()
+                    .find(|c| c.as_str().eq_ignore_ascii_case(n))
+                    .ok_or_else(|| serde::de::Error::custom(format!("unknown status code {n:?}")))
+            })
+            .collect()
+    }
+}
+
+/// Where an endpoint stands for gray failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    /// Takes requests.
+    Trusted,
+    /// Takes no new requests until `until`.
+    Ejected {
+        /// When it goes on probation.
+        until: Instant,
+        /// Its ejections not yet forgiven (this one included).
+        times: u32,
+    },
+    /// Back from an ejection: one request at a time until enough succeed in a row.
+    Probation {
+        /// Successes in a row so far.
+        successes: u32,
+    },
+}
+
+/// Why an endpoint was ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectReason {
+    /// `consecutive_failures` in a row.
+    ConsecutiveFailures,
+    /// Its failure percentage over an interval.
+    FailurePercentage,
+    /// Its success rate far below the others'.
+    SuccessRate,
+    /// A request on probation failed.
+    ProbeFailed,
+}
+
+impl EjectReason {
+    /// A short label, as in metrics and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EjectReason::ConsecutiveFailures => "consecutive_failures",
+            EjectReason::FailurePercentage => "failure_percentage",
+            EjectReason::SuccessRate => "success_rate",
+            EjectReason::ProbeFailed => "probe_failed",
+        }
+    }
+}
+
+/// What recording an outcome calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to do.
+    None,
+    /// Eject it, if the caps allow ([`may_eject`]).
+    Eject(EjectReason),
+    /// Its probation ended well: trusted again.
+    Trusted,
+}
+
+/// The health of one endpoint.
+#[derive(Debug, Clone)]
+pub struct Health {
+    state: HealthState,
+    times_ejected: u32,
+    consecutive: u32,
+    /// Outcomes in the current interval.
+    successes: u32,
+    failures: u32,
+    /// Ejected at any time during the current interval (no forgiveness for it).
+    ejected_in_interval: bool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            state: HealthState::Trusted,
+            times_ejected: 0,
+            consecutive: 0,
+            successes: 0,
+            failures: 0,
+            ejected_in_interval: false,
+        }
+    }
+}
+
+impl Health {
+    /// A trusted endpoint with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> HealthState {
+        self.state
+    }
+
+    /// Whether it may be given a request now, with `in_flight` requests on it already.
+    pub fn takes_requests(&self, in_flight: usize) -> bool {
+        match self.state {
+            HealthState::Trusted => true,
+            HealthState::Ejected { .. } => false,
+            HealthState::Probation { .. } => in_flight == 0,
+        }
+    }
+
+    /// [`Health::takes_requests`] at `now`: an ejection that is over counts as probation even
+    /// before [`Health::tick`] moves it there.
+    pub fn takes_requests_at(&self, now: Instant, in_flight: usize) -> bool {
+        match self.state {
+            HealthState::Ejected { until, .. } if now >= until => in_flight == 0,
+            _ => self.takes_requests(in_flight),
+        }
+    }
+
+    /// When its ejection ends, if it is ejected.
+    pub fn ejected_until(&self) -> Option<Instant> {
+        match self.state {
+            HealthState::Ejected { until, .. } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// Whether it is ejected.
+    pub fn is_ejected(&self) -> bool {
+        matches!(self.state, HealthState::Ejected { .. })
+    }
+
+    /// One request's outcome (`failed`: it counts as the endpoint failing).
+    pub fn record(&mut self, failed: bool, config: &OutlierConfig) -> Verdict {
+        if failed {
+            self.failures = self.failures.saturating_add(1);
+            self.consecutive = self.consecutive.saturating_add(1);
+        } else {
+            self.successes = self.successes.saturating_add(1);
+            self.consecutive = 0;
+        }
+        match self.state {
+            // Requests sent before the ejection may still end: they change nothing now.
+            HealthState::Ejected { .. } => Verdict::None,
+            HealthState::Probation { .. } if failed => Verdict::Eject(EjectReason::ProbeFailed),
+            HealthState::Probation { successes } => {
+                let successes = successes + 1;
+                if successes >= config.probe_successes {
+                    self.state = HealthState::Trusted;
+                    Verdict::Trusted
+                } else {
+                    self.state = HealthState::Probation { successes };
+                    Verdict::None
+                }
+            }
+            HealthState::Trusted
+                if failed && config.consecutive_failures > 0 && self.consecutive >= config.consecutive_failures =>
+            {
+                Verdict::Eject(EjectReason::ConsecutiveFailures)
+            }
+            HealthState::Trusted => Verdict::None,
+        }
+    }
+
+    /// Ejects it at `now`; returns how long for.
+    pub fn eject(&mut self, now: Instant, config: &OutlierConfig) -> Duration {
+        self.times_ejected = self.times_ejected.saturating_add(1);
+        let length = config
+            .base_ejection_time
+            .saturating_mul(self.times_ejected)
+            .min(config.max_ejection_time.max(config.base_ejection_time));
+        self.state = HealthState::Ejected {
+            until: now + length,
+            times: self.times_ejected,
+        };
+        self.consecutive = 0;
+        self.ejected_in_interval = true;
+        length
+    }
+
+    /// Moves an ejection that is over to probation; true when it did.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        match self.state {
+            HealthState::Ejected { until, .. } if now >= until => {
+                self.state = HealthState::Probation { successes: 0 };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Its endpoint connected again after losing every connection (the connection-level fault
+    /// that may have caused the failures was caught by liveness): an ejection gives way to
+    /// probation at once, so a fresh connection proves itself with a few requests instead of
+    /// waiting out the ejection. True when it did. Its ejection count stays: a failed probe
+    /// ejects it for longer.
+    pub fn on_reconnected(&mut self) -> bool {
+        if self.is_ejected() {
+            self.state = HealthState::Probation { successes: 0 };
+            return true;
+        }
+        false
+    }
+
+    /// Ends the interval: returns its (successes, failures) and starts the next. An endpoint that
+    /// spent the interval trusted has one ejection forgiven.
+    pub fn end_interval(&mut self) -> (u32, u32) {
+        let counts = (self.successes, self.failures);
+        if self.state == HealthState::Trusted && !self.ejected_in_interval {
+            self.times_ejected = self.times_ejected.saturating_sub(1);
+        }
+        self.successes = 0;
+        self.failures = 0;
+        self.ejected_in_interval = false;
+        counts
+    }
+}
+
+/// May one more endpoint be ejected, with `ejected` of `total` ejected already and
+/// `others_usable` other endpoints able to take its requests (alive and not ejected)?
+pub fn may_eject(ejected: usize, total: usize, others_usable: usize, max_percent: u32) -> bool {
+    others_usable > 0 && (ejected == 0 || (ejected + 1) * 100 <= total.saturating_mul(max_percent as usize))
+}
+
+/// The rate rules over one interval's `(successes, failures)` per endpoint (endpoints already
+/// ejected or on probation are passed as `None`): the endpoints to eject, worst first.
+pub fn evaluate(windows: &[Option<(u32, u32)>], config: &OutlierConfig) -> Vec<(usize, EjectReason)> {
+    let mut out: Vec<(usize, EjectReason, f64)> = Vec::new();
+    // Success rate: against the others that had enough requests.
+    let rated: Vec<(usize, f64)> = windows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            let (s, f) = (*w)?;
+            let n = s + f;
+            (n >= config.success_rate_min_requests && n > 0).then(|| (i, f64::from(s) / f64::from(n)))
+        })
+        .collect();
+    if rated.len() >= config.success_rate_min_hosts.max(1) {
+        let mean = rated.iter().map(|(_, r)| r).sum::<f64>() / rated.len() as f64;
+        let var = rated.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / rated.len() as f64;
+        let limit = mean - config.success_rate_stdev_factor * var.sqrt();
+        for (i, r) in &rated {
+            if *r < limit {
+                out.push((*i, EjectReason::SuccessRate, *r));
+            }
+        }
+    }
+    // Failure percentage: each on its own.
+    if config.failure_percentage < 100 {
+        for (i, w) in windows.iter().enumerate() {
+            let Some((s, f)) = *w else { continue };
+            let n = s + f;
+            if n == 0 || n < config.failure_percentage_min_requests || out.iter().any(|(j, _, _)| *j == i) {
+                continue;
+            }
+            if u64::from(f) * 100 >= u64::from(n) * u64::from(config.failure_percentage) {
+                out.push((i, EjectReason::FailurePercentage, f64::from(s) / f64::from(n)));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.2.total_cmp(&b.2));
+    out.into_iter().map(|(i, r, _)| (i, r)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> OutlierConfig {
+        OutlierConfig::default()
+    }
+
+    #[test]
+    fn five_failures_in_a_row_eject_and_a_success_between_resets_the_count() {
+        let c = config();
+        let mut h = Health::new();
+        for _ in 0..4 {
+            assert_eq!(h.record(true, &c), Verdict::None);
+        }
+        assert_eq!(h.record(false, &c), Verdict::None);
+        for _ in 0..4 {
+            assert_eq!(h.record(true, &c), Verdict::None);
+        }
+        assert_eq!(h.record(true, &c), Verdict::Eject(EjectReason::ConsecutiveFailures));
+    }
+
+    #[test]
+    fn ejections_grow_to_the_cap_then_probation_decides() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        assert_eq!(h.eject(t0, &c), Duration::from_secs(30));
+        assert!(!h.takes_requests(0));
+        assert!(!h.tick(t0 + Duration::from_secs(29)));
+        assert!(h.tick(t0 + Duration::from_secs(30)));
+        // Probation: one request at a time.
+        assert!(h.takes_requests(0));
+        assert!(!h.takes_requests(1));
+        // A failed probe: ejected again, for longer.
+        assert_eq!(h.record(true, &c), Verdict::Eject(EjectReason::ProbeFailed));
+        assert_eq!(h.eject(t0, &c), Duration::from_secs(60));
+        for n in 3..=12 {
+            let len = h.eject(t0, &c);
+            assert_eq!(len, Duration::from_secs(30 * n).min(Duration::from_secs(300)));
+        }
+        h.tick(t0 + Duration::from_secs(301));
+        assert_eq!(h.record(false, &c), Verdict::None);
+        assert_eq!(h.record(false, &c), Verdict::None);
+        assert_eq!(h.record(false, &c), Verdict::Trusted);
+        assert!(h.takes_requests(100));
+    }
+
+    #[test]
+    fn a_reconnect_turns_an_ejection_into_probation() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        assert!(!h.on_reconnected());
+        h.eject(t0, &c);
+        assert!(h.on_reconnected());
+        assert_eq!(h.state(), HealthState::Probation { successes: 0 });
+        assert_eq!(h.record(true, &c), Verdict::Eject(EjectReason::ProbeFailed));
+        assert_eq!(h.eject(t0, &c), Duration::from_secs(60), "the count stays");
+    }
+
+    #[test]
+    fn trusted_intervals_forgive_ejections_one_at_a_time() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        h.eject(t0, &c);
+        h.tick(t0 + Duration::from_secs(30));
+        for _ in 0..3 {
+            h.record(false, &c);
+        }
+        h.end_interval(); // ejected during it: not forgiven
+        h.end_interval(); // trusted throughout: forgiven
+        assert_eq!(h.eject(t0, &c), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn caps_one_always_never_the_last_usable() {
+        assert!(may_eject(0, 3, 2, 10), "one may always be ejected");
+        assert!(!may_eject(1, 3, 1, 10), "10 % of 3 is below two");
+        assert!(may_eject(1, 20, 18, 10));
+        assert!(!may_eject(2, 20, 17, 10));
+        assert!(!may_eject(0, 1, 0, 100), "a lone endpoint stays");
+        assert!(!may_eject(0, 3, 0, 100), "nor the last one still usable");
+    }
+
+    #[test]
+    fn failure_percentage_needs_volume_and_success_rate_needs_hosts() {
+        let c = config();
+        // 85 % of 100 failed, the others fine: failure percentage.
+        let w = [Some((15, 85)), Some((100, 0)), Some((100, 0))];
+        assert_eq!(evaluate(&w, &c), vec![(0, EjectReason::FailurePercentage)]);
+        // Too few requests: nothing.
+        assert!(evaluate(&[Some((1, 40)), Some((100, 0))], &c).is_empty());
+        // Success rate: five hosts, one far below.
+        let w = [
+            Some((1000, 0)),
+            Some((995, 5)),
+            Some((1000, 0)),
+            Some((998, 2)),
+            Some((700, 300)),
+            None,
+        ];
+        assert_eq!(evaluate(&w, &c), vec![(4, EjectReason::SuccessRate)]);
+        // Four hosts: the success-rate rule does not run (and 30 % is no failure percentage).
+        assert!(evaluate(&w[1..], &c).is_empty());
+    }
+
+    proptest! {
+        /// Whatever the outcomes and times: an ejected endpoint takes nothing until its time is
+        /// up; probation takes one request at a time; an ejection lasts base × times, capped.
+        #[test]
+        fn ejected_means_no_requests_and_lengths_follow_the_rule(
+            steps in proptest::collection::vec((any::<bool>(), 0u64..40_000, 0usize..3), 1..200)
+        ) {
+            let c = config();
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut h = Health::new();
+            let mut times = 0u32;
+            for (failed, advance_ms, in_flight) in steps {
+                now += Duration::from_millis(advance_ms);
+                h.tick(now);
+                match h.state() {
+                    HealthState::Ejected { until, .. } => {
+                        prop_assert!(now < until);
+                        prop_assert!(!h.takes_requests(in_flight));
+                    }
+                    HealthState::Probation { .. } => prop_assert_eq!(h.takes_requests(in_flight), in_flight == 0),
+                    HealthState::Trusted => prop_assert!(h.takes_requests(in_flight)),
+                }
+                if let Verdict::Eject(_) = h.record(failed, &c) {
+                    times += 1;
+                    let len = h.eject(now, &c);
+                    let HealthState::Ejected { times: t, .. } = h.state() else { unreachable!() };
+                    prop_assert!(t <= times);
+                    prop_assert_eq!(len, (c.base_ejection_time * t).min(c.max_ejection_time));
+                }
+            }
+        }
+
+        /// The caps: starting from none ejected, ejecting every endpoint that asks never exceeds
+        /// max(1, max_percent of total) and never leaves no usable endpoint.
+        #[test]
+        fn caps_hold_for_any_sequence(total in 1usize..40, pct in 0u32..101, asks in proptest::collection::vec(0usize..40, 1..80)) {
+            let mut ejected = vec![false; total];
+            for a in asks {
+                let a = a % total;
+                if ejected[a] { continue; }
+                let n = ejected.iter().filter(|e| **e).count();
+                let others = total - n - 1;
+                if may_eject(n, total, others, pct) {
+                    ejected[a] = true;
+                }
+                let n = ejected.iter().filter(|e| **e).count();
+                prop_assert!(n < total, "every endpoint ejected");
+                prop_assert!(n <= 1 || n * 100 <= total * pct as usize);
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Gray failure: endpoints whose connections are fine but whose requests are not. Heartbeats are
+//! answered on the I/O task, so a server with hung handlers heartbeats perfectly; outlier
+//! detection (`ClientConfig::outlier`) judges endpoints by their requests instead, and ejects the
+//! bad ones for a while.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpc_client::{Balance, Client, ClientConfig, HealthState, OutlierConfig, PoolState};
+use rpc_core::event::ConnectionEvent;
+use rpc_core::{Code, Request, Response, Status};
+use rpc_server::{Server, ServerConfig, ServerHandle};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+const METHOD: &str = "/o.O/Do";
+
+/// How a test server behaves, switchable while it runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Fine,
+    /// Handlers hang (until the mode changes); heartbeats are still answered.
+    Hang,
+    /// Every request fails at once with INTERNAL.
+    FailFast,
+}
+
+struct TestServer {
+    handle: ServerHandle,
+    mode: Arc<Mutex<Mode>>,
+    ran: Arc<AtomicUsize>,
+}
+
+impl TestServer {
+    async fn start(mode: Mode) -> TestServer {
+        let mode = Arc::new(Mutex::new(mode));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (m, r) = (mode.clone(), ran.clone());
+        let handle = Server::builder()
+            .config(ServerConfig {
+                shutdown_grace: Duration::from_millis(100),
+                ..ServerConfig::default()
+            })
+            .route(
+                METHOD,
+                rpc_server::handler_fn(move |_req: Request<Bytes>| {
+                    let (m, r) = (m.clone(), r.clone());
+                    async move {
+                        r.fetch_add(1, Ordering::Relaxed);
+                        loop {
+                            let now = *m.lock().unwrap();
+                            match now {
+                                Mode::Fine => {
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                    return Ok(Response::new(Bytes::new()));
+                                }
+                                Mode::FailFast => return Err(Status::new(Code::Internal, "broken")),
+                                // A handler stuck on a dead dependency: it polls its mode so a
+                                // heal lets it go.
+                                Mode::Hang => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                        }
+                    }
+                }),
+            )
+            .bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        TestServer { handle, mode, ran }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    fn ran(&self) -> usize {
+        self.ran.load(Ordering::Relaxed)
+    }
+}
+
+fn config(outlier: OutlierConfig) -> ClientConfig {
+    ClientConfig {
+        request_timeout: Duration::from_millis(200),
+        heartbeat: rpc_core::config::HeartbeatConfig {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(80),
+            max_failures: 3,
+            ..rpc_core::config::HeartbeatConfig::default()
+        },
+        outlier,
+        ..ClientConfig::default()
+    }
+}
+
+async fn all_connected(client: &Client, n: usize) {
+    tests::wait_until(Duration::from_secs(5), || {
+        client
+            .holder()
+            .endpoints()
+            .iter()
+            .filter(|e| e.state == PoolState::Alive)
+            .count()
+            == n
+    })
+    .await;
+}
+
+async fn next_event(
+    events: &mut broadcast::Receiver<ConnectionEvent>,
+    limit: Duration,
+    pred: impl Fn(&ConnectionEvent) -> bool,
+) -> ConnectionEvent {
+    let deadline = Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(ev)) if pred(&ev) => return ev,
+            Ok(Ok(_)) => continue,
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(e)) => panic!("events ended: {e}"),
+            Err(_) => panic!("no such event within {limit:?}"),
+        }
+    }
+}
+
+/// `callers` tasks sending requests until `count` have ended; returns (ok, failed, latencies).
+async fn run(client: &Client, callers: usize, count: usize) -> (usize, usize, Vec<Duration>) {
+    let left = Arc::new(AtomicUsize::new(count));
+    let results = Arc::new(Mutex::new((0usize, 0usize, Vec::new())));
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (client, left, results) = (client.clone(), left.clone(), results.clone());
+            tokio::spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let start = Instant::now();
+                    let r = client.unary(Request::new(METHOD, Bytes::new())).await;
+                    let mut res = results.lock().unwrap();
+                    res.2.push(start.elapsed());
+                    match r {
+                        Ok(_) => res.0 += 1,
+                        Err(_) => res.1 += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut res = results.lock().unwrap();
+    res.2.sort();
+    (res.0, res.1, std::mem::take(&mut res.2))
+}
+
+fn p99(latencies: &[Duration]) -> Duration {
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_handlers_hang_while_heartbeats_answer_is_ejected_then_trusted_again() {
+    tests::trace();
+    let servers = [
+        TestServer::start(Mode::Fine).await,
+        TestServer::start(Mode::Fine).await,
+        TestServer::start(Mode::Hang).await,
+    ];
+    let outlier = OutlierConfig {
+        base_ejection_time: Duration::from_secs(1),
+        ..OutlierConfig::default()
+    };
+    let client = Client::with_endpoints(servers.iter().map(TestServer::addr), config(outlier.clone())).unwrap();
+    all_connected(&client, 3).await;
+    let mut events = client.events();
+    let hung = servers[2].addr();
+
+    // Four callers: the hung server is ejected after `consecutive_failures` timeouts in a row
+    // (plus the ones already in flight to it then).
+    let (_, failed, _) = run(&client, 4, 200).await;
+    let ev = next_event(&mut events, Duration::from_secs(1), |e| {
+        matches!(e, ConnectionEvent::EndpointEjected { .. })
+    })
+    .await;
+    let ConnectionEvent::EndpointEjected { addr, reason, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!((addr, reason), (hung, "consecutive_failures"));
+    let stated = outlier.consecutive_failures as usize + 4;
+    assert!(
+        failed <= stated,
+        "{failed} requests failed before the ejection (at most {stated})"
+    );
+    assert!(failed >= outlier.consecutive_failures as usize);
+    eprintln!(
+        "outlier: hung server ejected after {failed} failed requests (consecutive_failures {})",
+        outlier.consecutive_failures
+    );
+    let status = client
+        .holder()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.addr == hung)
+        .unwrap();
+    assert!(
+        matches!(status.state, PoolState::Ejected { times: 1, .. }),
+        "{status:?}"
+    );
+    assert_eq!(status.connections, 1, "its connection is fine: heartbeats answer");
+
+    // Ejected: the error rate is back to zero and the p99 to the healthy servers'.
+    let ran_before = servers[2].ran();
+    let (ok, failed, latencies) = run(&client, 4, 400).await;
+    assert_eq!((ok, failed), (400, 0));
+    assert_eq!(servers[2].ran(), ran_before, "requests went to the ejected server");
+    eprintln!("outlier: while it is ejected: 400 of 400 ok, p99 {:?}", p99(&latencies));
+    assert!(
+        p99(&latencies) < Duration::from_millis(100),
+        "p99 {:?}",
+        p99(&latencies)
+    );
+
+    // It heals; after its ejection it is on probation, then trusted, then shares the load again.
+    servers[2].set(Mode::Fine);
+    next_event(
+        &mut events,
+        Duration::from_secs(3),
+        |e| matches!(e, ConnectionEvent::EndpointProbation { addr } if *addr == hung),
+    )
+    .await;
+    let probing = tokio::spawn({
+        let client = client.clone();
+        async move { run(&client, 2, 400).await }
+    });
+    next_event(
+        &mut events,
+        Duration::from_secs(3),
+        |e| matches!(e, ConnectionEvent::EndpointTrusted { addr } if *addr == hung),
+    )
+    .await;
+    let (ok, failed, _) = probing.await.unwrap();
+    assert_eq!((ok, failed), (400, 0));
+    let before = servers[2].ran();
+    run(&client, 3, 300).await;
+    assert!(
+        servers[2].ran() - before >= 50,
+        "trusted again, it takes a share: {}",
+        servers[2].ran() - before
+    );
+    let status = client
+        .holder()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.addr == hung)
+        .unwrap();
+    assert_eq!((status.state, status.health), (PoolState::Alive, HealthState::Trusted));
+}
+
+async fn fail_fast_share(outlier: OutlierConfig) -> (f64, Vec<ConnectionEvent>) {
+    let servers = [
+        TestServer::start(Mode::Fine).await,
+        TestServer::start(Mode::Fine).await,
+        TestServer::start(Mode::FailFast).await,
+    ];
+    let mut cfg = config(outlier);
+    cfg.balance = Balance::LeastInFlight;
+    let client = Client::with_endpoints(servers.iter().map(TestServer::addr), cfg).unwrap();
+    all_connected(&client, 3).await;
+    let mut events = client.events();
+    run(&client, 8, 2000).await;
+    let total: usize = servers.iter().map(TestServer::ran).sum();
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push(ev);
+    }
+    (servers[2].ran() as f64 / total as f64, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_fast_is_ejected_rather_than_favoured_by_least_in_flight() {
+    // Without outlier detection, the endpoint that fails in no time has the fewest requests in
+    // flight and draws the most load.
+    let (share, _) = fail_fast_share(OutlierConfig::disabled()).await;
+    assert!(share > 0.4, "control: the failing endpoint drew {:.0} %", share * 100.0);
+    let (ejected_share, events) = fail_fast_share(OutlierConfig::default()).await;
+    eprintln!(
+        "outlier: an endpoint failing fast drew {:.1} % of 2,000 requests under least-in-flight, {:.2} % with outlier detection",
+        share * 100.0,
+        ejected_share * 100.0
+    );
+    assert!(ejected_share < 0.01, "it still drew {:.2} %", ejected_share * 100.0);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        ConnectionEvent::EndpointEjected {
+            reason: "consecutive_failures",
+            ..
+        }
+    )));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_max_ejection_percent_are_ejected_and_a_lone_endpoint_never_is() {
+    // Three endpoints, all failing: 10 % of 3 allows the one that may always go, no second.
+    let servers = [
+        TestServer::start(Mode::FailFast).await,
+        TestServer::start(Mode::FailFast).await,
+        TestServer::start(Mode::FailFast).await,
+    ];
+    let client =
+        Client::with_endpoints(servers.iter().map(TestServer::addr), config(OutlierConfig::default())).unwrap();
+    all_connected(&client, 3).await;
+    let (ok, failed, _) = run(&client, 4, 300).await;
+    assert_eq!((ok, failed), (0, 300));
+    let ejected = client
+        .holder()
+        .endpoints()
+        .iter()
+        .filter(|e| matches!(e.state, PoolState::Ejected { .. }))
+        .count();
+    assert_eq!(ejected, 1);
+    // With a cap of 100 %, all but the last usable one go.
+    let all = OutlierConfig {
+        max_ejection_percent: 100,
+        ..OutlierConfig::default()
+    };
+    let client = Client::with_endpoints(servers.iter().map(TestServer::addr), config(all)).unwrap();
+    all_connected(&client, 3).await;
+    run(&client, 4, 300).await;
+    let states: HashMap<SocketAddr, HealthState> =
+        client.holder().endpoints().iter().map(|e| (e.addr, e.health)).collect();
+    let ejected = states
+        .values()
+        .filter(|h| matches!(h, HealthState::Ejected { .. }))
+        .count();
+    assert_eq!(ejected, 2, "{states:?}");
+
+    // A lone endpoint failing every request is never ejected into "no endpoint": its callers get
+    // its errors, not NO_ENDPOINT.
+    let lone = TestServer::start(Mode::FailFast).await;
+    let client = Client::with_endpoints([lone.addr()], config(OutlierConfig::default())).unwrap();
+    all_connected(&client, 1).await;
+    for _ in 0..50 {
+        let e = client.unary(Request::new(METHOD, Bytes::new())).await.unwrap_err();
+        assert_eq!(e.code(), Code::Internal, "{e}");
+    }
+    assert_eq!(client.holder().endpoints()[0].health, HealthState::Trusted);
+}
+
+/// A server layer that refuses every request before its handler (UNAVAILABLE, "not executed"),
+/// counting the attempts that reach it: a service down behind healthy connections.
+#[derive(Clone)]
+struct RefuseAll(Arc<AtomicUsize>);
+
+impl<S> tower::Layer<S> for RefuseAll {
+    type Service = Refusing;
+    fn layer(&self, _inner: S) -> Refusing {
+        Refusing(self.0.clone())
+    }
+}
+
+#[derive(Clone)]
+struct Refusing(Arc<AtomicUsize>);
+
+impl tower::Service<Request<Bytes>> for Refusing {
+    type Response = Response<Bytes>;
+    type Error = rpc_core::BoxError;
+    type Future = std::future::Ready<Result<Response<Bytes>, rpc_core::BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Bytes>) -> Self::Future {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Err(Box::new(rpc_server::Refused::new(Status::new(
+            Code::Unavailable,
+            "down",
+        )))))
+    }
+}
+
+/// Requests sent by 4 callers in 2 s against 3 servers that refuse everything, and the attempts
+/// that reached the servers.
+async fn outage_load(budget: rpc_client::RetryBudgetConfig) -> (usize, usize) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(
+            Server::builder()
+                .layer(RefuseAll(seen.clone()))
+                .route(
+                    METHOD,
+                    rpc_server::handler_fn(|_r: Request<Bytes>| async { Ok(Response::new(Bytes::new())) }),
+                )
+                .bind("127.0.0.1:0")
+                .await
+                .unwrap(),
+        );
+    }
+    let mut cfg = config(OutlierConfig::disabled());
+    cfg.retry_budget = budget;
+    let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
+    all_connected(&client, 3).await;
+    let stop = Instant::now() + Duration::from_secs(2);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, sent) = (client.clone(), sent.clone());
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    let e = client.unary(Request::new(METHOD, Bytes::new())).await.unwrap_err();
+                    assert!(!e.may_have_executed(), "{e}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (sent.load(Ordering::Relaxed), seen.load(Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_total_outage_retries_stay_within_the_budget() {
+    // Without a budget every request is tried max_attempts (3) times.
+    let (sent, seen) = outage_load(rpc_client::RetryBudgetConfig::unlimited()).await;
+    assert!(
+        seen as f64 >= sent as f64 * 2.9,
+        "control: {seen} attempts for {sent} requests"
+    );
+    let unlimited = seen as f64 / sent as f64;
+    let budget = rpc_client::RetryBudgetConfig::default();
+    let (sent, seen) = outage_load(budget.clone()).await;
+    // 20 % of the requests, plus the floor of 10 a second over the 10 s window.
+    let floor = f64::from(budget.min_per_second) * budget.window.as_secs_f64();
+    let allowed = sent as f64 * (1.0 + budget.ratio) + floor;
+    eprintln!(
+        "outlier: total outage, 4 callers for 2 s: {unlimited:.2} attempts per request without a budget, {:.3} with (allowed {:.3})",
+        seen as f64 / sent as f64,
+        allowed / sent as f64
+    );
+    assert!(
+        seen as f64 <= allowed,
+        "{seen} attempts for {sent} requests (allowed {allowed})"
+    );
+}
