@@ -22,18 +22,22 @@ use crate::error::{Error, ErrorKind, History};
 use crate::holder::ConnectionHolder;
 
 /// What an attempt's result says about its endpoint, for outlier detection: `Some(true)` when it
-/// counts as the endpoint failing (a code in `failure_codes`, a connection that broke under it, a
-/// deadline that passed waiting for it), `Some(false)` for an answer (success, or any other code),
-/// `None` when it says nothing about the endpoint (a draining connection, a request this side
-/// could not encode or a response it refused).
+/// counts as the endpoint failing (a code in `failure_codes`, this side's deadline passing when
+/// DEADLINE_EXCEEDED is one of them, a connection that broke under it), `Some(false)` for an
+/// answer (success, or any other code), `None` when it says nothing about the endpoint (a
+/// SERVER_BUSY refusal, a draining connection, a request this side could not encode or a
+/// response it refused).
 fn endpoint_failed(result: &Result<Response<Bytes>, Error>, failure_codes: &[Code]) -> Option<bool> {
     let e = match result {
         Ok(_) => return Some(false),
         Err(e) => e,
     };
     match e.kind() {
+        // A refusal for overload is no answer about the endpoint's health (and a hung server's
+        // fast refusals would otherwise pass for successes between its timeouts).
+        ErrorKind::Status(s) if s.code() == Code::ServerBusy && !e.may_have_executed() => None,
         ErrorKind::Status(s) => Some(failure_codes.contains(&s.code())),
-        ErrorKind::DeadlineExceeded => Some(true),
+        ErrorKind::DeadlineExceeded => failure_codes.contains(&Code::DeadlineExceeded).then_some(true),
         ErrorKind::Connection(ConnectionError::NotWritten(_) | ConnectionError::ClosedAfterWrite(_)) => Some(true),
         _ => None,
     }
@@ -439,5 +443,37 @@ impl Service<Request<Bytes>> for Client {
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let client = self.clone();
         Box::pin(async move { client.unary(req).await })
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn what_an_attempt_says_about_its_endpoint() {
+        let codes = crate::holder::OutlierConfig::default().failure_codes;
+        let status = |code, executed| Err(Error::new(ErrorKind::Status(Status::new(code, "x")), executed));
+        assert_eq!(endpoint_failed(&Ok(Response::new(Bytes::new())), &codes), Some(false));
+        assert_eq!(endpoint_failed(&status(Code::Internal, true), &codes), Some(true));
+        assert_eq!(
+            endpoint_failed(&status(Code::ApplicationError, true), &codes),
+            Some(false)
+        );
+        assert_eq!(endpoint_failed(&status(Code::NotFound, true), &codes), Some(false));
+        // An overload refusal says nothing either way.
+        assert_eq!(endpoint_failed(&status(Code::ServerBusy, false), &codes), None);
+        assert_eq!(endpoint_failed(&Err(Error::deadline(true)), &codes), Some(true));
+        // Without DEADLINE_EXCEEDED among the codes, this side's deadlines do not count.
+        let no_deadlines = vec![Code::Unavailable, Code::Internal];
+        assert_eq!(endpoint_failed(&Err(Error::deadline(true)), &no_deadlines), None);
+        let broken = Err(Error::from(ConnectionError::ClosedAfterWrite(
+            rpc_core::CloseReason::PeerClosed,
+        )));
+        assert_eq!(endpoint_failed(&broken, &codes), Some(true));
+        assert_eq!(
+            endpoint_failed(&Err(Error::from(ConnectionError::Draining)), &codes),
+            None
+        );
     }
 }

@@ -58,6 +58,10 @@ pub struct OutlierConfig {
     pub max_ejection_percent: u32,
     /// Successes in a row, one request at a time, that make an endpoint on probation trusted.
     pub probe_successes: u32,
+    /// A probe whose outcome is not heard of within this (its caller gave up, or it went to a
+    /// stream, whose outcomes are not counted) frees the probe slot for another.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub probe_timeout: Duration,
     /// Status codes that count as the endpoint failing. Connection failures and client-side
     /// deadlines always do; other codes (APPLICATION_ERROR, NOT_FOUND, ...) are answers, and count
     /// as successes.
@@ -80,6 +84,7 @@ impl Default for OutlierConfig {
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
             probe_successes: 3,
+            probe_timeout: Duration::from_secs(5),
             failure_codes: vec![Code::DeadlineExceeded, Code::Unavailable, Code::Internal],
         }
     }
@@ -114,6 +119,9 @@ impl OutlierConfig {
         }
         if self.probe_successes == 0 {
             return Err(ConfigError::Zero("outlier.probe_successes"));
+        }
+        if self.probe_timeout.is_zero() {
+            return Err(ConfigError::Zero("outlier.probe_timeout"));
         }
         if self.success_rate_stdev_factor.is_nan() || self.success_rate_stdev_factor <= 0.0 {
             return Err(ConfigError::OutOfRange {
@@ -210,11 +218,14 @@ pub struct Health {
     state: HealthState,
     times_ejected: u32,
     consecutive: u32,
-    /// Outcomes in the current interval.
+    /// Outcomes in the current interval (none counted while ejected).
     successes: u32,
     failures: u32,
-    /// Ejected at any time during the current interval (no forgiveness for it).
+    /// Ejected at any time during the current interval: its counts say nothing of it now.
     ejected_in_interval: bool,
+    /// On probation: when the probe now out was handed out. Its outcome frees the slot; so does
+    /// `probe_timeout` passing without one (its caller gave up, or it went to a stream).
+    probe_reserved: Option<Instant>,
 }
 
 impl Default for Health {
@@ -226,6 +237,7 @@ impl Default for Health {
             successes: 0,
             failures: 0,
             ejected_in_interval: false,
+            probe_reserved: None,
         }
     }
 }
@@ -241,21 +253,29 @@ impl Health {
         self.state
     }
 
-    /// Whether it may be given a request now, with `in_flight` requests on it already.
-    pub fn takes_requests(&self, in_flight: usize) -> bool {
+    /// Whether it is trusted (takes any number of requests).
+    pub fn is_trusted(&self) -> bool {
+        self.state == HealthState::Trusted
+    }
+
+    /// Whether it may be given a request at `now`: trusted; or on probation (an ejection that is
+    /// over counts, even before [`Health::tick`] moves it there) with no probe out.
+    pub fn takes_requests(&self, now: Instant, config: &OutlierConfig) -> bool {
         match self.state {
             HealthState::Trusted => true,
-            HealthState::Ejected { .. } => false,
-            HealthState::Probation { .. } => in_flight == 0,
+            HealthState::Ejected { until, .. } if now < until => false,
+            _ => self
+                .probe_reserved
+                .is_none_or(|at| now.saturating_duration_since(at) >= config.probe_timeout),
         }
     }
 
-    /// [`Health::takes_requests`] at `now`: an ejection that is over counts as probation even
-    /// before [`Health::tick`] moves it there.
-    pub fn takes_requests_at(&self, now: Instant, in_flight: usize) -> bool {
-        match self.state {
-            HealthState::Ejected { until, .. } if now >= until => in_flight == 0,
-            _ => self.takes_requests(in_flight),
+    /// Hands out the probe slot at `now` (the caller checked [`Health::takes_requests`]); no-op
+    /// when trusted.
+    pub fn reserve_probe(&mut self, now: Instant) {
+        self.tick(now);
+        if let HealthState::Probation { .. } = self.state {
+            self.probe_reserved = Some(now);
         }
     }
 
@@ -272,8 +292,14 @@ impl Health {
         matches!(self.state, HealthState::Ejected { .. })
     }
 
-    /// One request's outcome (`failed`: it counts as the endpoint failing).
-    pub fn record(&mut self, failed: bool, config: &OutlierConfig) -> Verdict {
+    /// One request's outcome at `now` (`failed`: it counts as the endpoint failing).
+    pub fn record(&mut self, now: Instant, failed: bool, config: &OutlierConfig) -> Verdict {
+        self.tick(now);
+        // Requests sent before an ejection may still end during it: they change nothing, and
+        // count in no interval.
+        if self.is_ejected() {
+            return Verdict::None;
+        }
         if failed {
             self.failures = self.failures.saturating_add(1);
             self.consecutive = self.consecutive.saturating_add(1);
@@ -282,10 +308,15 @@ impl Health {
             self.consecutive = 0;
         }
         match self.state {
-            // Requests sent before the ejection may still end: they change nothing now.
             HealthState::Ejected { .. } => Verdict::None,
-            HealthState::Probation { .. } if failed => Verdict::Eject(EjectReason::ProbeFailed),
+            HealthState::Probation { .. } if failed => {
+                // In a row: a failed probe starts the count again, even if the caps keep it.
+                self.state = HealthState::Probation { successes: 0 };
+                self.probe_reserved = None;
+                Verdict::Eject(EjectReason::ProbeFailed)
+            }
             HealthState::Probation { successes } => {
+                self.probe_reserved = None;
                 let successes = successes + 1;
                 if successes >= config.probe_successes {
                     self.state = HealthState::Trusted;
@@ -304,7 +335,7 @@ impl Health {
         }
     }
 
-    /// Ejects it at `now`; returns how long for.
+    /// Ejects it at `now`; returns how long for. What it did before counts no more.
     pub fn eject(&mut self, now: Instant, config: &OutlierConfig) -> Duration {
         self.times_ejected = self.times_ejected.saturating_add(1);
         let length = config
@@ -316,6 +347,9 @@ impl Health {
             times: self.times_ejected,
         };
         self.consecutive = 0;
+        self.successes = 0;
+        self.failures = 0;
+        self.probe_reserved = None;
         self.ejected_in_interval = true;
         length
     }
@@ -325,6 +359,7 @@ impl Health {
         match self.state {
             HealthState::Ejected { until, .. } if now >= until => {
                 self.state = HealthState::Probation { successes: 0 };
+                self.probe_reserved = None;
                 true
             }
             _ => false,
@@ -339,16 +374,19 @@ impl Health {
     pub fn on_reconnected(&mut self) -> bool {
         if self.is_ejected() {
             self.state = HealthState::Probation { successes: 0 };
+            self.probe_reserved = None;
             return true;
         }
         false
     }
 
-    /// Ends the interval: returns its (successes, failures) and starts the next. An endpoint that
-    /// spent the interval trusted has one ejection forgiven.
-    pub fn end_interval(&mut self) -> (u32, u32) {
-        let counts = (self.successes, self.failures);
-        if self.state == HealthState::Trusted && !self.ejected_in_interval {
+    /// Ends the interval and starts the next: its (successes, failures) for the rate rules, or
+    /// `None` when they say nothing of it now (not trusted, or ejected during the interval). An
+    /// endpoint that spent the interval trusted has one ejection forgiven.
+    pub fn end_interval(&mut self) -> Option<(u32, u32)> {
+        let judged = self.state == HealthState::Trusted && !self.ejected_in_interval;
+        let counts = judged.then_some((self.successes, self.failures));
+        if judged {
             self.times_ejected = self.times_ejected.saturating_sub(1);
         }
         self.successes = 0;
@@ -417,41 +455,112 @@ mod tests {
     #[test]
     fn five_failures_in_a_row_eject_and_a_success_between_resets_the_count() {
         let c = config();
+        let t0 = Instant::now();
         let mut h = Health::new();
         for _ in 0..4 {
-            assert_eq!(h.record(true, &c), Verdict::None);
+            assert_eq!(h.record(t0, true, &c), Verdict::None);
         }
-        assert_eq!(h.record(false, &c), Verdict::None);
+        assert_eq!(h.record(t0, false, &c), Verdict::None);
         for _ in 0..4 {
-            assert_eq!(h.record(true, &c), Verdict::None);
+            assert_eq!(h.record(t0, true, &c), Verdict::None);
         }
-        assert_eq!(h.record(true, &c), Verdict::Eject(EjectReason::ConsecutiveFailures));
+        assert_eq!(h.record(t0, true, &c), Verdict::Eject(EjectReason::ConsecutiveFailures));
     }
 
     #[test]
-    fn ejections_grow_to_the_cap_then_probation_decides() {
+    fn ejections_grow_to_the_cap_then_probation_decides_one_probe_at_a_time() {
         let c = config();
         let t0 = Instant::now();
         let mut h = Health::new();
         assert_eq!(h.eject(t0, &c), Duration::from_secs(30));
-        assert!(!h.takes_requests(0));
-        assert!(!h.tick(t0 + Duration::from_secs(29)));
-        assert!(h.tick(t0 + Duration::from_secs(30)));
-        // Probation: one request at a time.
-        assert!(h.takes_requests(0));
-        assert!(!h.takes_requests(1));
+        assert!(!h.takes_requests(t0 + Duration::from_secs(29), &c));
+        // Over: it takes a probe even before the tick.
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(h.takes_requests(t1, &c));
+        h.reserve_probe(t1);
+        assert_eq!(h.state(), HealthState::Probation { successes: 0 });
+        assert!(!h.takes_requests(t1, &c), "one probe at a time");
+        // A probe never heard of frees the slot after probe_timeout.
+        assert!(h.takes_requests(t1 + c.probe_timeout, &c));
         // A failed probe: ejected again, for longer.
-        assert_eq!(h.record(true, &c), Verdict::Eject(EjectReason::ProbeFailed));
-        assert_eq!(h.eject(t0, &c), Duration::from_secs(60));
+        assert_eq!(h.record(t1, true, &c), Verdict::Eject(EjectReason::ProbeFailed));
+        assert_eq!(h.eject(t1, &c), Duration::from_secs(60));
         for n in 3..=12 {
-            let len = h.eject(t0, &c);
-            assert_eq!(len, Duration::from_secs(30 * n).min(Duration::from_secs(300)));
+            assert_eq!(
+                h.eject(t1, &c),
+                Duration::from_secs(30 * n).min(Duration::from_secs(300))
+            );
         }
-        h.tick(t0 + Duration::from_secs(301));
-        assert_eq!(h.record(false, &c), Verdict::None);
-        assert_eq!(h.record(false, &c), Verdict::None);
-        assert_eq!(h.record(false, &c), Verdict::Trusted);
-        assert!(h.takes_requests(100));
+        let t2 = t1 + Duration::from_secs(301);
+        for _ in 0..2 {
+            h.reserve_probe(t2);
+            assert_eq!(h.record(t2, false, &c), Verdict::None);
+            assert!(
+                h.takes_requests(t2, &c),
+                "the slot is free again once the probe is back"
+            );
+        }
+        h.reserve_probe(t2);
+        assert_eq!(h.record(t2, false, &c), Verdict::Trusted);
+        assert!(h.takes_requests(t2, &c));
+    }
+
+    #[test]
+    fn an_outcome_after_the_ejection_ended_is_a_probe_not_lost() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        h.eject(t0, &c);
+        // No tick ran: the outcome at `until` still counts, as a failed probe.
+        assert_eq!(
+            h.record(t0 + Duration::from_secs(30), true, &c),
+            Verdict::Eject(EjectReason::ProbeFailed)
+        );
+    }
+
+    #[test]
+    fn a_failed_probe_the_caps_keep_starts_the_count_again() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        h.eject(t0, &c);
+        let t1 = t0 + Duration::from_secs(30);
+        h.tick(t1);
+        h.record(t1, false, &c);
+        h.record(t1, false, &c);
+        // Failed; the caller could not eject it (caps): it stays on probation, at zero.
+        assert_eq!(h.record(t1, true, &c), Verdict::Eject(EjectReason::ProbeFailed));
+        assert_eq!(h.state(), HealthState::Probation { successes: 0 });
+        assert_eq!(h.record(t1, false, &c), Verdict::None);
+        assert_eq!(h.record(t1, false, &c), Verdict::None);
+        assert_eq!(h.record(t1, false, &c), Verdict::Trusted);
+    }
+
+    #[test]
+    fn failures_during_an_ejection_do_not_eject_it_again_later() {
+        let c = config();
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        for _ in 0..40 {
+            h.record(t0, true, &c);
+        }
+        h.eject(t0, &c);
+        // Hung requests keep timing out during the ejection: not counted.
+        for _ in 0..200 {
+            h.record(t0, true, &c);
+        }
+        h.on_reconnected();
+        for _ in 0..3 {
+            h.record(t0, false, &c);
+        }
+        assert!(h.is_trusted());
+        assert_eq!(
+            h.end_interval(),
+            None,
+            "ejected during the interval: its counts say nothing"
+        );
+        h.record(t0, false, &c);
+        assert_eq!(h.end_interval(), Some((1, 0)));
     }
 
     #[test]
@@ -463,7 +572,7 @@ mod tests {
         h.eject(t0, &c);
         assert!(h.on_reconnected());
         assert_eq!(h.state(), HealthState::Probation { successes: 0 });
-        assert_eq!(h.record(true, &c), Verdict::Eject(EjectReason::ProbeFailed));
+        assert_eq!(h.record(t0, true, &c), Verdict::Eject(EjectReason::ProbeFailed));
         assert_eq!(h.eject(t0, &c), Duration::from_secs(60), "the count stays");
     }
 
@@ -473,9 +582,9 @@ mod tests {
         let t0 = Instant::now();
         let mut h = Health::new();
         h.eject(t0, &c);
-        h.tick(t0 + Duration::from_secs(30));
+        let t1 = t0 + Duration::from_secs(30);
         for _ in 0..3 {
-            h.record(false, &c);
+            h.record(t1, false, &c);
         }
         h.end_interval(); // ejected during it: not forgiven
         h.end_interval(); // trusted throughout: forgiven
@@ -515,34 +624,59 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the outcomes and times: an ejected endpoint takes nothing until its time is
-        /// up; probation takes one request at a time; an ejection lasts base × times, capped.
+        /// Whatever the outcomes, times, probes and reconnects: an ejected endpoint takes nothing
+        /// until its time is up; on probation at most one probe is out (until probe_timeout); a
+        /// trusted one takes everything; an ejection lasts base × times, capped; and an interval
+        /// during which it was ejected reports no counts.
         #[test]
-        fn ejected_means_no_requests_and_lengths_follow_the_rule(
-            steps in proptest::collection::vec((any::<bool>(), 0u64..40_000, 0usize..3), 1..200)
+        fn the_states_mean_what_they_say(
+            steps in proptest::collection::vec((0u8..5, any::<bool>(), 0u64..40_000), 1..200)
         ) {
             let c = config();
             let t0 = Instant::now();
             let mut now = t0;
             let mut h = Health::new();
-            let mut times = 0u32;
-            for (failed, advance_ms, in_flight) in steps {
+            let mut ejected_since_interval = false;
+            for (op, failed, advance_ms) in steps {
                 now += Duration::from_millis(advance_ms);
-                h.tick(now);
+                let takes = h.takes_requests(now, &c);
                 match h.state() {
-                    HealthState::Ejected { until, .. } => {
-                        prop_assert!(now < until);
-                        prop_assert!(!h.takes_requests(in_flight));
-                    }
-                    HealthState::Probation { .. } => prop_assert_eq!(h.takes_requests(in_flight), in_flight == 0),
-                    HealthState::Trusted => prop_assert!(h.takes_requests(in_flight)),
+                    HealthState::Ejected { until, .. } if now < until => prop_assert!(!takes),
+                    HealthState::Trusted => prop_assert!(takes),
+                    _ => {}
                 }
-                if let Verdict::Eject(_) = h.record(failed, &c) {
-                    times += 1;
-                    let len = h.eject(now, &c);
-                    let HealthState::Ejected { times: t, .. } = h.state() else { unreachable!() };
-                    prop_assert!(t <= times);
-                    prop_assert_eq!(len, (c.base_ejection_time * t).min(c.max_ejection_time));
+                match op {
+                    0 if takes => {
+                        h.reserve_probe(now);
+                        if !h.is_trusted() {
+                            prop_assert!(!h.takes_requests(now, &c), "a second probe at once");
+                            prop_assert!(h.takes_requests(now + c.probe_timeout, &c));
+                        }
+                    }
+                    1 => {
+                        if let Verdict::Eject(_) = h.record(now, failed, &c) {
+                            let len = h.eject(now, &c);
+                            ejected_since_interval = true;
+                            let HealthState::Ejected { times, until } = h.state() else { unreachable!() };
+                            prop_assert_eq!(len, (c.base_ejection_time * times).min(c.max_ejection_time));
+                            prop_assert_eq!(until, now + len);
+                        }
+                    }
+                    2 => {
+                        if h.on_reconnected() {
+                            prop_assert_eq!(h.state(), HealthState::Probation { successes: 0 });
+                        }
+                    }
+                    3 => {
+                        let counts = h.end_interval();
+                        if ejected_since_interval {
+                            prop_assert_eq!(counts, None);
+                        }
+                        ejected_since_interval = false;
+                    }
+                    _ => {
+                        h.tick(now);
+                    }
                 }
             }
         }

@@ -542,13 +542,21 @@ impl Inner {
         // Candidates: alive endpoints, without `avoid` when another one is alive. No allocation:
         // this runs on every request.
         let alive = |e: &Endpoint| e.pool.state() == PoolState::Alive;
-        // Healthy: not ejected (outlier detection), and on probation only while its one probe is
-        // not in flight. When no alive endpoint is healthy, health is set aside: an ejection never
-        // leaves a client with no endpoint.
-        let outliers = self.config.outlier.enabled;
-        let healthy = |e: &Endpoint| !outliers || e.health.takes_requests_at(now, e.in_flight());
-        let judge = eps.iter().any(|e| alive(e) && healthy(e));
-        let usable = |e: &Endpoint| alive(e) && (!judge || healthy(e));
+        // Health (outlier detection) in tiers: 2 takes requests (trusted, or on probation with its
+        // probe slot free); 1 on probation with its probe out; 0 ejected. The best tier any alive
+        // endpoint reaches is used, so an ejection never leaves a client with no endpoint.
+        let outliers = &self.config.outlier;
+        let tier = |e: &Endpoint| -> u8 {
+            if !outliers.enabled || e.health.takes_requests(now, outliers) {
+                2
+            } else if e.health.is_ejected() {
+                0
+            } else {
+                1
+            }
+        };
+        let best = eps.iter().filter(|e| alive(e)).map(tier).max().unwrap_or(2);
+        let usable = |e: &Endpoint| alive(e) && tier(e) >= best;
         let avoid = avoid.filter(|a| eps.iter().any(|e| usable(e) && e.addr != *a));
         let candidate = |e: &Endpoint| usable(e) && Some(e.addr) != avoid;
         let n = eps.iter().filter(|e| candidate(e)).count();
@@ -576,7 +584,7 @@ impl Inner {
             };
             let load = |k: usize| eps[nth(k)].in_flight();
             let i = nth(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0));
-            let e = &eps[i];
+            let e = &mut eps[i];
             // Within an endpoint: healthy before heartbeat-failing, then the fewest requests in flight.
             let conn = e
                 .conns
@@ -584,7 +592,12 @@ impl Inner {
                 .min_by_key(|c| (c.heartbeat_failures() > 0, c.in_flight()))
                 .cloned();
             match conn {
-                Some(c) => Next::Use(e.addr, c),
+                Some(c) => {
+                    if outliers.enabled && !e.health.is_trusted() {
+                        e.health.reserve_probe(now); // the probe slot, under the lock
+                    }
+                    Next::Use(e.addr, c)
+                }
                 None => Next::Wait,
             }
         };
@@ -700,7 +713,7 @@ impl Inner {
             let Some(i) = eps.iter().position(|e| e.addr == addr) else {
                 return;
             };
-            match eps[i].health.record(failed, config) {
+            match eps[i].health.record(now, failed, config) {
                 Verdict::None => return,
                 Verdict::Trusted => ConnectionEvent::EndpointTrusted { addr },
                 Verdict::Eject(reason) => match self.try_eject(&mut eps, i, reason, now) {
@@ -721,7 +734,12 @@ impl Inner {
     fn try_eject(&self, eps: &mut [Endpoint], i: usize, reason: EjectReason, now: Instant) -> Option<ConnectionEvent> {
         let config = &self.config.outlier;
         let total = eps.iter().filter(|e| e.pool.state() != PoolState::Discarded).count();
-        let ejected = eps.iter().filter(|e| e.health.is_ejected()).count();
+        // Only alive endpoints count as ejected: one in the retry pool takes no requests anyway
+        // (and goes on probation when it comes back).
+        let ejected = eps
+            .iter()
+            .filter(|e| e.pool.state() == PoolState::Alive && e.health.is_ejected())
+            .count();
         let others = eps
             .iter()
             .enumerate()
@@ -755,7 +773,7 @@ impl Inner {
                 .iter_mut()
                 .map(|e| {
                     let counts = e.health.end_interval();
-                    (e.pool.state() == PoolState::Alive && e.health.state() == HealthState::Trusted).then_some(counts)
+                    counts.filter(|_| e.pool.state() == PoolState::Alive)
                 })
                 .collect();
             for (i, reason) in evaluate(&windows, config) {

@@ -9,6 +9,7 @@ use crate::backoff::BackoffConfig;
 
 /// Where an endpoint stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PoolState {
     /// Has open connections; requests are routed to it.
     Alive,
