@@ -43,6 +43,10 @@ fn endpoint_failed(result: &Result<Response<Bytes>, Error>, failure_codes: &[Cod
     }
 }
 
+/// Metric: hedged attempts sent (a second attempt of an idempotent request that had no answer
+/// after `hedge_delay`).
+pub const HEDGES: &str = "tether_client_hedges_total";
+
 /// Metric: requests retried because they provably did not run, label `cause`.
 pub const REQUEST_RETRIES: &str = "tether_client_retries_total";
 
@@ -188,7 +192,11 @@ impl Client {
             let Some(this) = this else {
                 return Err(Error::deadline(false).after(history));
             };
-            let (addr, result) = self.attempt(this, deadline, avoid).await;
+            let (addr, result) = match self.config().hedge_delay {
+                // Boxed: hedging holds two attempts, and inline it would size every call's future.
+                Some(delay) if idempotent => Box::pin(self.hedged_attempt(this, deadline, avoid, delay)).await,
+                _ => self.attempt(this, deadline, avoid).await,
+            };
             match result {
                 Err(e)
                     if attempt < max
@@ -227,11 +235,81 @@ impl Client {
             Ok(x) => x,
             Err(e) => return (None, Err(e)),
         };
-        let result = send_on(&conn, frame, deadline).await;
+        (Some(addr), self.send_recorded(addr, &conn, frame, deadline).await)
+    }
+
+    /// Sends on `conn` (to `addr`) and records the outcome for outlier detection. Dropped before
+    /// it ends (a caller that gave up, a hedge that lost), it records nothing.
+    async fn send_recorded(
+        &self,
+        addr: SocketAddr,
+        conn: &ConnectionHandle,
+        frame: RequestFrame,
+        deadline: Instant,
+    ) -> Result<Response<Bytes>, Error> {
+        let result = send_on(conn, frame, deadline).await;
         if let Some(failed) = endpoint_failed(&result, &self.config().outlier.failure_codes) {
             self.holder.record(addr, failed);
         }
-        (Some(addr), result)
+        result
+    }
+
+    /// One attempt of an idempotent request, hedged: when it has no answer after `delay`, a
+    /// second goes to another endpoint (drawn from the retry budget), the first answer wins, and
+    /// the other is dropped, which cancels it (CANCEL). If one fails the other is waited for; if
+    /// both fail, the later error is returned with the earlier one in its history ("may have
+    /// executed" stays sticky). Returns the endpoint of the attempt whose result it is.
+    async fn hedged_attempt(
+        &self,
+        frame: RequestFrame,
+        deadline: Instant,
+        avoid: Option<SocketAddr>,
+        delay: std::time::Duration,
+    ) -> (Option<SocketAddr>, Result<Response<Bytes>, Error>) {
+        let (a, conn_a) = match self.holder.checkout(Some(deadline), avoid).await {
+            Ok(x) => x,
+            Err(e) => return (None, Err(e)),
+        };
+        let hedge = frame.clone();
+        let first = self.send_recorded(a, &conn_a, frame, deadline);
+        tokio::pin!(first);
+        let hedge_at = (Instant::now() + delay).min(deadline);
+        tokio::select! {
+            biased;
+            r = &mut first => return (Some(a), r),
+            _ = tokio::time::sleep_until(hedge_at) => {}
+        }
+        let other = tokio::select! {
+            biased;
+            r = &mut first => return (Some(a), r),
+            c = self.holder.checkout(Some(deadline), Some(a)) => c,
+        };
+        // No other endpoint (or none could be had), or the budget is spent: no hedge.
+        let (b, conn_b) = match other {
+            Ok((b, c)) if b != a && self.budget.try_withdraw() => (b, c),
+            _ => return (Some(a), first.await),
+        };
+        metrics::counter!(HEDGES).increment(1);
+        let second = self.send_recorded(b, &conn_b, hedge, deadline);
+        tokio::pin!(second);
+        let (failed_at, error, then_at, then) = tokio::select! {
+            r = &mut first => match r {
+                Ok(resp) => return (Some(a), Ok(resp)),
+                Err(e) => (a, e, b, second.await),
+            },
+            r = &mut second => match r {
+                Ok(resp) => return (Some(b), Ok(resp)),
+                Err(e) => (b, e, a, first.await),
+            },
+        };
+        match then {
+            Ok(resp) => (Some(then_at), Ok(resp)),
+            Err(last) => {
+                let mut history = History::default();
+                history.record(Some(failed_at), error);
+                (Some(then_at), Err(last.after(history)))
+            }
+        }
     }
 
     /// Sends a oneway request: no response comes back. Resolves once the frame has been written to

@@ -67,6 +67,11 @@ pub struct ClientConfig {
     /// Delay before a request's second and later retries (the first goes to another endpoint at
     /// once: a GOAWAY or a broken connection is that endpoint's problem). Capped by the deadline.
     pub retry_backoff: BackoffConfig,
+    /// Hedging of requests marked idempotent: when an attempt has no answer after this, a second
+    /// goes to another endpoint (drawn from `retry_budget`), the first answer wins and the other
+    /// is cancelled. `None` (the default): no hedging.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub hedge_delay: Option<Duration>,
     /// Gray-failure detection: endpoints whose requests fail or time out while their connections
     /// look fine are ejected for a while (see [`crate::holder::OutlierConfig`]). On by default.
     pub outlier: crate::holder::OutlierConfig,
@@ -92,6 +97,7 @@ impl Default for ClientConfig {
             tls: None,
             outlier: crate::holder::OutlierConfig::default(),
             retry_budget: crate::budget::RetryBudgetConfig::default(),
+            hedge_delay: None,
             retry_backoff: BackoffConfig {
                 initial: Duration::from_millis(10),
                 multiplier: 2.0,
@@ -139,6 +145,9 @@ impl ClientConfig {
         self.heartbeat.validate()?;
         self.outlier.validate()?;
         self.retry_budget.validate()?;
+        if self.hedge_delay.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero("hedge_delay"));
+        }
         if self.retry_backoff.multiplier < 1.0 || !(0.0..1.0).contains(&self.retry_backoff.jitter) {
             return Err(ConfigError::OutOfRange {
                 field: "retry_backoff",

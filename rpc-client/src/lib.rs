@@ -36,7 +36,7 @@ mod retry;
 
 pub use backoff::BackoffConfig;
 pub use budget::{RetryBudget, RetryBudgetConfig};
-pub use client::{Client, REQUEST_RETRIES};
+pub use client::{Client, HEDGES, REQUEST_RETRIES};
 pub use config::ClientConfig;
 pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};

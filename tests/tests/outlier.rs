@@ -455,3 +455,82 @@ async fn in_a_total_outage_retries_stay_within_the_budget() {
         "{seen} attempts for {sent} requests (allowed {allowed})"
     );
 }
+
+/// Three servers; every 20th request to the `slow` one takes 200 ms more. Returns the p99 of 600
+/// idempotent requests by 2 callers, and the handler runs (started, on all servers).
+async fn straggler_p99(hedge_delay: Option<Duration>) -> (Duration, usize, usize) {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut servers = Vec::new();
+    for slow in [false, false, true] {
+        let (ran, count) = (ran.clone(), Arc::new(AtomicUsize::new(0)));
+        servers.push(
+            Server::builder()
+                .route(
+                    METHOD,
+                    rpc_server::handler_fn(move |_r: Request<Bytes>| {
+                        let (ran, count) = (ran.clone(), count.clone());
+                        async move {
+                            ran.fetch_add(1, Ordering::Relaxed);
+                            let n = count.fetch_add(1, Ordering::Relaxed);
+                            let extra = if slow && n % 20 == 19 { 200 } else { 0 };
+                            tokio::time::sleep(Duration::from_millis(1 + extra)).await;
+                            Ok(Response::new(Bytes::new()))
+                        }
+                    }),
+                )
+                .bind("127.0.0.1:0")
+                .await
+                .unwrap(),
+        );
+    }
+    let mut cfg = config(OutlierConfig::default());
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.hedge_delay = hedge_delay;
+    let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
+    all_connected(&client, 3).await;
+    let left = Arc::new(AtomicUsize::new(600));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, left, latencies) = (client.clone(), left.clone(), latencies.clone());
+            tokio::spawn(async move {
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let start = Instant::now();
+                    let mut req = Request::new(METHOD, Bytes::new());
+                    req.set_idempotent(true);
+                    client.unary(req).await.unwrap();
+                    latencies.lock().unwrap().push(start.elapsed());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort();
+    // Losers are cancelled, not awaited: let their handlers' starts all be counted.
+    client.close();
+    (p99(&l), ran.load(Ordering::Relaxed), l.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_cuts_the_p99_a_straggler_causes_within_the_budget() {
+    let (plain, plain_runs, n) = straggler_p99(None).await;
+    assert_eq!(plain_runs, n, "without hedging each request runs once");
+    assert!(
+        plain >= Duration::from_millis(150),
+        "control: the straggler sets the p99 ({plain:?})"
+    );
+    let (hedged, hedged_runs, n) = straggler_p99(Some(Duration::from_millis(20))).await;
+    let extra = hedged_runs - n;
+    eprintln!(
+        "outlier: one of 3 servers adds 200 ms to 5 % of its requests: p99 {plain:?} plain, {hedged:?} hedged after 20 ms; {extra} extra runs for {n} requests"
+    );
+    assert!(hedged < Duration::from_millis(100), "hedged p99 {hedged:?}");
+    // Extra load within the budget: 20 % of the requests plus the floor (10/s over 10 s).
+    assert!(extra as f64 <= n as f64 * 0.2 + 100.0, "{extra} extra runs");
+}
