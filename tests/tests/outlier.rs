@@ -134,6 +134,11 @@ async fn next_event(
 
 /// `callers` tasks sending requests until `count` have ended; returns (ok, failed, latencies).
 async fn run(client: &Client, callers: usize, count: usize) -> (usize, usize, Vec<Duration>) {
+    run_marked(client, callers, count, false).await
+}
+
+/// [`run`], with the requests marked idempotent or not.
+async fn run_marked(client: &Client, callers: usize, count: usize, idempotent: bool) -> (usize, usize, Vec<Duration>) {
     let left = Arc::new(AtomicUsize::new(count));
     let results = Arc::new(Mutex::new((0usize, 0usize, Vec::new())));
     let tasks: Vec<_> = (0..callers)
@@ -145,7 +150,9 @@ async fn run(client: &Client, callers: usize, count: usize) -> (usize, usize, Ve
                     .is_ok()
                 {
                     let start = Instant::now();
-                    let r = client.unary(Request::new(METHOD, Bytes::new())).await;
+                    let mut req = Request::new(METHOD, Bytes::new());
+                    req.set_idempotent(idempotent);
+                    let r = client.unary(req).await;
                     let mut res = results.lock().unwrap();
                     res.2.push(start.elapsed());
                     match r {
@@ -488,30 +495,8 @@ async fn straggler_p99(hedge_delay: Option<Duration>) -> (Duration, usize, usize
     cfg.hedge_delay = hedge_delay;
     let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
     all_connected(&client, 3).await;
-    let left = Arc::new(AtomicUsize::new(600));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let tasks: Vec<_> = (0..2)
-        .map(|_| {
-            let (client, left, latencies) = (client.clone(), left.clone(), latencies.clone());
-            tokio::spawn(async move {
-                while left
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-                {
-                    let start = Instant::now();
-                    let mut req = Request::new(METHOD, Bytes::new());
-                    req.set_idempotent(true);
-                    client.unary(req).await.unwrap();
-                    latencies.lock().unwrap().push(start.elapsed());
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let mut l = latencies.lock().unwrap().clone();
-    l.sort();
+    let (ok, failed, l) = run_marked(&client, 2, 600, true).await;
+    assert_eq!((ok, failed), (600, 0));
     // Losers are cancelled, not awaited: let their handlers' starts all be counted.
     client.close();
     (p99(&l), ran.load(Ordering::Relaxed), l.len())

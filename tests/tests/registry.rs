@@ -345,15 +345,7 @@ async fn a_crashed_server_leaves_the_registry_within_its_ttl_and_the_last_one_is
     tests::trace();
     let etcd = Etcd::single().await;
     let ledger = Ledger::default();
-    let a = ledger_server("a", etcd.config(), &ledger).await;
-    let b = ledger_server("b", etcd.config(), &ledger).await;
-    registered(&a).await;
-    registered(&b).await;
-    let client = Client::with_registry(SERVICE, etcd.config(), client_config())
-        .await
-        .unwrap();
-    sees(&client, &[a.local_addr(), b.local_addr()], Duration::from_secs(1)).await;
-    let load = Load::start(&client, 4);
+    let (a, b, client, load) = two_servers_under_load(&etcd, &ledger).await;
     tests::wait_until(Duration::from_secs(5), || {
         ledger.runs_at("a") >= 10 && ledger.runs_at("b") >= 10
     })
@@ -470,14 +462,10 @@ async fn without_etcd_a_client_fails_typed_and_a_server_serves_unregistered() {
     assert!(matches!(err, rpc_server::ServerError::Registry(_)), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
-async fn one_etcd_member_killed_the_registry_keeps_working() {
-    tests::trace();
-    let mut etcd = Etcd::cluster(3).await;
-    let ledger = Ledger::default();
-    let a = ledger_server("a", etcd.config(), &ledger).await;
-    let b = ledger_server("b", etcd.config(), &ledger).await;
+/// Servers `a` and `b` registered, a client that sees both, and 4 callers loading it.
+async fn two_servers_under_load(etcd: &Etcd, ledger: &Ledger) -> (ServerHandle, ServerHandle, Client, Load) {
+    let a = ledger_server("a", etcd.config(), ledger).await;
+    let b = ledger_server("b", etcd.config(), ledger).await;
     registered(&a).await;
     registered(&b).await;
     let client = Client::with_registry(SERVICE, etcd.config(), client_config())
@@ -485,6 +473,16 @@ async fn one_etcd_member_killed_the_registry_keeps_working() {
         .unwrap();
     sees(&client, &[a.local_addr(), b.local_addr()], Duration::from_secs(1)).await;
     let load = Load::start(&client, 4);
+    (a, b, client, load)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(etcd_missing, ignore = "etcd is not installed (Debian package etcd-server)")]
+async fn one_etcd_member_killed_the_registry_keeps_working() {
+    tests::trace();
+    let mut etcd = Etcd::cluster(3).await;
+    let ledger = Ledger::default();
+    let (a, b, client, load) = two_servers_under_load(&etcd, &ledger).await;
 
     etcd.kill(0);
     // Registrations go on: a new server is seen, a graceful leave is seen.
@@ -533,16 +531,7 @@ async fn all_of_etcd_down_for_ten_seconds_fails_no_request_and_both_sides_recove
     tests::trace();
     let mut etcd = Etcd::cluster(3).await;
     let ledger = Ledger::default();
-    let a = ledger_server("a", etcd.config(), &ledger).await;
-    let b = ledger_server("b", etcd.config(), &ledger).await;
-    registered(&a).await;
-    registered(&b).await;
-    let client = Client::with_registry(SERVICE, etcd.config(), client_config())
-        .await
-        .unwrap();
-    let both = [a.local_addr(), b.local_addr()];
-    sees(&client, &both, Duration::from_secs(1)).await;
-    let load = Load::start(&client, 4);
+    let (a, b, client, load) = two_servers_under_load(&etcd, &ledger).await;
 
     etcd.kill_all();
     let mut rx = discovery(&client);
