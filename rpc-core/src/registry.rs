@@ -241,6 +241,13 @@ impl RegistryConfig {
         Ok(())
     }
 
+    /// The etcd member to use after `failures` failed attempts in a row: one at a time, in turn
+    /// (a client over all of them would keep sending a share of its calls to a dead one).
+    pub fn member(&self, failures: u32) -> &str {
+        let n = self.endpoints.len().max(1);
+        self.endpoints.get(failures as usize % n).map_or("", String::as_str)
+    }
+
     /// The lease TTL in whole seconds, as etcd takes it.
     pub fn ttl_secs(&self) -> i64 {
         i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)

@@ -169,15 +169,6 @@ impl Registrar {
         set_gauge(self.instance.addr, value);
     }
 
-    /// The etcd member to use after `failures` failed sessions in a row: one at a time, in turn.
-    fn member(&self, failures: u32) -> &str {
-        let n = self.config.endpoints.len().max(1);
-        self.config
-            .endpoints
-            .get(failures as usize % n)
-            .map_or("", String::as_str)
-    }
-
     fn connect_options(&self) -> etcd_client::ConnectOptions {
         etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.config.dial_timeout)
@@ -188,7 +179,7 @@ impl Registrar {
     }
 
     async fn connect(&self, failures: u32) -> Result<etcd_client::Client, String> {
-        let connect = etcd_client::Client::connect([self.member(failures)], Some(self.connect_options()));
+        let connect = etcd_client::Client::connect([self.config.member(failures)], Some(self.connect_options()));
         match tokio::time::timeout(self.config.dial_timeout, connect).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(format!("connecting to etcd: {e}")),

@@ -86,13 +86,6 @@ impl Client {
     }
 }
 
-/// The etcd member to use after `failures` failed attempts in a row: one at a time, in turn (a
-/// client over all of them would keep sending a share of requests to a dead one).
-fn member(config: &RegistryConfig, failures: u32) -> &str {
-    let n = config.endpoints.len().max(1);
-    config.endpoints.get(failures as usize % n).map_or("", String::as_str)
-}
-
 struct Watcher {
     service: String,
     prefix: String,
@@ -161,7 +154,7 @@ impl Watcher {
             .with_require_leader(true);
         let mut etcd = match tokio::time::timeout(
             self.config.dial_timeout,
-            etcd_client::Client::connect([member(&self.config, *attempt)], Some(options)),
+            etcd_client::Client::connect([self.config.member(*attempt)], Some(options)),
         )
         .await
         {
