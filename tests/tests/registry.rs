@@ -183,6 +183,19 @@ impl Load {
         Load { stop, tasks }
     }
 
+    /// [`Load::finish`], and every request succeeded; returns how many there were.
+    async fn finish_without_failures(self, ledger: &Ledger) -> usize {
+        let (ok, failed) = self.finish(ledger).await;
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        ok
+    }
+
     /// Stops the callers and checks every outcome against the ledger; returns (ok, failed).
     async fn finish(self, ledger: &Ledger) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
@@ -273,14 +286,7 @@ async fn servers_that_register_share_the_load_a_new_one_gets_it_at_once_and_a_gr
         .await;
     assert_eq!(keys.len(), 3, "etcd still lists the server that left: {keys:?}");
 
-    let (ok, failed) = load.finish(&ledger).await;
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    let ok = load.finish_without_failures(&ledger).await;
     eprintln!("registry: scale-out and graceful leave: {ok} requests, 0 failed");
 }
 
@@ -513,14 +519,7 @@ async fn one_etcd_member_killed_the_registry_keeps_working() {
         .len();
     assert_eq!((keys_before, keys_after), (2, 2));
 
-    let (ok, failed) = load.finish(&ledger).await;
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    load.finish_without_failures(&ledger).await;
     c.shutdown().await;
     b.shutdown().await;
 }
@@ -590,14 +589,7 @@ async fn all_of_etcd_down_for_ten_seconds_fails_no_request_and_both_sides_recove
         3
     );
 
-    let (ok, failed) = load.finish(&ledger).await;
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    let ok = load.finish_without_failures(&ledger).await;
     eprintln!("registry: etcd outage: {ok} requests, {during} of them during the outage, 0 failed");
 }
 
