@@ -194,7 +194,7 @@ impl Client {
             };
             let (addr, result) = match self.config().hedge_delay {
                 // Boxed: hedging holds two attempts, and inline it would size every call's future.
-                Some(delay) if idempotent => Box::pin(self.hedged_attempt(this, deadline, avoid, delay)).await,
+                Some(hedge) if idempotent => Box::pin(self.hedged_attempt(this, deadline, avoid, hedge)).await,
                 _ => self.attempt(this, deadline, avoid).await,
             };
             match result {
@@ -247,15 +247,16 @@ impl Client {
         frame: RequestFrame,
         deadline: Instant,
     ) -> Result<Response<Bytes>, Error> {
+        let sent = Instant::now();
         let result = send_on(conn, frame, deadline).await;
         if let Some(failed) = endpoint_failed(&result, &self.config().outlier.failure_codes) {
-            self.holder.record(addr, failed);
+            self.holder.record(addr, failed, sent.elapsed());
         }
         result
     }
 
-    /// One attempt of an idempotent request, hedged: when it has no answer after `delay`, a
-    /// second goes to another endpoint (drawn from the retry budget), the first answer wins, and
+    /// One attempt of an idempotent request, hedged: when it has no answer after `hedge`'s delay
+    /// (fixed, or the first endpoint's p95), a second goes to another endpoint (drawn from the retry budget), the first answer wins, and
     /// the other is dropped, which cancels it (CANCEL). If one fails the other is waited for; if
     /// both fail, the later error is returned with the earlier one in its history ("may have
     /// executed" stays sticky). Returns the endpoint of the attempt whose result it is.
@@ -264,11 +265,19 @@ impl Client {
         frame: RequestFrame,
         deadline: Instant,
         avoid: Option<SocketAddr>,
-        delay: std::time::Duration,
+        hedge: crate::HedgeDelay,
     ) -> (Option<SocketAddr>, Result<Response<Bytes>, Error>) {
         let (a, conn_a) = match self.holder.checkout(Some(deadline), avoid).await {
             Ok(x) => x,
             Err(e) => return (None, Err(e)),
+        };
+        let delay = match hedge {
+            crate::HedgeDelay::After(d) => d,
+            crate::HedgeDelay::P95 { at_least } => match self.holder.hedge_p95(a) {
+                Some(p95) => p95.max(at_least),
+                // Nothing known of it yet: no hedge.
+                None => return (Some(a), self.send_recorded(a, &conn_a, frame, deadline).await),
+            },
         };
         let hedge = frame.clone();
         let first = self.send_recorded(a, &conn_a, frame, deadline);

@@ -67,11 +67,11 @@ pub struct ClientConfig {
     /// Delay before a request's second and later retries (the first goes to another endpoint at
     /// once: a GOAWAY or a broken connection is that endpoint's problem). Capped by the deadline.
     pub retry_backoff: BackoffConfig,
-    /// Hedging of requests marked idempotent: when an attempt has no answer after this, a second
-    /// goes to another endpoint (drawn from `retry_budget`), the first answer wins and the other
-    /// is cancelled. `None` (the default): no hedging.
-    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
-    pub hedge_delay: Option<Duration>,
+    /// Hedging of requests marked idempotent: when an attempt has no answer after this delay
+    /// (fixed, or its endpoint's observed p95), a second goes to another endpoint (drawn from
+    /// `retry_budget`), the first answer wins and the other is cancelled. `None` (the default):
+    /// no hedging. In a config file: `"20ms"`, `"p95"` or `"p95>=5ms"`.
+    pub hedge_delay: Option<HedgeDelay>,
     /// Gray-failure detection: endpoints whose requests fail or time out while their connections
     /// look fine are ejected for a while (see [`crate::holder::OutlierConfig`]). On by default.
     pub outlier: crate::holder::OutlierConfig,
@@ -145,7 +145,7 @@ impl ClientConfig {
         self.heartbeat.validate()?;
         self.outlier.validate()?;
         self.retry_budget.validate()?;
-        if self.hedge_delay.is_some_and(|d| d.is_zero()) {
+        if self.hedge_delay == Some(HedgeDelay::After(Duration::ZERO)) {
             return Err(ConfigError::Zero("hedge_delay"));
         }
         if self.retry_backoff.multiplier < 1.0 || !(0.0..1.0).contains(&self.retry_backoff.jitter) {
@@ -164,5 +164,64 @@ impl ClientConfig {
     /// each server advertises in its handshake and logs a warning when it is too short.
     pub fn validate_against(&self, server_idle_timeout: Option<Duration>) -> Result<(), ConfigError> {
         rpc_core::config::check_idle_vs_heartbeat(server_idle_timeout, &self.heartbeat)
+    }
+}
+
+/// When a hedged request sends its second attempt ([`ClientConfig::hedge_delay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeDelay {
+    /// A fixed delay.
+    After(Duration),
+    /// The first attempt's endpoint's 95th percentile latency (over its answers in the current
+    /// outlier interval, or the latest one with at least 20; within a factor 1.5 above), and at
+    /// least `at_least`. An endpoint with no such interval yet gets no hedge: nothing says yet
+    /// what is slow for it.
+    P95 {
+        /// The shortest delay.
+        at_least: Duration,
+    },
+}
+
+impl std::fmt::Display for HedgeDelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HedgeDelay::After(d) => write!(f, "{}", humantime::format_duration(*d)),
+            HedgeDelay::P95 { at_least } if at_least.is_zero() => f.write_str("p95"),
+            HedgeDelay::P95 { at_least } => write!(f, "p95>={}", humantime::format_duration(*at_least)),
+        }
+    }
+}
+
+impl std::str::FromStr for HedgeDelay {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let duration = |d: &str| humantime::parse_duration(d.trim()).map_err(|e| format!("hedge delay {s:?}: {e}"));
+        match s.strip_prefix("p95") {
+            Some("") => Ok(HedgeDelay::P95 {
+                at_least: Duration::ZERO,
+            }),
+            Some(rest) => match rest.trim_start().strip_prefix(">=") {
+                Some(d) => Ok(HedgeDelay::P95 { at_least: duration(d)? }),
+                None => Err(format!("hedge delay {s:?}: expected \"p95\" or \"p95>=DURATION\"")),
+            },
+            None => Ok(HedgeDelay::After(duration(s)?)),
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for HedgeDelay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }

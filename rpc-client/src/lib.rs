@@ -37,7 +37,7 @@ mod retry;
 pub use backoff::BackoffConfig;
 pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use client::{Client, HEDGES, REQUEST_RETRIES};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, HedgeDelay};
 pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, HealthState, OutlierConfig, PoolState};

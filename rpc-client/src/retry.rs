@@ -1,20 +1,27 @@
 //! A `tower::retry::Policy` with tether's safe-retry rule, for users who stack `RetryLayer` over the
 //! client (the client also retries internally, see `ClientConfig::max_attempts`).
 
-use std::future::{ready, Ready};
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use rpc_core::{Request, Response};
 
+use crate::backoff::BackoffConfig;
 use crate::error::{Error, ErrorKind, History};
 
 /// Retries a request that provably did not run ([`Error::may_have_executed`] is false), or any
 /// failed request marked idempotent, up to `attempts` more times. As in the client's own retries,
 /// "may have executed" is sticky: the final error of a request one of whose attempts may have run
-/// says so, lists the attempts, and keeps the first such attempt's error as its source.
+/// says so, lists the attempts, and keeps the first such attempt's error as its source. The first
+/// retry goes at once, later ones after `backoff` (by default the client's `retry_backoff`: 10 ms
+/// doubling to 200 ms), never past the request's deadline.
 #[derive(Debug, Clone)]
 pub struct SafeRetry {
     attempts: usize,
+    /// Retries of this request so far.
+    retried: u32,
+    backoff: BackoffConfig,
     /// Shared with a client, if given one: retries draw on it.
     budget: Option<crate::budget::RetryBudget>,
     /// This request's earlier attempts (tower's `Retry` clones the policy per request).
@@ -26,6 +33,8 @@ impl SafeRetry {
     pub fn new(attempts: usize) -> Self {
         SafeRetry {
             attempts,
+            retried: 0,
+            backoff: crate::config::ClientConfig::default().retry_backoff,
             budget: None,
             history: History::default(),
         }
@@ -37,10 +46,16 @@ impl SafeRetry {
         self.budget = Some(budget);
         self
     }
+
+    /// The delay before the second and later retries.
+    pub fn with_backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.backoff = backoff;
+        self
+    }
 }
 
 impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry {
-    type Future = Ready<()>;
+    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     fn retry(&mut self, req: &mut Request<Bytes>, result: &mut Result<Response<Bytes>, Error>) -> Option<Self::Future> {
         let Err(e) = result else { return None };
@@ -60,9 +75,18 @@ impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry 
             return None;
         }
         self.attempts -= 1;
+        self.retried += 1;
         metrics::counter!(crate::REQUEST_RETRIES, "cause" => err.kind_str()).increment(1);
         self.history.record(None, err);
-        Some(ready(()))
+        if self.retried == 1 {
+            return Some(Box::pin(std::future::ready(())));
+        }
+        let now = tokio::time::Instant::now();
+        let mut at = now + self.backoff.delay(self.retried - 1, rand::random::<f64>());
+        for d in [req.deadline(), rpc_core::context::deadline()].into_iter().flatten() {
+            at = at.min(d);
+        }
+        Some(Box::pin(tokio::time::sleep_until(at)))
     }
 
     fn clone_request(&mut self, req: &Request<Bytes>) -> Option<Request<Bytes>> {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rpc_client::{Balance, ClientConfig};
+use rpc_client::{Balance, ClientConfig, HedgeDelay};
 use rpc_core::config::{check_idle_vs_heartbeat, ConfigError};
 use rpc_server::ServerConfig;
 
@@ -22,6 +22,7 @@ request_timeout = "2s"
 connections_per_endpoint = 2
 balance = "least-in-flight"
 max_reconnect_attempts = 10
+hedge_delay = "p95>=5ms"
 
 [client.heartbeat]
 interval = "5s"
@@ -60,6 +61,12 @@ fn toml_file_loads_into_the_config_structs_with_defaults_for_the_rest() {
     assert_eq!(c.connections_per_endpoint, 2);
     assert_eq!(c.balance, Balance::LeastInFlight);
     assert_eq!(c.max_reconnect_attempts, Some(10));
+    assert_eq!(
+        c.hedge_delay,
+        Some(HedgeDelay::P95 {
+            at_least: Duration::from_millis(5)
+        })
+    );
     assert_eq!(c.heartbeat.interval, Duration::from_secs(5));
     assert_eq!(c.heartbeat.timeout, Duration::from_millis(500));
     assert_eq!(c.heartbeat.max_failures, 4);
@@ -97,6 +104,37 @@ fn config_round_trips_through_toml() {
     };
     let back: Deployment = toml::from_str(&toml::to_string(&defaults).unwrap()).unwrap();
     assert_eq!(back, defaults);
+}
+
+#[test]
+fn hedge_delays_are_written_as_durations_or_p95() {
+    for (text, delay) in [
+        ("20ms", HedgeDelay::After(Duration::from_millis(20))),
+        (
+            "p95",
+            HedgeDelay::P95 {
+                at_least: Duration::ZERO,
+            },
+        ),
+        (
+            "p95>=1s 500ms",
+            HedgeDelay::P95 {
+                at_least: Duration::from_millis(1500),
+            },
+        ),
+    ] {
+        assert_eq!(text.parse::<HedgeDelay>(), Ok(delay));
+        assert_eq!(delay.to_string().parse::<HedgeDelay>(), Ok(delay));
+    }
+    for bad in ["p9", "p95>", "p95 5ms", "fast"] {
+        let err = bad.parse::<HedgeDelay>().unwrap_err();
+        assert!(err.contains(bad), "{err}");
+    }
+    let c = ClientConfig {
+        hedge_delay: Some(HedgeDelay::After(Duration::ZERO)),
+        ..ClientConfig::default()
+    };
+    assert_eq!(c.validate(), Err(ConfigError::Zero("hedge_delay")));
 }
 
 #[test]

@@ -236,6 +236,52 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safe_retry_backs_off_from_the_second_retry_within_the_deadline() {
+    let config = ClientConfig {
+        max_attempts: 1,
+        ..quiet_client()
+    };
+    let backoff = rpc_client::BackoffConfig {
+        initial: Duration::from_millis(60),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max: Duration::from_secs(5),
+    };
+    // Three refusals, then an answer: retries at once, after 60 ms, after 120 ms.
+    let (server, calls) = flaky_server(3).await;
+    let client = Client::connect(server.local_addr(), config.clone()).await.unwrap();
+    let mut retried = ServiceBuilder::new()
+        .layer(RetryLayer::new(SafeRetry::new(3).with_backoff(backoff)))
+        .service(client);
+    let start = tokio::time::Instant::now();
+    retried
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new("/t.T/Flaky", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert!(start.elapsed() >= Duration::from_millis(180), "{:?}", start.elapsed());
+    // The backoff never outlasts the request's deadline: it fails at the deadline, not after.
+    let (server, _) = flaky_server(usize::MAX).await;
+    let client = Client::connect(server.local_addr(), config).await.unwrap();
+    let long = rpc_client::BackoffConfig {
+        initial: Duration::from_secs(30),
+        ..backoff
+    };
+    let mut retried = ServiceBuilder::new()
+        .layer(RetryLayer::new(SafeRetry::new(3).with_backoff(long)))
+        .service(client);
+    let mut req = Request::new("/t.T/Flaky", Bytes::new());
+    req.set_idempotent(true);
+    req.set_timeout(Duration::from_millis(300));
+    let start = tokio::time::Instant::now();
+    let _ = retried.ready().await.unwrap().call(req).await.unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_load_shed_over_concurrency_limit_answers_server_busy() {
     let (gate, mut control) = Gate::new();
     let server = Server::builder()

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rpc_client::{Balance, Client, ClientConfig, HealthState, OutlierConfig, PoolState};
+use rpc_client::{Balance, Client, ClientConfig, HealthState, HedgeDelay, OutlierConfig, PoolState};
 use rpc_core::event::ConnectionEvent;
 use rpc_core::{Code, Request, Response, Status};
 use rpc_server::{Server, ServerConfig, ServerHandle};
@@ -463,32 +463,97 @@ async fn in_a_total_outage_retries_stay_within_the_budget() {
     );
 }
 
+/// A server whose n-th request (from 0) takes 1 ms plus `extra_ms(n)`; `ran` counts the
+/// handler runs started.
+async fn delaying_server(ran: Arc<AtomicUsize>, extra_ms: fn(usize) -> u64) -> ServerHandle {
+    let count = Arc::new(AtomicUsize::new(0));
+    Server::builder()
+        .route(
+            METHOD,
+            rpc_server::handler_fn(move |_r: Request<Bytes>| {
+                let (ran, count) = (ran.clone(), count.clone());
+                async move {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    let n = count.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(1 + extra_ms(n))).await;
+                    Ok(Response::new(Bytes::new()))
+                }
+            }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let slow_ran = Arc::new(AtomicUsize::new(0));
+    let servers = [
+        delaying_server(ran.clone(), |_| 0).await,
+        delaying_server(ran.clone(), |_| 0).await,
+        delaying_server(slow_ran.clone(), |_| 40).await,
+    ];
+    let slow = servers[2].local_addr();
+    let outlier = OutlierConfig {
+        interval: Duration::from_millis(300),
+        latency_min_requests: 10,
+        ..OutlierConfig::default()
+    };
+    let mut cfg = config(outlier);
+    cfg.request_timeout = Duration::from_secs(2);
+    let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
+    all_connected(&client, 3).await;
+    let mut events = client.events();
+    // Every request succeeds: only its latency gives the slow server away.
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { run(&client, 4, 100_000).await }
+    });
+    let ev = next_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, ConnectionEvent::EndpointEjected { .. })
+    })
+    .await;
+    load.abort();
+    let ConnectionEvent::EndpointEjected { addr, reason, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!((addr, reason), (slow, "latency"));
+    let status = client
+        .holder()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.addr == slow)
+        .unwrap();
+    assert!(matches!(status.state, PoolState::Ejected { .. }), "{status:?}");
+    // Ejected (for 30 s): the p99 is the fast servers'.
+    let before = slow_ran.load(Ordering::Relaxed);
+    let (ok, failed, latencies) = run(&client, 4, 400).await;
+    assert_eq!((ok, failed), (400, 0));
+    assert_eq!(
+        slow_ran.load(Ordering::Relaxed),
+        before,
+        "requests went to the ejected server"
+    );
+    eprintln!(
+        "outlier: a server 40 ms slower ejected for latency; p99 after: {:?}",
+        p99(&latencies)
+    );
+    assert!(p99(&latencies) < Duration::from_millis(30), "p99 {:?}", p99(&latencies));
+}
+
 /// Three servers; every 20th request to the `slow` one takes 200 ms more. Returns the p99 of 600
 /// idempotent requests by 2 callers, and the handler runs (started, on all servers).
-async fn straggler_p99(hedge_delay: Option<Duration>) -> (Duration, usize, usize) {
+async fn straggler_p99(hedge_delay: Option<HedgeDelay>) -> (Duration, usize, usize) {
     let ran = Arc::new(AtomicUsize::new(0));
     let mut servers = Vec::new();
     for slow in [false, false, true] {
-        let (ran, count) = (ran.clone(), Arc::new(AtomicUsize::new(0)));
-        servers.push(
-            Server::builder()
-                .route(
-                    METHOD,
-                    rpc_server::handler_fn(move |_r: Request<Bytes>| {
-                        let (ran, count) = (ran.clone(), count.clone());
-                        async move {
-                            ran.fetch_add(1, Ordering::Relaxed);
-                            let n = count.fetch_add(1, Ordering::Relaxed);
-                            let extra = if slow && n % 20 == 19 { 200 } else { 0 };
-                            tokio::time::sleep(Duration::from_millis(1 + extra)).await;
-                            Ok(Response::new(Bytes::new()))
-                        }
-                    }),
-                )
-                .bind("127.0.0.1:0")
-                .await
-                .unwrap(),
-        );
+        let extra: fn(usize) -> u64 = if slow {
+            |n| if n % 20 == 19 { 200 } else { 0 }
+        } else {
+            |_| 0
+        };
+        servers.push(delaying_server(ran.clone(), extra).await);
     }
     let mut cfg = config(OutlierConfig::default());
     cfg.request_timeout = Duration::from_secs(2);
@@ -510,12 +575,26 @@ async fn hedging_cuts_the_p99_a_straggler_causes_within_the_budget() {
         plain >= Duration::from_millis(150),
         "control: the straggler sets the p99 ({plain:?})"
     );
-    let (hedged, hedged_runs, n) = straggler_p99(Some(Duration::from_millis(20))).await;
+    let (hedged, hedged_runs, n) = straggler_p99(Some(HedgeDelay::After(Duration::from_millis(20)))).await;
     let extra = hedged_runs - n;
     eprintln!(
         "outlier: one of 3 servers adds 200 ms to 5 % of its requests: p99 {plain:?} plain, {hedged:?} hedged after 20 ms; {extra} extra runs for {n} requests"
     );
     assert!(hedged < Duration::from_millis(100), "hedged p99 {hedged:?}");
     // Extra load within the budget: 20 % of the requests plus the floor (10/s over 10 s).
+    assert!(extra as f64 <= n as f64 * 0.2 + 100.0, "{extra} extra runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_at_each_endpoints_p95_cuts_the_p99_within_the_budget() {
+    let p95 = Some(HedgeDelay::P95 {
+        at_least: Duration::from_millis(2),
+    });
+    let (hedged, hedged_runs, n) = straggler_p99(p95).await;
+    let extra = hedged_runs - n;
+    eprintln!(
+        "outlier: one of 3 servers adds 200 ms to 5 % of its requests: p99 {hedged:?} hedged at each endpoint's p95; {extra} extra runs for {n} requests"
+    );
+    assert!(hedged < Duration::from_millis(100), "hedged p99 {hedged:?}");
     assert!(extra as f64 <= n as f64 * 0.2 + 100.0, "{extra} extra runs");
 }

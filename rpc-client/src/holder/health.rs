@@ -15,6 +15,10 @@
 //!   `max_ejection_time`), then is on probation: one request at a time, until
 //!   `probe_successes` succeed in a row (trusted again) or one fails (ejected again, for longer).
 //!   Each interval an endpoint spends trusted lowers its ejection count by one.
+//! - Latency: with at least `latency_min_hosts` endpoints that had `latency_min_requests`
+//!   successes each in the interval, an endpoint whose median latency is at least
+//!   `latency_factor` times the median of their medians, and at least `latency_min`, is ejected:
+//!   slow but successful (a swapping host, a throttled disk) is a gray failure too.
 //! - At most `max_ejection_percent` of the endpoints are ejected at once (one always may be), and
 //!   an endpoint is never ejected when no other could take its requests: a lone endpoint stays.
 
@@ -67,6 +71,18 @@ pub struct OutlierConfig {
     /// as successes.
     #[cfg_attr(feature = "serde", serde(with = "codes_by_name"))]
     pub failure_codes: Vec<Code>,
+    /// How many times the median latency of the endpoints an endpoint's own median must be to
+    /// eject it (0: the latency rule is off). Latency counts successful requests only, from send
+    /// to answer.
+    pub latency_factor: f64,
+    /// The least median latency that ejects (below it, being slower than the others is no
+    /// failure: 5 × 100 µs is still fast).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub latency_min: Duration,
+    /// Endpoints with enough successes in an interval needed for the latency rule to run.
+    pub latency_min_hosts: usize,
+    /// Successes an endpoint needs in an interval to count for the latency rule.
+    pub latency_min_requests: u32,
 }
 
 impl Default for OutlierConfig {
@@ -86,6 +102,10 @@ impl Default for OutlierConfig {
             probe_successes: 3,
             probe_timeout: Duration::from_secs(5),
             failure_codes: vec![Code::DeadlineExceeded, Code::Unavailable, Code::Internal],
+            latency_factor: 5.0,
+            latency_min: Duration::from_millis(10),
+            latency_min_hosts: 3,
+            latency_min_requests: 50,
         }
     }
 }
@@ -127,6 +147,12 @@ impl OutlierConfig {
             return Err(ConfigError::OutOfRange {
                 field: "outlier.success_rate_stdev_factor",
                 why: "must be above zero",
+            });
+        }
+        if self.latency_factor.is_nan() || (self.latency_factor != 0.0 && self.latency_factor <= 1.0) {
+            return Err(ConfigError::OutOfRange {
+                field: "outlier.latency_factor",
+                why: "must be 0 (off) or above 1",
             });
         }
         Ok(())
@@ -187,6 +213,8 @@ pub enum EjectReason {
     SuccessRate,
     /// A request on probation failed.
     ProbeFailed,
+    /// Its median latency far above the others'.
+    Latency,
 }
 
 impl EjectReason {
@@ -197,6 +225,7 @@ impl EjectReason {
             EjectReason::FailurePercentage => "failure_percentage",
             EjectReason::SuccessRate => "success_rate",
             EjectReason::ProbeFailed => "probe_failed",
+            EjectReason::Latency => "latency",
         }
     }
 }
@@ -212,6 +241,104 @@ pub enum Verdict {
     Trusted,
 }
 
+/// Buckets of [`Latencies`]: half an octave each, from 1 µs to about 50 minutes.
+const BUCKETS: usize = 64;
+
+/// A histogram of latencies in buckets half an octave wide: values within a factor of 1.5 share
+/// a bucket, which is plenty to tell an endpoint five times slower than the others, or to place a
+/// hedge. 260 bytes, no allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latencies {
+    buckets: [u32; BUCKETS],
+    count: u32,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            buckets: [0; BUCKETS],
+            count: 0,
+        }
+    }
+}
+
+impl Latencies {
+    fn bucket(d: Duration) -> usize {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let octave = 63 - us.leading_zeros();
+        let half = if octave == 0 { 0 } else { (us >> (octave - 1)) & 1 };
+        (2 * octave as usize + half as usize).min(BUCKETS - 1)
+    }
+
+    /// The smallest latency in bucket `i`, in µs.
+    fn lower_us(i: usize) -> u64 {
+        match (i / 2, i % 2) {
+            (octave, 0) => 1 << octave,
+            (0, _) => 2, // bucket 1 stays empty: 1 µs has no half octave
+            (octave, _) => 3 << (octave - 1),
+        }
+    }
+
+    /// Adds one latency.
+    pub fn add(&mut self, d: Duration) {
+        let b = &mut self.buckets[Self::bucket(d)];
+        *b = b.saturating_add(1);
+        self.count = self.count.saturating_add(1);
+    }
+
+    /// How many latencies it holds.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The `q` quantile (0 to 1), as the upper bound of its bucket (so within 1.5 times above
+    /// the true value); `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * f64::from(self.count)).ceil() as u32).max(1);
+        let mut seen = 0u32;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen = seen.saturating_add(*n);
+            if seen >= rank {
+                let upper = if i + 1 < BUCKETS {
+                    Self::lower_us(i + 1)
+                } else {
+                    u64::MAX
+                };
+                return Some(Duration::from_micros(upper));
+            }
+        }
+        None
+    }
+}
+
+/// One interval of an endpoint, for the rate and latency rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Requests that succeeded (or got an answer that is not a failure).
+    pub successes: u32,
+    /// Requests that failed.
+    pub failures: u32,
+    /// The median latency of the successes (`None`: none).
+    pub p50: Option<Duration>,
+}
+
+impl Window {
+    /// A window of these counts and no latencies.
+    pub fn counts(successes: u32, failures: u32) -> Window {
+        Window {
+            successes,
+            failures,
+            p50: None,
+        }
+    }
+}
+
+/// Successes an interval needs for its latencies to place hedges ([`Health::hedge_p95`]).
+const HEDGE_SAMPLES: u32 = 20;
+
 /// The health of one endpoint.
 #[derive(Debug, Clone)]
 pub struct Health {
@@ -226,6 +353,11 @@ pub struct Health {
     /// On probation: when the probe now out was handed out. Its outcome frees the slot; so does
     /// `probe_timeout` passing without one (its caller gave up, or it went to a stream).
     probe_reserved: Option<Instant>,
+    /// Latencies of the current interval's successes.
+    latency: Latencies,
+    /// The latest interval's with at least [`HEDGE_SAMPLES`] successes (an endpoint that stopped
+    /// answering keeps the latencies it had while it answered).
+    known_latency: Latencies,
 }
 
 impl Default for Health {
@@ -238,6 +370,8 @@ impl Default for Health {
             failures: 0,
             ejected_in_interval: false,
             probe_reserved: None,
+            latency: Latencies::default(),
+            known_latency: Latencies::default(),
         }
     }
 }
@@ -354,6 +488,26 @@ impl Health {
         length
     }
 
+    /// A successful request's latency (from send to answer). Ignored while ejected, like its
+    /// outcome.
+    pub fn record_latency(&mut self, latency: Duration) {
+        if !self.is_ejected() {
+            self.latency.add(latency);
+        }
+    }
+
+    /// Its 95th percentile latency, from the current interval or the latest one with enough
+    /// successes ([`HEDGE_SAMPLES`], 20); `None` until one had. For hedging
+    /// ([`crate::HedgeDelay::P95`]).
+    pub fn hedge_p95(&self) -> Option<Duration> {
+        let l = if self.latency.count() >= HEDGE_SAMPLES {
+            &self.latency
+        } else {
+            &self.known_latency
+        };
+        (l.count() >= HEDGE_SAMPLES).then(|| l.quantile(0.95)).flatten()
+    }
+
     /// Moves an ejection that is over to probation; true when it did.
     pub fn tick(&mut self, now: Instant) -> bool {
         match self.state {
@@ -380,19 +534,28 @@ impl Health {
         false
     }
 
-    /// Ends the interval and starts the next: its (successes, failures) for the rate rules, or
-    /// `None` when they say nothing of it now (not trusted, or ejected during the interval). An
+    /// Ends the interval and starts the next: its window for the rate and latency rules, or
+    /// `None` when it says nothing of it now (not trusted, or ejected during the interval). An
     /// endpoint that spent the interval trusted has one ejection forgiven.
-    pub fn end_interval(&mut self) -> Option<(u32, u32)> {
+    pub fn end_interval(&mut self) -> Option<Window> {
         let judged = self.state == HealthState::Trusted && !self.ejected_in_interval;
-        let counts = judged.then_some((self.successes, self.failures));
+        let window = judged.then(|| Window {
+            successes: self.successes,
+            failures: self.failures,
+            p50: self.latency.quantile(0.5),
+        });
         if judged {
             self.times_ejected = self.times_ejected.saturating_sub(1);
+        }
+        if self.latency.count() >= HEDGE_SAMPLES {
+            self.known_latency = std::mem::take(&mut self.latency);
+        } else {
+            self.latency = Latencies::default();
         }
         self.successes = 0;
         self.failures = 0;
         self.ejected_in_interval = false;
-        counts
+        window
     }
 }
 
@@ -402,16 +565,21 @@ pub fn may_eject(ejected: usize, total: usize, others_usable: usize, max_percent
     others_usable > 0 && (ejected == 0 || (ejected + 1) * 100 <= total.saturating_mul(max_percent as usize))
 }
 
-/// The rate rules over one interval's `(successes, failures)` per endpoint (endpoints already
-/// ejected or on probation are passed as `None`): the endpoints to eject, worst first.
-pub fn evaluate(windows: &[Option<(u32, u32)>], config: &OutlierConfig) -> Vec<(usize, EjectReason)> {
+/// The rate and latency rules over one interval's window per endpoint (endpoints already ejected
+/// or on probation are passed as `None`): the endpoints to eject, worst first (the rate rules
+/// before the latency rule).
+pub fn evaluate(windows: &[Option<Window>], config: &OutlierConfig) -> Vec<(usize, EjectReason)> {
     let mut out: Vec<(usize, EjectReason, f64)> = Vec::new();
     // Success rate: against the others that had enough requests.
     let rated: Vec<(usize, f64)> = windows
         .iter()
         .enumerate()
         .filter_map(|(i, w)| {
-            let (s, f) = (*w)?;
+            let Window {
+                successes: s,
+                failures: f,
+                ..
+            } = (*w)?;
             let n = s + f;
             (n >= config.success_rate_min_requests && n > 0).then(|| (i, f64::from(s) / f64::from(n)))
         })
@@ -429,7 +597,14 @@ pub fn evaluate(windows: &[Option<(u32, u32)>], config: &OutlierConfig) -> Vec<(
     // Failure percentage: each on its own.
     if config.failure_percentage < 100 {
         for (i, w) in windows.iter().enumerate() {
-            let Some((s, f)) = *w else { continue };
+            let Some(Window {
+                successes: s,
+                failures: f,
+                ..
+            }) = *w
+            else {
+                continue;
+            };
             let n = s + f;
             if n == 0 || n < config.failure_percentage_min_requests || out.iter().any(|(j, _, _)| *j == i) {
                 continue;
@@ -440,7 +615,32 @@ pub fn evaluate(windows: &[Option<(u32, u32)>], config: &OutlierConfig) -> Vec<(
         }
     }
     out.sort_by(|a, b| a.2.total_cmp(&b.2));
-    out.into_iter().map(|(i, r, _)| (i, r)).collect()
+    let mut out: Vec<(usize, EjectReason)> = out.into_iter().map(|(i, r, _)| (i, r)).collect();
+    // Latency: against the median of the medians of those with enough successes (robust to the
+    // slow ones themselves, while they are fewer than half).
+    if config.latency_factor > 0.0 {
+        let timed: Vec<(usize, Duration)> = windows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                let w = (*w)?;
+                (w.successes >= config.latency_min_requests.max(1)).then_some((i, w.p50?))
+            })
+            .collect();
+        if timed.len() >= config.latency_min_hosts.max(2) {
+            let mut medians: Vec<Duration> = timed.iter().map(|(_, d)| *d).collect();
+            medians.sort();
+            let typical = medians[(medians.len() - 1) / 2];
+            let limit = typical.mul_f64(config.latency_factor).max(config.latency_min);
+            let mut slow: Vec<(usize, Duration)> = timed
+                .into_iter()
+                .filter(|(i, d)| *d >= limit && !out.iter().any(|(j, _)| j == i))
+                .collect();
+            slow.sort_by_key(|s| std::cmp::Reverse(s.1));
+            out.extend(slow.into_iter().map(|(i, _)| (i, EjectReason::Latency)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -560,7 +760,7 @@ mod tests {
             "ejected during the interval: its counts say nothing"
         );
         h.record(t0, false, &c);
-        assert_eq!(h.end_interval(), Some((1, 0)));
+        assert_eq!(h.end_interval(), Some(Window::counts(1, 0)));
     }
 
     #[test]
@@ -605,22 +805,86 @@ mod tests {
     fn failure_percentage_needs_volume_and_success_rate_needs_hosts() {
         let c = config();
         // 85 % of 100 failed, the others fine: failure percentage.
-        let w = [Some((15, 85)), Some((100, 0)), Some((100, 0))];
+        let w = [
+            Some(Window::counts(15, 85)),
+            Some(Window::counts(100, 0)),
+            Some(Window::counts(100, 0)),
+        ];
         assert_eq!(evaluate(&w, &c), vec![(0, EjectReason::FailurePercentage)]);
         // Too few requests: nothing.
-        assert!(evaluate(&[Some((1, 40)), Some((100, 0))], &c).is_empty());
+        assert!(evaluate(&[Some(Window::counts(1, 40)), Some(Window::counts(100, 0))], &c).is_empty());
         // Success rate: five hosts, one far below.
         let w = [
-            Some((1000, 0)),
-            Some((995, 5)),
-            Some((1000, 0)),
-            Some((998, 2)),
-            Some((700, 300)),
+            Some(Window::counts(1000, 0)),
+            Some(Window::counts(995, 5)),
+            Some(Window::counts(1000, 0)),
+            Some(Window::counts(998, 2)),
+            Some(Window::counts(700, 300)),
             None,
         ];
         assert_eq!(evaluate(&w, &c), vec![(4, EjectReason::SuccessRate)]);
         // Four hosts: the success-rate rule does not run (and 30 % is no failure percentage).
         assert!(evaluate(&w[1..], &c).is_empty());
+    }
+
+    fn timed(successes: u32, p50_ms: u64) -> Option<Window> {
+        Some(Window {
+            successes,
+            failures: 0,
+            p50: Some(Duration::from_millis(p50_ms)),
+        })
+    }
+
+    #[test]
+    fn a_slow_endpoint_among_fast_ones_is_ejected_for_latency_and_only_when_it_matters() {
+        let c = config();
+        // 60 ms against 2 ms: ejected.
+        let w = [timed(100, 2), timed(100, 2), timed(100, 60)];
+        assert_eq!(evaluate(&w, &c), vec![(2, EjectReason::Latency)]);
+        // 5 times slower but under latency_min (10 ms): fast enough.
+        assert!(evaluate(&[timed(100, 1), timed(100, 1), timed(100, 6)], &c).is_empty());
+        // 4 times slower: within the factor.
+        assert!(evaluate(&[timed(100, 20), timed(100, 20), timed(100, 80)], &c).is_empty());
+        // Too few successes on the slow one, or too few endpoints with enough: nothing.
+        assert!(evaluate(&[timed(100, 2), timed(100, 2), timed(10, 60)], &c).is_empty());
+        assert!(evaluate(&[timed(100, 2), timed(100, 60), None], &c).is_empty());
+        // Off.
+        let off = OutlierConfig {
+            latency_factor: 0.0,
+            ..config()
+        };
+        assert!(evaluate(&[timed(100, 2), timed(100, 2), timed(100, 60)], &off).is_empty());
+        // An endpoint both failing and slow is ejected once, for its failures.
+        let both = Some(Window {
+            successes: 10,
+            failures: 90,
+            p50: Some(Duration::from_millis(60)),
+        });
+        let w = [timed(100, 2), timed(100, 2), both];
+        assert_eq!(evaluate(&w, &c), vec![(2, EjectReason::FailurePercentage)]);
+    }
+
+    #[test]
+    fn the_hedge_p95_survives_an_interval_without_answers() {
+        let mut h = Health::new();
+        assert_eq!(h.hedge_p95(), None, "nothing known yet");
+        for i in 0..100u64 {
+            h.record_latency(Duration::from_millis(if i < 95 { 2 } else { 50 }));
+        }
+        let p95 = h.hedge_p95().unwrap();
+        assert!(
+            p95 >= Duration::from_millis(2) && p95 <= Duration::from_millis(3),
+            "{p95:?}"
+        );
+        let w = h.end_interval().unwrap();
+        assert!(w.p50.unwrap() >= Duration::from_millis(2));
+        // The next interval has no answers (its handlers hang): the last known p95 stays.
+        assert_eq!(h.end_interval().unwrap().p50, None);
+        assert_eq!(h.hedge_p95(), Some(p95));
+        // Ejected, its latencies are ignored like its outcomes.
+        h.eject(Instant::now(), &config());
+        h.record_latency(Duration::from_secs(1));
+        assert_eq!(h.hedge_p95(), Some(p95));
     }
 
     proptest! {
@@ -679,6 +943,47 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// A quantile of the histogram is never below the true one, and at most 1.5 times it
+        /// (plus the 1 µs resolution).
+        #[test]
+        fn quantiles_are_within_a_bucket_above_the_truth(
+            mut us in proptest::collection::vec(0u64..10_000_000, 1..300),
+            q in 0.0f64..1.0,
+        ) {
+            let mut l = Latencies::default();
+            for v in &us {
+                l.add(Duration::from_micros(*v));
+            }
+            us.sort_unstable();
+            let rank = ((q * us.len() as f64).ceil() as usize).max(1);
+            let truth = us[rank - 1].max(1);
+            let got = l.quantile(q).unwrap().as_micros() as u64;
+            prop_assert!(got > truth || (truth == 1 && got >= 1), "{got} for {truth}");
+            prop_assert!(got as f64 <= truth as f64 * 1.5 + 1.0, "{got} for {truth}");
+        }
+
+        /// The latency rule never ejects an endpoint faster than latency_min or within the
+        /// factor of the typical median, nor more than the slower half.
+        #[test]
+        fn the_latency_rule_ejects_only_real_outliers(
+            p50s in proptest::collection::vec((0u64..200, 0u32..200), 1..12)
+        ) {
+            let c = config();
+            let w: Vec<Option<Window>> = p50s.iter().map(|(ms, n)| timed(*n, *ms)).collect();
+            let mut medians: Vec<u64> = p50s.iter().filter(|(_, n)| *n >= c.latency_min_requests).map(|(ms, _)| *ms).collect();
+            medians.sort_unstable();
+            let ejected: Vec<usize> = evaluate(&w, &c).into_iter().map(|(i, r)| { assert_eq!(r, EjectReason::Latency); i }).collect();
+            for i in &ejected {
+                let (ms, n) = p50s[*i];
+                prop_assert!(n >= c.latency_min_requests);
+                prop_assert!(medians.len() >= c.latency_min_hosts);
+                let typical = medians[(medians.len() - 1) / 2];
+                prop_assert!(Duration::from_millis(ms) >= c.latency_min);
+                prop_assert!(ms as f64 >= typical as f64 * c.latency_factor);
+            }
+            prop_assert!(ejected.len() * 2 <= medians.len());
         }
 
         /// The caps: starting from none ejected, ejecting every endpoint that asks never exceeds

@@ -28,7 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::discover::{Change, Discover};
 
 pub use balance::Balance;
-pub use health::{evaluate, may_eject, EjectReason, Health, HealthState, OutlierConfig, Verdict};
+pub use health::{evaluate, may_eject, EjectReason, Health, HealthState, Latencies, OutlierConfig, Verdict, Window};
 pub use pool::{AfterFailure, EndpointPool, PoolState};
 
 use crate::config::ClientConfig;
@@ -422,9 +422,16 @@ impl ConnectionHolder {
     }
 
     /// Records a request's outcome at `addr` for outlier detection (`failed`: it counts as the
-    /// endpoint failing).
-    pub(crate) fn record(&self, addr: SocketAddr, failed: bool) {
-        self.inner.record(addr, failed);
+    /// endpoint failing) and, for an answer, its latency (for the latency rule and hedging).
+    pub(crate) fn record(&self, addr: SocketAddr, failed: bool, latency: Duration) {
+        self.inner.record(addr, failed, latency);
+    }
+
+    /// The 95th percentile latency of `addr`'s recent answers, once it has had 20 in an outlier
+    /// interval (see [`crate::HedgeDelay::P95`]).
+    pub(crate) fn hedge_p95(&self, addr: SocketAddr) -> Option<Duration> {
+        let eps = self.inner.lock();
+        eps.iter().find(|e| e.addr == addr)?.health.hedge_p95()
     }
 
     /// Gracefully closes every connection and stops the checker.
@@ -702,9 +709,10 @@ impl Inner {
 
     /// A request's outcome at `addr` (`failed`: it counts as the endpoint failing; see
     /// [`OutlierConfig::failure_codes`]): may eject the endpoint, or trust it again.
-    fn record(&self, addr: SocketAddr, failed: bool) {
+    fn record(&self, addr: SocketAddr, failed: bool, latency: Duration) {
         let config = &self.config.outlier;
-        if !config.enabled {
+        let timed = matches!(self.config.hedge_delay, Some(crate::HedgeDelay::P95 { .. }));
+        if !config.enabled && !timed {
             return;
         }
         let now = Instant::now();
@@ -713,6 +721,12 @@ impl Inner {
             let Some(i) = eps.iter().position(|e| e.addr == addr) else {
                 return;
             };
+            if !failed {
+                eps[i].health.record_latency(latency);
+            }
+            if !config.enabled {
+                return;
+            }
             match eps[i].health.record(now, failed, config) {
                 Verdict::None => return,
                 Verdict::Trusted => ConnectionEvent::EndpointTrusted { addr },
@@ -769,7 +783,7 @@ impl Inner {
         let mut events = Vec::new();
         {
             let mut eps = self.lock();
-            let windows: Vec<Option<(u32, u32)>> = eps
+            let windows: Vec<Option<Window>> = eps
                 .iter_mut()
                 .map(|e| {
                     let counts = e.health.end_interval();
