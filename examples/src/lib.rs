@@ -4,27 +4,27 @@
 
 /// `echo.proto`: messages, `echo_client::EchoClient`, `echo_server::{Echo, EchoServer}`.
 pub mod echo {
-    include!(concat!(env!("OUT_DIR"), "/echo.rs"));
+    rpc_server::include_proto!("echo");
 }
 
 /// `greeter.proto`.
 pub mod greeter {
     pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/greeter.v1.rs"));
+        rpc_server::include_proto!("greeter.v1");
     }
 }
 
 /// `feed.proto`: the three kinds of streaming method.
 pub mod feed {
     pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/feed.v1.rs"));
+        rpc_server::include_proto!("feed.v1");
     }
 }
 
 /// `topic.proto`: a resumable subscription (pub/sub).
 pub mod topic {
     pub mod v1 {
-        include!(concat!(env!("OUT_DIR"), "/topic.v1.rs"));
+        rpc_server::include_proto!("topic.v1");
     }
 }
 

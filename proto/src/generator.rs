@@ -46,6 +46,18 @@ fn full_name(s: &Service) -> String {
     }
 }
 
+/// A message type as named from inside the generated client or server module: prost names the
+/// package's own and imported messages relative to the package module (one `super::` more from
+/// here), and well-known types absolutely (`::prost_types::Timestamp`, or `()` for `Empty`), which
+/// stay as they are.
+fn ty(prost_path: &str) -> String {
+    if prost_path.starts_with("::") || prost_path.starts_with('(') {
+        prost_path.to_owned()
+    } else {
+        format!("super::{prost_path}")
+    }
+}
+
 fn path(s: &Service, m: &Method) -> String {
     format!("/{}/{}", full_name(s), m.proto_name)
 }
@@ -115,12 +127,12 @@ impl TetherServiceGenerator {
             let _ = writeln!(buf, "        /// Calls `{}`.", path(s, m));
             let _ = writeln!(
                 buf,
-                r#"        pub async fn {method}(&mut self, request: impl ::rpc_client::IntoRequest<super::{input}>) -> Result<::rpc_client::Response<super::{output}>, ::rpc_client::Error> {{
+                r#"        pub async fn {method}(&mut self, request: impl ::rpc_client::IntoRequest<{input}>) -> Result<::rpc_client::Response<{output}>, ::rpc_client::Error> {{
             ::rpc_client::codegen::unary(&mut self.inner, "{path}", request.into_request()).await
         }}"#,
                 method = m.name,
-                input = m.input_type,
-                output = m.output_type,
+                input = ty(&m.input_type),
+                output = ty(&m.output_type),
                 path = path(s, m),
             );
         }
@@ -137,17 +149,17 @@ impl TetherServiceGenerator {
             );
             for m in streaming {
                 doc(&m.comments, "        ", buf);
-                let (input, output, p) = (&m.input_type, &m.output_type, path(s, m));
+                let (input, output, p) = (ty(&m.input_type), ty(&m.output_type), path(s, m));
                 if self.is_resumable(s, m) {
                     let _ = writeln!(
                         buf,
                         r#"        /// Subscribes to `{p}`, a resumable stream: one request, then the server's messages
         /// in order across the breaks of the streams under it (see `rpc_client::Client::subscribe`).
-        pub async fn {method}(&self, request: impl ::rpc_client::IntoRequest<super::{input}>) -> Result<::rpc_client::Resumable<super::{output}>, ::rpc_client::Error> {{
+        pub async fn {method}(&self, request: impl ::rpc_client::IntoRequest<{input}>) -> Result<::rpc_client::Resumable<{output}>, ::rpc_client::Error> {{
             ::rpc_client::codegen::resumable_streaming(&self.inner, "{p}", request.into_request(), None).await
         }}
         /// Subscribes to `{p}` after a position kept from an earlier subscription.
-        pub async fn {method}_after(&self, request: impl ::rpc_client::IntoRequest<super::{input}>, after: u64) -> Result<::rpc_client::Resumable<super::{output}>, ::rpc_client::Error> {{
+        pub async fn {method}_after(&self, request: impl ::rpc_client::IntoRequest<{input}>, after: u64) -> Result<::rpc_client::Resumable<{output}>, ::rpc_client::Error> {{
             ::rpc_client::codegen::resumable_streaming(&self.inner, "{p}", request.into_request(), Some(after)).await
         }}"#,
                         method = m.name
@@ -158,7 +170,7 @@ impl TetherServiceGenerator {
                     (false, _) => writeln!(
                         buf,
                         r#"        /// Calls `{p}`: one request, a stream of responses.
-        pub async fn {method}(&self, request: impl ::rpc_client::IntoRequest<super::{input}>) -> Result<::rpc_client::Streaming<super::{output}>, ::rpc_client::Error> {{
+        pub async fn {method}(&self, request: impl ::rpc_client::IntoRequest<{input}>) -> Result<::rpc_client::Streaming<{output}>, ::rpc_client::Error> {{
             ::rpc_client::codegen::server_streaming(&self.inner, "{p}", request.into_request()).await
         }}"#,
                         method = m.name
@@ -166,8 +178,8 @@ impl TetherServiceGenerator {
                     (true, false) => writeln!(
                         buf,
                         r#"        /// Calls `{p}`: a stream of requests, one response.
-        pub async fn {method}<S>(&self, requests: impl ::rpc_client::IntoRequest<S>) -> Result<::rpc_client::Response<super::{output}>, ::rpc_client::Error>
-        where S: ::rpc_client::codegen::Stream<Item = super::{input}> + Send + 'static {{
+        pub async fn {method}<S>(&self, requests: impl ::rpc_client::IntoRequest<S>) -> Result<::rpc_client::Response<{output}>, ::rpc_client::Error>
+        where S: ::rpc_client::codegen::Stream<Item = {input}> + Send + 'static {{
             ::rpc_client::codegen::client_streaming(&self.inner, "{p}", requests.into_request()).await
         }}"#,
                         method = m.name
@@ -175,8 +187,8 @@ impl TetherServiceGenerator {
                     (true, true) => writeln!(
                         buf,
                         r#"        /// Calls `{p}`: streams both ways (the requests are sent by a task of their own).
-        pub async fn {method}<S>(&self, requests: impl ::rpc_client::IntoRequest<S>) -> Result<::rpc_client::Streaming<super::{output}>, ::rpc_client::Error>
-        where S: ::rpc_client::codegen::Stream<Item = super::{input}> + Send + 'static {{
+        pub async fn {method}<S>(&self, requests: impl ::rpc_client::IntoRequest<S>) -> Result<::rpc_client::Streaming<{output}>, ::rpc_client::Error>
+        where S: ::rpc_client::codegen::Stream<Item = {input}> + Send + 'static {{
             ::rpc_client::codegen::bidi_streaming(&self.inner, "{p}", requests.into_request()).await
         }}"#,
                         method = m.name
@@ -210,22 +222,23 @@ impl TetherServiceGenerator {
             doc(&m.comments, "        ", buf);
             let _ = writeln!(buf, "        /// Handles `{}`.", path(s, m));
             let input = if m.client_streaming {
-                format!("::rpc_server::Streaming<super::{}>", m.input_type)
+                format!("::rpc_server::Streaming<{}>", ty(&m.input_type))
             } else {
-                format!("super::{}", m.input_type)
+                ty(&m.input_type)
             };
             if self.is_resumable(s, m) {
                 let _ = writeln!(
                     buf,
-                    "        /// Resumable: `after` is `None` for a fresh subscription, or the position of the last\n        /// message the subscriber has; every message carries its position.\n        fn {}(&self, request: ::rpc_server::Request<{input}>, after: Option<u64>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<::rpc_server::codegen::PositionedStream<super::{}>>, ::rpc_server::Status>> + Send;",
-                    m.name, m.output_type
+                    "        /// Resumable: `after` is `None` for a fresh subscription, or the position of the last\n        /// message the subscriber has; every message carries its position.\n        fn {}(&self, request: ::rpc_server::Request<{input}>, after: Option<u64>) -> impl ::core::future::Future<Output = Result<::rpc_server::Response<::rpc_server::codegen::PositionedStream<{}>>, ::rpc_server::Status>> + Send;",
+                    m.name,
+                    ty(&m.output_type)
                 );
                 continue;
             }
             let output = if m.server_streaming {
-                format!("::rpc_server::codegen::BoxStream<super::{}>", m.output_type)
+                format!("::rpc_server::codegen::BoxStream<{}>", ty(&m.output_type))
             } else {
-                format!("super::{}", m.output_type)
+                ty(&m.output_type)
             };
             let _ = writeln!(
                 buf,

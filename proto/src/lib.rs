@@ -13,7 +13,18 @@
 //! }
 //! ```
 //!
-//! and in the crate, `include!(concat!(env!("OUT_DIR"), "/echo.rs"));` (one file per package).
+//! and in the crate, `rpc_server::include_proto!("echo");` (or `rpc_client::include_proto!`), one
+//! file per package, in a module tree that mirrors the packages (`package shop.v1` in
+//! `mod shop { pub mod v1 { .. } }`) so messages imported across packages resolve. The files go
+//! to `$OUT_DIR/tether/`, apart from tonic's `$OUT_DIR/<package>.rs`: one crate can compile the
+//! same `.proto` for both (a migration's first step).
+//!
+//! A crate that is only a client (or only a server) generates only that side, and needs only that
+//! crate: `rpc_proto::configure().build_server(false).compile(..)` (or `build_client(false)`);
+//! with both sides generated, the code names `rpc_server` and `rpc_client` both.
+//!
+//! Well-known types (`google.protobuf.Empty`, `Timestamp`, ...) may be fields, inputs and
+//! outputs; they are `prost_types` types, so the crate depends on `prost-types`.
 //!
 //! For a service `Echo` in package `echo` this produces:
 //! - `echo_client::EchoClient<T>`: one `async fn` per method, generic over the transport `T` (an
@@ -98,7 +109,7 @@ impl Builder {
         self
     }
 
-    /// Where to write the generated files (default `OUT_DIR`).
+    /// Where to write the generated files (default `$OUT_DIR/tether`, read by `include_proto!`).
     pub fn out_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.out_dir = Some(dir.into());
         self
@@ -117,9 +128,20 @@ impl Builder {
             check_resumable(&fds, name)?;
         }
         let mut config = prost_build::Config::new();
-        if let Some(dir) = &self.out_dir {
-            config.out_dir(dir);
-        }
+        let dir = match &self.out_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let out = std::env::var_os("OUT_DIR").ok_or_else(|| {
+                    Error::Generate(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "OUT_DIR is not set: run from a build script, or set out_dir",
+                    ))
+                })?;
+                PathBuf::from(out).join("tether")
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(Error::Generate)?;
+        config.out_dir(&dir);
         // `bytes` fields as `bytes::Bytes`: decoding slices the frame instead of copying.
         config.bytes(["."]);
         config.service_generator(Box::new(
@@ -159,6 +181,39 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).expect("write proto");
         p
+    }
+
+    #[test]
+    fn well_known_types_as_inputs_and_outputs_are_named_absolutely() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proto = write(
+            dir.path(),
+            "c.proto",
+            r#"syntax = "proto3"; package clock;
+               import "google/protobuf/empty.proto";
+               import "google/protobuf/timestamp.proto";
+               service Clock {
+                 rpc Now(google.protobuf.Empty) returns (google.protobuf.Timestamp);
+                 rpc Ticks(google.protobuf.Timestamp) returns (stream google.protobuf.Timestamp);
+               }"#,
+        );
+        configure()
+            .out_dir(dir.path())
+            .compile(&[proto], &[dir.path()])
+            .expect("compile");
+        let code = std::fs::read_to_string(dir.path().join("clock.rs")).expect("generated file");
+        let flat: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+        assert!(!flat.contains("super::::"), "a path the compiler rejects:\n{code}");
+        assert!(!flat.contains("super::()"), "a path the compiler rejects:\n{code}");
+        for needle in [
+            "pub async fn now(&mut self, request: impl ::rpc_client::IntoRequest<()>",
+            "-> Result<::rpc_client::Response<::prost_types::Timestamp>, ::rpc_client::Error",
+            "fn ticks(&self, request: ::rpc_server::Request<::prost_types::Timestamp>",
+            "::rpc_server::codegen::BoxStream<::prost_types::Timestamp>",
+        ] {
+            let needle: String = needle.chars().filter(|c| !c.is_whitespace()).collect();
+            assert!(flat.contains(&needle), "missing {needle} in:\n{code}");
+        }
     }
 
     #[test]

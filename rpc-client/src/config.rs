@@ -70,7 +70,8 @@ pub struct ClientConfig {
     /// Hedging of requests marked idempotent: when an attempt has no answer after this delay
     /// (fixed, or its endpoint's observed p95), a second goes to another endpoint (drawn from
     /// `retry_budget`), the first answer wins and the other is cancelled. `None` (the default):
-    /// no hedging. In a config file: `"20ms"`, `"p95"` or `"p95>=5ms"`.
+    /// no hedging. In a config file: `"20ms"`, `"p95"`, `"p95>=5ms"` or `"off"`.
+    #[cfg_attr(feature = "serde", serde(with = "rpc_core::config::off"))]
     pub hedge_delay: Option<HedgeDelay>,
     /// Gray-failure detection: endpoints whose requests fail or time out while their connections
     /// look fine are ejected for a while (see [`crate::holder::OutlierConfig`]). On by default.

@@ -43,6 +43,7 @@ pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, HealthState, OutlierConfig, PoolState};
 pub use resume::Resumable;
 pub use retry::SafeRetry;
+pub use rpc_core::include_proto;
 #[cfg(feature = "etcd")]
 pub use rpc_core::registry::RegistryConfig;
 pub use rpc_core::resume::{Positioned, ResumeGap};

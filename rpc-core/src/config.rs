@@ -91,11 +91,13 @@ impl Default for KeepaliveConfig {
 pub struct TcpConfig {
     /// TCP_NODELAY. Default `true`: tether coalesces writes itself, Nagle only adds latency.
     pub nodelay: bool,
-    /// TCP keepalive; `None` leaves it off. Default on, see [`KeepaliveConfig`].
+    /// TCP keepalive; `None` leaves it off (`"off"` in a config file). Default on, see
+    /// [`KeepaliveConfig`].
+    #[cfg_attr(feature = "serde", serde(with = "off"))]
     pub keepalive: Option<KeepaliveConfig>,
     /// TCP_USER_TIMEOUT (Linux): unacknowledged data older than this ends the connection, where the
     /// kernel default retransmits for about 15 minutes. `None` keeps the kernel default. Default 30 s.
-    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    #[cfg_attr(feature = "serde", serde(with = "off::duration"))]
     pub user_timeout: Option<Duration>,
     /// SO_SNDBUF; `None` keeps the kernel's autotuning. Default `None`.
     pub send_buffer_size: Option<usize>,
@@ -174,14 +176,14 @@ pub struct ConnectionConfig {
     /// send is reset (the producer's `send` fails with `SendError::Stalled`; the connection and its
     /// other streams go on). `None`: a stalled stream waits for ever (its memory stays bounded by
     /// its window). Default 30 s.
-    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    #[cfg_attr(feature = "serde", serde(with = "off::duration"))]
     pub stream_stall_timeout: Option<Duration>,
     /// A stream on which no message has moved either way for this long is reset by this side
     /// (DEADLINE_EXCEEDED, "stream idle"; the connection and its other streams go on), between
     /// this and 1.25 times this after its last message. For subscriptions that should never fall
     /// silent, and to reclaim streams a peer forgot. `None` (the default): a stream may be
     /// quiet for ever (its connection's heartbeats still run).
-    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    #[cfg_attr(feature = "serde", serde(with = "off::duration"))]
     pub stream_idle_timeout: Option<Duration>,
 }
 
@@ -323,5 +325,82 @@ pub fn check_idle_vs_heartbeat(idle_timeout: Option<Duration>, heartbeat: &Heart
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// Serde helpers for optional settings that a config file must be able to turn off: `None` is
+/// written `"off"` (so a round trip keeps it off, where omitting it would bring the default back),
+/// and `"off"` reads as `None`.
+#[cfg(feature = "serde")]
+pub mod off {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    const OFF: &str = "off";
+
+    /// `Option<Duration>` as a human-readable duration (`"15s"`, `"1m 30s"`) or `"off"`.
+    pub mod duration {
+        use super::*;
+
+        /// Writes `"off"` or the duration.
+        pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                None => s.serialize_str(OFF),
+                Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            }
+        }
+
+        /// Reads `"off"` or a duration.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            if text.trim().eq_ignore_ascii_case(OFF) {
+                return Ok(None);
+            }
+            humantime::parse_duration(text.trim())
+                .map(Some)
+                .map_err(|e| serde::de::Error::custom(format!("{text:?} is neither a duration nor \"off\": {e}")))
+        }
+    }
+
+    /// The string `"off"` and nothing else.
+    struct Off;
+
+    impl<'de> Deserialize<'de> for Off {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            if text.trim().eq_ignore_ascii_case(OFF) {
+                Ok(Off)
+            } else {
+                Err(serde::de::Error::custom("not \"off\""))
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OffOr<T> {
+        Off(Off),
+        Value(T),
+    }
+
+    /// `Option<T>` as `T` (a table, or what `T` reads) or `"off"`.
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_str(OFF),
+            Some(t) => t.serialize(s),
+        }
+    }
+
+    /// Reads `"off"` or a `T`.
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        match OffOr::<T>::deserialize(d) {
+            Ok(OffOr::Off(Off)) => Ok(None),
+            Ok(OffOr::Value(t)) => Ok(Some(t)),
+            Err(_) => Err(serde::de::Error::custom(format!(
+                "expected \"off\" or a {}",
+                std::any::type_name::<T>().rsplit("::").next().unwrap_or("value")
+            ))),
+        }
     }
 }

@@ -45,3 +45,16 @@ pub use status::{Code, Status};
 
 /// A boxed error, as tower middleware produces.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Includes the code `rpc_proto` generated for a protobuf package: messages, the typed client and
+/// the server trait. `include_proto!("echo.v1")` is
+/// `include!(concat!(env!("OUT_DIR"), "/tether/echo.v1.rs"))`. tether writes into
+/// `$OUT_DIR/tether/`, so one crate can compile the same `.proto` for tonic too (tonic's
+/// `include_proto!` reads `$OUT_DIR/<package>.rs`). Re-exported as `rpc_client::include_proto!`
+/// and `rpc_server::include_proto!`.
+#[macro_export]
+macro_rules! include_proto {
+    ($package:literal) => {
+        include!(concat!(env!("OUT_DIR"), "/tether/", $package, ".rs"));
+    };
+}

@@ -16,7 +16,7 @@ pub struct ServerConfig {
     /// A connection that sends nothing for this long gets GOAWAY(idle) and is closed. `None`: never.
     /// Default 90 s, as SOFABolt's server idle time; it must stay above the clients' heartbeat
     /// interval, and is advertised to clients in the handshake so their pools can avoid it.
-    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    #[cfg_attr(feature = "serde", serde(with = "rpc_core::config::off::duration"))]
     pub idle_timeout: Option<Duration>,
     /// Heartbeats the server sends, only while a connection has handlers or streams in flight
     /// and has read nothing for `heartbeat.interval`: idle eviction waits for that work, so this

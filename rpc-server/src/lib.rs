@@ -43,6 +43,7 @@ pub use dispatch::status_from_error;
 pub use entry::Refused;
 pub use resume::{Positioned, ReplayLog, ResumeGap, Subscription};
 pub use router::{handler_fn, BoxHandler, Handler, HandlerFuture, NamedService, Router, RouterFuture};
+pub use rpc_core::include_proto;
 #[cfg(feature = "etcd")]
 pub use rpc_core::registry::RegistryConfig;
 pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};

@@ -148,6 +148,38 @@ impl<L> ServerBuilder<L> {
         self.serve(listener)
     }
 
+    /// Binds `addr` and serves until `signal` completes, then shuts down gracefully (in-flight
+    /// requests get `shutdown_grace`; see [`ServerHandle::shutdown`]); returns when that is done.
+    /// tonic's `serve_with_shutdown`. For a server that runs until the process ends, pass
+    /// `std::future::pending()`, or a signal:
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), rpc_server::ServerError> {
+    /// rpc_server::Server::builder()
+    ///     // .add_service(...)
+    ///     .serve_with_shutdown("0.0.0.0:7000", async {
+    ///         let _ = tokio::signal::ctrl_c().await;
+    ///     })
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn serve_with_shutdown(
+        self,
+        addr: impl ToSocketAddrs,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError>
+    where
+        L: Layer<Router>,
+        L::Service: Service<Request<Bytes>, Response = Response<Bytes>> + Clone + Send + 'static,
+        <L::Service as Service<Request<Bytes>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
+    {
+        let handle = self.bind(addr).await?;
+        signal.await;
+        handle.shutdown().await;
+        Ok(())
+    }
+
     /// Serves connections from `listener` in the background.
     pub fn serve(self, listener: TcpListener) -> Result<ServerHandle, ServerError>
     where
@@ -269,8 +301,10 @@ impl Registration {
     }
 }
 
-/// A running server. Dropping it starts a graceful shutdown in the background.
+/// A running server. Dropping it starts a graceful shutdown in the background, so keep it for as
+/// long as the server should serve (or use [`ServerBuilder::serve_with_shutdown`]).
 #[derive(Debug)]
+#[must_use = "dropping the ServerHandle shuts the server down at once; keep it, or use serve_with_shutdown"]
 pub struct ServerHandle {
     local_addr: SocketAddr,
     events: EventSender,

@@ -138,6 +138,55 @@ fn hedge_delays_are_written_as_durations_or_p95() {
 }
 
 #[test]
+fn settings_that_can_be_off_say_so_and_stay_off_through_a_round_trip() {
+    let d: Deployment = toml::from_str(
+        r#"
+[client]
+hedge_delay = "off"
+[client.tcp]
+keepalive = "off"
+user_timeout = "off"
+[server]
+idle_timeout = "off"
+[server.connection]
+stream_stall_timeout = "off"
+"#,
+    )
+    .unwrap();
+    assert_eq!(d.client.tcp.keepalive, None);
+    assert_eq!(d.client.tcp.user_timeout, None);
+    assert_eq!(d.client.hedge_delay, None);
+    assert_eq!(d.server.idle_timeout, None);
+    assert_eq!(d.server.connection.stream_stall_timeout, None);
+    assert!(d.server.tcp.keepalive.is_some(), "the rest keeps its defaults");
+
+    // Off in the structs: written "off", read back off (not the defaults).
+    let mut off = Deployment {
+        client: ClientConfig::default(),
+        server: ServerConfig::default(),
+    };
+    off.server.idle_timeout = None;
+    off.server.tcp.keepalive = None;
+    off.client.tcp.user_timeout = None;
+    let text = toml::to_string(&off).unwrap();
+    assert!(text.contains("idle_timeout = \"off\""), "{text}");
+    assert!(text.contains("keepalive = \"off\""), "{text}");
+    let back: Deployment = toml::from_str(&text).unwrap();
+    assert_eq!(back, off);
+
+    // A keepalive table still reads as one; anything else is a clear error.
+    let c: ClientConfig = toml::from_str("[tcp.keepalive]\ntime = \"20s\"").unwrap();
+    assert_eq!(c.tcp.keepalive.unwrap().time, Duration::from_secs(20));
+    let err = toml::from_str::<ServerConfig>("idle_timeout = \"never\"").unwrap_err();
+    assert!(err.to_string().contains("neither a duration nor \"off\""), "{err}");
+    let err = toml::from_str::<ClientConfig>("[tcp]\nkeepalive = \"no\"").unwrap_err();
+    assert!(
+        err.to_string().contains("expected \"off\" or a KeepaliveConfig"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_fields_are_rejected() {
     let err = toml::from_str::<ClientConfig>("conect_timeout = \"1s\"").unwrap_err();
     assert!(err.to_string().contains("conect_timeout"), "{err}");
