@@ -275,14 +275,16 @@ impl Client {
             crate::HedgeDelay::After(d) => d,
             crate::HedgeDelay::P95 { at_least } => match self.holder.hedge_p95(a) {
                 Some(p95) => p95.max(at_least),
-                // Nothing known of it yet: no hedge.
+                // Nothing known of any endpoint yet: the floor, if there is one; else no hedge.
+                None if !at_least.is_zero() => at_least,
                 None => return (Some(a), self.send_recorded(a, &conn_a, frame, deadline).await),
             },
         };
         let hedge = frame.clone();
+        let started = Instant::now();
         let first = self.send_recorded(a, &conn_a, frame, deadline);
         tokio::pin!(first);
-        let hedge_at = (Instant::now() + delay).min(deadline);
+        let hedge_at = started.checked_add(delay).map_or(deadline, |at| at.min(deadline));
         tokio::select! {
             biased;
             r = &mut first => return (Some(a), r),
@@ -307,7 +309,13 @@ impl Client {
                 Err(e) => (a, e, b, second.await),
             },
             r = &mut second => match r {
-                Ok(resp) => return (Some(b), Ok(resp)),
+                Ok(resp) => {
+                    // The first attempt lost and is cancelled unheard: it had waited this long at
+                    // least, which its endpoint's latencies should know (a slow endpoint that
+                    // always loses would otherwise look like one that is never asked).
+                    self.holder.record_lost_hedge(a, started.elapsed());
+                    return (Some(b), Ok(resp));
+                }
                 Err(e) => (b, e, a, first.await),
             },
         };

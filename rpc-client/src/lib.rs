@@ -42,7 +42,7 @@ pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};
 pub use holder::{Balance, ConnectionHolder, EndpointStatus, HealthState, OutlierConfig, PoolState};
 pub use resume::Resumable;
-pub use retry::SafeRetry;
+pub use retry::{RetryDelay, SafeRetry};
 pub use rpc_core::include_proto;
 #[cfg(feature = "etcd")]
 pub use rpc_core::registry::RegistryConfig;

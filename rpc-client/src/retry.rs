@@ -15,7 +15,8 @@ use crate::error::{Error, ErrorKind, History};
 /// "may have executed" is sticky: the final error of a request one of whose attempts may have run
 /// says so, lists the attempts, and keeps the first such attempt's error as its source. The first
 /// retry goes at once, later ones after `backoff` (by default the client's `retry_backoff`: 10 ms
-/// doubling to 200 ms), never past the request's deadline.
+/// doubling to 200 ms). A retry whose wait would reach the request's deadline (its own, or the one
+/// it inherited from the request it serves) is not made: the request ends with its last error.
 #[derive(Debug, Clone)]
 pub struct SafeRetry {
     attempts: usize,
@@ -55,14 +56,22 @@ impl SafeRetry {
 }
 
 impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry {
-    type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
+    type Future = RetryDelay;
 
     fn retry(&mut self, req: &mut Request<Bytes>, result: &mut Result<Response<Bytes>, Error>) -> Option<Self::Future> {
         let Err(e) = result else { return None };
+        let now = tokio::time::Instant::now();
+        let deadline = [req.deadline(), rpc_core::context::deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        // The first retry goes at once; later ones back off.
+        let wait = (self.retried > 0).then(|| self.backoff.delay(self.retried, rand::random::<f64>()));
+        let at = wait.and_then(|w| now.checked_add(w));
         let retry = self.attempts > 0
             && (!e.may_have_executed() || req.is_idempotent())
-            && req.deadline().is_none_or(|d| d > tokio::time::Instant::now())
-            && rpc_core::context::deadline().is_none_or(|d| d > tokio::time::Instant::now())
+            && deadline.is_none_or(|d| d > now && at.is_none_or(|at| at < d))
+            && (wait.is_none() || at.is_some())
             && self
                 .budget
                 .as_ref()
@@ -78,18 +87,29 @@ impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry 
         self.retried += 1;
         metrics::counter!(crate::REQUEST_RETRIES, "cause" => err.kind_str()).increment(1);
         self.history.record(None, err);
-        if self.retried == 1 {
-            return Some(Box::pin(std::future::ready(())));
-        }
-        let now = tokio::time::Instant::now();
-        let mut at = now + self.backoff.delay(self.retried - 1, rand::random::<f64>());
-        for d in [req.deadline(), rpc_core::context::deadline()].into_iter().flatten() {
-            at = at.min(d);
-        }
-        Some(Box::pin(tokio::time::sleep_until(at)))
+        Some(RetryDelay {
+            sleep: at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        })
     }
 
     fn clone_request(&mut self, req: &Request<Bytes>) -> Option<Request<Bytes>> {
         Some(req.clone())
+    }
+}
+
+/// The wait before a [`SafeRetry`] retry: none for the first, the backoff for later ones.
+#[derive(Debug)]
+pub struct RetryDelay {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for RetryDelay {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        match self.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => std::task::Poll::Ready(()),
+        }
     }
 }

@@ -277,7 +277,11 @@ async fn safe_retry_backs_off_from_the_second_retry_within_the_deadline() {
     req.set_idempotent(true);
     req.set_timeout(Duration::from_millis(300));
     let start = tokio::time::Instant::now();
-    let _ = retried.ready().await.unwrap().call(req).await.unwrap_err();
+    let err = retried.ready().await.unwrap().call(req).await.unwrap_err();
+    // One immediate retry, then a 30 s wait that would pass the deadline: not made. The request
+    // ends with the handler's error (both attempts ran), well before its deadline.
+    assert_eq!(err.code(), Code::ApplicationError, "{err}");
+    assert_eq!(err.attempts().len(), 1, "{err}");
     assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
 }
 

@@ -505,16 +505,14 @@ async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
     let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
     all_connected(&client, 3).await;
     let mut events = client.events();
-    // Every request succeeds: only its latency gives the slow server away.
-    let load = tokio::spawn({
-        let client = client.clone();
-        async move { run(&client, 4, 100_000).await }
-    });
-    let ev = next_event(&mut events, Duration::from_secs(5), |e| {
+    // Every request succeeds: only its latency gives the slow server away, within the first
+    // 300 ms interval (about 25 requests reach it by then).
+    let (ok, failed, _) = run(&client, 4, 1500).await;
+    assert_eq!((ok, failed), (1500, 0));
+    let ev = next_event(&mut events, Duration::from_secs(1), |e| {
         matches!(e, ConnectionEvent::EndpointEjected { .. })
     })
     .await;
-    load.abort();
     let ConnectionEvent::EndpointEjected { addr, reason, .. } = ev else {
         unreachable!()
     };
@@ -539,7 +537,47 @@ async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
         "outlier: a server 40 ms slower ejected for latency; p99 after: {:?}",
         p99(&latencies)
     );
-    assert!(p99(&latencies) < Duration::from_millis(30), "p99 {:?}", p99(&latencies));
+    assert!(
+        p99(&latencies) < Duration::from_millis(100),
+        "p99 {:?}",
+        p99(&latencies)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_whose_every_attempt_loses_a_hedge_is_still_ejected_for_latency() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let servers = [
+        delaying_server(ran.clone(), |_| 0).await,
+        delaying_server(ran.clone(), |_| 0).await,
+        delaying_server(ran.clone(), |_| 40).await,
+    ];
+    let slow = servers[2].local_addr();
+    let outlier = OutlierConfig {
+        interval: Duration::from_millis(300),
+        latency_min_requests: 10,
+        latency_min: Duration::from_millis(5),
+        ..OutlierConfig::default()
+    };
+    let mut cfg = config(outlier);
+    cfg.request_timeout = Duration::from_secs(2);
+    // Every attempt on the slow server is hedged after 25 ms and loses: its answers never come,
+    // only the time each had waited (a lower bound, 25 ms and more).
+    cfg.hedge_delay = Some(HedgeDelay::After(Duration::from_millis(25)));
+    cfg.retry_budget = rpc_client::RetryBudgetConfig::unlimited();
+    let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
+    all_connected(&client, 3).await;
+    let mut events = client.events();
+    let (ok, failed, _) = run_marked(&client, 4, 1500, true).await;
+    assert_eq!((ok, failed), (1500, 0));
+    let ev = next_event(&mut events, Duration::from_secs(1), |e| {
+        matches!(e, ConnectionEvent::EndpointEjected { .. })
+    })
+    .await;
+    let ConnectionEvent::EndpointEjected { addr, reason, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!((addr, reason), (slow, "latency"));
 }
 
 /// Three servers; every 20th request to the `slow` one takes 200 ms more. Returns the p99 of 600

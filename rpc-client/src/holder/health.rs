@@ -72,8 +72,10 @@ pub struct OutlierConfig {
     #[cfg_attr(feature = "serde", serde(with = "codes_by_name"))]
     pub failure_codes: Vec<Code>,
     /// How many times the median latency of the endpoints an endpoint's own median must be to
-    /// eject it (0: the latency rule is off). Latency counts successful requests only, from send
-    /// to answer.
+    /// eject it (0: the latency rule is off). Latency counts answers (successes, and codes that
+    /// are not failures) from send to answer, and attempts that lost a hedge (how long they had
+    /// waited). Medians are read from half-octave buckets, so the factor holds to within about
+    /// 1.5 either way (5 ejects somewhere between about 3.5 and 7 times slower).
     pub latency_factor: f64,
     /// The least median latency that ejects (below it, being slower than the others is no
     /// failure: 5 × 100 µs is still fast).
@@ -81,7 +83,7 @@ pub struct OutlierConfig {
     pub latency_min: Duration,
     /// Endpoints with enough successes in an interval needed for the latency rule to run.
     pub latency_min_hosts: usize,
-    /// Successes an endpoint needs in an interval to count for the latency rule.
+    /// Latencies an endpoint needs in an interval to count for the latency rule.
     pub latency_min_requests: u32,
 }
 
@@ -149,10 +151,10 @@ impl OutlierConfig {
                 why: "must be above zero",
             });
         }
-        if self.latency_factor.is_nan() || (self.latency_factor != 0.0 && self.latency_factor <= 1.0) {
+        if !(self.latency_factor == 0.0 || (self.latency_factor > 1.0 && self.latency_factor <= 1000.0)) {
             return Err(ConfigError::OutOfRange {
                 field: "outlier.latency_factor",
-                why: "must be 0 (off) or above 1",
+                why: "must be 0 (off), or above 1 and at most 1000",
             });
         }
         Ok(())
@@ -291,26 +293,39 @@ impl Latencies {
         self.count
     }
 
-    /// The `q` quantile (0 to 1), as the upper bound of its bucket (so within 1.5 times above
-    /// the true value); `None` when empty.
-    pub fn quantile(&self, q: f64) -> Option<Duration> {
+    /// The bucket of the `q` quantile's rank, how many come before it in that bucket, and how
+    /// many the bucket holds.
+    fn locate(&self, q: f64) -> Option<(usize, u32, u32)> {
         if self.count == 0 {
             return None;
         }
         let rank = ((q.clamp(0.0, 1.0) * f64::from(self.count)).ceil() as u32).max(1);
         let mut seen = 0u32;
         for (i, n) in self.buckets.iter().enumerate() {
-            seen = seen.saturating_add(*n);
-            if seen >= rank {
-                let upper = if i + 1 < BUCKETS {
-                    Self::lower_us(i + 1)
-                } else {
-                    u64::MAX
-                };
-                return Some(Duration::from_micros(upper));
+            if seen.saturating_add(*n) >= rank {
+                return Some((i, rank - seen - 1, *n));
             }
+            seen = seen.saturating_add(*n);
         }
         None
+    }
+
+    /// The `q` quantile (0 to 1), as the upper bound of its bucket: never below the true value,
+    /// and within 1.5 times above it (for latencies up to 71 minutes; the last bucket holds all
+    /// longer ones). `None` when empty. For hedging, where late is safer than early.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let (i, _, _) = self.locate(q)?;
+        Some(Duration::from_micros(Self::lower_us(i + 1)))
+    }
+
+    /// The `q` quantile, interpolated within its bucket (geometrically, by its rank among the
+    /// bucket's values): within 1.5 times of the true value either way, and for values spread
+    /// over a bucket much closer. For comparing endpoints.
+    pub fn estimate(&self, q: f64) -> Option<Duration> {
+        let (i, before, n) = self.locate(q)?;
+        let (lo, hi) = (Self::lower_us(i) as f64, Self::lower_us(i + 1) as f64);
+        let at = (f64::from(before) + 0.5) / f64::from(n.max(1));
+        Some(Duration::from_secs_f64(lo * (hi / lo).powf(at) / 1e6))
     }
 }
 
@@ -321,7 +336,9 @@ pub struct Window {
     pub successes: u32,
     /// Requests that failed.
     pub failures: u32,
-    /// The median latency of the successes (`None`: none).
+    /// Latencies recorded (answers, and attempts that lost a hedge).
+    pub timed: u32,
+    /// Their median (`None`: none).
     pub p50: Option<Duration>,
 }
 
@@ -331,6 +348,7 @@ impl Window {
         Window {
             successes,
             failures,
+            timed: 0,
             p50: None,
         }
     }
@@ -542,7 +560,8 @@ impl Health {
         let window = judged.then(|| Window {
             successes: self.successes,
             failures: self.failures,
-            p50: self.latency.quantile(0.5),
+            timed: self.latency.count(),
+            p50: self.latency.estimate(0.5),
         });
         if judged {
             self.times_ejected = self.times_ejected.saturating_sub(1);
@@ -624,14 +643,15 @@ pub fn evaluate(windows: &[Option<Window>], config: &OutlierConfig) -> Vec<(usiz
             .enumerate()
             .filter_map(|(i, w)| {
                 let w = (*w)?;
-                (w.successes >= config.latency_min_requests.max(1)).then_some((i, w.p50?))
+                (w.timed >= config.latency_min_requests.max(1)).then_some((i, w.p50?))
             })
             .collect();
         if timed.len() >= config.latency_min_hosts.max(2) {
             let mut medians: Vec<Duration> = timed.iter().map(|(_, d)| *d).collect();
             medians.sort();
             let typical = medians[(medians.len() - 1) / 2];
-            let limit = typical.mul_f64(config.latency_factor).max(config.latency_min);
+            let scaled = Duration::try_from_secs_f64(typical.as_secs_f64() * config.latency_factor);
+            let limit = scaled.unwrap_or(Duration::MAX).max(config.latency_min);
             let mut slow: Vec<(usize, Duration)> = timed
                 .into_iter()
                 .filter(|(i, d)| *d >= limit && !out.iter().any(|(j, _)| j == i))
@@ -831,8 +851,25 @@ mod tests {
         Some(Window {
             successes,
             failures: 0,
+            timed: successes,
             p50: Some(Duration::from_millis(p50_ms)),
         })
+    }
+
+    /// The window of a trusted endpoint after `n` answers of about `ms` (spread ±10 %).
+    fn measured(n: u32, ms: f64, seed: u64) -> Option<Window> {
+        let mut h = Health::new();
+        let c = config();
+        let mut x = seed | 1;
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let jitter = 0.9 + 0.2 * (x % 1000) as f64 / 1000.0;
+            h.record(Instant::now(), false, &c);
+            h.record_latency(Duration::from_secs_f64(ms * jitter / 1000.0));
+        }
+        h.end_interval()
     }
 
     #[test]
@@ -858,6 +895,7 @@ mod tests {
         let both = Some(Window {
             successes: 10,
             failures: 90,
+            timed: 100,
             p50: Some(Duration::from_millis(60)),
         });
         let w = [timed(100, 2), timed(100, 2), both];
@@ -877,7 +915,11 @@ mod tests {
             "{p95:?}"
         );
         let w = h.end_interval().unwrap();
-        assert!(w.p50.unwrap() >= Duration::from_millis(2));
+        let p50 = w.p50.unwrap();
+        assert!(
+            p50 >= Duration::from_micros(1333) && p50 <= Duration::from_millis(3),
+            "{p50:?}"
+        );
         // The next interval has no answers (its handlers hang): the last known p95 stays.
         assert_eq!(h.end_interval().unwrap().p50, None);
         assert_eq!(h.hedge_p95(), Some(p95));
@@ -945,6 +987,48 @@ mod tests {
             }
         }
 
+        /// Through real histograms: an endpoint 2.5 times slower than the others is never
+        /// ejected, one 8 times slower (and over latency_min) always is, whatever the base
+        /// latency and the bucket edges.
+        #[test]
+        fn the_latency_factor_holds_through_the_buckets(
+            base_ms in 0.05f64..200.0,
+            seed in any::<u64>(),
+            others in 2usize..6,
+        ) {
+            let c = config();
+            let mut w: Vec<Option<Window>> = (0..others).map(|i| measured(60, base_ms, seed.wrapping_add(i as u64))).collect();
+            w.push(measured(60, base_ms * 2.5, seed ^ 0xABCD));
+            prop_assert!(evaluate(&w, &c).is_empty(), "2.5 times slower ejected: {w:?}");
+            let slow = base_ms * 8.0;
+            w.pop();
+            w.push(measured(60, slow, seed ^ 0xABCD));
+            let ejected = evaluate(&w, &c);
+            let floor_ms = c.latency_min.as_secs_f64() * 1000.0;
+            if slow * 0.9 >= floor_ms * 1.5 {
+                prop_assert_eq!(ejected, vec![(others, EjectReason::Latency)]);
+            } else if slow * 1.1 * 1.5 < floor_ms {
+                prop_assert!(ejected.is_empty(), "under latency_min ejected");
+            }
+        }
+
+        /// The interpolated estimate is within 1.5 times of the truth either way.
+        #[test]
+        fn estimates_are_within_a_bucket_of_the_truth(
+            mut us in proptest::collection::vec(1u64..10_000_000, 1..300),
+            q in 0.0f64..1.0,
+        ) {
+            let mut l = Latencies::default();
+            for v in &us {
+                l.add(Duration::from_micros(*v));
+            }
+            us.sort_unstable();
+            let rank = ((q * us.len() as f64).ceil() as usize).max(1);
+            let truth = us[rank - 1] as f64;
+            let got = l.estimate(q).unwrap().as_secs_f64() * 1e6;
+            prop_assert!(got <= truth * 1.5 + 1.0 && got * 1.5 + 1.0 >= truth, "{got} for {truth}");
+        }
+
         /// A quantile of the histogram is never below the true one, and at most 1.5 times it
         /// (plus the 1 µs resolution).
         #[test]
@@ -984,6 +1068,16 @@ mod tests {
                 prop_assert!(ms as f64 >= typical as f64 * c.latency_factor);
             }
             prop_assert!(ejected.len() * 2 <= medians.len());
+            // And the other way: with enough endpoints, every one over the limit is ejected.
+            if medians.len() >= c.latency_min_hosts {
+                let typical = medians[(medians.len() - 1) / 2];
+                let limit = (Duration::from_millis(typical).mul_f64(c.latency_factor)).max(c.latency_min);
+                for (i, (ms, n)) in p50s.iter().enumerate() {
+                    if *n >= c.latency_min_requests && Duration::from_millis(*ms) >= limit {
+                        prop_assert!(ejected.contains(&i), "{i} ({ms} ms) over the limit {limit:?} stayed");
+                    }
+                }
+            }
         }
 
         /// The caps: starting from none ejected, ejecting every endpoint that asks never exceeds

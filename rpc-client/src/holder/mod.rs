@@ -428,10 +428,28 @@ impl ConnectionHolder {
     }
 
     /// The 95th percentile latency of `addr`'s recent answers, once it has had 20 in an outlier
-    /// interval (see [`crate::HedgeDelay::P95`]).
+    /// interval; for an endpoint with none yet, the median of the other endpoints' (see
+    /// [`crate::HedgeDelay::P95`]).
     pub(crate) fn hedge_p95(&self, addr: SocketAddr) -> Option<Duration> {
         let eps = self.inner.lock();
-        eps.iter().find(|e| e.addr == addr)?.health.hedge_p95()
+        if let Some(p95) = eps.iter().find(|e| e.addr == addr)?.health.hedge_p95() {
+            return Some(p95);
+        }
+        let mut others: Vec<Duration> = eps.iter().filter_map(|e| e.health.hedge_p95()).collect();
+        others.sort_unstable();
+        others.get(others.len().checked_sub(1)? / 2).copied()
+    }
+
+    /// A latency sample of an attempt that lost a hedge at `addr`: it had taken at least this
+    /// long with no answer (a lower bound), and would otherwise count nowhere.
+    pub(crate) fn record_lost_hedge(&self, addr: SocketAddr, waited: Duration) {
+        let timed = matches!(self.inner.config.hedge_delay, Some(crate::HedgeDelay::P95 { .. }));
+        if !self.inner.config.outlier.enabled && !timed {
+            return;
+        }
+        if let Some(e) = self.inner.lock().iter_mut().find(|e| e.addr == addr) {
+            e.health.record_latency(waited);
+        }
     }
 
     /// Gracefully closes every connection and stops the checker.
@@ -783,6 +801,13 @@ impl Inner {
         let mut events = Vec::new();
         {
             let mut eps = self.lock();
+            if !config.enabled {
+                // Hedging at p95 only: the interval rotates the latencies, and judges nothing.
+                for e in eps.iter_mut() {
+                    e.health.end_interval();
+                }
+                return;
+            }
             let windows: Vec<Option<Window>> = eps
                 .iter_mut()
                 .map(|e| {
@@ -949,7 +974,9 @@ fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
 
 async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedReceiver<u64>) {
     let interval = inner.config.check_interval;
-    let outliers = inner.config.outlier.enabled.then_some(inner.config.outlier.interval);
+    // The interval also rotates the latencies hedging at p95 reads, with outlier detection off.
+    let timed = matches!(inner.config.hedge_delay, Some(crate::HedgeDelay::P95 { .. }));
+    let outliers = (inner.config.outlier.enabled || timed).then_some(inner.config.outlier.interval);
     let mut next_check = Instant::now();
     let mut next_evaluation = outliers.map(|i| Instant::now() + i);
     loop {
