@@ -52,7 +52,6 @@ pub const REQUEST_RETRIES: &str = "tether_client_retries_total";
 
 /// A tether client: a [`ConnectionHolder`] over one or more endpoints and the request logic on
 /// top (deadlines, safe retry). Clone it freely; clones share the holder.
-#[derive(Clone)]
 pub struct Client {
     pub(crate) holder: ConnectionHolder,
     metrics: Arc<RequestMetrics>,
@@ -60,6 +59,21 @@ pub struct Client {
     /// Where registry discovery stands, for a client made by `with_registry`.
     #[cfg(feature = "etcd")]
     pub(crate) discovery: Option<tokio::sync::watch::Receiver<crate::registry::DiscoveryState>>,
+    /// `poll_ready` waiting for room on a full connection (this clone's own).
+    room: Option<rpc_core::driver::Room>,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        Client {
+            holder: self.holder.clone(),
+            metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
+            #[cfg(feature = "etcd")]
+            discovery: self.discovery.clone(),
+            room: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -103,6 +117,7 @@ impl Client {
             metrics: Arc::new(RequestMetrics::new(Side::Client)),
             #[cfg(feature = "etcd")]
             discovery: None,
+            room: None,
         })
     }
 
@@ -173,6 +188,9 @@ impl Client {
     }
 
     async fn unary_with_retries(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
+        if req.method().is_empty() {
+            return Err(Error::new(ErrorKind::NoMethod, false));
+        }
         let deadline = self.deadline_of(&req);
         if Instant::now() >= deadline {
             // Gone before the call began (an inherited deadline, usually): never sent.
@@ -335,6 +353,9 @@ impl Client {
     /// GOAWAY first, all "not executed". A oneway still unwritten at its deadline fails with
     /// DEADLINE_EXCEEDED, "may have executed" (it may yet be written).
     pub async fn oneway(&self, req: Request<Bytes>) -> Result<(), Error> {
+        if req.method().is_empty() {
+            return Err(Error::new(ErrorKind::NoMethod, false));
+        }
         let deadline = self.deadline_of(&req);
         if Instant::now() >= deadline {
             return Err(Error::deadline(false));
@@ -529,10 +550,24 @@ impl Service<Request<Bytes>> for Client {
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Error>> + Send>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        // Capacity is reserved per connection inside the call (its outbound queue), where the
-        // connection is chosen.
-        Poll::Ready(Ok(()))
+    /// Ready when a request could be queued at once: some open connection has room in its
+    /// outbound queue (`ConnectionConfig::outbound_queue` frames), or there is none (the call
+    /// then connects, or fails with a typed error). Pending while every open connection's queue
+    /// is full, as when the server or the network stopped taking bytes, so tower's `LoadShed`
+    /// sheds and `Buffer` waits. Nothing is reserved: the call still chooses its connection (and
+    /// waits for room there if it filled up in between).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            if let Some(room) = self.room.as_mut() {
+                std::task::ready!(room.poll_room(cx));
+                self.room = None;
+                return Poll::Ready(Ok(()));
+            }
+            match self.holder.full_connection() {
+                None => return Poll::Ready(Ok(())),
+                Some(conn) => self.room = Some(conn.room()),
+            }
+        }
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {

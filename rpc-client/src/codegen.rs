@@ -49,7 +49,7 @@ where
     let mut req = req;
     req.set_method(path);
     let (method, metadata, msg) = req.into_parts();
-    let mut open = Request::new(method, ());
+    let mut open = Request::for_method(method, ());
     *open.metadata_mut() = metadata;
     let (sender, responses) = client.open_stream(open).await?;
     let mut sender = sender.encoded(encode::<M>);
@@ -96,7 +96,7 @@ fn open_request<S>(path: &'static str, req: Request<S>) -> (Request<()>, S) {
     let mut req = req;
     req.set_method(path);
     let (method, metadata, requests) = req.into_parts();
-    let mut open = Request::new(method, ());
+    let mut open = Request::for_method(method, ());
     *open.metadata_mut() = metadata;
     (open, requests)
 }

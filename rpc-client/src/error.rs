@@ -38,6 +38,9 @@ pub enum ErrorKind {
     /// The service registry could not be reached to list a service's instances
     /// (`Client::with_registry`, feature `etcd`).
     Registry(String),
+    /// The request names no method (`Request::new` is for generated clients, which set it; a
+    /// call without generated code needs `Request::for_method`). Never sent.
+    NoMethod,
 }
 
 /// A failed request. Every request ends exactly once, in a response or in one of these, and the
@@ -177,13 +180,15 @@ impl Error {
             ErrorKind::Status(s) => s.code(),
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             ErrorKind::Decode(_) => Code::Internal,
-            ErrorKind::Config(_) | ErrorKind::TlsConfig(_) => Code::InvalidArgument,
+            ErrorKind::Config(_) | ErrorKind::TlsConfig(_) | ErrorKind::NoMethod => Code::InvalidArgument,
             ErrorKind::Middleware(_) => Code::Unknown(0xFFFF),
             _ => Code::Unavailable,
         }
     }
 
-    /// The server's status, if it answered.
+    /// The server's status, if it answered (`None` for failures of this side or the connection;
+    /// [`Error::code`] covers both, and `Status::from(err)` turns any error into a status, as a
+    /// handler passing on a downstream failure wants).
     pub fn as_status(&self) -> Option<&Status> {
         match &self.kind {
             ErrorKind::Status(s) => Some(s),
@@ -234,6 +239,7 @@ impl Error {
             ErrorKind::Config(_) => "config",
             ErrorKind::Middleware(_) => "middleware",
             ErrorKind::Registry(_) => "registry",
+            ErrorKind::NoMethod => "no_method",
         }
     }
 
@@ -285,6 +291,9 @@ impl fmt::Display for Error {
             ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
             ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,
             ErrorKind::Registry(e) => write!(f, "service registry: {e}")?,
+            ErrorKind::NoMethod => {
+                f.write_str("request has no method path (Request::for_method, or a generated client)")?
+            }
         }
         if !self.may_have_executed {
             f.write_str(" (not executed)")?;
@@ -326,7 +335,26 @@ impl std::error::Error for Error {
             ErrorKind::DeadlineExceeded
             | ErrorKind::ConnectTimeout
             | ErrorKind::NoEndpoint
-            | ErrorKind::Registry(_) => None,
+            | ErrorKind::Registry(_)
+            | ErrorKind::NoMethod => None,
+        }
+    }
+}
+
+/// An error as a status: the server's own, or for any other failure its [`Error::code`] and the
+/// error's text (with the attempts). For a handler that returns a downstream call's failure:
+/// `client.unary(req).await.map_err(Status::from)?`. Whether the downstream request ran is not
+/// carried: the handler that returns it has run.
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let text = e.to_string();
+        match e.kind {
+            ErrorKind::Status(s) if e.history.is_none() => s,
+            ErrorKind::Status(s) => {
+                let (code, _, metadata) = s.into_parts();
+                Status::from_parts(code, text, metadata)
+            }
+            _ => Status::new(e.code(), text),
         }
     }
 }

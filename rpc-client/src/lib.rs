@@ -16,7 +16,7 @@
 //!
 //! # async fn run() -> Result<(), rpc_client::Error> {
 //! let client = Client::connect("127.0.0.1:7000", ClientConfig::default()).await?;
-//! let resp = client.unary(Request::new("/echo.Echo/Say", Bytes::from_static(b"hi"))).await?;
+//! let resp = client.unary(Request::for_method("/echo.Echo/Say", Bytes::from_static(b"hi"))).await?;
 //! println!("{:?}", resp.body());
 //! # Ok(()) }
 //! ```

@@ -40,7 +40,7 @@ pub mod stream;
 pub mod tls;
 
 pub use error::{CloseReason, GoAwayReason, ProtocolError};
-pub use message::{IntoRequest, Metadata, Method, Request, Response};
+pub use message::{IntoRequest, Metadata, Method, Peer, Request, Response};
 pub use status::{Code, Status};
 
 /// A boxed error, as tower middleware produces.

@@ -211,6 +211,34 @@ impl<T> std::fmt::Debug for Slot<T> {
     }
 }
 
+/// Who sent a request, as the server saw its connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    addr: std::net::SocketAddr,
+    certificates: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
+
+impl Peer {
+    /// A peer at `addr`, with the certificate chain it presented over mutual TLS (leaf first).
+    pub fn new(
+        addr: std::net::SocketAddr,
+        certificates: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    ) -> Self {
+        Peer { addr, certificates }
+    }
+
+    /// The address the connection came from.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// The client's certificate chain (DER, leaf first), verified against the server's
+    /// `client_ca_file`; `None` without mutual TLS. Parse the subject with an X.509 crate.
+    pub fn certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.certificates.as_deref()
+    }
+}
+
 /// An RPC request: the method, metadata, a deadline and a body (`Bytes` on the wire, a message in
 /// generated code).
 #[derive(Debug, Clone)]
@@ -222,12 +250,22 @@ pub struct Request<T> {
     cancellation: Option<crate::context::Cancellation>,
     /// On the server, for a request that opened a stream: the client's messages.
     stream: Option<Slot<crate::stream::Streaming<Bytes>>>,
+    /// On the server: who sent it (shared by every request of a connection).
+    peer: Option<Arc<Peer>>,
     body: T,
 }
 
 impl<T> Request<T> {
-    /// A request for `method` (`/package.Service/Method`) with no metadata and the client's default deadline.
-    pub fn new(method: impl Into<Method>, body: T) -> Self {
+    /// A request with no metadata and the client's default deadline, for a generated client's
+    /// method (which sets the method path), as in tonic: build one to add metadata, a timeout or
+    /// the idempotent mark, then pass it to the method.
+    pub fn new(body: T) -> Self {
+        Self::for_method(Method::default(), body)
+    }
+
+    /// A request for `method` (`/package.Service/Method`), for calls without generated code
+    /// (`rpc_client::Client::unary` and tower stacks over it).
+    pub fn for_method(method: impl Into<Method>, body: T) -> Self {
         Request {
             method: method.into(),
             metadata: Metadata::new(),
@@ -235,8 +273,29 @@ impl<T> Request<T> {
             idempotent: false,
             cancellation: None,
             stream: None,
+            peer: None,
             body,
         }
+    }
+
+    /// On the server: who sent the request (its connection's address and mTLS certificates).
+    pub fn peer(&self) -> Option<&Peer> {
+        self.peer.as_deref()
+    }
+
+    /// On the server: the address the request's connection came from (tonic's `remote_addr`).
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.peer.as_ref().map(|p| p.addr)
+    }
+
+    /// On the server: the client's certificate chain over mutual TLS (tonic's `peer_certs`).
+    pub fn peer_certs(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.peer.as_ref()?.certificates()
+    }
+
+    /// Sets who sent the request (the server does, for every request).
+    pub fn set_peer(&mut self, peer: Option<Arc<Peer>>) {
+        self.peer = peer;
     }
 
     /// The method path.
@@ -335,6 +394,21 @@ impl<T> Request<T> {
         &mut self.body
     }
 
+    /// The body (tonic's name for [`Request::body`]).
+    pub fn get_ref(&self) -> &T {
+        &self.body
+    }
+
+    /// The body, mutably (tonic's name for [`Request::body_mut`]).
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.body
+    }
+
+    /// The body, consuming the request (tonic's name for [`Request::into_body`]).
+    pub fn into_inner(self) -> T {
+        self.body
+    }
+
     /// The body, consuming the request.
     pub fn into_body(self) -> T {
         self.body
@@ -354,6 +428,7 @@ impl<T> Request<T> {
             idempotent: self.idempotent,
             cancellation: self.cancellation,
             stream: self.stream,
+            peer: self.peer,
             body: f(self.body),
         }
     }
@@ -412,6 +487,26 @@ impl<T> Response<T> {
         self.body
     }
 
+    /// The body, mutably.
+    pub fn body_mut(&mut self) -> &mut T {
+        &mut self.body
+    }
+
+    /// The body (tonic's name for [`Response::body`]).
+    pub fn get_ref(&self) -> &T {
+        &self.body
+    }
+
+    /// The body, mutably (tonic's name for [`Response::body_mut`]).
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.body
+    }
+
+    /// The body, consuming the response (tonic's name for [`Response::into_body`]).
+    pub fn into_inner(self) -> T {
+        self.body
+    }
+
     /// Splits into metadata and body.
     pub fn into_parts(self) -> (Metadata, T) {
         (self.metadata, self.body)
@@ -448,7 +543,7 @@ pub trait IntoRequest<T> {
 
 impl<T> IntoRequest<T> for T {
     fn into_request(self) -> Request<T> {
-        Request::new("", self)
+        Request::new(self)
     }
 }
 

@@ -147,6 +147,8 @@ pub(crate) struct ServerDispatch {
     tasks: Arc<ServerTasks>,
     /// Requests accepted from the current read, not yet spawned.
     batch: Vec<Work>,
+    /// Who is at the other end, handed to every request.
+    peer: Option<Arc<rpc_core::Peer>>,
 }
 
 /// A request handed to the service stack.
@@ -190,7 +192,13 @@ impl ServerDispatch {
             oneways_kept: 0,
             tasks: server.tasks.clone(),
             batch: Vec::new(),
+            peer: None,
         }
+    }
+
+    /// The connection's peer, for its requests.
+    pub(crate) fn set_peer(&mut self, peer: rpc_core::Peer) {
+        self.peer = Some(Arc::new(peer));
     }
 
     /// Spawns the held requests: one alone as it is, several as one task that runs them
@@ -248,10 +256,11 @@ impl Dispatch for ServerDispatch {
         };
         let method = frame.method.clone();
         let (cancellation, guard) = Cancellation::with_guard();
-        let mut req = Request::new(frame.method, frame.payload);
+        let mut req = Request::for_method(frame.method, frame.payload);
         *req.metadata_mut() = frame.metadata;
         req.set_deadline(deadline);
         req.set_cancellation(Some(cancellation.clone()));
+        req.set_peer(self.peer.clone());
         let responses = stream.map(|io| {
             req.set_stream(io.requests);
             io.responses

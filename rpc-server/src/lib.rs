@@ -30,6 +30,7 @@ mod config;
 mod detach;
 mod dispatch;
 mod entry;
+mod intercept;
 #[cfg(feature = "etcd")]
 pub mod registry;
 pub mod resume;
@@ -41,6 +42,7 @@ pub use config::ServerConfig;
 pub use detach::detach;
 pub use dispatch::status_from_error;
 pub use entry::Refused;
+pub use intercept::InterceptedService;
 pub use resume::{Positioned, ReplayLog, ResumeGap, Subscription};
 pub use router::{handler_fn, BoxHandler, Handler, HandlerFuture, NamedService, Router, RouterFuture};
 pub use rpc_core::include_proto;

@@ -517,7 +517,7 @@ impl AcceptLoop {
             stream_window: Some(c.connection.stream_window),
             connection_window: Some(c.connection.connection_window),
         };
-        let dispatch = ServerDispatch::new(&self.dispatch, c.max_requests_per_connection);
+        let mut dispatch = ServerDispatch::new(&self.dispatch, c.max_requests_per_connection);
         let kill = self.kill.clone();
         let registry = self.registry.clone();
         let tls = self.tls.clone();
@@ -526,13 +526,20 @@ impl AcceptLoop {
             let _permit = permit;
             let serve = async {
                 match tls {
-                    None => run_connection(stream, cfg, dispatch, &registry).await,
+                    None => {
+                        dispatch.set_peer(rpc_core::Peer::new(peer, None));
+                        run_connection(stream, cfg, dispatch, &registry).await
+                    }
                     // The handshake runs here, in the connection's task, never in the accept loop.
                     Some(acceptor) => {
                         match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
                             // Boxed: a TLS connection's state is large, and inline it would size the
                             // task of every plain connection too.
-                            Ok(Ok(tls_stream)) => Box::pin(run_connection(tls_stream, cfg, dispatch, &registry)).await,
+                            Ok(Ok(tls_stream)) => {
+                                let certs = tls_stream.get_ref().1.peer_certificates().map(|c| c.to_vec());
+                                dispatch.set_peer(rpc_core::Peer::new(peer, certs));
+                                Box::pin(run_connection(tls_stream, cfg, dispatch, &registry)).await
+                            }
                             Ok(Err(e)) => {
                                 metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
                                 tracing::warn!(%peer, error = %e, "TLS handshake failed");

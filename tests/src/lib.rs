@@ -292,7 +292,7 @@ impl NamedServer {
 /// Calls `/t.T/Who` and returns the answering server's name.
 pub async fn who(client: &rpc_client::Client, timeout: Duration) -> Result<String, rpc_client::Error> {
     let resp = client
-        .unary(Request::new("/t.T/Who", Bytes::new()).with_timeout(timeout))
+        .unary(Request::for_method("/t.T/Who", Bytes::new()).with_timeout(timeout))
         .await?;
     Ok(String::from_utf8_lossy(resp.body()).into_owned())
 }
@@ -319,7 +319,7 @@ pub async fn permit_is_free(client: &rpc_client::Client) {
     let until = tokio::time::Instant::now() + Duration::from_millis(100);
     loop {
         match client
-            .unary(Request::new("/t.T/Echo", Bytes::from_static(b"next")).with_timeout(Duration::from_secs(2)))
+            .unary(Request::for_method("/t.T/Echo", Bytes::from_static(b"next")).with_timeout(Duration::from_secs(2)))
             .await
         {
             Ok(resp) => {

@@ -23,10 +23,11 @@ impl TestPki {
             ("client", vec!["client".to_string()]),
         ] {
             let key = KeyPair::generate().expect("key");
-            let cert = CertificateParams::new(sans)
-                .expect("params")
-                .signed_by(&key, &ca)
-                .expect("sign");
+            let mut params = CertificateParams::new(sans).expect("params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, format!("tether test {name}"));
+            let cert = params.signed_by(&key, &ca).expect("sign");
             write(&format!("{name}.pem"), cert.pem());
             write(&format!("{name}-key.pem"), key.serialize_pem());
         }

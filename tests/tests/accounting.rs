@@ -461,7 +461,7 @@ async fn one_request(client: &Client, name: &'static str, shared: &Shared, mode:
         let mode = mode.unwrap_or_else(|| pick_mode(&mut rng, key));
         (idempotent, mode, ms(rng.random_range(300..=500)))
     };
-    let mut req = Request::new(METHOD, encode(key, mode)).with_timeout(timeout);
+    let mut req = Request::for_method(METHOD, encode(key, mode)).with_timeout(timeout);
     req.set_idempotent(idempotent);
     let start = Instant::now();
     let outcome = match tokio::time::timeout(timeout + HANG_LIMIT, client.unary(req)).await {

@@ -91,7 +91,7 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
 }
 
 fn hang(timeout: Duration) -> Request<Bytes> {
-    Request::new("/t.T/Hang", Bytes::new()).with_timeout(timeout)
+    Request::for_method("/t.T/Hang", Bytes::new()).with_timeout(timeout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,7 +306,8 @@ async fn cancelling_half_the_requests_at_random_points_leaks_nothing() {
         callers.push(tokio::spawn(async move {
             while Instant::now() < until {
                 let work: u8 = rand::random::<u8>() % 100;
-                let call = client.unary(Request::new("/t.T/Work", Bytes::from(vec![work])).with_timeout(ms(2000)));
+                let call =
+                    client.unary(Request::for_method("/t.T/Work", Bytes::from(vec![work])).with_timeout(ms(2000)));
                 if rand::random::<bool>() {
                     // Give up at a random point: anywhere from before the send to after the answer.
                     let after = Duration::from_micros(u64::from(rand::random::<u16>() % 3000));
@@ -346,7 +347,11 @@ async fn cancelling_half_the_requests_at_random_points_leaks_nothing() {
     let burst: Vec<_> = (0..limit)
         .map(|_| {
             let client = client.clone();
-            tokio::spawn(async move { client.unary(Request::new("/t.T/Work", Bytes::from_static(&[50]))).await })
+            tokio::spawn(async move {
+                client
+                    .unary(Request::for_method("/t.T/Work", Bytes::from_static(&[50])))
+                    .await
+            })
         })
         .collect();
     for b in burst {
@@ -463,7 +468,7 @@ async fn review_a_handler_being_dropped_still_holds_its_permit() {
     assert!(err.is_deadline_exceeded(), "{err}");
     next(&mut began, "the handler's drop").await;
     let busy = client
-        .unary(Request::new("/t.T/Echo", Bytes::from_static(b"beside")).with_timeout(ms(2000)))
+        .unary(Request::for_method("/t.T/Echo", Bytes::from_static(b"beside")).with_timeout(ms(2000)))
         .await;
     release_tx.send(()).unwrap();
     next(&mut ended, "the end of the handler's drop").await;

@@ -43,7 +43,7 @@ async fn server() -> rpc_server::ServerHandle {
 }
 
 fn request() -> Request<Bytes> {
-    Request::new("/t.T/Slow", Bytes::from_static(b"x")).with_timeout(Duration::from_secs(2))
+    Request::for_method("/t.T/Slow", Bytes::from_static(b"x")).with_timeout(Duration::from_secs(2))
 }
 
 /// Nothing is left behind on the client's connections, and the client still serves.
@@ -118,7 +118,7 @@ async fn a_caller_that_gives_up_frees_its_pending_call_at_once() {
     for _ in 0..50 {
         let c = client.clone();
         calls.push(tokio::spawn(async move {
-            c.unary(Request::new("/t.T/Hold", Bytes::new()).with_timeout(Duration::from_secs(30)))
+            c.unary(Request::for_method("/t.T/Hold", Bytes::new()).with_timeout(Duration::from_secs(30)))
                 .await
         }));
     }
@@ -135,7 +135,7 @@ async fn a_caller_that_gives_up_frees_its_pending_call_at_once() {
     control.release(50);
     control.release(1);
     let resp = client
-        .unary(Request::new("/t.T/Hold", Bytes::from_static(b"after")))
+        .unary(Request::for_method("/t.T/Hold", Bytes::from_static(b"after")))
         .await
         .unwrap();
     assert_eq!(resp.into_body(), Bytes::from_static(b"after"));

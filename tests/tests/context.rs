@@ -87,7 +87,7 @@ async fn the_requests_cancellation_fires_for_the_work_it_handed_off() {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .unary(Request::new("/t.T/Watch", Bytes::new()).with_timeout(ms(60_000)))
+                .unary(Request::for_method("/t.T/Watch", Bytes::new()).with_timeout(ms(60_000)))
                 .await
         })
     };
@@ -115,7 +115,7 @@ async fn the_requests_cancellation_fires_for_the_work_it_handed_off() {
     assert_eq!(next(&mut events, "the cancellation at the deadline").await, "cancelled");
     // And its permit is free.
     let echo = client
-        .unary(Request::new("/t.T/Echo", Bytes::from_static(b"x")).with_timeout(ms(2000)))
+        .unary(Request::for_method("/t.T/Echo", Bytes::from_static(b"x")).with_timeout(ms(2000)))
         .await
         .unwrap();
     assert_eq!(echo.into_body(), Bytes::from_static(b"x"));
@@ -169,7 +169,7 @@ async fn detached_work_runs_to_its_end_after_its_request_is_cancelled() {
     let (server, mut events) = paying_server(ServerConfig::default(), gate.clone()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let err = client
-        .unary(Request::new("/t.T/Pay", Bytes::new()).with_timeout(ms(300)))
+        .unary(Request::for_method("/t.T/Pay", Bytes::new()).with_timeout(ms(300)))
         .await
         .unwrap_err();
     assert!(err.is_deadline_exceeded(), "{err}");
@@ -192,7 +192,7 @@ async fn shutdown_waits_for_detached_work_within_the_grace_then_drops_it() {
     let (server, mut events) = paying_server(ServerConfig::default(), gate.clone()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let _ = client
-        .unary(Request::new("/t.T/Pay", Bytes::new()).with_timeout(ms(200)))
+        .unary(Request::for_method("/t.T/Pay", Bytes::new()).with_timeout(ms(200)))
         .await;
     assert_eq!(next(&mut events, "start").await, "started");
     assert_eq!(next(&mut events, "the first write").await, "first write");
@@ -214,7 +214,7 @@ async fn shutdown_waits_for_detached_work_within_the_grace_then_drops_it() {
     let (server, mut events) = paying_server(config, gate).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let _ = client
-        .unary(Request::new("/t.T/Pay", Bytes::new()).with_timeout(ms(200)))
+        .unary(Request::for_method("/t.T/Pay", Bytes::new()).with_timeout(ms(200)))
         .await;
     assert_eq!(next(&mut events, "start").await, "started");
     assert_eq!(next(&mut events, "the first write").await, "first write");
@@ -266,14 +266,14 @@ async fn abort_drops_detached_work_and_oneway_handlers_before_it_returns() {
     drop(tx);
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     client
-        .oneway(Request::new("/t.T/Oneway", Bytes::new()).with_timeout(ms(60_000)))
+        .oneway(Request::for_method("/t.T/Oneway", Bytes::new()).with_timeout(ms(60_000)))
         .await
         .unwrap();
     let held = {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .unary(Request::new("/t.T/Detach", Bytes::new()).with_timeout(ms(60_000)))
+                .unary(Request::for_method("/t.T/Detach", Bytes::new()).with_timeout(ms(60_000)))
                 .await
         })
     };
@@ -303,7 +303,7 @@ async fn front(downstream: Client, isolate: bool) -> ServerHandle {
                 let downstream = downstream.clone();
                 async move {
                     let body = EchoRequest::default().encode_to_vec();
-                    let call = downstream.unary(Request::new("/echo.Echo/Say", Bytes::from(body)));
+                    let call = downstream.unary(Request::for_method("/echo.Echo/Say", Bytes::from(body)));
                     let reply = if isolate {
                         Context::none().scope(call).await
                     } else {
@@ -341,7 +341,7 @@ async fn a_downstream_call_inherits_the_deadline_of_the_request_it_serves() {
     let call = |addr| async move {
         let client = Client::connect(addr, quiet_client()).await.unwrap();
         client
-            .unary(Request::new("/t.Front/Call", Bytes::new()).with_timeout(ms(800)))
+            .unary(Request::for_method("/t.Front/Call", Bytes::new()).with_timeout(ms(800)))
             .await
             .unwrap()
     };
@@ -382,7 +382,7 @@ async fn a_caller_giving_up_cancels_the_whole_chain() {
     // No deadline does the work here: the caller drops its call after the back handler started.
     let call = tokio::spawn(async move {
         client
-            .unary(Request::new("/t.Front/Call", Bytes::new()).with_timeout(ms(60_000)))
+            .unary(Request::for_method("/t.Front/Call", Bytes::new()).with_timeout(ms(60_000)))
             .await
     });
     assert_eq!(next(&mut events, "the back handler's start").await, "back started");
@@ -416,13 +416,13 @@ async fn a_call_whose_inherited_deadline_has_passed_is_not_sent() {
     let client = Client::connect(back.local_addr(), quiet_client()).await.unwrap();
     let gone = Context::new(Some(Instant::now() - ms(1)));
     let err = gone
-        .scope(client.unary(Request::new("/t.T/Count", Bytes::new()).with_timeout(ms(5000))))
+        .scope(client.unary(Request::for_method("/t.T/Count", Bytes::new()).with_timeout(ms(5000))))
         .await
         .unwrap_err();
     assert!(err.is_deadline_exceeded(), "{err}");
     assert!(!err.may_have_executed(), "{err}");
     let ok = client
-        .unary(Request::new("/t.T/Count", Bytes::new()).with_timeout(ms(5000)))
+        .unary(Request::for_method("/t.T/Count", Bytes::new()).with_timeout(ms(5000)))
         .await;
     assert!(ok.is_ok());
     assert_eq!(runs.load(Ordering::SeqCst), 1, "only the call outside the context ran");
@@ -460,7 +460,7 @@ async fn safe_retry_does_not_spend_attempts_on_an_inherited_deadline_already_gon
         .service(client);
     let body = EchoRequest::default().encode_to_vec();
     let err = Context::new(Some(Instant::now() - ms(1)))
-        .scope(svc.oneshot(Request::new("/echo.Echo/Say", Bytes::from(body)).with_timeout(ms(5000))))
+        .scope(svc.oneshot(Request::for_method("/echo.Echo/Say", Bytes::from(body)).with_timeout(ms(5000))))
         .await
         .unwrap_err();
     assert!(err.is_deadline_exceeded(), "{err}");

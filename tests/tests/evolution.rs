@@ -178,7 +178,7 @@ async fn this_client_calls_a_version_1_server_and_never_sends_it_what_it_cannot_
         let client = client.clone();
         async move {
             client
-                .unary(Request::new("/t.Echo/Say", Bytes::from_static(body)).with_timeout(ms(5000)))
+                .unary(Request::for_method("/t.Echo/Say", Bytes::from_static(body)).with_timeout(ms(5000)))
                 .await
         }
     };
@@ -186,20 +186,20 @@ async fn this_client_calls_a_version_1_server_and_never_sends_it_what_it_cannot_
 
     // A caller that gives up: on a version-1 server it sends no CANCEL (kind 8 is unknown there).
     let timed_out = client
-        .unary(Request::new("/t.Hold/Forever", Bytes::new()).with_timeout(ms(50)))
+        .unary(Request::for_method("/t.Hold/Forever", Bytes::new()).with_timeout(ms(50)))
         .await
         .unwrap_err();
     assert!(timed_out.is_deadline_exceeded(), "{timed_out}");
     let dropped = tokio::time::timeout(
         ms(50),
-        client.unary(Request::new("/t.Hold/Forever", Bytes::new()).with_timeout(ms(5000))),
+        client.unary(Request::for_method("/t.Hold/Forever", Bytes::new()).with_timeout(ms(5000))),
     )
     .await;
     assert!(dropped.is_err(), "the hold was answered");
 
     // More metadata than version 1 took (16 KiB, never announced) fails that call alone, here,
     // unsent, instead of closing the server's connection.
-    let mut big = Request::new("/t.Echo/Say", Bytes::new()).with_timeout(ms(5000));
+    let mut big = Request::for_method("/t.Echo/Say", Bytes::new()).with_timeout(ms(5000));
     big.metadata_mut().insert("k", Bytes::from(vec![b'x'; 20 * 1024]));
     let refused = client.unary(big).await.unwrap_err();
     assert!(!refused.may_have_executed(), "{refused}");

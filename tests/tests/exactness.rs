@@ -85,7 +85,7 @@ async fn handler_returned_unavailable_busy_or_not_found_runs_once_and_may_have_e
         let b = side_effect_then(code, ledger.clone()).await;
         let client = Client::with_endpoints([a.local_addr(), b.local_addr()], quiet_client()).unwrap();
         wait_until(Duration::from_secs(3), || client.holder().alive_endpoints() == 2).await;
-        let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(2000));
+        let req = Request::for_method("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(2000));
         let err = within(ms(3000), "the request", client.unary(req)).await.unwrap_err();
         let runs = count(&ledger);
         assert_eq!(err.code(), code, "{err}");
@@ -132,7 +132,7 @@ async fn idempotent_retry_that_cannot_connect_still_reports_may_have_executed() 
     let call = {
         let client = client.clone();
         tokio::spawn(async move {
-            let mut req = Request::new("/t.Hold/Run", Bytes::from_static(b"once")).with_timeout(ms(2000));
+            let mut req = Request::for_method("/t.Hold/Run", Bytes::from_static(b"once")).with_timeout(ms(2000));
             req.set_idempotent(true);
             client.unary(req).await
         })
@@ -165,7 +165,7 @@ async fn cancelled_caller_during_on_demand_connect_does_not_wedge_the_endpoint()
     let client = Client::with_endpoints([proxy.addr()], config).unwrap();
     let cancelled = tokio::time::timeout(
         ms(50),
-        client.unary(Request::new("/t.T/Who", Bytes::new()).with_timeout(ms(10_000))),
+        client.unary(Request::for_method("/t.T/Who", Bytes::new()).with_timeout(ms(10_000))),
     )
     .await;
     assert!(cancelled.is_err(), "the blackholed request finished: {cancelled:?}");
@@ -245,7 +245,7 @@ async fn graceful_drain_with_handlers_finishing_during_it_never_panics_the_drive
                 body.clone(),
                 tokio::spawn(async move {
                     client
-                        .unary(Request::new("/t.Drain/Work", body).with_timeout(ms(3000)))
+                        .unary(Request::for_method("/t.Drain/Work", body).with_timeout(ms(3000)))
                         .await
                 }),
             ));
@@ -370,7 +370,7 @@ async fn one_handler_panic_fails_only_its_own_request_in_the_batch() {
     };
     let client = Client::connect(server.local_addr(), config).await.unwrap();
     let call = |body: &'static [u8]| {
-        client.unary(Request::new("/t.Batch/Echo", Bytes::from_static(body)).with_timeout(ms(3000)))
+        client.unary(Request::for_method("/t.Batch/Echo", Bytes::from_static(body)).with_timeout(ms(3000)))
     };
     // Joined in one task: all six are queued before the connection writes, so they travel (and
     // are read by the server) together.
@@ -440,7 +440,7 @@ async fn idle_eviction_waits_for_requests_in_flight() {
             .unwrap()
     };
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let req = Request::new("/t.Slow/Work", Bytes::from_static(b"slow")).with_timeout(ms(3000));
+    let req = Request::for_method("/t.Slow/Work", Bytes::from_static(b"slow")).with_timeout(ms(3000));
     let result = within(ms(4000), "the slow request", client.unary(req)).await;
     assert_eq!(count(&ledger), 1, "ran once");
     let resp = result.unwrap_or_else(|e| panic!("request in flight was cut off by idle eviction: {e}"));
@@ -551,7 +551,7 @@ async fn heartbeat_counts_a_large_response_still_arriving_as_proof_of_life() {
     let result = within(
         ms(6000),
         "the large response",
-        client.unary(Request::new("/t.Big/Get", Bytes::new()).with_timeout(ms(5000))),
+        client.unary(Request::for_method("/t.Big/Get", Bytes::new()).with_timeout(ms(5000))),
     )
     .await;
     let took = started.elapsed();
@@ -587,13 +587,13 @@ async fn request_over_the_metadata_limit_fails_alone_and_spares_its_neighbours()
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .unary(Request::new("/t.Gate/Hold", Bytes::from_static(b"innocent")).with_timeout(ms(5000)))
+                .unary(Request::for_method("/t.Gate/Hold", Bytes::from_static(b"innocent")).with_timeout(ms(5000)))
                 .await
         })
     };
     control.wait_arrivals(1).await;
 
-    let mut bad = Request::new("/t.Echo/Say", Bytes::from_static(b"bad")).with_timeout(ms(2000));
+    let mut bad = Request::for_method("/t.Echo/Say", Bytes::from_static(b"bad")).with_timeout(ms(2000));
     for i in 0..65 {
         bad.metadata_mut().insert(format!("k{i}"), Bytes::from_static(b"v"));
     }
@@ -635,14 +635,14 @@ async fn oneway_over_the_peer_max_frame_size_returns_a_not_executed_error() {
             .unwrap()
     };
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let big = Request::new("/t.Log/Write", Bytes::from(vec![0u8; 4096])).with_timeout(ms(2000));
+    let big = Request::for_method("/t.Log/Write", Bytes::from(vec![0u8; 4096])).with_timeout(ms(2000));
     let result = within(ms(3000), "the oneway call", client.oneway(big)).await;
     match result {
         Err(e) => assert!(!e.may_have_executed(), "nothing was sent: {e}"),
         Ok(()) => panic!("oneway of 4096 bytes to a server with max_frame_size 1024 returned Ok (dropped silently)"),
     }
     // The connection is fine for requests that fit.
-    let small = Request::new("/t.Log/Write", Bytes::from_static(b"fits")).with_timeout(ms(2000));
+    let small = Request::for_method("/t.Log/Write", Bytes::from_static(b"fits")).with_timeout(ms(2000));
     let reply = within(ms(3000), "a request that fits", client.unary(small))
         .await
         .unwrap();
@@ -716,7 +716,7 @@ fn recording(
 /// Calls `/t.Side/Effect` once: the error, and how many times the handler ran.
 async fn call_side_effect(server: &ServerHandle, ledger: &AtomicUsize) -> (Error, usize) {
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let req = Request::new("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
+    let req = Request::for_method("/t.Side/Effect", Bytes::from_static(b"x")).with_timeout(ms(3000));
     let err = client.unary(req).await.unwrap_err();
     (err, ledger.load(Ordering::SeqCst))
 }
@@ -776,8 +776,8 @@ async fn review_oneway_delivered_before_a_reset_is_not_reported_not_executed() {
         ..quiet_client()
     };
     let client = Client::connect(addr, config).await.unwrap();
-    let a = client.oneway(Request::new("/t.Log/A", Bytes::new()).with_timeout(ms(5000)));
-    let b = client.oneway(Request::new("/t.Log/B", Bytes::from(vec![0u8; 32 << 20])).with_timeout(ms(5000)));
+    let a = client.oneway(Request::for_method("/t.Log/A", Bytes::new()).with_timeout(ms(5000)));
+    let b = client.oneway(Request::for_method("/t.Log/B", Bytes::from(vec![0u8; 32 << 20])).with_timeout(ms(5000)));
     let (ra, _rb) = tokio::join!(a, b);
     assert!(peer.await.unwrap(), "the peer did not receive oneway A whole");
     if let Err(e) = ra {
@@ -808,7 +808,7 @@ async fn review_request_over_peer_max_frame_size_is_not_retried() {
         .await
         .unwrap();
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
-    let big = Request::new("/t.Echo/Say", Bytes::from(vec![0u8; 4096])).with_timeout(ms(2000));
+    let big = Request::for_method("/t.Echo/Say", Bytes::from(vec![0u8; 4096])).with_timeout(ms(2000));
     let err = client.unary(big).await.unwrap_err();
     assert!(!err.may_have_executed());
     assert!(

@@ -135,7 +135,7 @@ async fn responses_arrive_in_any_order_on_one_connection() {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .unary(Request::new("/test.Gate/Hold", Bytes::from_static(b"first")))
+                .unary(Request::for_method("/test.Gate/Hold", Bytes::from_static(b"first")))
                 .await
         })
     };
@@ -161,7 +161,7 @@ async fn unknown_method_is_unimplemented_and_handler_error_is_application_error(
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
 
     let err = client
-        .unary(Request::new("/echo.Echo/NoSuchMethod", Bytes::new()))
+        .unary(Request::for_method("/echo.Echo/NoSuchMethod", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
@@ -172,7 +172,7 @@ async fn unknown_method_is_unimplemented_and_handler_error_is_application_error(
     );
 
     let err = client
-        .unary(Request::new("/no.Such/Service", Bytes::new()))
+        .unary(Request::for_method("/no.Such/Service", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
@@ -196,7 +196,7 @@ async fn deadline_fails_on_the_client_at_the_deadline_and_the_handler_sees_it() 
     let mut echo = EchoClient::connect(server.local_addr(), quiet_client()).await.unwrap();
 
     // The handler reads the remaining deadline it was sent.
-    let req = Request::new(
+    let req = Request::for_method(
         "",
         EchoRequest {
             message: "x".into(),
@@ -209,7 +209,7 @@ async fn deadline_fails_on_the_client_at_the_deadline_and_the_handler_sees_it() 
 
     // A handler slower than the deadline: the client fails at its deadline, not when the handler ends.
     let deadline = 200 * ms(1);
-    let req = Request::new(
+    let req = Request::for_method(
         "",
         EchoRequest {
             message: "x".into(),
@@ -370,7 +370,7 @@ async fn oneway_requests_arrive() {
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     for i in 0..10u8 {
         client
-            .oneway(Request::new("/log.Log/Write", Bytes::from(vec![i])))
+            .oneway(Request::for_method("/log.Log/Write", Bytes::from(vec![i])))
             .await
             .unwrap();
     }
@@ -382,7 +382,7 @@ async fn oneway_requests_arrive() {
     assert_eq!(got, (0..10).collect::<Vec<u8>>());
     // A response the server does not send back never confuses later requests.
     let err = client
-        .unary(Request::new("/log.Log/Nope", Bytes::new()))
+        .unary(Request::for_method("/log.Log/Nope", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
@@ -405,7 +405,7 @@ async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
         let client = client.clone();
         in_flight.push(tokio::spawn(async move {
             client
-                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(10 * SECOND))
+                .unary(Request::for_method("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(10 * SECOND))
                 .await
         }));
     }

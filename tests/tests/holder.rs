@@ -378,7 +378,7 @@ async fn server_busy_on_one_endpoint_is_retried_on_another() {
         let client = Client::connect(busy.local_addr(), quiet_client()).await.unwrap();
         tokio::spawn(async move {
             client
-                .unary(Request::new("/test.Gate/Hold", Bytes::new()).with_timeout(ms(10_000)))
+                .unary(Request::for_method("/test.Gate/Hold", Bytes::new()).with_timeout(ms(10_000)))
                 .await
         })
     };
@@ -415,7 +415,7 @@ async fn request_that_may_have_run_is_retried_only_when_idempotent() {
         let call = {
             let client = client.clone();
             tokio::spawn(async move {
-                let mut req = Request::new("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
+                let mut req = Request::for_method("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
                 req.set_idempotent(idempotent);
                 client.unary(req).await
             })
@@ -427,7 +427,7 @@ async fn request_that_may_have_run_is_retried_only_when_idempotent() {
             let call = {
                 let client = client.clone();
                 tokio::spawn(async move {
-                    let mut req = Request::new("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
+                    let mut req = Request::for_method("/t.T/Who", Bytes::from_static(b"x")).with_timeout(ms(5000));
                     req.set_idempotent(idempotent);
                     client.unary(req).await
                 })

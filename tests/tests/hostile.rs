@@ -253,12 +253,12 @@ fn peer_chosen_method_names_never_become_metric_labels() {
             let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
             let held = {
                 let client = client.clone();
-                tokio::spawn(async move { client.unary(Request::new("/t.T/Hold", Bytes::new())).await })
+                tokio::spawn(async move { client.unary(Request::for_method("/t.T/Hold", Bytes::new())).await })
             };
             control.wait_arrivals(1).await;
             for i in 0..1000 {
                 let err = client
-                    .unary(Request::new(format!("/x.Y/Busy{i}"), Bytes::new()))
+                    .unary(Request::for_method(format!("/x.Y/Busy{i}"), Bytes::new()))
                     .await
                     .unwrap_err();
                 assert_eq!(err.code(), rpc_core::Code::ServerBusy);
@@ -267,7 +267,7 @@ fn peer_chosen_method_names_never_become_metric_labels() {
             held.await.unwrap().unwrap();
             for i in 0..1000 {
                 let err = client
-                    .unary(Request::new(format!("/x.Y/Nope{i}"), Bytes::new()))
+                    .unary(Request::for_method(format!("/x.Y/Nope{i}"), Bytes::new()))
                     .await
                     .unwrap_err();
                 assert_eq!(err.code(), rpc_core::Code::Unimplemented);
@@ -327,7 +327,7 @@ async fn a_tls_client_over_max_connections_learns_it_is_refused_for_overload() {
     );
     // The first keeps working.
     first
-        .unary(Request::new("/t.T/Echo", Bytes::from_static(b"ok")))
+        .unary(Request::for_method("/t.T/Echo", Bytes::from_static(b"ok")))
         .await
         .unwrap();
 }
@@ -350,7 +350,7 @@ async fn p99(client: &Client, n: usize) -> Duration {
     for _ in 0..n {
         let start = Instant::now();
         client
-            .unary(Request::new("/t.T/Echo", Bytes::from_static(b"probe")))
+            .unary(Request::for_method("/t.T/Echo", Bytes::from_static(b"probe")))
             .await
             .unwrap();
         lat.push(start.elapsed());
@@ -452,7 +452,7 @@ async fn two_hundred_hostile_connections_cost_bounded_memory_and_a_good_client_i
         "p99 {before:?} before, {during:?} during"
     );
     tests::wait_until(Duration::from_secs(5), || open_fds() <= fds_before).await;
-    good.unary(Request::new("/t.T/Echo", Bytes::from_static(b"after")))
+    good.unary(Request::for_method("/t.T/Echo", Bytes::from_static(b"after")))
         .await
         .unwrap();
 }

@@ -139,13 +139,13 @@ async fn requests_over_the_per_connection_cap_get_server_busy() {
     for i in 0..3u8 {
         let c = greedy.clone();
         held.push(tokio::spawn(async move {
-            c.unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
+            c.unary(Request::for_method("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
                 .await
         }));
     }
     control.wait_arrivals(3).await;
     let err = greedy
-        .unary(Request::new("/test.Gate/Hold", Bytes::new()))
+        .unary(Request::for_method("/test.Gate/Hold", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ServerBusy);
@@ -154,7 +154,7 @@ async fn requests_over_the_per_connection_cap_get_server_busy() {
     let other = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let fourth = tokio::spawn(async move {
         other
-            .unary(Request::new("/test.Gate/Hold", Bytes::new()).with_timeout(ms(10_000)))
+            .unary(Request::for_method("/test.Gate/Hold", Bytes::new()).with_timeout(ms(10_000)))
             .await
     });
     control.wait_arrivals(1).await;

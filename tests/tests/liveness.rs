@@ -115,7 +115,7 @@ async fn blackhole_with_requests_in_flight_fails_them_by_their_deadline_as_maybe
         let client = client.clone();
         calls.push(tokio::spawn(async move {
             client
-                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(deadline))
+                .unary(Request::for_method("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(deadline))
                 .await
         }));
     }
@@ -267,7 +267,7 @@ async fn one_lost_heartbeat_ack_followed_by_traffic_does_not_close_the_connectio
     );
     // Traffic right after the miss, while the second heartbeat is also going unanswered.
     let reply = client
-        .unary(Request::new("/raw.Echo/Say", Bytes::from_static(b"ping")))
+        .unary(Request::for_method("/raw.Echo/Say", Bytes::from_static(b"ping")))
         .await
         .unwrap();
     assert_eq!(reply.into_body(), Bytes::from_static(b"ping"));
@@ -311,14 +311,14 @@ async fn slow_handlers_and_a_full_handler_pool_do_not_delay_heartbeat_acks() {
         let client = client.clone();
         slow.push(tokio::spawn(async move {
             client
-                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
+                .unary(Request::for_method("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
                 .await
         }));
     }
     control.wait_arrivals(2).await;
     // The pool is full: another request is answered SERVER_BUSY at once, and did not run.
     let busy = client
-        .unary(Request::new("/test.Gate/Hold", Bytes::new()))
+        .unary(Request::for_method("/test.Gate/Hold", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(busy.code(), Code::ServerBusy);
@@ -454,7 +454,7 @@ async fn peer_gone(reset: bool) {
         let client = client.clone();
         calls.push(tokio::spawn(async move {
             client
-                .unary(Request::new("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
+                .unary(Request::for_method("/test.Gate/Hold", Bytes::from(vec![i])).with_timeout(ms(10_000)))
                 .await
         }));
     }

@@ -125,7 +125,7 @@ async fn each_scenario_moves_its_own_metric() {
 
     // A method the server does not serve is counted under one `unknown` method label.
     client
-        .unary(Request::new("/no.Such/Method", Bytes::new()))
+        .unary(Request::for_method("/no.Such/Method", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(
@@ -283,7 +283,7 @@ async fn each_scenario_moves_its_own_metric() {
     let before = m.counter("tether_client_retries_total", &[("cause", "status")]);
     let flaky_client = Client::connect(flaky.local_addr(), quiet_client()).await.unwrap();
     // The handler ran and said UNAVAILABLE: only an idempotent request is tried again.
-    let mut req = Request::new("/t.T/Flaky", Bytes::new());
+    let mut req = Request::for_method("/t.T/Flaky", Bytes::new());
     req.set_idempotent(true);
     flaky_client.unary(req).await.unwrap();
     assert_eq!(

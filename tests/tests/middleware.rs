@@ -71,7 +71,7 @@ async fn concurrency_limit_layer_caps_requests_in_flight() {
             svc.ready()
                 .await
                 .unwrap()
-                .call(Request::new("/test.Gate/Hold", Bytes::from(vec![i])))
+                .call(Request::for_method("/test.Gate/Hold", Bytes::from(vec![i])))
                 .await
         }));
     }
@@ -122,7 +122,7 @@ async fn load_shed_over_a_concurrency_limit_refuses_at_once_without_sending() {
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/test.Gate/Hold", Bytes::new()));
+        .call(Request::for_method("/test.Gate/Hold", Bytes::new()));
     let held = tokio::spawn(held);
     control.wait_arrivals(1).await;
     let start = Instant::now();
@@ -130,7 +130,7 @@ async fn load_shed_over_a_concurrency_limit_refuses_at_once_without_sending() {
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/test.Gate/Hold", Bytes::new()))
+        .call(Request::for_method("/test.Gate/Hold", Bytes::new()))
         .await
         .unwrap_err();
     let err = rpc_client::Error::from_box(shed);
@@ -192,7 +192,7 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/t.T/Flaky", Bytes::new()))
+        .call(Request::for_method("/t.T/Flaky", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -203,7 +203,7 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/t.T/Flaky", Bytes::new()))
+        .call(Request::for_method("/t.T/Flaky", Bytes::new()))
         .await
         .unwrap();
     assert_eq!(resp.into_body(), Bytes::from_static(b"ok"));
@@ -223,13 +223,13 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/t.T/Flaky", Bytes::new()))
+        .call(Request::for_method("/t.T/Flaky", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ApplicationError);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // ...unless the caller marks it idempotent.
-    let mut req = Request::new("/t.T/Flaky", Bytes::new());
+    let mut req = Request::for_method("/t.T/Flaky", Bytes::new());
     req.set_idempotent(true);
     let _ = retried.ready().await.unwrap().call(req).await.unwrap_err();
     assert_eq!(calls.load(Ordering::SeqCst), 1 + 4);
@@ -258,7 +258,7 @@ async fn safe_retry_backs_off_from_the_second_retry_within_the_deadline() {
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/t.T/Flaky", Bytes::new()))
+        .call(Request::for_method("/t.T/Flaky", Bytes::new()))
         .await
         .unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 4);
@@ -273,7 +273,7 @@ async fn safe_retry_backs_off_from_the_second_retry_within_the_deadline() {
     let mut retried = ServiceBuilder::new()
         .layer(RetryLayer::new(SafeRetry::new(3).with_backoff(long)))
         .service(client);
-    let mut req = Request::new("/t.T/Flaky", Bytes::new());
+    let mut req = Request::for_method("/t.T/Flaky", Bytes::new());
     req.set_idempotent(true);
     req.set_timeout(Duration::from_millis(300));
     let start = tokio::time::Instant::now();
@@ -299,7 +299,7 @@ async fn server_load_shed_over_concurrency_limit_answers_server_busy() {
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let held = {
         let client = client.clone();
-        tokio::spawn(async move { client.unary(Request::new("/test.Gate/Hold", Bytes::new())).await })
+        tokio::spawn(async move { client.unary(Request::for_method("/test.Gate/Hold", Bytes::new())).await })
     };
     // The held request is running in its handler: it has the only slot.
     control.wait_arrivals(1).await;
@@ -337,13 +337,13 @@ async fn interceptor_refuses_requests_without_the_token() {
     };
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let err = client
-        .unary(Request::new("/t.T/Secret", Bytes::new()))
+        .unary(Request::for_method("/t.T/Secret", Bytes::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler never ran");
 
-    let mut wrong = Request::new("/t.T/Secret", Bytes::new());
+    let mut wrong = Request::for_method("/t.T/Secret", Bytes::new());
     wrong.metadata_mut().insert("authorization", "Bearer guess");
     assert_eq!(client.unary(wrong).await.unwrap_err().code(), Code::Unauthenticated);
 
@@ -352,7 +352,7 @@ async fn interceptor_refuses_requests_without_the_token() {
         .ready()
         .await
         .unwrap()
-        .call(Request::new("/t.T/Secret", Bytes::new()))
+        .call(Request::for_method("/t.T/Secret", Bytes::new()))
         .await
         .unwrap();
     assert_eq!(resp.into_body(), Bytes::from_static(b"secret"));

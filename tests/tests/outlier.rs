@@ -150,7 +150,7 @@ async fn run_marked(client: &Client, callers: usize, count: usize, idempotent: b
                     .is_ok()
                 {
                     let start = Instant::now();
-                    let mut req = Request::new(METHOD, Bytes::new());
+                    let mut req = Request::for_method(METHOD, Bytes::new());
                     req.set_idempotent(idempotent);
                     let r = client.unary(req).await;
                     let mut res = results.lock().unwrap();
@@ -357,7 +357,10 @@ async fn at_most_max_ejection_percent_are_ejected_and_a_lone_endpoint_never_is()
     let client = Client::with_endpoints([lone.addr()], config(OutlierConfig::default())).unwrap();
     all_connected(&client, 1).await;
     for _ in 0..50 {
-        let e = client.unary(Request::new(METHOD, Bytes::new())).await.unwrap_err();
+        let e = client
+            .unary(Request::for_method(METHOD, Bytes::new()))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::Internal, "{e}");
     }
     assert_eq!(client.holder().endpoints()[0].health, HealthState::Trusted);
@@ -426,7 +429,10 @@ async fn outage_load(budget: rpc_client::RetryBudgetConfig) -> (usize, usize) {
             tokio::spawn(async move {
                 while Instant::now() < stop {
                     sent.fetch_add(1, Ordering::Relaxed);
-                    let e = client.unary(Request::new(METHOD, Bytes::new())).await.unwrap_err();
+                    let e = client
+                        .unary(Request::for_method(METHOD, Bytes::new()))
+                        .await
+                        .unwrap_err();
                     assert!(!e.may_have_executed(), "{e}");
                 }
             })

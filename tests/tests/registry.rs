@@ -159,7 +159,7 @@ impl Load {
                     let mut outcomes = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
                         let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-                        let req = Request::new(METHOD, Bytes::copy_from_slice(&key.to_be_bytes()))
+                        let req = Request::for_method(METHOD, Bytes::copy_from_slice(&key.to_be_bytes()))
                             .with_timeout(Duration::from_secs(2));
                         let outcome = match client.unary(req).await {
                             Ok(r) => Outcome::Ok(String::from_utf8_lossy(r.body()).into_owned()),
@@ -441,7 +441,7 @@ async fn without_etcd_a_client_fails_typed_and_a_server_serves_unregistered() {
     let server = ledger_server("alone", config, &ledger).await;
     let direct = Client::with_endpoints([server.local_addr()], client_config()).unwrap();
     let resp = direct
-        .unary(Request::new(METHOD, Bytes::copy_from_slice(&7u64.to_be_bytes())))
+        .unary(Request::for_method(METHOD, Bytes::copy_from_slice(&7u64.to_be_bytes())))
         .await
         .unwrap();
     assert_eq!(resp.body().as_ref(), b"alone");
@@ -623,7 +623,10 @@ async fn a_server_cut_off_from_etcd_past_its_ttl_registers_again_when_it_is_back
     // It serves on meanwhile.
     let direct = Client::with_endpoints([a.local_addr()], client_config()).unwrap();
     direct
-        .unary(Request::new(METHOD, Bytes::copy_from_slice(&u64::MAX.to_be_bytes())))
+        .unary(Request::for_method(
+            METHOD,
+            Bytes::copy_from_slice(&u64::MAX.to_be_bytes()),
+        ))
         .await
         .unwrap();
 

@@ -438,7 +438,7 @@ async fn a_plain_client_of_a_resumable_method_gets_plain_messages() {
         .await
         .unwrap();
     let (mut sender, responses) = client
-        .open_stream(Request::new("/topic.v1.Topic/Subscribe", ()))
+        .open_stream(Request::for_method("/topic.v1.Topic/Subscribe", ()))
         .await
         .unwrap();
     sender
@@ -548,7 +548,7 @@ async fn review_a_subscription_with_a_deadline_is_not_resumed_past_it() {
     let deadline = ms(1500);
     let start = Instant::now();
     let mut sub = TopicClient::new(client.clone())
-        .subscribe(Request::new("", subscription()).with_timeout(deadline))
+        .subscribe(Request::for_method("", subscription()).with_timeout(deadline))
         .await
         .unwrap();
     sub.message().await.unwrap().unwrap();

@@ -56,7 +56,7 @@ async fn peak_for(period: Duration, read: impl Fn() -> usize) -> usize {
 /// A raw bidirectional Echo stream on `client`, its responses decoded.
 async fn open_echo(client: &Client) -> (rpc_client::StreamSender<bytes::Bytes>, rpc_client::Streaming<Event>) {
     let (sender, responses) = client
-        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+        .open_stream(rpc_core::Request::for_method("/feed.v1.Feed/Echo", ()))
         .await
         .unwrap();
     let responses = responses
@@ -428,7 +428,7 @@ async fn review_a_stream_above_the_goaway_id_fails_at_once_as_not_executed() {
     });
     let client = Client::connect(addr, quiet_client()).await.unwrap();
     let (_sender, mut responses) = client
-        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Watch", ()))
+        .open_stream(rpc_core::Request::for_method("/feed.v1.Feed/Watch", ()))
         .await
         .unwrap();
     let _raw = peer.await.unwrap();
@@ -446,7 +446,7 @@ async fn review_a_producer_learns_that_its_stream_is_gone() {
     let server = feed_server(ServerConfig::default()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let (mut sender, responses) = client
-        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Echo", ()))
+        .open_stream(rpc_core::Request::for_method("/feed.v1.Feed/Echo", ()))
         .await
         .unwrap();
     sender.send(bytes::Bytes::from_static(b"\x08\x01")).await.unwrap();
@@ -471,7 +471,7 @@ async fn review_a_dropped_sender_ends_its_half_of_the_stream() {
     let server = feed_server(ServerConfig::default()).await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let (mut sender, responses) = client
-        .open_stream(rpc_core::Request::new("/feed.v1.Feed/Upload", ()))
+        .open_stream(rpc_core::Request::for_method("/feed.v1.Feed/Upload", ()))
         .await
         .unwrap();
     for seq in 1..=3 {

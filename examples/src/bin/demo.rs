@@ -124,13 +124,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let err = client
-        .unary(Request::new("/echo.Echo/Nope", Bytes::new()))
+        .unary(Request::for_method("/echo.Echo/Nope", Bytes::new()))
         .await
         .expect_err("no such method");
     // The error says itself that nothing ran: "(not executed)".
     println!("Echo/Nope           -> {err}");
 
-    let slow = Request::new(
+    let slow = Request::for_method(
         "",
         EchoRequest {
             message: "slow".into(),
@@ -142,7 +142,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let err = echo.say(slow).await.expect_err("deadline");
     println!("Say with 100 ms deadline, 500 ms handler -> {err}");
 
-    client.oneway(Request::new("/echo.Echo/Say", Bytes::new())).await?;
+    client
+        .oneway(Request::for_method("/echo.Echo/Say", Bytes::new()))
+        .await?;
     println!("oneway Say          -> queued");
 
     // Streams, the three kinds, on the same connection.

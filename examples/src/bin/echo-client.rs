@@ -188,7 +188,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let seq = sent;
             tasks.spawn(async move {
                 let start = Instant::now();
-                let result = echo.say(Request::new("", req)).await;
+                let result = echo.say(Request::for_method("", req)).await;
                 (seq, start.elapsed(), result.map(|_| ()))
             });
             while let Some(done) = tasks.try_join_next() {

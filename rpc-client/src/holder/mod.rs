@@ -411,6 +411,26 @@ impl ConnectionHolder {
         }
     }
 
+    /// For backpressure: `None` when a request could be queued now (some open connection of an
+    /// alive endpoint has room in its outbound queue, or there is no open connection at all, so
+    /// a request fails or connects at once), else a full connection to wait on.
+    pub(crate) fn full_connection(&self) -> Option<ConnectionHandle> {
+        let eps = self.inner.lock();
+        let mut full = None;
+        for c in eps
+            .iter()
+            .filter(|e| e.pool.state() == PoolState::Alive)
+            .flat_map(|e| e.conns.iter())
+            .filter(|c| c.is_open())
+        {
+            if c.has_room() {
+                return None;
+            }
+            full.get_or_insert(c);
+        }
+        full.cloned()
+    }
+
     /// A reference for a background follower (the registry watcher) that does not keep the
     /// holder alive.
     #[cfg(feature = "etcd")]

@@ -247,6 +247,18 @@ impl ConnectionHandle {
         self.shared.state.borrow().clone()
     }
 
+    /// Whether a request could be queued on the connection now without waiting for the I/O task
+    /// (its outbound queue, `outbound_queue` frames, has a free slot).
+    pub fn has_room(&self) -> bool {
+        self.tx.has_room()
+    }
+
+    /// A poller that is ready once the outbound queue has a free slot (or the connection is
+    /// gone), for backpressure to callers (`tower::Service::poll_ready`).
+    pub fn room(&self) -> super::queue::Room {
+        self.tx.room()
+    }
+
     /// True while the connection takes new requests.
     pub fn is_open(&self) -> bool {
         matches!(*self.shared.state.borrow(), ConnectionState::Open)

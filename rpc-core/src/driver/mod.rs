@@ -44,6 +44,7 @@ pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder, StreamIo};
 pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound, Reply};
 use handle::{OutboundSender, Shared};
 use queue::OutboundReceiver;
+pub use queue::Room;
 use session::{Admission, Session};
 
 use crate::codec::FrameCodec;

@@ -44,7 +44,7 @@ struct Inner {
     /// Live senders. Atomic, not in `State`: a sender is cloned and dropped for every request a
     /// server answers, and only the last drop needs the lock (to wake the driver).
     senders: AtomicUsize,
-    frames: Semaphore,
+    frames: Arc<Semaphore>,
     bytes: Semaphore,
     max_bytes: usize,
 }
@@ -68,6 +68,21 @@ impl Inner {
             w.wake();
         }
         None
+    }
+}
+
+/// Waits for a free frame slot in a connection's outbound queue, without taking it (what
+/// `tower::Service::poll_ready` over a client reports). Send, Sync and 'static.
+#[derive(Debug, Clone)]
+pub struct Room(tokio_util::sync::PollSemaphore);
+
+impl Room {
+    /// Ready once a slot is free, or the connection is gone (a request then fails at once).
+    pub fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.0.poll_acquire(cx) {
+            Poll::Ready(_permit) => Poll::Ready(()), // dropped at once: only the room counts
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -97,7 +112,7 @@ pub(crate) fn outbound_queue(max_frames: usize, max_bytes: usize) -> (OutboundSe
             closed: false,
         }),
         senders: AtomicUsize::new(1),
-        frames: Semaphore::new(max_frames.min(Semaphore::MAX_PERMITS)),
+        frames: Arc::new(Semaphore::new(max_frames.min(Semaphore::MAX_PERMITS))),
         bytes: Semaphore::new(max_bytes),
         max_bytes,
     });
@@ -192,6 +207,16 @@ impl OutboundSender {
             frames: 0,
             bytes: 0,
         });
+    }
+
+    /// Whether a frame could be queued now without waiting.
+    pub(crate) fn has_room(&self) -> bool {
+        self.inner.frames.available_permits() > 0
+    }
+
+    /// A poller that is ready once a frame slot is free (or the queue closed).
+    pub(crate) fn room(&self) -> Room {
+        Room(tokio_util::sync::PollSemaphore::new(self.inner.frames.clone()))
     }
 
     /// Bytes queued and not yet taken by the driver.

@@ -1,0 +1,362 @@
+//! The conventions tonic users bring, and what tower users rely on: backpressure through
+//! `poll_ready`, per-service interceptors, the peer's address and certificate in handlers,
+//! `serve_with_shutdown`, tonic-style requests, and errors as statuses.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use examples::echo::echo_client::EchoClient;
+use examples::echo::echo_server::{Echo, EchoServer};
+use examples::echo::{EchoReply, EchoRequest};
+use examples::greeter::v1::greeter_client::GreeterClient;
+use examples::greeter::v1::greeter_server::GreeterServer;
+use examples::greeter::v1::HelloRequest;
+use examples::services::{EchoService, GreeterService};
+use rpc_client::{Client, ClientConfig, Code, ErrorKind};
+use rpc_core::config::ConnectionConfig;
+use rpc_server::{InterceptedService, Request, Response, Server, ServerConfig, Status};
+use tests::proxy::{Direction, Fault, FaultProxy};
+use tower::{Service, ServiceExt};
+
+const ECHO_SAY: &str = "/echo.Echo/Say";
+
+fn echo(message: &str, payload: usize) -> Bytes {
+    use prost::Message;
+    EchoRequest {
+        message: message.into(),
+        payload: Bytes::from(vec![7; payload]),
+        ..EchoRequest::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Polls `svc.poll_ready` once, without waiting.
+fn ready_now<S: Service<rpc_client::Request<Bytes>>>(svc: &mut S) -> Poll<Result<(), S::Error>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    svc.poll_ready(&mut cx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_shed_over_a_client_sheds_while_the_connections_queue_is_full() {
+    let server = Server::builder()
+        .add_service(EchoServer::new(EchoService::default()))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(server.local_addr()).await;
+    let config = ClientConfig {
+        request_timeout: Duration::from_secs(30),
+        connection: ConnectionConfig {
+            outbound_queue: 4,
+            max_outbound_bytes: 256 * 1024,
+            ..ConnectionConfig::default()
+        },
+        tcp: rpc_core::config::TcpConfig {
+            send_buffer_size: Some(64 * 1024),
+            ..rpc_core::config::TcpConfig::default()
+        },
+        ..tests::quiet_client()
+    };
+    let client = Client::connect(proxy.addr(), config).await.unwrap();
+    let mut probe = client.clone();
+    assert!(
+        matches!(ready_now(&mut probe), Poll::Ready(Ok(()))),
+        "an idle connection is ready"
+    );
+
+    // The server side stops reading: requests pile up in the socket buffers, the write buffer,
+    // then the connection's queue, and poll_ready turns pending.
+    proxy.set(Fault::StopReading(Direction::ToServer));
+    let mut queued = Vec::new();
+    while queued.len() < 2000 {
+        if ready_now(&mut probe).is_pending() {
+            break;
+        }
+        let c = client.clone();
+        queued.push(tokio::spawn(async move {
+            c.unary(Request::for_method(ECHO_SAY, echo("queued", 64 * 1024))).await
+        }));
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        ready_now(&mut probe).is_pending(),
+        "still ready after {} requests of 64 KiB into a stalled connection",
+        queued.len()
+    );
+    eprintln!(
+        "ecosystem: poll_ready pending after {} requests of 64 KiB into a stalled connection",
+        queued.len()
+    );
+
+    // Over the full queue, LoadShed refuses at once, without sending.
+    let shed = tower::ServiceBuilder::new().load_shed().service(client.clone());
+    for _ in 0..20 {
+        let err = shed
+            .clone()
+            .oneshot(Request::for_method(ECHO_SAY, echo("shed", 16)))
+            .await
+            .unwrap_err();
+        assert!(err.is::<tower::load_shed::error::Overloaded>(), "{err}");
+    }
+
+    // The server reads again: everything queued is answered (nothing lost), and the client is
+    // ready again, so LoadShed lets requests through.
+    proxy.set(Fault::Pass);
+    for q in queued {
+        q.await.unwrap().unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), probe.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    shed.oneshot(Request::for_method(ECHO_SAY, echo("through", 16)))
+        .await
+        .unwrap();
+}
+
+/// Echo that counts its executions.
+#[derive(Clone)]
+struct CountingEcho(Arc<AtomicUsize>);
+
+impl Echo for CountingEcho {
+    async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(EchoReply {
+            message: request.into_body().message,
+            ..EchoReply::default()
+        }))
+    }
+
+    async fn fail(&self, _request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        Err(Status::application("failed"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_service_interceptor_guards_one_service_and_its_refusals_are_not_executed() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let guarded = InterceptedService::new(
+        EchoServer::new(CountingEcho(ran.clone())),
+        |req: Request<Bytes>| match req.metadata().get_str("authorization") {
+            Some("Bearer s3cret") => Ok(req),
+            _ => Err(Status::unauthenticated("no valid token")),
+        },
+    );
+    let server = Server::builder()
+        .add_service(guarded)
+        .add_service(GreeterServer::new(GreeterService))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let client = Client::connect(server.local_addr(), tests::quiet_client())
+        .await
+        .unwrap();
+    let mut echo = EchoClient::new(client.clone());
+    let msg = || EchoRequest {
+        message: "hi".into(),
+        ..EchoRequest::default()
+    };
+
+    let err = echo.say(msg()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.may_have_executed(), "refused by the interceptor: {err}");
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+
+    // The tonic form: a Request around the message, with metadata; the generated client sets
+    // the method.
+    let mut req = Request::new(msg());
+    req.metadata_mut().insert("authorization", "Bearer s3cret");
+    let reply = echo.say(req).await.unwrap();
+    assert_eq!(reply.into_inner().message, "hi");
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+
+    // The other service on the same server has no interceptor.
+    let mut greeter = GreeterClient::new(client);
+    greeter
+        .say_hello(HelloRequest {
+            person: Some(examples::greeter::v1::Person {
+                name: "ann".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// Answers with what the handler saw of its peer: the address, and the client certificate's
+/// subject (or "none").
+#[derive(Clone)]
+struct WhoAmI;
+
+impl Echo for WhoAmI {
+    async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let addr = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let subject = match request.peer_certs() {
+            Some(chain) => {
+                let (_, cert) = x509_parser::parse_x509_certificate(chain[0].as_ref())
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                cert.subject().to_string()
+            }
+            None => "none".to_owned(),
+        };
+        Ok(Response::new(EchoReply {
+            message: format!("{addr} {subject}"),
+            ..EchoReply::default()
+        }))
+    }
+
+    async fn fail(&self, _request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        Err(Status::application("failed"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_reads_the_peer_address_and_the_client_certificates_subject() {
+    // Plain TCP: the address, no certificate.
+    let server = Server::builder()
+        .add_service(EchoServer::new(WhoAmI))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let mut echo = EchoClient::connect(server.local_addr(), tests::quiet_client())
+        .await
+        .unwrap();
+    let seen = echo.say(EchoRequest::default()).await.unwrap().into_inner().message;
+    let (addr, subject) = seen.split_once(' ').unwrap();
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    assert_eq!(addr.ip(), server.local_addr().ip());
+    assert_ne!(
+        addr.port(),
+        server.local_addr().port(),
+        "the client's end, not the server's"
+    );
+    assert_eq!(subject, "none");
+
+    // Mutual TLS: the verified client certificate's subject.
+    let pki = tests::pki::TestPki::new();
+    let mut tls = rpc_core::tls::TlsServerConfig::new(pki.path("server.pem"), pki.path("server-key.pem"));
+    tls.client_ca_file = Some(pki.path("ca.pem"));
+    let server = Server::builder()
+        .config(ServerConfig {
+            tls: Some(tls),
+            ..ServerConfig::default()
+        })
+        .add_service(EchoServer::new(WhoAmI))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let mut client_tls = rpc_core::tls::TlsClientConfig::new(pki.path("ca.pem"));
+    client_tls.cert_file = Some(pki.path("client.pem"));
+    client_tls.key_file = Some(pki.path("client-key.pem"));
+    let config = ClientConfig {
+        tls: Some(client_tls),
+        ..tests::quiet_client()
+    };
+    let mut echo = EchoClient::connect(server.local_addr(), config).await.unwrap();
+    let seen = echo.say(EchoRequest::default()).await.unwrap().into_inner().message;
+    assert!(seen.ends_with(" CN=tether test client"), "{seen}");
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+}
+
+/// Echo that says when a request entered it, then takes 300 ms.
+#[derive(Clone)]
+struct Entered(Arc<tokio::sync::Notify>);
+
+impl Echo for Entered {
+    async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.0.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Response::new(EchoReply {
+            message: request.into_body().message,
+            ..EchoReply::default()
+        }))
+    }
+
+    async fn fail(&self, _request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        Err(Status::application("failed"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_shutdown_serves_until_the_signal_then_drains_the_requests_in_flight() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn(
+        Server::builder()
+            .add_service(EchoServer::new(Entered(entered.clone())))
+            .serve_with_shutdown(addr, async {
+                let _ = stopped.await;
+            }),
+    );
+    let echo = loop {
+        match EchoClient::connect(addr, tests::quiet_client()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::task::yield_now().await, // not bound yet
+        }
+    };
+    // A request in flight when the signal comes runs to its end.
+    let slow = tokio::spawn({
+        let mut echo = echo.clone();
+        async move {
+            echo.say(EchoRequest {
+                message: "slow".into(),
+                ..EchoRequest::default()
+            })
+            .await
+        }
+    });
+    entered.notified().await;
+    stop.send(()).unwrap();
+    assert_eq!(slow.await.unwrap().unwrap().into_inner().message, "slow");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after serve_with_shutdown returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_method_fails_typed_and_errors_become_statuses() {
+    let server = Server::builder()
+        .add_service(EchoServer::new(EchoService::default()))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let client = Client::connect(server.local_addr(), tests::quiet_client())
+        .await
+        .unwrap();
+    // The tonic form on the raw client: no method, never sent.
+    let err = client.unary(Request::new(echo("hi", 0))).await.unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::NoMethod), "{err}");
+    assert!(!err.may_have_executed());
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A handler passing on a downstream failure: the server's status as it was...
+    let failed = client
+        .unary(Request::for_method("/echo.Echo/Fail", echo("why", 0)))
+        .await
+        .unwrap_err();
+    let status = Status::from(failed);
+    assert_eq!((status.code(), status.message()), (Code::ApplicationError, "why"));
+    // ...and a failure of this side or the connection, by its code.
+    server.shutdown().await;
+    let gone = client
+        .unary(Request::for_method(ECHO_SAY, echo("hi", 0)))
+        .await
+        .unwrap_err();
+    let status = Status::from(gone);
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+}
