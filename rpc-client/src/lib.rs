@@ -28,6 +28,7 @@ pub mod codegen;
 mod config;
 mod connection;
 mod error;
+pub mod health;
 pub mod holder;
 #[cfg(feature = "etcd")]
 pub mod registry;

@@ -28,6 +28,7 @@ pub mod driver;
 pub mod error;
 pub mod event;
 pub mod frame;
+pub mod health;
 pub mod liveness;
 pub mod message;
 pub mod metrics;

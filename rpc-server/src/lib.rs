@@ -30,6 +30,7 @@ mod config;
 mod detach;
 mod dispatch;
 mod entry;
+pub mod health;
 mod intercept;
 #[cfg(feature = "etcd")]
 pub mod registry;

@@ -63,6 +63,7 @@ impl Server {
             router: Router::new(),
             layer: Identity::new(),
             layered: false,
+            health: None,
             #[cfg(feature = "etcd")]
             registry: None,
         }
@@ -78,6 +79,8 @@ pub struct ServerBuilder<L> {
     /// Whether any layer was added: without one the stack is the router alone, which is always
     /// ready and keeps no state between calls, so a connection may call it without cloning.
     layered: bool,
+    /// The health service's statuses, if it is served.
+    health: Option<crate::health::HealthReporter>,
     /// Where to register, if anywhere.
     #[cfg(feature = "etcd")]
     registry: Option<rpc_core::registry::RegistryConfig>,
@@ -97,6 +100,7 @@ impl<L> ServerBuilder<L> {
             router: self.router,
             layer: Stack::new(layer, self.layer),
             layered: true,
+            health: self.health,
             #[cfg(feature = "etcd")]
             registry: self.registry,
         }
@@ -107,6 +111,14 @@ impl<L> ServerBuilder<L> {
     #[cfg(feature = "etcd")]
     pub fn registry(mut self, config: rpc_core::registry::RegistryConfig) -> Self {
         self.registry = Some(config);
+        self
+    }
+
+    /// Serves the health service (`grpc.health.v1.Health`, see [`crate::health`]): each service
+    /// this server serves, and `""`, start SERVING once it is bound; a graceful shutdown turns
+    /// them NOT_SERVING when it begins. Set statuses through [`ServerHandle::health`].
+    pub fn health(mut self) -> Self {
+        self.health = Some(crate::health::HealthReporter::new());
         self
     }
 
@@ -181,7 +193,7 @@ impl<L> ServerBuilder<L> {
     }
 
     /// Serves connections from `listener` in the background.
-    pub fn serve(self, listener: TcpListener) -> Result<ServerHandle, ServerError>
+    pub fn serve(mut self, listener: TcpListener) -> Result<ServerHandle, ServerError>
     where
         L: Layer<Router>,
         L::Service: Service<Request<Bytes>, Response = Response<Bytes>> + Clone + Send + 'static,
@@ -190,6 +202,14 @@ impl<L> ServerBuilder<L> {
     {
         self.config.validate()?;
         let local_addr = listener.local_addr().map_err(ServerError::Bind)?;
+        if let Some(reporter) = &self.health {
+            self.router =
+                std::mem::take(&mut self.router).add_service(crate::health::HealthService::new(reporter.clone()));
+            for name in self.router.service_names() {
+                reporter.set_serving(&name);
+            }
+            reporter.set_serving("");
+        }
         let router = Arc::new(self.router.clone());
         let service: ServerService = BoxCloneService::new(self.layer.layer(self.router).map_err(Into::into));
         let events = EventSender::new(1024);
@@ -247,6 +267,7 @@ impl<L> ServerBuilder<L> {
             shutdown_grace,
             tasks,
             join: Some(join),
+            health: self.health,
             #[cfg(feature = "etcd")]
             registration,
         })
@@ -315,6 +336,7 @@ pub struct ServerHandle {
     /// Every handler and detached task holds a token of its tracker (see [`ServerHandle::abort`]).
     tasks: Arc<ServerTasks>,
     join: Option<JoinHandle<()>>,
+    health: Option<crate::health::HealthReporter>,
     #[cfg(feature = "etcd")]
     registration: Option<Registration>,
 }
@@ -345,6 +367,17 @@ impl ServerHandle {
         self.events.subscribe()
     }
 
+    /// The health service's statuses, for a server built with [`ServerBuilder::health`].
+    pub fn health(&self) -> Option<&crate::health::HealthReporter> {
+        self.health.as_ref()
+    }
+
+    fn report_stopping(&self) {
+        if let Some(h) = &self.health {
+            h.set_all(rpc_core::health::ServingStatus::NotServing);
+        }
+    }
+
     /// Where the registration stands, for a server built with
     /// [`ServerBuilder::registry`] (a receiver: `borrow` it, or wait for `changed`).
     #[cfg(feature = "etcd")]
@@ -358,7 +391,9 @@ impl ServerHandle {
     /// when every connection and handler is gone.
     ///
     /// A registered server deregisters first and waits its lame-duck period before the GOAWAY.
+    /// With the health service, every status turns NOT_SERVING first of all.
     pub async fn shutdown(mut self) {
+        self.report_stopping();
         // Kept in the handle while it runs: if this future is dropped mid-way, the handle's drop
         // leaves the GOAWAY to the registration task, after the keys are gone.
         #[cfg(feature = "etcd")]
@@ -408,6 +443,7 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
+        self.report_stopping();
         // Registered: the registration task deregisters first, then starts the shutdown (unless it
         // is gone already, after a panic).
         #[cfg(feature = "etcd")]

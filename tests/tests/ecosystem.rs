@@ -360,3 +360,80 @@ async fn a_request_without_a_method_fails_typed_and_errors_become_statuses() {
     let status = Status::from(gone);
     assert_eq!(status.code(), Code::Unavailable, "{status}");
 }
+
+/// The next status of a health watch (`None` when it ended), within 5 s.
+async fn next(
+    w: &mut rpc_client::Streaming<rpc_client::health::Response>,
+) -> Option<rpc_client::health::ServingStatus> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("a status within 5 s")
+        .map(|r| r.unwrap().status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_service_reports_each_service_and_a_graceful_shutdown_as_not_serving() {
+    use rpc_client::health::{self, ServingStatus};
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let server = Server::builder()
+        .config(ServerConfig {
+            shutdown_grace: Duration::from_secs(20),
+            ..ServerConfig::default()
+        })
+        .health()
+        .add_service(EchoServer::new(Entered(entered.clone())))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let client = Client::connect(server.local_addr(), tests::quiet_client())
+        .await
+        .unwrap();
+    assert_eq!(health::check(&client, "").await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        health::check(&client, "echo.Echo").await.unwrap(),
+        ServingStatus::Serving
+    );
+    let unknown = health::check(&client, "no.Such").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
+
+    // The application marks a service down and up again; watchers see each change.
+    let mut watch = health::watch(&client, "echo.Echo").await.unwrap();
+    assert_eq!(next(&mut watch).await, Some(ServingStatus::Serving));
+    let reporter = server.health().unwrap().clone();
+    reporter.set_not_serving("echo.Echo");
+    assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing));
+    assert_eq!(
+        health::check(&client, "echo.Echo").await.unwrap(),
+        ServingStatus::NotServing
+    );
+    reporter.set_serving("echo.Echo");
+    assert_eq!(next(&mut watch).await, Some(ServingStatus::Serving));
+    // A service the server learns of later: unknown, then serving.
+    let mut later = health::watch(&client, "later.Service").await.unwrap();
+    assert_eq!(next(&mut later).await, Some(ServingStatus::ServiceUnknown));
+    reporter.set_serving("later.Service");
+    assert_eq!(next(&mut later).await, Some(ServingStatus::Serving));
+
+    // A graceful shutdown with a request in flight: the watch says NOT_SERVING and ends while the
+    // request still runs, and the shutdown does not wait out its 20 s grace for watchers.
+    let slow = tokio::spawn({
+        let mut echo = EchoClient::new(client.clone());
+        async move {
+            echo.say(EchoRequest {
+                message: "slow".into(),
+                ..EchoRequest::default()
+            })
+            .await
+        }
+    });
+    entered.notified().await;
+    let started = tokio::time::Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing));
+    assert!(!slow.is_finished(), "the request in flight is still running");
+    assert_eq!(next(&mut watch).await, None, "the watch ends with the drain");
+    assert_eq!(slow.await.unwrap().unwrap().into_inner().message, "slow");
+    stopping.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
