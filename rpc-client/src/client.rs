@@ -198,6 +198,7 @@ impl Client {
         }
         let idempotent = req.is_idempotent();
         self.budget.deposit();
+        let codec = self.codec_for(&req);
         let mut frame = Some(to_frame(req, false));
         let max = self.config().max_attempts;
         let mut attempt = 1;
@@ -212,8 +213,8 @@ impl Client {
             };
             let (addr, result) = match self.config().hedge_delay {
                 // Boxed: hedging holds two attempts, and inline it would size every call's future.
-                Some(hedge) if idempotent => Box::pin(self.hedged_attempt(this, deadline, avoid, hedge)).await,
-                _ => self.attempt(this, deadline, avoid).await,
+                Some(hedge) if idempotent => Box::pin(self.hedged_attempt(this, deadline, avoid, hedge, codec)).await,
+                _ => self.attempt(this, deadline, avoid, codec).await,
             };
             match result {
                 Err(e)
@@ -242,18 +243,32 @@ impl Client {
         }
     }
 
+    /// How a request's messages are compressed (see [`rpc_core::compression`]).
+    fn codec_for(&self, req: &Request<Bytes>) -> Codec {
+        let config = self.config();
+        Codec {
+            encoding: config.compression,
+            compress_body: req.compress() && req.body().len() >= config.connection.compression_min_size as usize,
+            limit: config.connection.max_frame_size as usize,
+        }
+    }
+
     /// One attempt; also returns the endpoint it used, if it got that far.
     async fn attempt(
         &self,
         frame: RequestFrame,
         deadline: Instant,
         avoid: Option<SocketAddr>,
+        codec: Codec,
     ) -> (Option<SocketAddr>, Result<Response<Bytes>, Error>) {
         let (addr, conn) = match self.holder.checkout(Some(deadline), avoid).await {
             Ok(x) => x,
             Err(e) => return (None, Err(e)),
         };
-        (Some(addr), self.send_recorded(addr, &conn, frame, deadline).await)
+        (
+            Some(addr),
+            self.send_recorded(addr, &conn, frame, deadline, codec).await,
+        )
     }
 
     /// Sends on `conn` (to `addr`) and records the outcome for outlier detection. Dropped before
@@ -264,9 +279,12 @@ impl Client {
         conn: &ConnectionHandle,
         frame: RequestFrame,
         deadline: Instant,
+        codec: Codec,
     ) -> Result<Response<Bytes>, Error> {
         let sent = Instant::now();
-        let result = send_on(conn, frame, deadline).await;
+        let result = send_on(conn, codec.apply(frame, conn), deadline)
+            .await
+            .and_then(|r| codec.expand(r));
         if let Some(failed) = endpoint_failed(&result, &self.config().outlier.failure_codes) {
             self.holder.record(addr, failed, sent.elapsed());
         }
@@ -284,6 +302,7 @@ impl Client {
         deadline: Instant,
         avoid: Option<SocketAddr>,
         hedge: crate::HedgeDelay,
+        codec: Codec,
     ) -> (Option<SocketAddr>, Result<Response<Bytes>, Error>) {
         let (a, conn_a) = match self.holder.checkout(Some(deadline), avoid).await {
             Ok(x) => x,
@@ -295,12 +314,12 @@ impl Client {
                 Some(p95) => p95.max(at_least),
                 // Nothing known of any endpoint yet: the floor, if there is one; else no hedge.
                 None if !at_least.is_zero() => at_least,
-                None => return (Some(a), self.send_recorded(a, &conn_a, frame, deadline).await),
+                None => return (Some(a), self.send_recorded(a, &conn_a, frame, deadline, codec).await),
             },
         };
         let hedge = frame.clone();
         let started = Instant::now();
-        let first = self.send_recorded(a, &conn_a, frame, deadline);
+        let first = self.send_recorded(a, &conn_a, frame, deadline, codec);
         tokio::pin!(first);
         let hedge_at = started.checked_add(delay).map_or(deadline, |at| at.min(deadline));
         tokio::select! {
@@ -319,7 +338,7 @@ impl Client {
             _ => return (Some(a), first.await),
         };
         metrics::counter!(HEDGES).increment(1);
-        let second = self.send_recorded(b, &conn_b, hedge, deadline);
+        let second = self.send_recorded(b, &conn_b, hedge, deadline, codec);
         tokio::pin!(second);
         let (failed_at, error, then_at, then) = tokio::select! {
             r = &mut first => match r {
@@ -530,6 +549,58 @@ async fn closed_reason(conn: &ConnectionHandle, deadline: Instant) -> rpc_core::
     tokio::time::timeout_at(deadline, conn.closed())
         .await
         .unwrap_or(rpc_core::CloseReason::Aborted)
+}
+
+/// How one request's messages are compressed: with the client's codec when the connection's
+/// server reads it (its body if large enough and not opted out; its response on request), and
+/// responses expanded to at most `limit` bytes.
+#[derive(Debug, Clone, Copy)]
+struct Codec {
+    encoding: Option<rpc_core::compression::Encoding>,
+    compress_body: bool,
+    limit: usize,
+}
+
+impl Codec {
+    /// The frame to send on `conn`.
+    fn apply(self, frame: RequestFrame, conn: &ConnectionHandle) -> RequestFrame {
+        use rpc_core::compression::{ACCEPT_ENCODING, ENCODING};
+        let Some(encoding) = self.encoding else { return frame };
+        let features = conn.peer_settings().and_then(|s| s.features).unwrap_or(0);
+        if !encoding.read_by(features) {
+            return frame; // this server reads (and writes) no such codec
+        }
+        let mut frame = frame;
+        frame.metadata.insert(ACCEPT_ENCODING, encoding.as_str());
+        // A body its caller compressed itself is sent as it is.
+        #[cfg(feature = "compression")]
+        if self.compress_body && frame.metadata.get(ENCODING).is_none() {
+            frame.payload = rpc_core::compression::compress(encoding, &frame.payload);
+            frame.metadata.insert(ENCODING, encoding.as_str());
+        }
+        #[cfg(not(feature = "compression"))]
+        let _ = ENCODING;
+        frame
+    }
+
+    /// A response with its body expanded, if it came compressed.
+    fn expand(self, resp: Response<Bytes>) -> Result<Response<Bytes>, Error> {
+        let Some(name) = resp
+            .metadata()
+            .get_str(rpc_core::compression::ENCODING)
+            .map(str::to_owned)
+        else {
+            return Ok(resp);
+        };
+        let (mut metadata, body) = resp.into_parts();
+        match rpc_core::compression::decompress(&name, &body, self.limit) {
+            Ok(body) => {
+                metadata.remove(rpc_core::compression::ENCODING);
+                Ok(Response::from_parts(metadata, body))
+            }
+            Err(e) => Err(Error::new(ErrorKind::Decompress(e), true)),
+        }
+    }
 }
 
 fn to_frame(req: Request<Bytes>, oneway: bool) -> RequestFrame {

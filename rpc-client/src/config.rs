@@ -73,6 +73,11 @@ pub struct ClientConfig {
     /// no hedging. In a config file: `"20ms"`, `"p95"`, `"p95>=5ms"` or `"off"`.
     #[cfg_attr(feature = "serde", serde(with = "rpc_core::config::off"))]
     pub hedge_delay: Option<HedgeDelay>,
+    /// Compress requests and ask for compressed responses with this codec (feature
+    /// `compression`), with servers that read it; bodies under
+    /// `connection.compression_min_size` go as they are. `None` (the default): no compression.
+    #[cfg_attr(feature = "serde", serde(with = "rpc_core::config::off"))]
+    pub compression: Option<rpc_core::compression::Encoding>,
     /// Gray-failure detection: endpoints whose requests fail or time out while their connections
     /// look fine are ejected for a while (see [`crate::holder::OutlierConfig`]). On by default.
     pub outlier: crate::holder::OutlierConfig,
@@ -99,6 +104,7 @@ impl Default for ClientConfig {
             outlier: crate::holder::OutlierConfig::default(),
             retry_budget: crate::budget::RetryBudgetConfig::default(),
             hedge_delay: None,
+            compression: None,
             retry_backoff: BackoffConfig {
                 initial: Duration::from_millis(10),
                 multiplier: 2.0,

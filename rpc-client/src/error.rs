@@ -38,6 +38,9 @@ pub enum ErrorKind {
     /// The service registry could not be reached to list a service's instances
     /// (`Client::with_registry`, feature `etcd`).
     Registry(String),
+    /// A compressed response did not expand (corrupt, an unknown codec, or past
+    /// `max_frame_size`: a compression bomb). The server ran the request.
+    Decompress(rpc_core::compression::DecompressError),
     /// The request names no method (`Request::new` is for generated clients, which set it; a
     /// call without generated code needs `Request::for_method`). Never sent.
     NoMethod,
@@ -180,6 +183,7 @@ impl Error {
             ErrorKind::Status(s) => s.code(),
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             ErrorKind::Decode(_) => Code::Internal,
+            ErrorKind::Decompress(_) => Code::ResourceExhausted,
             ErrorKind::Config(_) | ErrorKind::TlsConfig(_) | ErrorKind::NoMethod => Code::InvalidArgument,
             ErrorKind::Middleware(_) => Code::Unknown(0xFFFF),
             _ => Code::Unavailable,
@@ -240,6 +244,7 @@ impl Error {
             ErrorKind::Middleware(_) => "middleware",
             ErrorKind::Registry(_) => "registry",
             ErrorKind::NoMethod => "no_method",
+            ErrorKind::Decompress(_) => "decompress",
         }
     }
 
@@ -291,6 +296,7 @@ impl fmt::Display for Error {
             ErrorKind::Config(e) => write!(f, "invalid client config: {e}")?,
             ErrorKind::Middleware(e) => write!(f, "middleware: {e}")?,
             ErrorKind::Registry(e) => write!(f, "service registry: {e}")?,
+            ErrorKind::Decompress(e) => write!(f, "response did not decompress: {e}")?,
             ErrorKind::NoMethod => {
                 f.write_str("request has no method path (Request::for_method, or a generated client)")?
             }
@@ -330,6 +336,7 @@ impl std::error::Error for Error {
             ErrorKind::Tls(e) => Some(e),
             ErrorKind::TlsConfig(e) => Some(e),
             ErrorKind::Decode(e) => Some(e),
+            ErrorKind::Decompress(e) => Some(e),
             ErrorKind::Config(e) => Some(e),
             ErrorKind::Middleware(e) => Some(e.as_ref()),
             ErrorKind::DeadlineExceeded

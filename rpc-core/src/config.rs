@@ -185,6 +185,9 @@ pub struct ConnectionConfig {
     /// quiet for ever (its connection's heartbeats still run).
     #[cfg_attr(feature = "serde", serde(with = "off::duration"))]
     pub stream_idle_timeout: Option<Duration>,
+    /// Message bodies smaller than this are never compressed (see `crate::compression`):
+    /// compressing them costs more than it saves. Default 1 KiB.
+    pub compression_min_size: u32,
 }
 
 impl Default for ConnectionConfig {
@@ -204,6 +207,7 @@ impl Default for ConnectionConfig {
             connection_window: 4 * 1024 * 1024,
             stream_stall_timeout: Some(Duration::from_secs(30)),
             stream_idle_timeout: None,
+            compression_min_size: 1024,
         }
     }
 }

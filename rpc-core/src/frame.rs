@@ -291,8 +291,18 @@ pub mod features {
     pub const STREAMS: u64 = 1 << 2;
     /// The sender understands DATA frames with flag PACKED (several messages in one body).
     pub const PACKED_DATA: u64 = 1 << 3;
-    /// Every feature this build supports.
-    pub const ALL: u64 = NOT_EXECUTED_FLAG | CANCEL | STREAMS | PACKED_DATA;
+    /// The sender reads message bodies compressed with gzip (metadata `tether-encoding: gzip`);
+    /// announced by builds with feature `compression`.
+    pub const GZIP: u64 = 1 << 4;
+    /// The sender reads message bodies compressed with zstd (`tether-encoding: zstd`).
+    pub const ZSTD: u64 = 1 << 5;
+    /// Every feature this build supports (the compression codecs only with feature
+    /// `compression`).
+    pub const ALL: u64 = NOT_EXECUTED_FLAG
+        | CANCEL
+        | STREAMS
+        | PACKED_DATA
+        | if cfg!(feature = "compression") { GZIP | ZSTD } else { 0 };
 }
 
 /// Setting identifiers on the wire.

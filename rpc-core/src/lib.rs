@@ -22,6 +22,7 @@
 //! ```
 
 pub mod codec;
+pub mod compression;
 pub mod config;
 pub mod context;
 pub mod driver;

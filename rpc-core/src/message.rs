@@ -252,6 +252,8 @@ pub struct Request<T> {
     stream: Option<Slot<crate::stream::Streaming<Bytes>>>,
     /// On the server: who sent it (shared by every request of a connection).
     peer: Option<Arc<Peer>>,
+    /// Marked never to be compressed.
+    uncompressed: bool,
     body: T,
 }
 
@@ -274,8 +276,21 @@ impl<T> Request<T> {
             cancellation: None,
             stream: None,
             peer: None,
+            uncompressed: false,
             body,
         }
+    }
+
+    /// Whether the body may be compressed (when the client is configured to compress and the
+    /// server reads the codec). True unless [`Request::set_compress`] said otherwise.
+    pub fn compress(&self) -> bool {
+        !self.uncompressed
+    }
+
+    /// `false`: never compress this request's body (one that mixes secrets with text an attacker
+    /// chooses, as in CRIME and BREACH, or one already compressed).
+    pub fn set_compress(&mut self, compress: bool) {
+        self.uncompressed = !compress;
     }
 
     /// On the server: who sent the request (its connection's address and mTLS certificates).
@@ -429,6 +444,7 @@ impl<T> Request<T> {
             cancellation: self.cancellation,
             stream: self.stream,
             peer: self.peer,
+            uncompressed: self.uncompressed,
             body: f(self.body),
         }
     }
@@ -440,6 +456,8 @@ pub struct Response<T> {
     metadata: Metadata,
     /// A streaming handler's messages; the metadata goes with the stream's end, as trailers.
     stream: Option<Slot<crate::stream::ResponseStream>>,
+    /// Marked never to be compressed.
+    uncompressed: bool,
     body: T,
 }
 
@@ -449,6 +467,7 @@ impl<T> Response<T> {
         Response {
             metadata: Metadata::new(),
             stream: None,
+            uncompressed: false,
             body,
         }
     }
@@ -458,6 +477,7 @@ impl<T> Response<T> {
         Response {
             metadata,
             stream: None,
+            uncompressed: false,
             body,
         }
     }
@@ -492,6 +512,17 @@ impl<T> Response<T> {
         &mut self.body
     }
 
+    /// Whether the body may be compressed (for a client that asked for it). True unless
+    /// [`Response::set_compress`] said otherwise.
+    pub fn compress(&self) -> bool {
+        !self.uncompressed
+    }
+
+    /// `false`: never compress this response's body (see [`Request::set_compress`]).
+    pub fn set_compress(&mut self, compress: bool) {
+        self.uncompressed = !compress;
+    }
+
     /// The body (tonic's name for [`Response::body`]).
     pub fn get_ref(&self) -> &T {
         &self.body
@@ -517,6 +548,7 @@ impl<T> Response<T> {
         Response {
             metadata: self.metadata,
             stream: self.stream,
+            uncompressed: self.uncompressed,
             body: f(self.body),
         }
     }
@@ -530,6 +562,7 @@ impl Response<Bytes> {
         Response {
             metadata: Metadata::new(),
             stream: Some(Slot::new(messages)),
+            uncompressed: false,
             body: Bytes::new(),
         }
     }

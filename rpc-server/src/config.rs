@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub tcp: TcpConfig,
     /// TLS; `None` (the default) serves plain TCP.
     pub tls: Option<rpc_core::tls::TlsServerConfig>,
+    /// Read and write compressed messages (feature `compression`: gzip and zstd) with clients
+    /// that ask: announced to clients, so `false` makes them send plain bodies. Default `true`.
+    pub compression: bool,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +61,7 @@ impl Default for ServerConfig {
             max_requests_per_connection: 256,
             shutdown_grace: Duration::from_secs(30),
             max_request_duration: Duration::from_secs(60),
+            compression: true,
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
             tls: None,

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use futures_util::future::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use rpc_core::compression::{Encoding, ACCEPT_ENCODING, ENCODING};
 use rpc_core::context::{Cancellation, Context as RequestContext};
 use rpc_core::driver::{Dispatch, Responder, StreamIo};
 use rpc_core::frame::{RequestFrame, ResponseFrame};
@@ -117,6 +118,19 @@ pub(crate) struct DispatchShared {
     pub(crate) max_request_duration: Duration,
     /// Every handler holds a token of its tracker, so `abort()` can wait for them all.
     pub(crate) tasks: Arc<ServerTasks>,
+    /// How messages are compressed.
+    pub(crate) codec: ServerCodec,
+}
+
+/// The server's side of compression (see `rpc_core::compression`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerCodec {
+    /// Compress responses for clients that ask (`ServerConfig::compression`).
+    pub(crate) respond: bool,
+    /// Bodies under this go as they are.
+    pub(crate) min_size: usize,
+    /// Compressed requests expand to at most this (`max_frame_size`).
+    pub(crate) limit: usize,
 }
 
 /// One per connection; shares the service and the concurrency limit with every other connection.
@@ -149,6 +163,7 @@ pub(crate) struct ServerDispatch {
     batch: Vec<Work>,
     /// Who is at the other end, handed to every request.
     peer: Option<Arc<rpc_core::Peer>>,
+    codec: ServerCodec,
 }
 
 /// A request handed to the service stack.
@@ -158,6 +173,9 @@ enum Started {
     Called(<ServerService as Service<Request<Bytes>>>::Future),
     /// A clone of the stack that the spawned task drives to readiness, then calls.
     Waiting(Oneshot<ServerService, Request<Bytes>>),
+    /// A compressed request: the spawned task expands its body (refusing it, not executed, if
+    /// it does not expand within the limit), then calls a clone of the stack.
+    Compressed(ServerService, Request<Bytes>, String, usize),
 }
 
 impl ServerDispatch {
@@ -193,6 +211,7 @@ impl ServerDispatch {
             tasks: server.tasks.clone(),
             batch: Vec::new(),
             peer: None,
+            codec: server.codec,
         }
     }
 
@@ -265,7 +284,15 @@ impl Dispatch for ServerDispatch {
             req.set_stream(io.requests);
             io.responses
         });
-        let started = self.start(req);
+        let codec = self.codec;
+        let accept = codec
+            .respond
+            .then(|| req.metadata().get_str(ACCEPT_ENCODING).and_then(Encoding::from_name))
+            .flatten();
+        let started = match req.metadata().get_str(ENCODING).map(str::to_owned) {
+            Some(name) => Started::Compressed(self.service.clone(), req, name, codec.limit),
+            None => self.start(req),
+        };
         let metrics = self.metrics.clone();
         let router = self.router.clone();
         let (frame_id, oneway) = (responder.id(), responder.is_oneway());
@@ -293,6 +320,20 @@ impl Dispatch for ServerDispatch {
                 let result = match started {
                     Started::Called(fut) => fut.await,
                     Started::Waiting(oneshot) => oneshot.await,
+                    Started::Compressed(service, mut req, name, limit) => {
+                        let body = std::mem::take(req.body_mut());
+                        match rpc_core::compression::decompress(&name, &body, limit) {
+                            Ok(body) => {
+                                *req.body_mut() = body;
+                                req.metadata_mut().remove(ENCODING);
+                                service.oneshot(req).await
+                            }
+                            Err(e) => {
+                                let status = Status::resource_exhausted(format!("request body: {e}"));
+                                Err(Box::new(crate::entry::Refused(status)) as BoxError)
+                            }
+                        }
+                    }
                 };
                 match (result, responses) {
                     (Ok(mut resp), Some(sender)) => match resp.take_stream() {
@@ -332,7 +373,19 @@ impl Dispatch for ServerDispatch {
             match result {
                 Ok(resp) => {
                     metrics.record(label, Code::Ok, received_at.elapsed());
-                    let (metadata, body) = resp.into_parts();
+                    let compress = resp.compress();
+                    let (mut metadata, mut body) = resp.into_parts();
+                    // A body its handler compressed itself is sent as it is.
+                    let ready = metadata.get(ENCODING).is_some();
+                    if let Some(encoding) = accept.filter(|_| compress && !ready && body.len() >= codec.min_size) {
+                        #[cfg(feature = "compression")]
+                        {
+                            body = rpc_core::compression::compress(encoding, &body);
+                            metadata.insert(ENCODING, encoding.as_str());
+                        }
+                        #[cfg(not(feature = "compression"))]
+                        let _ = (encoding, &mut body, &mut metadata);
+                    }
                     responder.ok(metadata, body).await;
                 }
                 Err(e) => {

@@ -248,6 +248,11 @@ impl<L> ServerBuilder<L> {
                 router,
                 max_request_duration: self.config.max_request_duration,
                 tasks: tasks.clone(),
+                codec: crate::dispatch::ServerCodec {
+                    respond: self.config.compression,
+                    min_size: self.config.connection.compression_min_size as usize,
+                    limit: self.config.connection.max_frame_size as usize,
+                },
             },
             connections: Arc::new(Semaphore::new(self.config.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
@@ -548,7 +553,12 @@ impl AcceptLoop {
             max_metadata_entries: Some(u32::try_from(c.connection.max_metadata_entries).unwrap_or(u32::MAX)),
             max_metadata_bytes: Some(u32::try_from(c.connection.max_metadata_bytes).unwrap_or(u32::MAX)),
             max_requests_per_connection: Some(u32::try_from(c.max_requests_per_connection).unwrap_or(u32::MAX)),
-            features: Some(rpc_core::frame::features::ALL),
+            // Without compression, the codecs go unannounced: clients then send plain bodies.
+            features: Some(if c.compression {
+                rpc_core::frame::features::ALL
+            } else {
+                rpc_core::frame::features::ALL & !rpc_core::compression::features()
+            }),
             version: Some(rpc_core::frame::PROTOCOL_VERSION),
             stream_window: Some(c.connection.stream_window),
             connection_window: Some(c.connection.connection_window),

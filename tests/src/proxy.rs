@@ -58,6 +58,8 @@ pub struct FaultProxy {
     fault: watch::Sender<Fault>,
     kill: broadcast::Sender<Kill>,
     accepted: Arc<AtomicUsize>,
+    /// Bytes forwarded to the server and to the client.
+    bytes: Arc<[AtomicUsize; 2]>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,17 +77,25 @@ impl FaultProxy {
         let (fault, _) = watch::channel(Fault::Pass);
         let (kill, _) = broadcast::channel(16);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let task = {
             let fault = fault.clone();
             let kill = kill.clone();
             let accepted = accepted.clone();
+            let bytes = bytes.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::Relaxed);
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue; // upstream down: the client sees the proxy close
                     };
-                    tokio::spawn(proxy_connection(client, server, fault.subscribe(), kill.subscribe()));
+                    tokio::spawn(proxy_connection(
+                        client,
+                        server,
+                        fault.subscribe(),
+                        kill.subscribe(),
+                        bytes.clone(),
+                    ));
                 }
             })
         };
@@ -94,6 +104,7 @@ impl FaultProxy {
             fault,
             kill,
             accepted,
+            bytes,
             task,
         }
     }
@@ -118,6 +129,11 @@ impl FaultProxy {
         let _ = self.kill.send(Kill::Close);
     }
 
+    /// Bytes forwarded so far in `dir`, over every connection.
+    pub fn bytes(&self, dir: Direction) -> usize {
+        self.bytes[dir as usize].load(Ordering::Relaxed)
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
@@ -129,6 +145,7 @@ async fn proxy_connection(
     server: TcpStream,
     fault: watch::Receiver<Fault>,
     mut kill: broadcast::Receiver<Kill>,
+    bytes: Arc<[AtomicUsize; 2]>,
 ) {
     // Keep a duplicate descriptor of each socket so a reset can set SO_LINGER 0 after the pumps
     // are gone: the last close of a socket with linger 0 sends RST instead of FIN.
@@ -139,8 +156,8 @@ async fn proxy_connection(
     // reach the peer before the RST.
     let (cr, cw) = tokio::io::split(client);
     let (sr, sw) = tokio::io::split(server);
-    let mut up = tokio::spawn(pump(cr, sw, Direction::ToServer, fault.clone()));
-    let mut down = tokio::spawn(pump(sr, cw, Direction::ToClient, fault));
+    let mut up = tokio::spawn(pump(cr, sw, Direction::ToServer, fault.clone(), bytes.clone()));
+    let mut down = tokio::spawn(pump(sr, cw, Direction::ToClient, fault, bytes));
     let how = tokio::select! {
         k = kill.recv() => k.unwrap_or(Kill::Close),
         // Both directions ended on their own: nothing left to kill.
@@ -170,6 +187,7 @@ async fn pump(
     mut to: WriteHalf<TcpStream>,
     dir: Direction,
     mut fault: watch::Receiver<Fault>,
+    bytes: Arc<[AtomicUsize; 2]>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -212,17 +230,20 @@ async fn pump(
                     if to.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
+                    bytes[dir as usize].fetch_add(n, Ordering::Relaxed);
                 }
                 Fault::Delay(d) => {
                     tokio::time::sleep(d).await;
                     if to.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
+                    bytes[dir as usize].fetch_add(n, Ordering::Relaxed);
                 }
                 Fault::Throttle(d, rate) => {
                     if to.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
+                    bytes[dir as usize].fetch_add(n, Ordering::Relaxed);
                     if d == dir && rate > 0 {
                         tokio::time::sleep(Duration::from_secs_f64(n as f64 / f64::from(rate))).await;
                     }

@@ -437,3 +437,133 @@ async fn the_health_service_reports_each_service_and_a_graceful_shutdown_as_not_
     stopping.await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+/// A server whose Say handler counts its runs and echoes, behind a proxy that counts bytes.
+async fn compressing_pair(
+    server_config: ServerConfig,
+    compression: Option<rpc_core::compression::Encoding>,
+) -> (rpc_server::ServerHandle, FaultProxy, Client, Arc<AtomicUsize>) {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let counter = ran.clone();
+    let server = Server::builder()
+        .config(server_config)
+        .route(
+            ECHO_SAY,
+            rpc_server::handler_fn(move |req: Request<Bytes>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(Response::new(req.into_body())) }
+            }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(server.local_addr()).await;
+    let config = ClientConfig {
+        compression,
+        ..tests::quiet_client()
+    };
+    let client = Client::connect(proxy.addr(), config).await.unwrap();
+    (server, proxy, client, ran)
+}
+
+/// 1 MiB of text that compresses well.
+fn compressible() -> Bytes {
+    let line = b"every request resolves exactly once with a typed answer\n";
+    Bytes::from(line.iter().copied().cycle().take(1 << 20).collect::<Vec<u8>>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_round_trips_and_shrinks_a_compressible_mebibyte_both_ways() {
+    use rpc_core::compression::Encoding;
+    for encoding in [Encoding::Zstd, Encoding::Gzip] {
+        let (_server, proxy, client, _) = compressing_pair(ServerConfig::default(), Some(encoding)).await;
+        let (up0, down0) = (proxy.bytes(Direction::ToServer), proxy.bytes(Direction::ToClient));
+        let resp = client
+            .unary(Request::for_method(ECHO_SAY, compressible()))
+            .await
+            .unwrap();
+        assert_eq!(resp.body(), &compressible(), "{encoding:?}: the body round trips");
+        let up = proxy.bytes(Direction::ToServer) - up0;
+        let down = proxy.bytes(Direction::ToClient) - down0;
+        eprintln!("ecosystem: 1 MiB each way with {encoding:?}: {up} bytes up, {down} bytes down");
+        assert!(
+            up < (1 << 20) / 20 && down < (1 << 20) / 20,
+            "{encoding:?}: {up} up, {down} down"
+        );
+
+        // Opted out per message: sent as it is (and answered compressed still).
+        let mut req = Request::for_method(ECHO_SAY, compressible());
+        req.set_compress(false);
+        let up0 = proxy.bytes(Direction::ToServer);
+        client.unary(req).await.unwrap();
+        assert!(
+            proxy.bytes(Direction::ToServer) - up0 >= 1 << 20,
+            "{encoding:?}: opted out"
+        );
+    }
+    // A server with compression off announces no codec: the client sends plain bodies.
+    let off = ServerConfig {
+        compression: false,
+        ..ServerConfig::default()
+    };
+    let (_server, proxy, client, _) = compressing_pair(off, Some(Encoding::Zstd)).await;
+    let resp = client
+        .unary(Request::for_method(ECHO_SAY, compressible()))
+        .await
+        .unwrap();
+    assert_eq!(resp.body(), &compressible());
+    assert!(proxy.bytes(Direction::ToServer) >= 1 << 20);
+    assert!(proxy.bytes(Direction::ToClient) >= 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_bomb_is_refused_unexpanded_and_the_connection_serves_on() {
+    use rpc_core::compression::{compress, Encoding, ENCODING};
+    let (_server, _proxy, client, ran) = compressing_pair(ServerConfig::default(), None).await;
+    // 64 MiB of zeros, about 2 KiB compressed, against the server's 4 MiB max_frame_size.
+    for encoding in [Encoding::Zstd, Encoding::Gzip] {
+        let bomb = compress(encoding, &vec![0u8; 64 << 20]);
+        assert!(bomb.len() < 256 * 1024, "{} bytes", bomb.len());
+        let mut req = Request::for_method(ECHO_SAY, bomb);
+        req.metadata_mut().insert(ENCODING, encoding.as_str());
+        let err = client.unary(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+        assert!(!err.may_have_executed(), "refused before the handler: {err}");
+        assert!(err.to_string().contains("expands past"), "{err}");
+    }
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the handler never ran");
+    // Only that request failed: the connection serves the next.
+    client
+        .unary(Request::for_method(ECHO_SAY, echo("after", 0)))
+        .await
+        .unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_expands_past_the_clients_max_frame_size_is_refused() {
+    use rpc_core::compression::{compress, Encoding, ENCODING};
+    let server = Server::builder()
+        .route(
+            "/t.T/Bomb",
+            rpc_server::handler_fn(|_req: Request<Bytes>| async move {
+                let mut resp = Response::new(compress(Encoding::Zstd, &vec![0u8; 64 << 20]));
+                resp.metadata_mut().insert(ENCODING, "zstd");
+                Ok(resp)
+            }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let config = ClientConfig {
+        compression: Some(Encoding::Zstd),
+        ..tests::quiet_client()
+    };
+    let client = Client::connect(server.local_addr(), config).await.unwrap();
+    let err = client
+        .unary(Request::for_method("/t.T/Bomb", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::Decompress(_)), "{err}");
+    assert!(err.may_have_executed(), "the handler ran: {err}");
+}
