@@ -11,6 +11,8 @@ rm -f "$report"
 cargo build --workspace --bins
 cargo test --workspace --all-targets --no-fail-fast
 cargo test --workspace --doc
+# Every public item documented, every intra-doc link resolving.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 if [ -s "$report" ]; then
   echo
   echo "Liveness guarantees measured by tests/tests/netns.rs:"

@@ -59,8 +59,9 @@ pub struct Client {
     /// Where registry discovery stands, for a client made by `with_registry`.
     #[cfg(feature = "etcd")]
     pub(crate) discovery: Option<tokio::sync::watch::Receiver<crate::registry::DiscoveryState>>,
-    /// `poll_ready` waiting for room on a full connection (this clone's own).
-    room: Option<rpc_core::driver::Room>,
+    /// `poll_ready` waiting for room on the full connections, by connection id (this clone's
+    /// own).
+    rooms: Vec<(u64, rpc_core::driver::Room)>,
 }
 
 impl Clone for Client {
@@ -71,7 +72,7 @@ impl Clone for Client {
             budget: self.budget.clone(),
             #[cfg(feature = "etcd")]
             discovery: self.discovery.clone(),
-            room: None,
+            rooms: Vec::new(),
         }
     }
 }
@@ -117,7 +118,7 @@ impl Client {
             metrics: Arc::new(RequestMetrics::new(Side::Client)),
             #[cfg(feature = "etcd")]
             discovery: None,
-            room: None,
+            rooms: Vec::new(),
         })
     }
 
@@ -417,6 +418,9 @@ impl Client {
         ),
         Error,
     > {
+        if req.method().is_empty() {
+            return Err(Error::new(ErrorKind::NoMethod, false));
+        }
         let deadline = stream_deadline(req.deadline());
         let (method, metadata, _) = req.into_parts();
         let (_, sender, responses) = self.open_stream_on(method, metadata, deadline, None).await?;
@@ -466,6 +470,9 @@ impl Client {
     /// `resume_timeout` and `max_resume_attempts`, the first at once and then after the
     /// `backoff` delays. The consumer sees one stream, in order, without gap or duplicate.
     pub async fn subscribe(&self, req: Request<Bytes>, after: Option<u64>) -> Result<crate::Resumable<Bytes>, Error> {
+        if req.method().is_empty() {
+            return Err(Error::new(ErrorKind::NoMethod, false));
+        }
         let deadline = stream_deadline(req.deadline());
         let (method, metadata, body) = req.into_parts();
         crate::Resumable::open(self.clone(), method, metadata, body, deadline, after).await
@@ -557,6 +564,7 @@ async fn closed_reason(conn: &ConnectionHandle, deadline: Instant) -> rpc_core::
 #[derive(Debug, Clone, Copy)]
 struct Codec {
     encoding: Option<rpc_core::compression::Encoding>,
+    #[cfg_attr(not(feature = "compression"), allow(dead_code))]
     compress_body: bool,
     limit: usize,
 }
@@ -566,9 +574,13 @@ impl Codec {
     fn apply(self, frame: RequestFrame, conn: &ConnectionHandle) -> RequestFrame {
         use rpc_core::compression::{ACCEPT_ENCODING, ENCODING};
         let Some(encoding) = self.encoding else { return frame };
-        let features = conn.peer_settings().and_then(|s| s.features).unwrap_or(0);
-        if !encoding.read_by(features) {
+        let settings = conn.peer_settings().unwrap_or_default();
+        if !encoding.read_by(settings.features.unwrap_or(0)) {
             return frame; // this server reads (and writes) no such codec
+        }
+        // The two entries must fit the server's metadata limit, or the request would fail for them.
+        if frame.metadata.len() + 2 > settings.max_metadata_entries.map_or(usize::MAX, |m| m as usize) {
+            return frame;
         }
         let mut frame = frame;
         frame.metadata.insert(ACCEPT_ENCODING, encoding.as_str());
@@ -622,23 +634,35 @@ impl Service<Request<Bytes>> for Client {
     type Future = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Error>> + Send>>;
 
     /// Ready when a request could be queued at once: some open connection has room in its
-    /// outbound queue (`ConnectionConfig::outbound_queue` frames), or there is none (the call
-    /// then connects, or fails with a typed error). Pending while every open connection's queue
-    /// is full, as when the server or the network stopped taking bytes, so tower's `LoadShed`
-    /// sheds and `Buffer` waits. Nothing is reserved: the call still chooses its connection (and
-    /// waits for room there if it filled up in between).
+    /// outbound queue (a free slot of `ConnectionConfig::outbound_queue` frames and an eighth of
+    /// `max_outbound_bytes`), or there is none (the call then connects, or fails with a typed
+    /// error). Pending while every open connection's queue is full, as when the server or the
+    /// network stopped taking bytes, so tower's `LoadShed` sheds and `Buffer` waits; woken when
+    /// any of them has room again. Nothing is reserved: the call still chooses its connection
+    /// (and waits for room there if it filled up in between). A connection opened while this
+    /// waits is seen at the next poll.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        loop {
-            if let Some(room) = self.room.as_mut() {
-                std::task::ready!(room.poll_room(cx));
-                self.room = None;
-                return Poll::Ready(Ok(()));
-            }
-            match self.holder.full_connection() {
-                None => return Poll::Ready(Ok(())),
-                Some(conn) => self.room = Some(conn.room()),
+        let full = self.holder.full_connections();
+        if full.is_empty() {
+            self.rooms.clear();
+            return Poll::Ready(Ok(()));
+        }
+        // Wait on each full connection; keep the waits of those still full.
+        self.rooms.retain(|(id, _)| full.iter().any(|c| c.id() == *id));
+        for c in &full {
+            if !self.rooms.iter().any(|(id, _)| *id == c.id()) {
+                self.rooms.push((c.id(), c.room()));
             }
         }
+        let mut ready = false;
+        for (_, room) in &mut self.rooms {
+            ready |= room.poll_room(cx).is_ready();
+        }
+        if ready {
+            self.rooms.clear();
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {

@@ -10,8 +10,10 @@ use rpc_core::{Request, Response};
 use crate::backoff::BackoffConfig;
 use crate::error::{Error, ErrorKind, History};
 
-/// Retries a request that provably did not run ([`Error::may_have_executed`] is false), or any
-/// failed request marked idempotent, up to `attempts` more times. As in the client's own retries,
+/// Retries a request that provably did not run ([`Error::may_have_executed`] is false) for a
+/// reason that may pass (the connection, no endpoint, UNAVAILABLE, SERVER_BUSY; not a refusal
+/// that would come again, such as an interceptor's UNAUTHENTICATED or a body over a limit), or
+/// any failed request marked idempotent that may have run, up to `attempts` more times. As in the client's own retries,
 /// "may have executed" is sticky: the final error of a request one of whose attempts may have run
 /// says so, lists the attempts, and keeps the first such attempt's error as its source. The first
 /// retry goes at once, later ones after `backoff` (by default the client's `retry_backoff`: 10 ms
@@ -68,8 +70,13 @@ impl tower::retry::Policy<Request<Bytes>, Response<Bytes>, Error> for SafeRetry 
         // The first retry goes at once; later ones back off.
         let wait = (self.retried > 0).then(|| self.backoff.delay(self.retried, rand::random::<f64>()));
         let at = wait.and_then(|w| now.checked_add(w));
+        let worth = if e.may_have_executed() {
+            req.is_idempotent()
+        } else {
+            refusal_may_pass(e)
+        };
         let retry = self.attempts > 0
-            && (!e.may_have_executed() || req.is_idempotent())
+            && worth
             && deadline.is_none_or(|d| d > now && at.is_none_or(|at| at < d))
             && (wait.is_none() || at.is_some())
             && self
@@ -111,5 +118,18 @@ impl Future for RetryDelay {
             Some(sleep) => sleep.as_mut().poll(cx),
             None => std::task::Poll::Ready(()),
         }
+    }
+}
+
+/// Whether a request refused without running may succeed if sent again.
+fn refusal_may_pass(e: &Error) -> bool {
+    use rpc_core::driver::ConnectionError;
+    match e.kind() {
+        ErrorKind::Status(s) => matches!(s.code(), rpc_core::Code::Unavailable | rpc_core::Code::ServerBusy),
+        ErrorKind::Connection(ConnectionError::Encode(_) | ConnectionError::ResponseRejected(_))
+        | ErrorKind::NoMethod
+        | ErrorKind::Config(_)
+        | ErrorKind::TlsConfig(_) => false,
+        _ => true,
     }
 }

@@ -8,7 +8,9 @@
 //! marked not to be compressed (`Request::set_compress(false)`, `Response::set_compress(false)`:
 //! a body that mixes secrets with attacker-chosen text, for example). A compressed body expands
 //! to at most the receiver's `max_frame_size`: a larger one (a compression bomb) is refused
-//! without being expanded further. Streams are not compressed.
+//! without being expanded further (zstd's window is capped to match). A server holds at most
+//! `max_concurrent_requests` expanded bodies of up to `max_frame_size` each, as it would
+//! uncompressed ones: size those two together. Streams and oneway requests are not compressed.
 
 use std::io::Read;
 
@@ -108,7 +110,14 @@ pub fn decompress(name: &str, body: &[u8], limit: usize) -> Result<Bytes, Decomp
     {
         let reader: Box<dyn Read> = match encoding {
             Encoding::Gzip => Box::new(flate2::read::GzDecoder::new(body)),
-            Encoding::Zstd => Box::new(zstd::stream::read::Decoder::new(body).map_err(DecompressError::Corrupt)?),
+            Encoding::Zstd => {
+                let mut d = zstd::stream::read::Decoder::new(body).map_err(DecompressError::Corrupt)?;
+                // A frame may ask for a window up to 2^31 bytes: allow only what the limit needs,
+                // so a bomb's window cannot allocate past it either.
+                let window = (usize::BITS - limit.max(1 << 10).saturating_sub(1).leading_zeros()).min(31);
+                d.window_log_max(window).map_err(DecompressError::Corrupt)?;
+                Box::new(d)
+            }
         };
         read_limited(reader, limit)
     }

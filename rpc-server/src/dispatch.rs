@@ -175,7 +175,8 @@ enum Started {
     Waiting(Oneshot<ServerService, Request<Bytes>>),
     /// A compressed request: the spawned task expands its body (refusing it, not executed, if
     /// it does not expand within the limit), then calls a clone of the stack.
-    Compressed(ServerService, Request<Bytes>, String, usize),
+    /// With compression off (`None`), every compressed request is refused.
+    Compressed(ServerService, Request<Bytes>, String, Option<usize>),
 }
 
 impl ServerDispatch {
@@ -290,7 +291,7 @@ impl Dispatch for ServerDispatch {
             .then(|| req.metadata().get_str(ACCEPT_ENCODING).and_then(Encoding::from_name))
             .flatten();
         let started = match req.metadata().get_str(ENCODING).map(str::to_owned) {
-            Some(name) => Started::Compressed(self.service.clone(), req, name, codec.limit),
+            Some(name) => Started::Compressed(self.service.clone(), req, name, codec.respond.then_some(codec.limit)),
             None => self.start(req),
         };
         let metrics = self.metrics.clone();
@@ -321,15 +322,28 @@ impl Dispatch for ServerDispatch {
                     Started::Called(fut) => fut.await,
                     Started::Waiting(oneshot) => oneshot.await,
                     Started::Compressed(service, mut req, name, limit) => {
+                        use rpc_core::compression::DecompressError;
                         let body = std::mem::take(req.body_mut());
-                        match rpc_core::compression::decompress(&name, &body, limit) {
+                        let expanded = match limit {
+                            Some(limit) => rpc_core::compression::decompress(&name, &body, limit),
+                            None => Err(DecompressError::Unsupported(name)),
+                        };
+                        match expanded {
                             Ok(body) => {
                                 *req.body_mut() = body;
                                 req.metadata_mut().remove(ENCODING);
                                 service.oneshot(req).await
                             }
                             Err(e) => {
-                                let status = Status::resource_exhausted(format!("request body: {e}"));
+                                let status = match &e {
+                                    DecompressError::TooLarge { .. } => {
+                                        Status::resource_exhausted(format!("request body: {e}"))
+                                    }
+                                    DecompressError::Unsupported(_) => {
+                                        Status::unimplemented(format!("request body: {e}"))
+                                    }
+                                    _ => Status::invalid_argument(format!("request body: {e}")),
+                                };
                                 Err(Box::new(crate::entry::Refused(status)) as BoxError)
                             }
                         }

@@ -24,8 +24,21 @@ use crate::router::NamedService;
 /// Sets the statuses the health service reports. Cheap to clone; clones share the statuses.
 #[derive(Debug, Clone, Default)]
 pub struct HealthReporter {
-    statuses: Arc<Mutex<HashMap<String, watch::Sender<ServingStatus>>>>,
+    statuses: Arc<Mutex<Statuses>>,
 }
+
+#[derive(Debug, Default)]
+struct Statuses {
+    by_service: HashMap<String, watch::Sender<ServingStatus>>,
+    /// Entries made by watches of services not (yet) known: capped, so clients asking for
+    /// made-up names cannot grow the map.
+    unknown: usize,
+    /// The server is stopping: every status is NOT_SERVING from now on, whatever is set.
+    stopping: bool,
+}
+
+/// The most unknown services watched at once; a watch past it gets SERVICE_UNKNOWN and ends.
+const MAX_UNKNOWN_WATCHED: usize = 1024;
 
 impl HealthReporter {
     /// A reporter that knows no service yet.
@@ -33,20 +46,24 @@ impl HealthReporter {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<ServingStatus>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Statuses> {
         self.statuses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets `service`'s status (`""`: the server's); its watchers see the change.
+    /// Sets `service`'s status (`""`: the server's); its watchers see the change. Once the
+    /// server's graceful shutdown began, every status stays NOT_SERVING.
     pub fn set(&self, service: &str, status: ServingStatus) {
-        let mut map = self.lock();
-        match map.get(service) {
-            Some(tx) => {
-                tx.send_replace(status);
-            }
+        let mut st = self.lock();
+        let status = if st.stopping { ServingStatus::NotServing } else { status };
+        let was_unknown = match st.by_service.get(service) {
+            Some(tx) => tx.send_replace(status) == ServingStatus::ServiceUnknown,
             None => {
-                map.insert(service.to_owned(), watch::Sender::new(status));
+                st.by_service.insert(service.to_owned(), watch::Sender::new(status));
+                false
             }
+        };
+        if was_unknown {
+            st.unknown = st.unknown.saturating_sub(1);
         }
     }
 
@@ -60,27 +77,44 @@ impl HealthReporter {
         self.set(service, ServingStatus::NotServing);
     }
 
-    /// Every known service (and the server) at once: what a graceful shutdown does.
+    /// Every known service (and the server) at once.
     pub fn set_all(&self, status: ServingStatus) {
-        for tx in self.lock().values() {
+        let st = self.lock();
+        let status = if st.stopping { ServingStatus::NotServing } else { status };
+        for tx in st.by_service.values() {
             if *tx.borrow() != ServingStatus::ServiceUnknown {
                 tx.send_replace(status);
             }
         }
     }
 
+    /// The server began a graceful shutdown: everything NOT_SERVING, for good.
+    pub(crate) fn stopping(&self) {
+        self.set_all(ServingStatus::NotServing);
+        self.lock().stopping = true;
+    }
+
     /// `service`'s status, if it is known.
     pub fn status(&self, service: &str) -> Option<ServingStatus> {
-        let s = *self.lock().get(service)?.borrow();
+        let s = *self.lock().by_service.get(service)?.borrow();
         (s != ServingStatus::ServiceUnknown).then_some(s)
     }
 
-    /// A receiver of `service`'s status, SERVICE_UNKNOWN until it is set.
-    fn watch(&self, service: &str) -> watch::Receiver<ServingStatus> {
-        self.lock()
-            .entry(service.to_owned())
-            .or_insert_with(|| watch::Sender::new(ServingStatus::ServiceUnknown))
-            .subscribe()
+    /// A receiver of `service`'s status, SERVICE_UNKNOWN until it is set (`None`: too many
+    /// unknown services are watched already).
+    fn watch(&self, service: &str) -> Option<watch::Receiver<ServingStatus>> {
+        let mut st = self.lock();
+        if let Some(tx) = st.by_service.get(service) {
+            return Some(tx.subscribe());
+        }
+        if st.unknown >= MAX_UNKNOWN_WATCHED {
+            return None;
+        }
+        st.unknown += 1;
+        let tx = watch::Sender::new(ServingStatus::ServiceUnknown);
+        let rx = tx.subscribe();
+        st.by_service.insert(service.to_owned(), tx);
+        Some(rx)
     }
 }
 
@@ -127,10 +161,15 @@ impl Service<Request<Bytes>> for HealthService {
             WATCH => Box::pin(crate::codegen::server_streaming(
                 request,
                 move |r: Request<HealthCheckRequest>| async move {
-                    let rx = reporter.watch(&r.into_body().service);
-                    let draining = crate::entry::server_tasks().map(|t| t.draining.clone());
-                    let updates = statuses(rx, draining).map(|s| Ok(HealthCheckResponse::new(s)));
-                    let stream: BoxStream<HealthCheckResponse> = Box::pin(updates);
+                    let stream: BoxStream<HealthCheckResponse> = match reporter.watch(&r.into_body().service) {
+                        Some(rx) => {
+                            let draining = crate::entry::server_tasks().map(|t| t.draining.clone());
+                            Box::pin(statuses(rx, draining).map(|s| Ok(HealthCheckResponse::new(s))))
+                        }
+                        None => Box::pin(futures_util::stream::once(async {
+                            Ok(HealthCheckResponse::new(ServingStatus::ServiceUnknown))
+                        })),
+                    };
                     Ok(Response::new(stream))
                 },
             )),

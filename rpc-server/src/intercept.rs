@@ -13,8 +13,10 @@ use crate::router::NamedService;
 
 /// Wraps a service (usually a generated one) with `interceptor`, which runs before every request
 /// of that service only: it may read or change the request (metadata, `Request::peer`), or refuse
-/// it with a status. A refusal is answered "not executed": the handler never ran, and the client
-/// may retry. Add the result with `ServerBuilder::add_service` like the service itself.
+/// it with a status. A refusal is answered "not executed": the handler never ran (clients retry
+/// such a refusal only when it may pass: UNAVAILABLE, SERVER_BUSY). Add the result with
+/// `ServerBuilder::add_service` like the service itself (under `route`, refusals count as "may
+/// have executed").
 ///
 /// ```no_run
 /// # use rpc_server::{InterceptedService, Status};

@@ -117,8 +117,15 @@ impl<L> ServerBuilder<L> {
     /// Serves the health service (`grpc.health.v1.Health`, see [`crate::health`]): each service
     /// this server serves, and `""`, start SERVING once it is bound; a graceful shutdown turns
     /// them NOT_SERVING when it begins. Set statuses through [`ServerHandle::health`].
-    pub fn health(mut self) -> Self {
-        self.health = Some(crate::health::HealthReporter::new());
+    pub fn health(self) -> Self {
+        self.health_reporter(crate::health::HealthReporter::new())
+    }
+
+    /// [`ServerBuilder::health`], reporting through `reporter` (a clone of it sets statuses;
+    /// the way to reach them with [`ServerBuilder::serve_with_shutdown`], which keeps the
+    /// handle).
+    pub fn health_reporter(mut self, reporter: crate::health::HealthReporter) -> Self {
+        self.health = Some(reporter);
         self
     }
 
@@ -379,7 +386,7 @@ impl ServerHandle {
 
     fn report_stopping(&self) {
         if let Some(h) = &self.health {
-            h.set_all(rpc_core::health::ServingStatus::NotServing);
+            h.stopping();
         }
     }
 

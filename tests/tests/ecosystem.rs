@@ -52,11 +52,8 @@ async fn load_shed_over_a_client_sheds_while_the_connections_queue_is_full() {
     let proxy = FaultProxy::start(server.local_addr()).await;
     let config = ClientConfig {
         request_timeout: Duration::from_secs(30),
-        connection: ConnectionConfig {
-            outbound_queue: 4,
-            max_outbound_bytes: 256 * 1024,
-            ..ConnectionConfig::default()
-        },
+        // The default queue (1024 frames, 1 MiB): the bytes run out first.
+        connection: ConnectionConfig::default(),
         tcp: rpc_core::config::TcpConfig {
             send_buffer_size: Some(64 * 1024),
             ..rpc_core::config::TcpConfig::default()
@@ -264,14 +261,17 @@ async fn a_handler_reads_the_peer_address_and_the_client_certificates_subject() 
     assert!(seen.starts_with("127.0.0.1:"), "{seen}");
 }
 
-/// Echo that says when a request entered it, then takes 300 ms.
-#[derive(Clone)]
-struct Entered(Arc<tokio::sync::Notify>);
+/// Echo that says when a request entered it, then answers once released.
+#[derive(Clone, Default)]
+struct Entered {
+    entered: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+}
 
 impl Echo for Entered {
     async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        self.0.notify_one();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.entered.notify_one();
+        self.release.notified().await;
         Ok(Response::new(EchoReply {
             message: request.into_body().message,
             ..EchoReply::default()
@@ -289,10 +289,10 @@ async fn serve_with_shutdown_serves_until_the_signal_then_drains_the_requests_in
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let entered = Arc::new(tokio::sync::Notify::new());
+    let gate = Entered::default();
     let server = tokio::spawn(
         Server::builder()
-            .add_service(EchoServer::new(Entered(entered.clone())))
+            .add_service(EchoServer::new(gate.clone()))
             .serve_with_shutdown(addr, async {
                 let _ = stopped.await;
             }),
@@ -314,8 +314,12 @@ async fn serve_with_shutdown_serves_until_the_signal_then_drains_the_requests_in
             .await
         }
     });
-    entered.notified().await;
+    gate.entered.notified().await;
     stop.send(()).unwrap();
+    // The server is draining, its request still in flight: new connections are refused.
+    tests::wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(addr).is_err()).await;
+    assert!(!slow.is_finished());
+    gate.release.notify_one();
     assert_eq!(slow.await.unwrap().unwrap().into_inner().message, "slow");
     tokio::time::timeout(Duration::from_secs(10), server)
         .await
@@ -375,14 +379,14 @@ async fn next(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_service_reports_each_service_and_a_graceful_shutdown_as_not_serving() {
     use rpc_client::health::{self, ServingStatus};
-    let entered = Arc::new(tokio::sync::Notify::new());
+    let gate = Entered::default();
     let server = Server::builder()
         .config(ServerConfig {
             shutdown_grace: Duration::from_secs(20),
             ..ServerConfig::default()
         })
         .health()
-        .add_service(EchoServer::new(Entered(entered.clone())))
+        .add_service(EchoServer::new(gate.clone()))
         .bind("127.0.0.1:0")
         .await
         .unwrap();
@@ -427,12 +431,16 @@ async fn the_health_service_reports_each_service_and_a_graceful_shutdown_as_not_
             .await
         }
     });
-    entered.notified().await;
+    gate.entered.notified().await;
     let started = tokio::time::Instant::now();
     let stopping = tokio::spawn(server.shutdown());
     assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing));
-    assert!(!slow.is_finished(), "the request in flight is still running");
     assert_eq!(next(&mut watch).await, None, "the watch ends with the drain");
+    // Stopping is for good: the application cannot turn a draining server back to SERVING.
+    reporter.set_serving("echo.Echo");
+    assert_eq!(reporter.status("echo.Echo"), Some(ServingStatus::NotServing));
+    assert!(!slow.is_finished(), "the request in flight is still running");
+    gate.release.notify_one();
     assert_eq!(slow.await.unwrap().unwrap().into_inner().message, "slow");
     stopping.await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
@@ -531,13 +539,37 @@ async fn a_compression_bomb_is_refused_unexpanded_and_the_connection_serves_on()
         assert!(!err.may_have_executed(), "refused before the handler: {err}");
         assert!(err.to_string().contains("expands past"), "{err}");
     }
+    // A corrupt body, and an unknown codec: refused as such.
+    for (name, body, code) in [
+        ("zstd", Bytes::from_static(b"not zstd at all"), Code::InvalidArgument),
+        ("br", Bytes::from_static(b"whatever"), Code::Unimplemented),
+    ] {
+        let mut req = Request::for_method(ECHO_SAY, body);
+        req.metadata_mut().insert(ENCODING, name);
+        let err = client.unary(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err}");
+        assert!(!err.may_have_executed(), "{err}");
+    }
     assert_eq!(ran.load(Ordering::SeqCst), 0, "the handler never ran");
-    // Only that request failed: the connection serves the next.
+    // Only those requests failed: the connection serves the next.
     client
         .unary(Request::for_method(ECHO_SAY, echo("after", 0)))
         .await
         .unwrap();
     assert_eq!(ran.load(Ordering::SeqCst), 1);
+
+    // A server with compression off expands nothing: a compressed body is refused unread.
+    let off = ServerConfig {
+        compression: false,
+        ..ServerConfig::default()
+    };
+    let (_server, _proxy, client, ran) = compressing_pair(off, None).await;
+    let mut req = Request::for_method(ECHO_SAY, compress(Encoding::Zstd, &compressible()));
+    req.metadata_mut().insert(ENCODING, "zstd");
+    let err = client.unary(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    assert!(!err.may_have_executed());
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,6 +235,42 @@ async fn retry_layer_with_the_safe_retry_policy_retries_only_what_did_not_run() 
     assert_eq!(calls.load(Ordering::SeqCst), 1 + 4);
 }
 
+#[tokio::test]
+async fn safe_retry_does_not_repeat_a_refusal_that_would_come_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let server = Server::builder()
+        .layer(tower::filter::FilterLayer::new(move |_req: Request<Bytes>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            Err::<Request<Bytes>, _>(rpc_server::Refused(Status::unauthenticated("no token")))
+        }))
+        .route(
+            "/t.T/Flaky",
+            handler_fn(|_req: Request<Bytes>| async move { Ok(Response::new(Bytes::new())) }),
+        )
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let config = ClientConfig {
+        max_attempts: 1,
+        ..quiet_client()
+    };
+    let client = Client::connect(server.local_addr(), config).await.unwrap();
+    let mut retried = ServiceBuilder::new()
+        .layer(RetryLayer::new(SafeRetry::new(3)))
+        .service(client);
+    let mut req = Request::for_method("/t.T/Flaky", Bytes::new());
+    req.set_idempotent(true);
+    let err = retried.ready().await.unwrap().call(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.may_have_executed());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a refusal that would come again is not retried"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn safe_retry_backs_off_from_the_second_retry_within_the_deadline() {
     let config = ClientConfig {

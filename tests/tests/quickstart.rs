@@ -65,8 +65,7 @@ fn the_readme_quick_start_builds_and_runs_as_a_new_crate() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert_eq!(
-        stdout,
-        "hello, world\nINVALID_ARGUMENT (may have executed: true)\n",
+        stdout, "hello, world\nINVALID_ARGUMENT (may have executed: true)\n",
         "what the README says it prints"
     );
 
@@ -82,6 +81,12 @@ fn the_readme_quick_start_builds_and_runs_as_a_new_crate() {
     std::fs::write(&main, format!("#![deny(unused_must_use)]\n{slip}")).unwrap();
     let check = cargo(dir.path(), &["check", "--quiet"]);
     let stderr = String::from_utf8_lossy(&check.stderr);
-    assert!(!check.status.success(), "dropping the ServerHandle compiled without a warning");
-    assert!(stderr.contains("dropping the ServerHandle shuts the server down"), "{stderr}");
+    assert!(
+        !check.status.success(),
+        "dropping the ServerHandle compiled without a warning"
+    );
+    assert!(
+        stderr.contains("dropping the ServerHandle shuts the server down"),
+        "{stderr}"
+    );
 }

@@ -515,7 +515,7 @@ impl Health {
     }
 
     /// Its 95th percentile latency, from the current interval or the latest one with enough
-    /// successes ([`HEDGE_SAMPLES`], 20); `None` until one had. For hedging
+    /// successes (20); `None` until one had. For hedging
     /// ([`crate::HedgeDelay::P95`]).
     pub fn hedge_p95(&self) -> Option<Duration> {
         let l = if self.latency.count() >= HEDGE_SAMPLES {

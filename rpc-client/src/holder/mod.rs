@@ -411,24 +411,25 @@ impl ConnectionHolder {
         }
     }
 
-    /// For backpressure: `None` when a request could be queued now (some open connection of an
-    /// alive endpoint has room in its outbound queue, or there is no open connection at all, so
-    /// a request fails or connects at once), else a full connection to wait on.
-    pub(crate) fn full_connection(&self) -> Option<ConnectionHandle> {
+    /// For backpressure: empty when a request could be queued now (some open connection of an
+    /// alive endpoint that takes requests has room in its outbound queue, or there is no such
+    /// connection at all, so a request fails or connects at once), else the full connections,
+    /// to wait on.
+    pub(crate) fn full_connections(&self) -> Vec<ConnectionHandle> {
         let eps = self.inner.lock();
-        let mut full = None;
+        let mut full = Vec::new();
         for c in eps
             .iter()
-            .filter(|e| e.pool.state() == PoolState::Alive)
+            .filter(|e| e.pool.state() == PoolState::Alive && !e.health.is_ejected())
             .flat_map(|e| e.conns.iter())
             .filter(|c| c.is_open())
         {
             if c.has_room() {
-                return None;
+                return Vec::new();
             }
-            full.get_or_insert(c);
+            full.push(c.clone());
         }
-        full.cloned()
+        full
     }
 
     /// A reference for a background follower (the registry watcher) that does not keep the

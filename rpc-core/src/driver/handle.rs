@@ -367,7 +367,9 @@ impl ConnectionHandle {
     }
 
     /// Queues a message for the I/O task, waiting while the outbound queue is full (in frames or
-    /// in bytes). Gives the message back if the connection is gone.
+    /// in bytes). Gives the message back if the connection is gone. Internal (see the module
+    /// docs): requests go through `rpc_client::Client`.
+    #[doc(hidden)]
     pub async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
         self.tx.send(msg).await
     }

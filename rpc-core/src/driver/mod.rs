@@ -13,6 +13,13 @@
 //!    frame, drain deadline.
 //!
 //! Generic over `AsyncRead + AsyncWrite`, so TLS slots in without a second driver.
+//!
+//! The API of this module is what users inspect: [`ConnectionHandle`] (state, requests in
+//! flight, heartbeats, backpressure), [`ConnectionState`], [`ConnectionError`], [`Room`],
+//! [`InFlightGuard`]. The driver itself and the types rpc-client and rpc-server use to talk to it
+//! (`Driver`, `DriverConfig`, `Dispatch`, `Responder`, `Outbound`, `Reply`, ...) are public only
+//! because those crates are separate: they are hidden from the documentation, are not part of
+//! tether's API, and change without notice.
 
 mod coalesce;
 mod dispatch;
@@ -40,8 +47,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use coalesce::Coalescer;
+#[doc(hidden)]
 pub use dispatch::{refusal_frame, status_frame, Dispatch, Responder, StreamIo};
-pub use handle::{CallResult, ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard, Outbound, Reply};
+#[doc(hidden)]
+pub use handle::{CallResult, Outbound, Reply};
+pub use handle::{ConnectionError, ConnectionHandle, ConnectionState, InFlightGuard};
 use handle::{OutboundSender, Shared};
 use queue::OutboundReceiver;
 pub use queue::Room;
@@ -67,7 +77,8 @@ const IDLE_BUFFER_KEEP: usize = 1024;
 /// A read (or write) this long after the previous one marks a quiet connection, whose buffers are
 /// released once they are empty (see [`Driver::release_idle_buffers`]).
 const QUIET_GAP: Duration = Duration::from_millis(200);
-/// Everything a driver needs besides the stream.
+/// Everything a driver needs besides the stream. Internal (see the module docs).
+#[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
     /// Client or server.
@@ -118,7 +129,9 @@ impl DriverConfig {
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The I/O task of one connection. Run it with [`Driver::run`] (usually spawned).
+/// The I/O task of one connection. Run it with [`Driver::run`] (usually spawned). Internal (see
+/// the module docs).
+#[doc(hidden)]
 pub struct Driver<S> {
     io: S,
     cfg: DriverConfig,

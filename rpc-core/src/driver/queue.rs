@@ -8,6 +8,8 @@
 //! once per batch: a sender wakes it only if it is waiting on an empty queue.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -44,9 +46,13 @@ struct Inner {
     /// Live senders. Atomic, not in `State`: a sender is cloned and dropped for every request a
     /// server answers, and only the last drop needs the lock (to wake the driver).
     senders: AtomicUsize,
-    frames: Arc<Semaphore>,
+    frames: Semaphore,
     bytes: Semaphore,
     max_bytes: usize,
+    /// Woken when permits come back, for [`Room`] pollers; only while some wait (`room_waiters`),
+    /// so the driver's hot path pays an atomic load, not a lock.
+    room: Arc<tokio::sync::Notify>,
+    room_waiters: AtomicUsize,
 }
 
 impl Inner {
@@ -71,18 +77,72 @@ impl Inner {
     }
 }
 
-/// Waits for a free frame slot in a connection's outbound queue, without taking it (what
-/// `tower::Service::poll_ready` over a client reports). Send, Sync and 'static.
-#[derive(Debug, Clone)]
-pub struct Room(tokio_util::sync::PollSemaphore);
+/// Waits for room in a connection's outbound queue without taking any (what
+/// `tower::Service::poll_ready` over a client reports): room is a free frame slot and an eighth
+/// of the byte budget (at most 64 KiB) free. Holds no permit while it waits. Send, Sync and
+/// 'static.
+pub struct Room {
+    inner: Arc<Inner>,
+    wait: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").field("waiting", &self.wait.is_some()).finish()
+    }
+}
+
+impl Inner {
+    fn has_room(&self) -> bool {
+        self.frames.available_permits() > 0
+            && self.bytes.available_permits() >= (self.max_bytes / 8).clamp(1, 64 * 1024)
+    }
+
+    /// Permits came back (or the queue closed): wake the [`Room`] pollers, if any wait.
+    fn room_freed(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.room_waiters.load(Ordering::Relaxed) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
 
 impl Room {
-    /// Ready once a slot is free, or the connection is gone (a request then fails at once).
+    /// Ready once there is room, or the connection is gone (a request then fails at once).
     pub fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self.0.poll_acquire(cx) {
-            Poll::Ready(_permit) => Poll::Ready(()), // dropped at once: only the room counts
-            Poll::Pending => Poll::Pending,
+        loop {
+            if self.inner.has_room() || self.inner.frames.is_closed() {
+                self.stop_waiting();
+                return Poll::Ready(());
+            }
+            match self.wait.as_mut() {
+                None => {
+                    // Counted and registered before the check above runs again, so permits given
+                    // back in between are seen by that check or wake this wait.
+                    self.inner.room_waiters.fetch_add(1, Ordering::SeqCst);
+                    let mut wait = Box::pin(self.inner.room.clone().notified_owned());
+                    wait.as_mut().enable();
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    self.wait = Some(wait);
+                }
+                Some(wait) => match wait.as_mut().poll(cx) {
+                    Poll::Ready(()) => self.stop_waiting(),
+                    Poll::Pending => return Poll::Pending,
+                },
+            }
         }
+    }
+
+    fn stop_waiting(&mut self) {
+        if self.wait.take().is_some() {
+            self.inner.room_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.stop_waiting();
     }
 }
 
@@ -112,9 +172,11 @@ pub(crate) fn outbound_queue(max_frames: usize, max_bytes: usize) -> (OutboundSe
             closed: false,
         }),
         senders: AtomicUsize::new(1),
-        frames: Arc::new(Semaphore::new(max_frames.min(Semaphore::MAX_PERMITS))),
+        frames: Semaphore::new(max_frames.min(Semaphore::MAX_PERMITS)),
         bytes: Semaphore::new(max_bytes),
         max_bytes,
+        room: Arc::new(tokio::sync::Notify::new()),
+        room_waiters: AtomicUsize::new(0),
     });
     (
         OutboundSender { inner: inner.clone() },
@@ -209,14 +271,17 @@ impl OutboundSender {
         });
     }
 
-    /// Whether a frame could be queued now without waiting.
+    /// Whether there is room for a request now (see [`Room`]).
     pub(crate) fn has_room(&self) -> bool {
-        self.inner.frames.available_permits() > 0
+        self.inner.has_room()
     }
 
-    /// A poller that is ready once a frame slot is free (or the queue closed).
+    /// A poller that is ready once there is room (or the queue closed).
     pub(crate) fn room(&self) -> Room {
-        Room(tokio_util::sync::PollSemaphore::new(self.inner.frames.clone()))
+        Room {
+            inner: self.inner.clone(),
+            wait: None,
+        }
     }
 
     /// Bytes queued and not yet taken by the driver.
@@ -260,6 +325,9 @@ impl OutboundReceiver {
         if q.bytes > 0 {
             self.inner.bytes.add_permits(q.bytes as usize);
         }
+        if q.frames > 0 || q.bytes > 0 {
+            self.inner.room_freed();
+        }
         Poll::Ready(Some(q.msg))
     }
 
@@ -286,6 +354,7 @@ impl OutboundReceiver {
     pub(crate) fn close(&mut self) -> Vec<Outbound> {
         self.inner.frames.close();
         self.inner.bytes.close();
+        self.inner.room_freed();
         let items = {
             let mut s = self.inner.lock();
             s.closed = true;
