@@ -313,6 +313,7 @@ pub(crate) async fn open_idle(system: System, addr: SocketAddr, n: usize) -> Res
                     interval: Duration::from_secs(1),
                     timeout: Duration::from_millis(500),
                     max_failures: 3,
+                    ..Default::default()
                 },
                 connect_timeout: Duration::from_secs(10),
                 ..Default::default()

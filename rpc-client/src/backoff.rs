@@ -21,6 +21,11 @@ pub struct BackoffConfig {
     /// Largest delay before jitter. Default 120 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max: Duration,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for BackoffConfig {
@@ -30,6 +35,7 @@ impl Default for BackoffConfig {
             multiplier: 1.6,
             jitter: 0.2,
             max: Duration::from_secs(120),
+            __non_exhaustive: (),
         }
     }
 }

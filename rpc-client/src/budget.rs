@@ -31,6 +31,11 @@ pub struct RetryBudgetConfig {
     /// How far back requests and retries are counted.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub window: Duration,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for RetryBudgetConfig {
@@ -39,6 +44,7 @@ impl Default for RetryBudgetConfig {
             ratio: 0.2,
             min_per_second: 10,
             window: Duration::from_secs(10),
+            __non_exhaustive: (),
         }
     }
 }
@@ -183,6 +189,7 @@ mod tests {
             ratio,
             min_per_second,
             window: Duration::from_secs(10),
+            __non_exhaustive: (),
         }
     }
 

@@ -81,6 +81,11 @@ pub struct ClientConfig {
     /// Gray-failure detection: endpoints whose requests fail or time out while their connections
     /// look fine are ejected for a while (see [`crate::holder::OutlierConfig`]). On by default.
     pub outlier: crate::holder::OutlierConfig,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for ClientConfig {
@@ -110,7 +115,9 @@ impl Default for ClientConfig {
                 multiplier: 2.0,
                 jitter: 0.2,
                 max: Duration::from_millis(200),
+                __non_exhaustive: (),
             },
+            __non_exhaustive: (),
         }
     }
 }

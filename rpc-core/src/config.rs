@@ -25,6 +25,11 @@ pub struct HeartbeatConfig {
     pub timeout: Duration,
     /// Consecutive failures that close the connection. Default 3, as SOFABolt's max count.
     pub max_failures: u32,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for HeartbeatConfig {
@@ -34,6 +39,7 @@ impl Default for HeartbeatConfig {
             interval: Duration::from_secs(15),
             timeout: Duration::from_secs(1),
             max_failures: 3,
+            __non_exhaustive: (),
         }
     }
 }
@@ -69,6 +75,11 @@ pub struct KeepaliveConfig {
     pub interval: Duration,
     /// Unanswered probes before the kernel drops the connection. Default 3.
     pub retries: u32,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for KeepaliveConfig {
@@ -77,6 +88,7 @@ impl Default for KeepaliveConfig {
             time: Duration::from_secs(30),
             interval: Duration::from_secs(10),
             retries: 3,
+            __non_exhaustive: (),
         }
     }
 }
@@ -103,6 +115,11 @@ pub struct TcpConfig {
     pub send_buffer_size: Option<usize>,
     /// SO_RCVBUF; `None` keeps the kernel's autotuning. Default `None`.
     pub recv_buffer_size: Option<usize>,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for TcpConfig {
@@ -113,6 +130,7 @@ impl Default for TcpConfig {
             user_timeout: Some(Duration::from_secs(30)),
             send_buffer_size: None,
             recv_buffer_size: None,
+            __non_exhaustive: (),
         }
     }
 }
@@ -188,6 +206,11 @@ pub struct ConnectionConfig {
     /// Message bodies smaller than this are never compressed (see `crate::compression`):
     /// compressing them costs more than it saves. Default 1 KiB.
     pub compression_min_size: u32,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for ConnectionConfig {
@@ -208,6 +231,7 @@ impl Default for ConnectionConfig {
             stream_stall_timeout: Some(Duration::from_secs(30)),
             stream_idle_timeout: None,
             compression_min_size: 1024,
+            __non_exhaustive: (),
         }
     }
 }

@@ -317,6 +317,7 @@ mod tests {
             interval: Duration::from_millis(interval_ms),
             timeout: Duration::from_millis(timeout_ms),
             max_failures,
+            __non_exhaustive: (),
         }
     }
 

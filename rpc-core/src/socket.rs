@@ -51,6 +51,7 @@ pub fn read_tcp_config(stream: &TcpStream) -> io::Result<TcpConfig> {
             time: sock.tcp_keepalive_time()?,
             interval: sock.tcp_keepalive_interval()?,
             retries: sock.tcp_keepalive_retries()?,
+            __non_exhaustive: (),
         })
     } else {
         None
@@ -65,6 +66,7 @@ pub fn read_tcp_config(stream: &TcpStream) -> io::Result<TcpConfig> {
         user_timeout,
         send_buffer_size: Some(sock.send_buffer_size()?),
         recv_buffer_size: Some(sock.recv_buffer_size()?),
+        __non_exhaustive: (),
     })
 }
 

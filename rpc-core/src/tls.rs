@@ -30,6 +30,11 @@ pub struct TlsClientConfig {
     /// Name to verify the server's certificate against. Default: the endpoint's IP address.
     #[cfg_attr(feature = "serde", serde(default))]
     pub server_name: Option<String>,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 /// Server-side TLS: the server's certificate and key, and optionally the CAs whose client
@@ -54,6 +59,11 @@ pub struct TlsServerConfig {
         serde(default = "default_handshake_timeout", with = "humantime_serde")
     )]
     pub handshake_timeout: Duration,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 #[cfg(feature = "serde")]
@@ -69,6 +79,7 @@ impl TlsServerConfig {
             key_file: key_file.into(),
             client_ca_file: None,
             handshake_timeout: Duration::from_secs(10),
+            __non_exhaustive: (),
         }
     }
 }
@@ -81,6 +92,7 @@ impl TlsClientConfig {
             cert_file: None,
             key_file: None,
             server_name: None,
+            __non_exhaustive: (),
         }
     }
 }

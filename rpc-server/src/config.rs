@@ -49,6 +49,11 @@ pub struct ServerConfig {
     /// Read and write compressed messages (feature `compression`: gzip and zstd) with clients
     /// that ask: announced to clients, so `false` makes them send plain bodies. Default `true`.
     pub compression: bool,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for ServerConfig {
@@ -65,6 +70,7 @@ impl Default for ServerConfig {
             connection: ConnectionConfig::default(),
             tcp: TcpConfig::default(),
             tls: None,
+            __non_exhaustive: (),
         }
     }
 }

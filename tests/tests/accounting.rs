@@ -420,6 +420,7 @@ fn client_config(heartbeats: bool) -> ClientConfig {
                 interval: ms(100),
                 timeout: ms(50),
                 max_failures: 2,
+                ..Default::default()
             }
         } else {
             HeartbeatConfig::disabled()
@@ -429,6 +430,7 @@ fn client_config(heartbeats: bool) -> ClientConfig {
             multiplier: 1.6,
             jitter: 0.2,
             max: ms(300),
+            ..Default::default()
         },
         // Reuse pooled connections right up to the server's idle timeout: the race with its
         // GOAWAY(idle) is part of what is checked.

@@ -40,6 +40,7 @@ fn fast_backoff() -> BackoffConfig {
         multiplier: 1.6,
         jitter: 0.2,
         max: ms(500),
+        ..Default::default()
     }
 }
 
@@ -540,6 +541,7 @@ async fn heartbeat_counts_a_large_response_still_arriving_as_proof_of_life() {
             interval: ms(200),
             timeout: ms(100),
             max_failures: 1,
+            ..Default::default()
         },
         ..ClientConfig::default()
     };

@@ -36,6 +36,7 @@ fn fast_backoff() -> BackoffConfig {
         multiplier: 1.6,
         jitter: 0.2,
         max: ms(500),
+        ..Default::default()
     }
 }
 
@@ -185,6 +186,7 @@ async fn blackholed_endpoint_gets_no_requests_after_detection_and_returns_when_t
         interval: ms(200),
         timeout: ms(100),
         max_failures: 3,
+        ..Default::default()
     };
     let config = ClientConfig {
         heartbeat: hb,

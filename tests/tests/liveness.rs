@@ -33,6 +33,7 @@ fn heartbeat(interval: u64, timeout: u64, max_failures: u32) -> HeartbeatConfig 
         interval: ms(interval),
         timeout: ms(timeout),
         max_failures,
+        ..Default::default()
     }
 }
 
@@ -489,10 +490,12 @@ async fn socket_options_are_applied_to_both_the_client_and_the_accepted_socket()
             time: Duration::from_secs(7),
             interval: Duration::from_secs(3),
             retries: 4,
+            ..Default::default()
         }),
         user_timeout: Some(Duration::from_millis(12_345)),
         send_buffer_size: Some(96 * 1024),
         recv_buffer_size: Some(80 * 1024),
+        ..Default::default()
     };
     let server = echo_server(ServerConfig {
         tcp,

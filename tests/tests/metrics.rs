@@ -143,6 +143,7 @@ async fn each_scenario_moves_its_own_metric() {
         interval: ms(100),
         timeout: ms(50),
         max_failures: 2,
+        ..Default::default()
     };
     let hb_client = Client::connect(
         proxy.addr(),

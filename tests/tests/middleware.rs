@@ -282,6 +282,7 @@ async fn safe_retry_backs_off_from_the_second_retry_within_the_deadline() {
         multiplier: 2.0,
         jitter: 0.0,
         max: Duration::from_secs(5),
+        ..Default::default()
     };
     // Three refusals, then an answer: retries at once, after 60 ms, after 120 ms.
     let (server, calls) = flaky_server(3).await;

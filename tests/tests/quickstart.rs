@@ -1,6 +1,7 @@
 //! The README's quick start, as a newcomer uses it: its Cargo.toml, .proto, build.rs and main.rs
 //! copied into a fresh crate outside the workspace, built and run. Also: dropping the
-//! `ServerHandle` that `bind` returns is a compile-time warning, not a server gone in silence.
+//! `ServerHandle` that `bind` returns is a compile-time warning, not a server gone in silence,
+//! and config structs are built with `..Default::default()`, so new settings break no one.
 
 #![allow(clippy::unwrap_used)]
 
@@ -89,4 +90,20 @@ fn the_readme_quick_start_builds_and_runs_as_a_new_crate() {
         stderr.contains("dropping the ServerHandle shuts the server down"),
         "{stderr}"
     );
+
+    // Config structs gain settings without breaking their users: a literal must end in
+    // `..Default::default()`, so one naming every field of today's struct does not compile.
+    let literal = |tail: &str| {
+        format!(
+            "{text}\nfn _backoff() -> rpc_client::BackoffConfig {{\n    rpc_client::BackoffConfig {{ initial: std::time::Duration::from_millis(1), multiplier: 2.0, jitter: 0.1, max: std::time::Duration::from_secs(1){tail} }}\n}}\n"
+        )
+    };
+    std::fs::write(&main, literal(", ..Default::default()")).unwrap();
+    let check = cargo(dir.path(), &["check", "--quiet"]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    std::fs::write(&main, literal("")).unwrap();
+    let check = cargo(dir.path(), &["check", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "an exhaustive config literal compiled");
+    assert!(stderr.contains("missing field `__non_exhaustive`"), "{stderr}");
 }

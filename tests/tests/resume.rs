@@ -246,6 +246,7 @@ async fn a_subscriber_receives_every_message_once_in_order_through_every_fault()
         interval: ms(200),
         timeout: ms(100),
         max_failures: 2,
+        ..Default::default()
     };
     let client = Client::with_endpoints(
         proxies.iter().map(FaultProxy::addr),

@@ -98,6 +98,7 @@ async fn soak_under_rotating_faults() {
             interval: Duration::from_millis(200),
             timeout: Duration::from_millis(100),
             max_failures: 3,
+            ..Default::default()
         },
         backoff: BackoffConfig {
             initial: Duration::from_millis(100),

@@ -640,6 +640,7 @@ async fn a_server_stream_whose_client_vanishes_ends_on_both_sides_within_the_hea
         interval: ms(200),
         timeout: ms(100),
         max_failures: 2,
+        ..Default::default()
     };
     let bound = ms(200 + 2 * 100);
     let slack = ms(400);
@@ -992,6 +993,7 @@ async fn review_a_server_behind_its_own_backlog_does_not_count_heartbeat_misses(
         interval: ms(200),
         timeout: ms(100),
         max_failures: 2,
+        ..Default::default()
     };
     let server = Server::builder()
         .config(ServerConfig {

@@ -114,6 +114,7 @@ async fn heartbeats_and_idle_eviction_work_over_tls() {
         interval: ms(100),
         timeout: ms(50),
         max_failures: 3,
+        ..Default::default()
     };
     let client = Client::connect(server.addr(), config).await.unwrap();
     let mut events = client.events();

@@ -85,6 +85,11 @@ pub struct OutlierConfig {
     pub latency_min_hosts: usize,
     /// Latencies an endpoint needs in an interval to count for the latency rule.
     pub latency_min_requests: u32,
+    /// Not a setting: struct literals outside tether must end in `..Default::default()` (or
+    /// start from a constructor), so adding a setting is not a breaking change.
+    #[doc(hidden)]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub __non_exhaustive: (),
 }
 
 impl Default for OutlierConfig {
@@ -108,6 +113,7 @@ impl Default for OutlierConfig {
             latency_min: Duration::from_millis(10),
             latency_min_hosts: 3,
             latency_min_requests: 50,
+            __non_exhaustive: (),
         }
     }
 }

@@ -101,6 +101,7 @@ const RECONNECT_BACKOFF: BackoffConfig = BackoffConfig {
     multiplier: 2.0,
     jitter: 0.2,
     max: Duration::from_secs(5),
+    __non_exhaustive: (),
 };
 
 impl Watcher {
