@@ -117,17 +117,41 @@ async fn load_shed_over_a_client_sheds_while_the_connections_queue_is_full() {
         .unwrap();
 }
 
-/// Echo that counts its executions.
-#[derive(Clone)]
-struct CountingEcho(Arc<AtomicUsize>);
+/// An echo reply carrying `message`.
+fn reply(message: String) -> Result<Response<EchoReply>, Status> {
+    Ok(Response::new(EchoReply {
+        message,
+        ..EchoReply::default()
+    }))
+}
 
-impl Echo for CountingEcho {
+/// Echo that counts its executions; gated, it says when a request entered it and answers only
+/// once released.
+#[derive(Clone, Default)]
+struct Entered {
+    ran: Arc<AtomicUsize>,
+    gated: bool,
+    entered: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Entered {
+    fn gated() -> Self {
+        Entered {
+            gated: true,
+            ..Entered::default()
+        }
+    }
+}
+
+impl Echo for Entered {
     async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(EchoReply {
-            message: request.into_body().message,
-            ..EchoReply::default()
-        }))
+        self.ran.fetch_add(1, Ordering::SeqCst);
+        if self.gated {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        reply(request.into_body().message)
     }
 
     async fn fail(&self, _request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
@@ -137,14 +161,14 @@ impl Echo for CountingEcho {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_service_interceptor_guards_one_service_and_its_refusals_are_not_executed() {
-    let ran = Arc::new(AtomicUsize::new(0));
-    let guarded = InterceptedService::new(
-        EchoServer::new(CountingEcho(ran.clone())),
-        |req: Request<Bytes>| match req.metadata().get_str("authorization") {
+    let echo_service = Entered::default();
+    let ran = echo_service.ran.clone();
+    let guarded = InterceptedService::new(EchoServer::new(echo_service), |req: Request<Bytes>| {
+        match req.metadata().get_str("authorization") {
             Some("Bearer s3cret") => Ok(req),
             _ => Err(Status::unauthenticated("no valid token")),
-        },
-    );
+        }
+    });
     let server = Server::builder()
         .add_service(guarded)
         .add_service(GreeterServer::new(GreeterService))
@@ -202,10 +226,7 @@ impl Echo for WhoAmI {
             }
             None => "none".to_owned(),
         };
-        Ok(Response::new(EchoReply {
-            message: format!("{addr} {subject}"),
-            ..EchoReply::default()
-        }))
+        reply(format!("{addr} {subject}"))
     }
 
     async fn fail(&self, _request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
@@ -261,35 +282,13 @@ async fn a_handler_reads_the_peer_address_and_the_client_certificates_subject() 
     assert!(seen.starts_with("127.0.0.1:"), "{seen}");
 }
 
-/// Echo that says when a request entered it, then answers once released.
-#[derive(Clone, Default)]
-struct Entered {
-    entered: Arc<tokio::sync::Notify>,
-    release: Arc<tokio::sync::Notify>,
-}
-
-impl Echo for Entered {
-    async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        self.entered.notify_one();
-        self.release.notified().await;
-        Ok(Response::new(EchoReply {
-            message: request.into_body().message,
-            ..EchoReply::default()
-        }))
-    }
-
-    async fn fail(&self, _request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        Err(Status::application("failed"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_shutdown_serves_until_the_signal_then_drains_the_requests_in_flight() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let gate = Entered::default();
+    let gate = Entered::gated();
     let server = tokio::spawn(
         Server::builder()
             .add_service(EchoServer::new(gate.clone()))
@@ -379,7 +378,7 @@ async fn next(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_service_reports_each_service_and_a_graceful_shutdown_as_not_serving() {
     use rpc_client::health::{self, ServingStatus};
-    let gate = Entered::default();
+    let gate = Entered::gated();
     let server = Server::builder()
         .config(ServerConfig {
             shutdown_grace: Duration::from_secs(20),

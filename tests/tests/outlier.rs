@@ -491,31 +491,42 @@ async fn delaying_server(ran: Arc<AtomicUsize>, extra_ms: fn(usize) -> u64) -> S
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
+/// Two servers answering in about 1 ms and a third 40 ms slower, all connected, under a client
+/// judging 300 ms intervals with 10 latencies; `tweak` adjusts its config. Returns the servers,
+/// the slow one's address and handler runs, the client and its events.
+async fn one_slow_of_three(
+    tweak: impl FnOnce(&mut ClientConfig),
+) -> (
+    Vec<ServerHandle>,
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Client,
+    broadcast::Receiver<ConnectionEvent>,
+) {
     let ran = Arc::new(AtomicUsize::new(0));
     let slow_ran = Arc::new(AtomicUsize::new(0));
-    let servers = [
+    let servers = vec![
         delaying_server(ran.clone(), |_| 0).await,
-        delaying_server(ran.clone(), |_| 0).await,
+        delaying_server(ran, |_| 0).await,
         delaying_server(slow_ran.clone(), |_| 40).await,
     ];
     let slow = servers[2].local_addr();
-    let outlier = OutlierConfig {
+    let mut cfg = config(OutlierConfig {
         interval: Duration::from_millis(300),
         latency_min_requests: 10,
         ..OutlierConfig::default()
-    };
-    let mut cfg = config(outlier);
+    });
     cfg.request_timeout = Duration::from_secs(2);
+    tweak(&mut cfg);
     let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
     all_connected(&client, 3).await;
-    let mut events = client.events();
-    // Every request succeeds: only its latency gives the slow server away, within the first
-    // 300 ms interval (about 25 requests reach it by then).
-    let (ok, failed, _) = run(&client, 4, 1500).await;
-    assert_eq!((ok, failed), (1500, 0));
-    let ev = next_event(&mut events, Duration::from_secs(1), |e| {
+    let events = client.events();
+    (servers, slow, slow_ran, client, events)
+}
+
+/// The first ejection in `events` is of `slow`, for latency.
+async fn ejected_for_latency(events: &mut broadcast::Receiver<ConnectionEvent>, slow: SocketAddr) {
+    let ev = next_event(events, Duration::from_secs(1), |e| {
         matches!(e, ConnectionEvent::EndpointEjected { .. })
     })
     .await;
@@ -523,6 +534,16 @@ async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
         unreachable!()
     };
     assert_eq!((addr, reason), (slow, "latency"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
+    let (_servers, slow, slow_ran, client, mut events) = one_slow_of_three(|_| {}).await;
+    // Every request succeeds: only its latency gives the slow server away, within the first
+    // 300 ms interval (about 25 requests reach it by then).
+    let (ok, failed, _) = run(&client, 4, 1500).await;
+    assert_eq!((ok, failed), (1500, 0));
+    ejected_for_latency(&mut events, slow).await;
     let status = client
         .holder()
         .endpoints()
@@ -552,38 +573,17 @@ async fn a_server_that_answers_but_slowly_is_ejected_for_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_server_whose_every_attempt_loses_a_hedge_is_still_ejected_for_latency() {
-    let ran = Arc::new(AtomicUsize::new(0));
-    let servers = [
-        delaying_server(ran.clone(), |_| 0).await,
-        delaying_server(ran.clone(), |_| 0).await,
-        delaying_server(ran.clone(), |_| 40).await,
-    ];
-    let slow = servers[2].local_addr();
-    let outlier = OutlierConfig {
-        interval: Duration::from_millis(300),
-        latency_min_requests: 10,
-        latency_min: Duration::from_millis(5),
-        ..OutlierConfig::default()
-    };
-    let mut cfg = config(outlier);
-    cfg.request_timeout = Duration::from_secs(2);
-    // Every attempt on the slow server is hedged after 25 ms and loses: its answers never come,
-    // only the time each had waited (a lower bound, 25 ms and more).
-    cfg.hedge_delay = Some(HedgeDelay::After(Duration::from_millis(25)));
-    cfg.retry_budget = rpc_client::RetryBudgetConfig::unlimited();
-    let client = Client::with_endpoints(servers.iter().map(ServerHandle::local_addr), cfg).unwrap();
-    all_connected(&client, 3).await;
-    let mut events = client.events();
-    let (ok, failed, _) = run_marked(&client, 4, 1500, true).await;
-    assert_eq!((ok, failed), (1500, 0));
-    let ev = next_event(&mut events, Duration::from_secs(1), |e| {
-        matches!(e, ConnectionEvent::EndpointEjected { .. })
+    let (_servers, slow, _, client, mut events) = one_slow_of_three(|cfg| {
+        cfg.outlier.latency_min = Duration::from_millis(5);
+        // Every attempt on the slow server is hedged after 25 ms and loses: its answers never
+        // come, only the time each had waited (a lower bound, 25 ms and more).
+        cfg.hedge_delay = Some(HedgeDelay::After(Duration::from_millis(25)));
+        cfg.retry_budget = rpc_client::RetryBudgetConfig::unlimited();
     })
     .await;
-    let ConnectionEvent::EndpointEjected { addr, reason, .. } = ev else {
-        unreachable!()
-    };
-    assert_eq!((addr, reason), (slow, "latency"));
+    let (ok, failed, _) = run_marked(&client, 4, 1500, true).await;
+    assert_eq!((ok, failed), (1500, 0));
+    ejected_for_latency(&mut events, slow).await;
 }
 
 /// Three servers; every 20th request to the `slow` one takes 200 ms more. Returns the p99 of 600
