@@ -41,7 +41,7 @@ pub use client::{Client, HEDGES, REQUEST_RETRIES};
 pub use config::{ClientConfig, HedgeDelay};
 pub use connection::connect;
 pub use error::{Attempt, Error, ErrorKind, History};
-pub use holder::{Balance, ConnectionHolder, EndpointStatus, HealthState, OutlierConfig, PoolState};
+pub use holder::{Balance, ConnectionHolder, EndpointStatus, HealthState, OutlierConfig, PoolState, RecentClose};
 pub use resume::Resumable;
 pub use retry::{RetryDelay, SafeRetry};
 pub use rpc_core::include_proto;

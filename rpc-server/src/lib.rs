@@ -51,4 +51,6 @@ pub use rpc_core::include_proto;
 pub use rpc_core::registry::RegistryConfig;
 pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, Metadata, Request, Response, Status};
-pub use server::{Server, ServerBuilder, ServerError, ServerHandle, CONNECTIONS_REFUSED, TLS_HANDSHAKE_FAILURES};
+pub use server::{
+    Server, ServerBuilder, ServerError, ServerHandle, ServerView, CONNECTIONS_REFUSED, TLS_HANDSHAKE_FAILURES,
+};

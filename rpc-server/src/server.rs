@@ -363,10 +363,38 @@ impl Registry {
     }
 }
 
+/// A cloneable view of a running server's connections, for an admin page or a health probe
+/// that outlives the borrow of its [`ServerHandle`] (`ServerHandle::view`).
+#[derive(Debug, Clone)]
+pub struct ServerView {
+    local_addr: SocketAddr,
+    registry: Registry,
+}
+
+impl ServerView {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The connections open right now.
+    pub fn connections(&self) -> Vec<ConnectionHandle> {
+        self.registry.lock().values().cloned().collect()
+    }
+}
+
 impl ServerHandle {
     /// The connections open right now (state, requests in flight, bytes waiting to be written).
     pub fn connections(&self) -> Vec<ConnectionHandle> {
         self.registry.lock().values().cloned().collect()
+    }
+
+    /// A view of the connections that can be kept and cloned (see [`ServerView`]).
+    pub fn view(&self) -> ServerView {
+        ServerView {
+            local_addr: self.local_addr,
+            registry: self.registry.clone(),
+        }
     }
 
     /// The address the server listens on.

@@ -83,6 +83,10 @@ struct Args {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Serve the admin page (pools, connections, recent closes) on http://HOST:PORT/; it exposes
+    /// internals: use a loopback address.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
     /// Find the servers of the echo service in etcd (instead of `--addr`).
     #[command(flatten)]
     registry: RegistryFlags,
@@ -120,6 +124,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = match args.registry.config() {
         Some(registry) => Client::with_registry(ECHO_SERVICE, registry, config).await?,
         None => Client::with_endpoints(args.addrs.iter().copied(), config)?,
+    };
+    let _admin = match args.admin_addr {
+        Some(addr) => {
+            let admin = rpc_admin::Admin::new().client("echo", &client).serve(addr).await?;
+            eprintln!("admin page on http://{}/", admin.local_addr());
+            Some(admin)
+        }
+        None => None,
     };
     if let Some(mut discovery) = client.discovery() {
         tokio::spawn(async move {

@@ -119,6 +119,8 @@ struct Endpoint {
     last_failure: Option<(Instant, Error)>,
     /// Gray failure: whether its requests succeed.
     health: Health,
+    /// Its latest connections that validation found closed (see [`ConnectionHolder::recent_closes`]).
+    pruned: Vec<RecentClose>,
 }
 
 impl Endpoint {
@@ -131,6 +133,7 @@ impl Endpoint {
             lost: false,
             last_failure: None,
             health: Health::new(),
+            pruned: Vec::new(),
         }
     }
 
@@ -158,6 +161,24 @@ struct Inner {
     connect_done: Notify,
     rr: AtomicUsize,
     shutdown: CancellationToken,
+    /// The latest connections to close, newest last (at most [`RECENT_CLOSES`]).
+    closes: Mutex<std::collections::VecDeque<RecentClose>>,
+}
+
+/// How many closed connections [`ConnectionHolder::recent_closes`] remembers.
+pub const RECENT_CLOSES: usize = 64;
+
+/// A connection of the pool that closed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentClose {
+    /// Its endpoint.
+    pub addr: SocketAddr,
+    /// Its connection id.
+    pub id: u64,
+    /// Why it closed (`None`: it had not closed when the pool dropped it).
+    pub reason: Option<rpc_core::CloseReason>,
+    /// When the pool learned it.
+    pub at: Instant,
 }
 
 /// The pools of a client. Cheap to clone; the checker stops when the last clone is dropped.
@@ -215,6 +236,7 @@ impl ConnectionHolder {
             connect_done: Notify::new(),
             rr: AtomicUsize::new(0),
             shutdown: shutdown.clone(),
+            closes: Mutex::new(std::collections::VecDeque::new()),
         });
         tokio::spawn(checker(inner.clone(), closed_rx));
         Ok(ConnectionHolder {
@@ -269,6 +291,47 @@ impl ConnectionHolder {
             .iter()
             .flat_map(|e| e.conns.iter().cloned())
             .collect()
+    }
+
+    /// Each endpoint with its status and its pooled connections, in one look under the lock.
+    pub fn endpoint_connections(&self) -> Vec<(EndpointStatus, Vec<ConnectionHandle>)> {
+        self.inner
+            .refreshed()
+            .iter()
+            .map(|e| {
+                let status = EndpointStatus {
+                    addr: e.addr,
+                    state: e.reported_state(),
+                    health: e.health.state(),
+                    connections: e.conns.len(),
+                    in_flight: e.in_flight(),
+                };
+                (status, e.conns.clone())
+            })
+            .collect()
+    }
+
+    /// The latest pooled connections to close (at most [`RECENT_CLOSES`], oldest first), with
+    /// their close reasons: what an operator looks at first when a pool misbehaves.
+    pub fn recent_closes(&self) -> Vec<RecentClose> {
+        let mut all: Vec<RecentClose> = self
+            .inner
+            .refreshed()
+            .iter()
+            .flat_map(|e| e.pruned.iter().cloned())
+            .collect();
+        all.extend(
+            self.inner
+                .closes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        all.sort_by_key(|c| c.at);
+        let excess = all.len().saturating_sub(RECENT_CLOSES);
+        all.drain(..excess);
+        all
     }
 
     /// Adds an endpoint, or brings a discarded one back.
@@ -909,10 +972,23 @@ impl Inner {
     fn on_closed(&self, id: u64) {
         let now = Instant::now();
         let mut changed = false;
+        let mut closed = None;
         {
             let mut eps = self.lock();
             for e in eps.iter_mut() {
                 let before = e.conns.len();
+                if let Some(c) = e.conns.iter().find(|c| c.id() == id) {
+                    let reason = match c.state() {
+                        rpc_core::driver::ConnectionState::Closed(r) => Some(r),
+                        _ => None,
+                    };
+                    closed = Some(RecentClose {
+                        addr: e.addr,
+                        id,
+                        reason,
+                        at: now,
+                    });
+                }
                 e.conns.retain(|c| c.id() != id);
                 if e.conns.len() != before {
                     changed = true;
@@ -922,6 +998,13 @@ impl Inner {
                     }
                 }
             }
+        }
+        if let Some(c) = closed {
+            let mut closes = self.closes.lock().unwrap_or_else(|e| e.into_inner());
+            if closes.len() >= RECENT_CLOSES {
+                closes.pop_front();
+            }
+            closes.push_back(c);
         }
         if changed {
             self.publish_pool_sizes();
@@ -981,6 +1064,8 @@ fn refresh(eps: &mut [Endpoint], now: Instant, margin: Duration) -> bool {
 /// stays (one lost ack is not a dead peer; the driver closes it at `max_failures`) but is chosen
 /// only when no healthier connection exists.
 fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
+    let addr = e.addr;
+    let mut closed = Vec::new();
     e.conns.retain(|c| match validate(c, now, margin) {
         Ok(()) | Err(Rejection::HeartbeatFailing) => true,
         Err(r) => {
@@ -988,10 +1073,26 @@ fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
             if r == Rejection::IdleExpired {
                 c.shutdown();
             }
+            if let rpc_core::driver::ConnectionState::Closed(reason) = c.state() {
+                closed.push(RecentClose {
+                    addr,
+                    id: c.id(),
+                    reason: Some(reason),
+                    at: now,
+                });
+            }
             false
         }
     });
+    // Kept here (a few per endpoint) for `recent_closes`: the close hook that follows finds the
+    // connection gone.
+    e.pruned.extend(closed);
+    let excess = e.pruned.len().saturating_sub(PRUNED_KEPT);
+    e.pruned.drain(..excess);
 }
+
+/// Closes found by validation kept per endpoint.
+const PRUNED_KEPT: usize = 8;
 
 async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedReceiver<u64>) {
     let interval = inner.config.check_interval;

@@ -1,0 +1,261 @@
+//! # rpc-admin
+//!
+//! A live view of a tether client's pools for an operator who wants to look rather than grep:
+//! each endpoint's pool (alive, retry, discarded, ejected) and health, each pooled connection's
+//! state, requests in flight, heartbeats and idle time, and the latest connections to close with
+//! their `CloseReason`. Served over HTTP by axum (already in tether's dependency tree through
+//! tonic's): `GET /api/v1/state` is the JSON document (schema in the README, *Admin page*), `GET /`
+//! a page over it that refreshes itself every second.
+//!
+//! It exposes internals (addresses, close reasons, load): bind it to loopback (the probe binaries'
+//! `--admin-addr` defaults to none; pass `127.0.0.1:PORT`), never to the internet, and set a
+//! bearer token when the host is shared. Nothing on the request path pays for it: each look
+//! reads what the holder already keeps, under its lock, once per request to the page.
+//!
+//! ```no_run
+//! # async fn run(client: rpc_client::Client) -> std::io::Result<()> {
+//! let admin = rpc_admin::Admin::new().client("orders", &client).serve("127.0.0.1:9901").await?;
+//! println!("admin page on http://{}/", admin.local_addr());
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rpc_client::{Client, HealthState, PoolState};
+use rpc_core::driver::{ConnectionHandle, ConnectionState};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+/// What the admin page shows: named clients, and an optional bearer token.
+#[derive(Clone, Default)]
+pub struct Admin {
+    clients: Vec<(String, Client)>,
+    servers: Vec<(String, rpc_server::ServerView)>,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("clients", &self.clients.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field("token", &self.token.as_ref().map(|_| "set"))
+            .finish()
+    }
+}
+
+impl Admin {
+    /// An admin page showing nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Shows `client`'s pools under `name` (a clone is kept; it shares the client's holder).
+    pub fn client(mut self, name: impl Into<String>, client: &Client) -> Self {
+        self.clients.push((name.into(), client.clone()));
+        self
+    }
+
+    /// Shows `server`'s connections under `name`.
+    pub fn server(mut self, name: impl Into<String>, server: &rpc_server::ServerHandle) -> Self {
+        self.servers.push((name.into(), server.view()));
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` (or `?token=<token>`, which the page passes on)
+    /// for the page and the API.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The JSON document of `GET /api/v1/state`, now.
+    pub fn state(&self) -> Value {
+        let now = Instant::now();
+        let clients: Vec<Value> = self
+            .clients
+            .iter()
+            .map(|(name, client)| client_state(name, client, now))
+            .collect();
+        let servers: Vec<Value> = self
+            .servers
+            .iter()
+            .map(|(name, view)| {
+                let mut conns = view.connections();
+                conns.sort_by_key(ConnectionHandle::id);
+                json!({
+                    "name": name,
+                    "addr": view.local_addr().to_string(),
+                    "connections": conns.iter().map(|c| connection(c, now)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({ "version": 1, "clients": clients, "servers": servers })
+    }
+
+    /// Serves the page and the API on `addr` in the background, until the handle is dropped.
+    pub async fn serve(self, addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<AdminHandle> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let app = axum::Router::new()
+            .route("/", get(page))
+            .route("/api/v1/state", get(api))
+            .with_state(Arc::new(self));
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                report_end(&e);
+            }
+        });
+        Ok(AdminHandle { local_addr, task })
+    }
+
+    fn allowed(&self, headers: &HeaderMap, query: &Query<Vec<(String, String)>>) -> bool {
+        let Some(token) = &self.token else { return true };
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let param = query.0.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str());
+        bearer == Some(token.as_str()) || param == Some(token.as_str())
+    }
+}
+
+fn report_end(e: &std::io::Error) {
+    eprintln!("rpc-admin: server ended: {e}");
+}
+
+/// A running admin page; dropping it stops serving.
+#[derive(Debug)]
+pub struct AdminHandle {
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminHandle {
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for AdminHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn pool_state(state: &PoolState, now: Instant) -> Value {
+    match state {
+        PoolState::Alive => json!({ "pool": "alive" }),
+        PoolState::Retry { attempts, next_attempt } => json!({
+            "pool": "retry",
+            "attempts": attempts,
+            "next_attempt_ms": millis(next_attempt.saturating_duration_since(now)),
+        }),
+        PoolState::Discarded => json!({ "pool": "discarded" }),
+        PoolState::Ejected { until, times } => json!({
+            "pool": "ejected",
+            "ejected_for_ms": millis(until.saturating_duration_since(now)),
+            "times_ejected": times,
+        }),
+        _ => json!({ "pool": "unknown" }),
+    }
+}
+
+fn health(state: &HealthState) -> &'static str {
+    match state {
+        HealthState::Trusted => "trusted",
+        HealthState::Ejected { .. } => "ejected",
+        HealthState::Probation { .. } => "probation",
+    }
+}
+
+fn connection(c: &ConnectionHandle, now: Instant) -> Value {
+    let (state, detail) = match c.state() {
+        ConnectionState::Handshaking => ("handshaking", String::new()),
+        ConnectionState::Open => ("open", String::new()),
+        ConnectionState::Draining { reason, by_peer } => (
+            "draining",
+            format!("GOAWAY {reason} {}", if by_peer { "from the peer" } else { "sent" }),
+        ),
+        ConnectionState::Closed(reason) => ("closed", reason.to_string()),
+    };
+    json!({
+        "id": c.id(),
+        "state": state,
+        "detail": detail,
+        "in_flight": c.in_flight(),
+        "open_streams": c.open_streams(),
+        "heartbeats_sent": c.heartbeats_sent(),
+        "heartbeats_acked": c.heartbeats_acked(),
+        "heartbeat_failures": c.heartbeat_failures(),
+        "idle_ms": millis(now.saturating_duration_since(c.last_write())),
+        "outbound_buffered": c.outbound_buffered(),
+    })
+}
+
+fn client_state(name: &str, client: &Client, now: Instant) -> Value {
+    let holder = client.holder();
+    let endpoints: Vec<Value> = holder
+        .endpoint_connections()
+        .iter()
+        .map(|(e, conns)| {
+            let mut v = pool_state(&e.state, now);
+            v["addr"] = json!(e.addr.to_string());
+            v["health"] = json!(health(&e.health));
+            v["in_flight"] = json!(e.in_flight);
+            v["connections"] = Value::Array(conns.iter().map(|c| connection(c, now)).collect());
+            v
+        })
+        .collect();
+    let closes: Vec<Value> = holder
+        .recent_closes()
+        .iter()
+        .rev()
+        .map(|c| {
+            json!({
+                "addr": c.addr.to_string(),
+                "id": c.id,
+                "reason": c.reason.as_ref().map_or_else(|| "dropped from the pool".to_owned(), ToString::to_string),
+                "reason_code": c.reason.as_ref().map_or("dropped", |r| r.as_str()),
+                "ago_ms": millis(now.saturating_duration_since(c.at)),
+            })
+        })
+        .collect();
+    json!({ "name": name, "endpoints": endpoints, "recent_closes": closes })
+}
+
+async fn api(State(admin): State<Arc<Admin>>, headers: HeaderMap, query: Query<Vec<(String, String)>>) -> Response {
+    if !admin.allowed(&headers, &query) {
+        return (StatusCode::UNAUTHORIZED, "bearer token required\n").into_response();
+    }
+    let body = admin.state().to_string();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page(State(admin): State<Arc<Admin>>, headers: HeaderMap, query: Query<Vec<(String, String)>>) -> Response {
+    if !admin.allowed(&headers, &query) {
+        return (StatusCode::UNAUTHORIZED, "bearer token required\n").into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+/// The page: it fetches the API every second and draws each client's endpoints (pools as
+/// coloured states, an in-flight sparkline each), their connections and the latest closes.
+const PAGE: &str = include_str!("page.html");
