@@ -8,7 +8,7 @@ use std::time::Duration;
 use examples::echo::echo_server::EchoServer;
 use examples::services::EchoService;
 use rpc_client::{Client, PoolState};
-use rpc_server::Server;
+use rpc_server::{Server, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
@@ -25,8 +25,8 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String)
     (code, body.to_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_page_shows_a_killed_endpoint_in_retry_with_its_close_reason_and_the_others_alive() {
+/// Three echo servers and a client connected to all of them.
+async fn three_servers() -> (Vec<ServerHandle>, Vec<SocketAddr>, Client) {
     let mut servers = Vec::new();
     for _ in 0..3 {
         servers.push(
@@ -37,21 +37,32 @@ async fn the_admin_page_shows_a_killed_endpoint_in_retry_with_its_close_reason_a
                 .unwrap(),
         );
     }
-    let addrs: Vec<SocketAddr> = servers.iter().map(rpc_server::ServerHandle::local_addr).collect();
+    let addrs: Vec<SocketAddr> = servers.iter().map(ServerHandle::local_addr).collect();
     let client = Client::with_endpoints(addrs.clone(), tests::quiet_client()).unwrap();
-    let alive = |n: usize| {
-        let client = client.clone();
-        move || {
-            client
-                .holder()
-                .endpoints()
-                .iter()
-                .filter(|e| e.state == PoolState::Alive)
-                .count()
-                == n
-        }
-    };
-    tests::wait_until(Duration::from_secs(5), alive(3)).await;
+    tests::wait_until(Duration::from_secs(5), || alive(&client) == 3).await;
+    (servers, addrs, client)
+}
+
+fn alive(client: &Client) -> usize {
+    client
+        .holder()
+        .endpoints()
+        .iter()
+        .filter(|e| e.state == PoolState::Alive)
+        .count()
+}
+
+/// Kills `server` like a killed process (no GOAWAY, its connections just go) and waits until
+/// `client` has moved it out of the alive pool.
+async fn kill(server: ServerHandle, client: &Client) {
+    let before = alive(client);
+    server.abort().await;
+    tests::wait_until(Duration::from_secs(5), || alive(client) < before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_page_shows_a_killed_endpoint_in_retry_with_its_close_reason_and_the_others_alive() {
+    let (mut servers, addrs, client) = three_servers().await;
     let admin = rpc_admin::Admin::new()
         .client("echo", &client)
         .server("first", &servers[0])
@@ -62,10 +73,9 @@ async fn the_admin_page_shows_a_killed_endpoint_in_retry_with_its_close_reason_a
     let at = admin.local_addr();
     assert_eq!(get(at, "/api/v1/state", None).await.0, 401, "the token is required");
 
-    // One server dies like a killed process: no GOAWAY, its connection just goes.
+    // One server dies like a killed process.
     let killed = addrs[1];
-    servers.remove(1).abort().await;
-    tests::wait_until(Duration::from_secs(5), alive(2)).await;
+    kill(servers.remove(1), &client).await;
 
     let (code, body) = get(at, "/api/v1/state", Some("s3cret")).await;
     assert_eq!(code, 200, "{body}");
@@ -117,34 +127,9 @@ async fn the_admin_page_shows_a_killed_endpoint_in_retry_with_its_close_reason_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(chromium_missing, ignore = "chromium not installed (Debian package chromium)")]
 async fn the_page_in_a_real_browser_shows_the_killed_endpoint_in_retry_and_the_others_alive() {
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        servers.push(
-            Server::builder()
-                .add_service(EchoServer::new(EchoService::default()))
-                .bind("127.0.0.1:0")
-                .await
-                .unwrap(),
-        );
-    }
-    let addrs: Vec<SocketAddr> = servers.iter().map(rpc_server::ServerHandle::local_addr).collect();
-    let client = Client::with_endpoints(addrs.clone(), tests::quiet_client()).unwrap();
-    let alive = |n: usize| {
-        let client = client.clone();
-        move || {
-            client
-                .holder()
-                .endpoints()
-                .iter()
-                .filter(|e| e.state == PoolState::Alive)
-                .count()
-                == n
-        }
-    };
-    tests::wait_until(Duration::from_secs(5), alive(3)).await;
+    let (mut servers, addrs, client) = three_servers().await;
     let killed = addrs[2];
-    servers.remove(2).abort().await;
-    tests::wait_until(Duration::from_secs(5), alive(2)).await;
+    kill(servers.remove(2), &client).await;
     let admin = rpc_admin::Admin::new()
         .client("echo", &client)
         .serve("127.0.0.1:0")
