@@ -189,9 +189,7 @@ impl Client {
     }
 
     async fn unary_with_retries(&self, req: Request<Bytes>) -> Result<Response<Bytes>, Error> {
-        if req.method().is_empty() {
-            return Err(Error::new(ErrorKind::NoMethod, false));
-        }
+        has_method(&req)?;
         let deadline = self.deadline_of(&req);
         if Instant::now() >= deadline {
             // Gone before the call began (an inherited deadline, usually): never sent.
@@ -373,9 +371,7 @@ impl Client {
     /// GOAWAY first, all "not executed". A oneway still unwritten at its deadline fails with
     /// DEADLINE_EXCEEDED, "may have executed" (it may yet be written).
     pub async fn oneway(&self, req: Request<Bytes>) -> Result<(), Error> {
-        if req.method().is_empty() {
-            return Err(Error::new(ErrorKind::NoMethod, false));
-        }
+        has_method(&req)?;
         let deadline = self.deadline_of(&req);
         if Instant::now() >= deadline {
             return Err(Error::deadline(false));
@@ -418,9 +414,7 @@ impl Client {
         ),
         Error,
     > {
-        if req.method().is_empty() {
-            return Err(Error::new(ErrorKind::NoMethod, false));
-        }
+        has_method(&req)?;
         let deadline = stream_deadline(req.deadline());
         let (method, metadata, _) = req.into_parts();
         let (_, sender, responses) = self.open_stream_on(method, metadata, deadline, None).await?;
@@ -470,9 +464,7 @@ impl Client {
     /// `resume_timeout` and `max_resume_attempts`, the first at once and then after the
     /// `backoff` delays. The consumer sees one stream, in order, without gap or duplicate.
     pub async fn subscribe(&self, req: Request<Bytes>, after: Option<u64>) -> Result<crate::Resumable<Bytes>, Error> {
-        if req.method().is_empty() {
-            return Err(Error::new(ErrorKind::NoMethod, false));
-        }
+        has_method(&req)?;
         let deadline = stream_deadline(req.deadline());
         let (method, metadata, body) = req.into_parts();
         crate::Resumable::open(self.clone(), method, metadata, body, deadline, after).await
@@ -613,6 +605,14 @@ impl Codec {
             Err(e) => Err(Error::new(ErrorKind::Decompress(e), true)),
         }
     }
+}
+
+/// A request without a method path is never sent (`Request::new` is for generated clients).
+fn has_method<T>(req: &Request<T>) -> Result<(), Error> {
+    if req.method().is_empty() {
+        return Err(Error::new(ErrorKind::NoMethod, false));
+    }
+    Ok(())
 }
 
 fn to_frame(req: Request<Bytes>, oneway: bool) -> RequestFrame {

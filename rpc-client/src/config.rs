@@ -173,6 +173,11 @@ impl ClientConfig {
 }
 
 impl ClientConfig {
+    /// Whether hedging reads each endpoint's p95 (which needs its latencies kept and rotated).
+    pub(crate) fn hedges_at_p95(&self) -> bool {
+        matches!(self.hedge_delay, Some(HedgeDelay::P95 { .. }))
+    }
+
     /// Checks this config against a server's idle timeout (see
     /// [`rpc_core::config::check_idle_vs_heartbeat`]). The client also checks the idle timeout
     /// each server advertises in its handshake and logs a warning when it is too short.

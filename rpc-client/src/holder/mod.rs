@@ -142,6 +142,16 @@ impl Endpoint {
     }
 
     /// The state users see: an alive endpoint that is ejected shows as ejected.
+    fn status(&self) -> EndpointStatus {
+        EndpointStatus {
+            addr: self.addr,
+            state: self.reported_state(),
+            health: self.health.state(),
+            connections: self.conns.len(),
+            in_flight: self.in_flight(),
+        }
+    }
+
     fn reported_state(&self) -> PoolState {
         match (self.pool.state(), self.health.state()) {
             (PoolState::Alive, HealthState::Ejected { until, times }) => PoolState::Ejected { until, times },
@@ -262,17 +272,7 @@ impl ConnectionHolder {
 
     /// Every endpoint and where it stands.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
-        self.inner
-            .refreshed()
-            .iter()
-            .map(|e| EndpointStatus {
-                addr: e.addr,
-                state: e.reported_state(),
-                health: e.health.state(),
-                connections: e.conns.len(),
-                in_flight: e.in_flight(),
-            })
-            .collect()
+        self.inner.refreshed().iter().map(Endpoint::status).collect()
     }
 
     /// Endpoints in the alive pool.
@@ -298,16 +298,7 @@ impl ConnectionHolder {
         self.inner
             .refreshed()
             .iter()
-            .map(|e| {
-                let status = EndpointStatus {
-                    addr: e.addr,
-                    state: e.reported_state(),
-                    health: e.health.state(),
-                    connections: e.conns.len(),
-                    in_flight: e.in_flight(),
-                };
-                (status, e.conns.clone())
-            })
+            .map(|e| (e.status(), e.conns.clone()))
             .collect()
     }
 
@@ -527,7 +518,7 @@ impl ConnectionHolder {
     /// A latency sample of an attempt that lost a hedge at `addr`: it had taken at least this
     /// long with no answer (a lower bound), and would otherwise count nowhere.
     pub(crate) fn record_lost_hedge(&self, addr: SocketAddr, waited: Duration) {
-        let timed = matches!(self.inner.config.hedge_delay, Some(crate::HedgeDelay::P95 { .. }));
+        let timed = self.inner.config.hedges_at_p95();
         if !self.inner.config.outlier.enabled && !timed {
             return;
         }
@@ -813,7 +804,7 @@ impl Inner {
     /// [`OutlierConfig::failure_codes`]): may eject the endpoint, or trust it again.
     fn record(&self, addr: SocketAddr, failed: bool, latency: Duration) {
         let config = &self.config.outlier;
-        let timed = matches!(self.config.hedge_delay, Some(crate::HedgeDelay::P95 { .. }));
+        let timed = self.config.hedges_at_p95();
         if !config.enabled && !timed {
             return;
         }
@@ -1097,7 +1088,7 @@ const PRUNED_KEPT: usize = 8;
 async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedReceiver<u64>) {
     let interval = inner.config.check_interval;
     // The interval also rotates the latencies hedging at p95 reads, with outlier detection off.
-    let timed = matches!(inner.config.hedge_delay, Some(crate::HedgeDelay::P95 { .. }));
+    let timed = inner.config.hedges_at_p95();
     let outliers = (inner.config.outlier.enabled || timed).then_some(inner.config.outlier.interval);
     let mut next_check = Instant::now();
     let mut next_evaluation = outliers.map(|i| Instant::now() + i);
