@@ -9,6 +9,7 @@
 
 mod raw;
 mod systems;
+mod tarpc_sys;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -50,8 +51,8 @@ enum Cmd {
         #[arg(long)]
         no_checkout: bool,
     },
-    /// The cost of idle connections: open N, heartbeats every second, measure memory per connection
-    /// and steady CPU on both sides (tether and tonic).
+    /// The cost of idle connections: open N, make one call on each, heartbeat every interval,
+    /// measure memory per connection and steady CPU on both sides, for each setup.
     Idle {
         /// Connections to open.
         #[arg(long, default_value_t = 10_000)]
@@ -59,6 +60,15 @@ enum Cmd {
         /// Steady-state window over which CPU is measured.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         window: Duration,
+        /// Heartbeat (tonic: HTTP/2 keepalive ping) interval.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
+        /// Only these setups (default all; each is measured in a fresh process).
+        #[arg(long, value_delimiter = ',')]
+        setups: Vec<systems::IdleSetup>,
+        /// Print the table's row only (the fresh process of one setup).
+        #[arg(long, hide = true)]
+        row: bool,
     },
     /// Streams: server-stream messages per second at 64 B and MB/s at 16 KiB on one connection,
     /// and a bidirectional ping-pong's latency (the raw floor's ping-pong is its unary echo).
@@ -93,6 +103,10 @@ enum Cmd {
     Server {
         #[arg(long)]
         system: System,
+        /// tether only: serve on this many listeners (the checkout benchmark's endpoints), one
+        /// `LISTENING` line each.
+        #[arg(long, default_value_t = 1)]
+        listeners: usize,
     },
 }
 
@@ -156,6 +170,7 @@ struct Outcome {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    raise_open_files();
     match args.cmd {
         Cmd::All => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -173,9 +188,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Cmd::Server { system } => {
+        Cmd::Server { system, listeners } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(systems::serve(system))
+            if listeners > 1 {
+                rt.block_on(systems::serve_tether_on(listeners))
+            } else {
+                rt.block_on(systems::serve(system))
+            }
         }
         Cmd::Stream {
             small,
@@ -194,9 +213,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(stall(or_all(systems), callers, duration))
         }
-        Cmd::Idle { connections, window } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(idle(connections, window))
+        Cmd::Idle {
+            connections,
+            window,
+            interval,
+            setups,
+            row,
+        } => {
+            let setups = if setups.is_empty() {
+                systems::IdleSetup::ALL.to_vec()
+            } else {
+                setups
+            };
+            if !row {
+                idle_header(connections, window, interval);
+            }
+            if let [setup] = setups[..] {
+                let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+                return rt.block_on(idle(connections, window, interval, setup));
+            }
+            // Each in a process of its own: memory one setup freed stays in this process's
+            // resident set (the allocator keeps it) and would hide the next one's cost.
+            for setup in setups {
+                let status = std::process::Command::new(std::env::current_exe()?)
+                    .arg("idle")
+                    .args(["--connections", &connections.to_string()])
+                    .args(["--window", &humantime::format_duration(window).to_string()])
+                    .args(["--interval", &humantime::format_duration(interval).to_string()])
+                    .args([
+                        "--setups",
+                        clap::ValueEnum::to_possible_value(&setup).expect("named").get_name(),
+                    ])
+                    .arg("--row")
+                    .status()?;
+                if !status.success() {
+                    return Err(format!("idle measurement of {} failed: {status}", setup.name()).into());
+                }
+            }
+            Ok(())
         }
         Cmd::Run {
             warmup,
@@ -214,6 +268,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 !no_checkout,
             ))
         }
+    }
+}
+
+/// Raises this process's open-file limit (its servers inherit it) as far as the kernel lets
+/// it, for the idle benchmark's connections: as root to `fs.nr_open`, else to the hard limit.
+fn raise_open_files() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, nr_open, nr_open).is_err() {
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
     }
 }
 
@@ -265,10 +331,10 @@ async fn run(
         );
     }
     println!();
-    println!("Ratios (targets at 1 connection, 64 callers, 64 B: QPS at least 3x tonic and 70 % of the floor; p99 at most 1/3 of tonic; CPU at most 2x the floor; at 16 KiB QPS at least 1.5x tonic):");
+    println!("Ratios (targets at 1 connection, 64 callers, 64 B: QPS at least 4x tonic and 2x tarpc, CPU per request at most 1.1x the floor):");
     println!();
-    println!("| connections, callers, payload | tether QPS / tonic | tether QPS / raw floor | tether p99 / tonic p99 | tether CPU / raw CPU (client + server) |");
-    println!("|---|---|---|---|---|");
+    println!("| connections, callers, payload | tether QPS / tonic | / tarpc | / raw floor | tether CPU / raw CPU (client + server) | tether p99 / tonic p99 | / tarpc p99 |");
+    println!("|---|---|---|---|---|---|---|");
     for &cell in &cells {
         let get = |s: System| {
             results
@@ -281,18 +347,27 @@ async fn run(
                 })
                 .map(|r| r.2.clone())
         };
-        if let (Some(t), Some(g), Some(r)) = (get(System::Tether), get(System::Tonic), get(System::Raw)) {
-            println!(
-                "| {}, {}, {} B | {:.2}x | {:.0} % | {:.2} | {:.2}x |",
-                cell.connections,
-                cell.callers,
-                cell.payload,
-                t.qps / g.qps,
-                100.0 * t.qps / r.qps,
-                t.p99_us / g.p99_us,
-                (t.client_cpu_us + t.server_cpu_us) / (r.client_cpu_us + r.server_cpu_us),
-            );
-        }
+        let Some(t) = get(System::Tether) else { continue };
+        let qps = |o: Option<Outcome>| o.map_or("-".to_string(), |o| format!("{:.2}x", t.qps / o.qps));
+        let p99 = |o: Option<Outcome>| o.map_or("-".to_string(), |o| format!("{:.2}", t.p99_us / o.p99_us));
+        let cpu = get(System::Raw).map_or("-".to_string(), |r| {
+            format!(
+                "{:.2}x",
+                (t.client_cpu_us + t.server_cpu_us) / (r.client_cpu_us + r.server_cpu_us)
+            )
+        });
+        println!(
+            "| {}, {}, {} B | {} | {} | {} | {} | {} | {} |",
+            cell.connections,
+            cell.callers,
+            cell.payload,
+            qps(get(System::Tonic)),
+            qps(get(System::Tarpc)),
+            qps(get(System::Raw)),
+            cpu,
+            p99(get(System::Tonic)),
+            p99(get(System::Tarpc)),
+        );
     }
     if checkout {
         checkout_cost().await?;
@@ -318,7 +393,8 @@ async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> 
         std::thread::available_parallelism()?
     );
     let mut results = Vec::new();
-    for &system in &systems {
+    // tarpc has no streams; the raw floor's are a framed loop (its ping-pong is its unary echo).
+    for &system in systems.iter().filter(|s| s.streams() || **s == System::Raw) {
         let (_child, pid, addr) = spawn_server(system).await?;
         // Warm-up: a short stream first.
         systems::stream_once(system, addr, 1000, 64).await?;
@@ -384,34 +460,66 @@ async fn streams(systems: Vec<System>, small: u32, large: u32, pings: usize) -> 
 }
 
 /// The cost of one checkout with validation (pick an alive endpoint, validate its connection:
-/// open, not draining, heartbeats answered, not idle past the server's timeout), per call.
+/// open, not draining, heartbeats answered, not idle past the server's timeout), per call, with
+/// 1, 3 and 1 000 endpoints of 2 connections each (their servers in a child process), and the
+/// client's memory per endpoint with its connections.
 async fn checkout_cost() -> Result<(), Box<dyn std::error::Error>> {
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        let echo = examples::echo::echo_server::EchoServer::new(examples::services::EchoService::default());
-        servers.push(
-            rpc_server::Server::builder()
-                .add_service(echo)
-                .bind("127.0.0.1:0")
-                .await?,
-        );
-    }
-    for endpoints in [1usize, 3] {
-        let addrs: Vec<_> = servers.iter().take(endpoints).map(|s| s.local_addr()).collect();
-        let client = rpc_client::Client::with_endpoints(addrs, Default::default())?;
+    const MOST: usize = 1000;
+    let (_child, addrs) = spawn_servers(MOST).await?;
+    let mut costs = Vec::new();
+    for endpoints in [1usize, 3, MOST] {
+        let config = rpc_client::ClientConfig {
+            connections_per_endpoint: 2,
+            ..Default::default()
+        };
+        let rss0 = rss_kib("self");
+        let client = rpc_client::Client::with_endpoints(addrs[..endpoints].iter().copied(), config)?;
         client.checkout(None).await?;
-        while client.holder().alive_endpoints() < endpoints {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.holder().alive_endpoints() < endpoints || client.connections().len() < 2 * endpoints {
+            if Instant::now() > deadline {
+                return Err(format!("{endpoints} endpoints did not all connect within 60 s").into());
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let per_endpoint = rss_kib("self").saturating_sub(rss0) as f64 / endpoints as f64;
         let n = 1_000_000u32;
         let start = std::time::Instant::now();
         for _ in 0..n {
             std::hint::black_box(client.holder().checkout(None, None).await?);
         }
         let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
-        println!("checkout with validation, {endpoints} endpoint(s): {ns:.0} ns per call");
+        println!(
+            "checkout with validation, {endpoints} endpoint(s) x 2 connections: {ns:.0} ns per call; client memory {per_endpoint:.1} KiB per endpoint (with its connections)"
+        );
+        costs.push(ns);
+        client.close();
     }
+    println!(
+        "checkout at {MOST} endpoints / at 1 endpoint: {:.2}x (target: at most 2x)",
+        costs[2] / costs[0]
+    );
     Ok(())
+}
+
+/// Starts a tether server on `n` listeners in a child process; returns it and the addresses.
+async fn spawn_servers(
+    n: usize,
+) -> Result<(tokio::process::Child, Vec<std::net::SocketAddr>), Box<dyn std::error::Error>> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["server", "--system", "tether", "--listeners", &n.to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let mut addrs = Vec::with_capacity(n);
+    while addrs.len() < n {
+        let line = lines.next_line().await?.ok_or("server printed too few addresses")?;
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            addrs.push(a.parse()?);
+        }
+    }
+    Ok((child, addrs))
 }
 
 /// Starts `system`'s server as a child process; returns it, its pid and the address it printed.
@@ -443,43 +551,50 @@ fn rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn idle(connections: usize, window: Duration) -> Result<(), Box<dyn std::error::Error>> {
+fn idle_header(connections: usize, window: Duration, interval: Duration) {
+    let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |l| l.0);
     println!(
-        "{connections} idle connections, heartbeats (HTTP/2 keepalive pings for tonic) every 1 s; CPU over {window:?}"
+        "{connections} idle connections, each having made one call, heartbeats (HTTP/2 keepalive pings for tonic) every {interval:?}; CPU over {window:?}; open-file limit {open_files}"
     );
     println!();
-    println!("| system | client KiB per connection | server KiB per connection | client CPU (% of a core) | server CPU (% of a core) |");
-    println!("|---|---|---|---|---|");
-    for system in [System::Tether, System::Tonic] {
-        let (mut child, pid, addr) = spawn_server(system).await?;
+    println!("| setup | client KiB per connection | server KiB per connection | client CPU (% of a core) | server CPU (% of a core) | CPU per 10 000 connections, client + server (% of a core) |");
+    println!("|---|---|---|---|---|---|");
+}
+
+/// One row of the idle table: `setup` measured in this process.
+async fn idle(
+    connections: usize,
+    window: Duration,
+    interval: Duration,
+    setup: systems::IdleSetup,
+) -> Result<(), Box<dyn std::error::Error>> {
+    {
+        let (mut child, pid, addr) = spawn_server(setup.system()).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (client0, server0) = (rss_kib("self"), rss_kib(&pid));
-        let held = systems::open_idle(system, addr, connections).await?;
-        tokio::time::sleep(Duration::from_secs(3)).await; // settle: every connection heartbeats
+        let held = systems::open_idle(setup, addr, connections, interval).await?;
+        // Settle: every connection falls quiet (its buffers released) and heartbeats.
+        tokio::time::sleep(Duration::from_secs(3).max(interval * 3)).await;
         let (client1, server1) = (rss_kib("self"), rss_kib(&pid));
         let (c0, s0) = (cpu_ticks("self"), cpu_ticks(&pid));
         tokio::time::sleep(window).await;
         let (c1, s1) = (cpu_ticks("self"), cpu_ticks(&pid));
         let open = held.len();
         if open != connections {
-            return Err(format!(
-                "{}: only {open} of {connections} connections stayed open",
-                system.name()
-            )
-            .into());
+            return Err(format!("{}: only {open} of {connections} connections stayed open", setup.name()).into());
         }
         let pct = |t: u64| 100.0 * t as f64 / TICKS_PER_SEC / window.as_secs_f64();
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            system.name(),
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            setup.name(),
             client1.saturating_sub(client0) as f64 / connections as f64,
             server1.saturating_sub(server0) as f64 / connections as f64,
             pct(c1 - c0),
             pct(s1 - s0),
+            pct(c1 - c0 + s1 - s0) * 10_000.0 / connections as f64,
         );
         drop(held);
         let _ = child.kill().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Ok(())
 }
@@ -504,7 +619,7 @@ async fn measure(
     duration: Duration,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
     let (mut child, pid, addr) = spawn_server(system).await?;
-    let target = Target::connect(system, addr, cell.connections).await?;
+    let target = Target::connect(system, addr, cell.connections, cell.callers).await?;
     let payload = bytes::Bytes::from(vec![0x5Au8; cell.payload]);
 
     let warm_end = Instant::now() + warmup;
@@ -589,11 +704,11 @@ async fn stall(systems: Vec<System>, callers: usize, duration: Duration) -> Resu
     let payload = bytes::Bytes::from(vec![0x5Au8; 64]);
     let mut rows = Vec::new();
     for system in systems {
-        if system == System::Raw {
-            continue; // the raw floor has no streams
+        if !system.streams() {
+            continue; // the raw floor and tarpc have no streams
         }
         let (mut child, _pid, addr) = spawn_server(system).await?;
-        let target = Target::connect(system, addr, 1).await?;
+        let target = Target::connect(system, addr, 1, callers).await?;
         let mut phases = Vec::new();
         let mut stopped = None;
         for phase in 0..2 {

@@ -1,11 +1,11 @@
-//! The three systems behind one interface: serve, connect, call.
+//! The four systems behind one interface: serve, connect, call.
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use tokio::net::TcpListener;
 
 use crate::raw::{self, RawClient};
+use crate::tarpc_sys;
 
 /// The tonic side's generated code (`echo.proto`, same service).
 pub(crate) mod pb {
@@ -72,17 +72,25 @@ pub(crate) enum System {
     Tether,
     /// tonic 0.14 with prost (gRPC over HTTP/2).
     Tonic,
+    /// tarpc 0.38 with its bincode serde transport.
+    Tarpc,
     /// The floor: tokio, LengthDelimitedCodec and prost, no framework.
     Raw,
 }
 
 impl System {
-    pub(crate) const ALL: [System; 3] = [System::Tether, System::Tonic, System::Raw];
+    pub(crate) const ALL: [System; 4] = [System::Tether, System::Tonic, System::Tarpc, System::Raw];
+
+    /// Whether it has streaming calls (tarpc and the raw floor have none).
+    pub(crate) fn streams(self) -> bool {
+        matches!(self, System::Tether | System::Tonic)
+    }
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             System::Tether => "tether",
             System::Tonic => "tonic",
+            System::Tarpc => "tarpc",
             System::Raw => "raw",
         }
     }
@@ -109,7 +117,6 @@ impl pb::echo_server::Echo for TonicEcho {
     }
 }
 
-/// Serves `system` on 127.0.0.1 and prints `LISTENING <addr>`.
 /// The Feed service as the tonic one above is written (a plain iterator of events), so both
 /// systems run the same handler code.
 struct TetherFeed;
@@ -146,12 +153,28 @@ impl examples::feed::v1::feed_server::Feed for TetherFeed {
     }
 }
 
+/// Serves `system` on every loopback address (so the idle benchmark can reach it at
+/// 127.0.0.2, 127.0.0.3, ... when it needs more connections than one address has ephemeral
+/// ports) and prints `LISTENING 127.0.0.1:<port>`.
 pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Error>> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    println!("LISTENING {}", listener.local_addr()?);
+    // The same listener for every system, with the backlog tether binds with (tokio's default
+    // of 1024 overflows when the idle benchmark's pooled client dials 10 000 at once).
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let listener = socket.listen(4096)?;
+    println!("LISTENING 127.0.0.1:{}", listener.local_addr()?.port());
     match system {
         System::Tether => {
+            // Room for the idle benchmark's connections (the default limit is 10 000) and its
+            // pooled client's one call per connection, made all at once.
+            let config = rpc_server::ServerConfig {
+                max_connections: 1_000_000,
+                max_concurrent_requests: 1_000_000,
+                ..Default::default()
+            };
             let server = rpc_server::Server::builder()
+                .config(config)
                 .add_service(examples::echo::echo_server::EchoServer::new(
                     examples::services::EchoService::default(),
                 ))
@@ -178,8 +201,27 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
                 .serve_with_incoming(incoming)
                 .await?;
         }
+        System::Tarpc => tarpc_sys::serve(listener).await?,
         System::Raw => raw::serve(listener).await?,
     }
+    Ok(())
+}
+
+/// A tether echo server on each of `n` listeners (the checkout benchmark's endpoints).
+pub(crate) async fn serve_tether_on(n: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let mut servers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let server = rpc_server::Server::builder()
+            .add_service(examples::echo::echo_server::EchoServer::new(
+                examples::services::EchoService::default(),
+            ))
+            .bind("127.0.0.1:0")
+            .await?;
+        println!("LISTENING {}", server.local_addr());
+        servers.push(server);
+    }
+    std::future::pending::<()>().await;
+    drop(servers);
     Ok(())
 }
 
@@ -195,6 +237,7 @@ async fn tonic_channel(addr: SocketAddr) -> Result<tonic::transport::Channel, Bo
 pub(crate) enum Target {
     Tether(rpc_client::Client),
     Tonic(Vec<tonic::transport::Channel>),
+    Tarpc(Vec<tarpc_sys::EchoServiceClient>),
     Raw(Vec<RawClient>),
 }
 
@@ -204,6 +247,7 @@ impl Target {
         system: System,
         addr: SocketAddr,
         connections: usize,
+        callers: usize,
     ) -> Result<Target, Box<dyn std::error::Error>> {
         Ok(match system {
             System::Tether => {
@@ -225,6 +269,13 @@ impl Target {
                 }
                 Target::Tonic(channels)
             }
+            System::Tarpc => {
+                let mut clients = Vec::new();
+                for _ in 0..connections {
+                    clients.push(tarpc_sys::connect(addr, callers.div_ceil(connections)).await?);
+                }
+                Target::Tarpc(clients)
+            }
             System::Raw => {
                 let mut conns = Vec::new();
                 for _ in 0..connections {
@@ -240,6 +291,7 @@ impl Target {
         match self {
             Target::Tether(c) => Caller::Tether(examples::echo::echo_client::EchoClient::new(c.clone())),
             Target::Tonic(chs) => Caller::Tonic(pb::echo_client::EchoClient::new(chs[i % chs.len()].clone())),
+            Target::Tarpc(clients) => Caller::Tarpc(clients[i % clients.len()].clone()),
             Target::Raw(conns) => Caller::Raw(conns[i % conns.len()].clone()),
         }
     }
@@ -249,6 +301,7 @@ impl Target {
 pub(crate) enum Caller {
     Tether(examples::echo::echo_client::EchoClient<rpc_client::Client>),
     Tonic(pb::echo_client::EchoClient<tonic::transport::Channel>),
+    Tarpc(tarpc_sys::EchoServiceClient),
     Raw(RawClient),
 }
 
@@ -273,6 +326,15 @@ impl Caller {
                 };
                 c.say(req).await.is_ok_and(|r| r.get_ref().payload.len() == len)
             }
+            Caller::Tarpc(c) => {
+                let req = tarpc_sys::Echo {
+                    message: "bench".into(),
+                    payload,
+                };
+                c.say(tarpc::context::current(), req)
+                    .await
+                    .is_ok_and(|r| r.payload.len() == len)
+            }
             Caller::Raw(c) => {
                 let req = pb::EchoRequest {
                     message: "bench".into(),
@@ -285,71 +347,222 @@ impl Caller {
     }
 }
 
-/// Connections held open and idle for the idle-cost measurement.
-pub(crate) enum Idle {
-    Tether(Vec<rpc_core::driver::ConnectionHandle>),
-    Tonic(Vec<tonic::transport::Channel>),
+/// How the idle benchmark holds its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum IdleSetup {
+    /// tether, one `Client` per connection (as tonic's one `Channel` per connection).
+    TetherEach,
+    /// tether, one `Client` holding all of them (`connections_per_endpoint`).
+    TetherPooled,
+    /// tonic, one `Channel` per connection, HTTP/2 keepalive pings.
+    Tonic,
+    /// tarpc, one client per connection (it has no heartbeat).
+    Tarpc,
 }
 
-impl Idle {
-    /// Connections held.
-    pub(crate) fn len(&self) -> usize {
+impl IdleSetup {
+    pub(crate) const ALL: [IdleSetup; 4] = [
+        IdleSetup::TetherEach,
+        IdleSetup::TetherPooled,
+        IdleSetup::Tonic,
+        IdleSetup::Tarpc,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
         match self {
-            Idle::Tether(v) => v.iter().filter(|c| c.is_open()).count(),
-            Idle::Tonic(v) => v.len(),
+            IdleSetup::TetherEach => "tether, a Client per connection",
+            IdleSetup::TetherPooled => "tether, one Client holding all",
+            IdleSetup::Tonic => "tonic, a Channel per connection",
+            IdleSetup::Tarpc => "tarpc, a client per connection (no heartbeat)",
+        }
+    }
+
+    pub(crate) fn system(self) -> System {
+        match self {
+            IdleSetup::TetherEach | IdleSetup::TetherPooled => System::Tether,
+            IdleSetup::Tonic => System::Tonic,
+            IdleSetup::Tarpc => System::Tarpc,
         }
     }
 }
 
-/// Opens `n` connections (100 at a time) that then sit idle, heartbeating every second.
-pub(crate) async fn open_idle(system: System, addr: SocketAddr, n: usize) -> Result<Idle, Box<dyn std::error::Error>> {
+/// Connections held open and idle for the idle-cost measurement, each having made one call.
+pub(crate) enum Idle {
+    TetherEach(Vec<rpc_client::Client>),
+    TetherPooled(rpc_client::Client),
+    Tonic(Vec<tonic::transport::Channel>),
+    Tarpc(Vec<tarpc_sys::EchoServiceClient>),
+}
+
+impl Idle {
+    /// Connections still open (tonic and tarpc: held; they do not say whether open).
+    pub(crate) fn len(&self) -> usize {
+        let open = |c: &rpc_client::Client| c.connections().iter().filter(|c| c.is_open()).count();
+        match self {
+            Idle::TetherEach(v) => v.iter().map(open).sum(),
+            Idle::TetherPooled(c) => open(c),
+            Idle::Tonic(v) => v.len(),
+            Idle::Tarpc(v) => v.len(),
+        }
+    }
+}
+
+/// Connections one loopback address takes before the next is used: one destination address
+/// and port leave about 28 000 ephemeral ports.
+const PER_ADDRESS: usize = 20_000;
+
+/// The address connection `i` dials: `addr`'s port on 127.0.0.1, then 127.0.0.2, ... (the
+/// server listens on all of them).
+fn spread(addr: SocketAddr, i: usize) -> SocketAddr {
+    let k = u8::try_from(1 + i / PER_ADDRESS).expect("fewer than 5 million connections");
+    SocketAddr::from(([127, 0, 0, k], addr.port()))
+}
+
+/// The echo request the idle connections make once before they go idle.
+fn idle_call(delay_ms: u32) -> examples::echo::EchoRequest {
+    examples::echo::EchoRequest {
+        message: "idle".into(),
+        payload: Bytes::from_static(&[0x5A; 64]),
+        delay_ms,
+        ..Default::default()
+    }
+}
+
+/// Opens `n` connections (100 at a time), makes one echo call on each, and leaves them idle,
+/// heartbeating every `interval` (tonic: HTTP/2 keepalive pings; tarpc: nothing).
+pub(crate) async fn open_idle(
+    setup: IdleSetup,
+    addr: SocketAddr,
+    n: usize,
+    interval: std::time::Duration,
+) -> Result<Idle, Box<dyn std::error::Error>> {
     use std::time::Duration;
     let batch = 100;
-    match system {
-        System::Tether => {
-            let config = rpc_client::ClientConfig {
-                heartbeat: rpc_core::config::HeartbeatConfig {
-                    enabled: true,
-                    interval: Duration::from_secs(1),
-                    timeout: Duration::from_millis(500),
-                    max_failures: 3,
-                    ..Default::default()
-                },
-                connect_timeout: Duration::from_secs(10),
-                ..Default::default()
-            };
+    let config = rpc_client::ClientConfig {
+        heartbeat: rpc_core::config::HeartbeatConfig {
+            enabled: true,
+            interval,
+            timeout: Duration::from_millis(500),
+            max_failures: 3,
+            ..Default::default()
+        },
+        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    match setup {
+        IdleSetup::TetherEach => {
             let mut held = Vec::with_capacity(n);
             while held.len() < n {
                 let mut set = tokio::task::JoinSet::new();
-                for _ in 0..batch.min(n - held.len()) {
+                for i in held.len()..(held.len() + batch).min(n) {
                     let config = config.clone();
-                    set.spawn(async move { rpc_client::connect(addr, &config, None, None, None).await });
+                    set.spawn(async move {
+                        let client = rpc_client::Client::connect(spread(addr, i), config).await?;
+                        let mut echo = examples::echo::echo_client::EchoClient::new(client.clone());
+                        echo.say(idle_call(0)).await?;
+                        Ok::<_, rpc_client::Error>(client)
+                    });
                 }
                 while let Some(r) = set.join_next().await {
                     held.push(r??);
                 }
             }
-            Ok(Idle::Tether(held))
+            Ok(Idle::TetherEach(held))
         }
-        System::Tonic => {
+        IdleSetup::TetherPooled => {
+            let endpoints = n.div_ceil(PER_ADDRESS);
+            if n % endpoints != 0 {
+                return Err(format!("{n} connections do not spread evenly over {endpoints} addresses").into());
+            }
+            let config = rpc_client::ClientConfig {
+                connections_per_endpoint: n / endpoints,
+                ..config
+            };
+            let client =
+                rpc_client::Client::with_endpoints((0..endpoints).map(|k| spread(addr, k * PER_ADDRESS)), config)?;
+            client.checkout(None).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while client.connections().iter().filter(|c| c.is_open()).count() < n {
+                if tokio::time::Instant::now() > deadline {
+                    return Err("the pooled client did not open its connections within 120 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // One call per connection: the pool takes each connection in turn (ties of in-flight
+            // go round), so n calls, 100 at a time, cover them.
+            let echo = examples::echo::echo_client::EchoClient::new(client.clone());
+            let mut made = 0;
+            while made < n {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in made..(made + batch).min(n) {
+                    let mut echo = echo.clone();
+                    set.spawn(async move { echo.say(idle_call(0)).await });
+                }
+                while let Some(r) = set.join_next().await {
+                    if let Err(e) = r? {
+                        let mut why = std::collections::BTreeMap::new();
+                        for c in client.holder().recent_closes() {
+                            *why.entry(format!("{:?}", c.reason)).or_insert(0) += 1;
+                        }
+                        return Err(format!("a pooled connection's call failed: {e}; recent closes: {why:?}").into());
+                    }
+                    made += 1;
+                }
+            }
+            Ok(Idle::TetherPooled(client))
+        }
+        IdleSetup::Tonic => {
             let mut held = Vec::with_capacity(n);
             while held.len() < n {
                 let mut set = tokio::task::JoinSet::new();
-                for _ in 0..batch.min(n - held.len()) {
-                    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                        .http2_keep_alive_interval(Duration::from_secs(1))
+                for i in held.len()..(held.len() + batch).min(n) {
+                    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", spread(addr, i)))?
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(interval)
                         .keep_alive_timeout(Duration::from_millis(500))
                         .keep_alive_while_idle(true)
                         .connect_timeout(Duration::from_secs(10));
-                    set.spawn(async move { endpoint.connect().await });
+                    set.spawn(async move {
+                        let channel = endpoint.connect().await?;
+                        let r = idle_call(0);
+                        pb::echo_client::EchoClient::new(channel.clone())
+                            .say(pb::EchoRequest {
+                                message: r.message,
+                                payload: r.payload,
+                                ..Default::default()
+                            })
+                            .await?;
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(channel)
+                    });
                 }
                 while let Some(r) = set.join_next().await {
-                    held.push(r??);
+                    held.push(r?.map_err(|e| e.to_string())?);
                 }
             }
             Ok(Idle::Tonic(held))
         }
-        System::Raw => Err("the raw floor has no heartbeats".into()),
+        IdleSetup::Tarpc => {
+            let mut held = Vec::with_capacity(n);
+            while held.len() < n {
+                let mut set = tokio::task::JoinSet::new();
+                for i in held.len()..(held.len() + batch).min(n) {
+                    set.spawn(async move {
+                        let client = tarpc_sys::connect(spread(addr, i), 1).await?;
+                        let r = idle_call(0);
+                        let echo = tarpc_sys::Echo {
+                            message: r.message,
+                            payload: r.payload,
+                        };
+                        client.say(tarpc::context::current(), echo).await?;
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client)
+                    });
+                }
+                while let Some(r) = set.join_next().await {
+                    held.push(r?.map_err(|e| e.to_string())?);
+                }
+            }
+            Ok(Idle::Tarpc(held))
+        }
     }
 }
 
@@ -394,6 +607,7 @@ pub(crate) async fn stream_once(
             }
         }
         System::Raw => n = raw::stream(addr, count, size).await?,
+        System::Tarpc => return Err("tarpc has no streams".into()),
     }
     if n != u64::from(count) {
         return Err(format!("{system:?}: {n} of {count} events").into());
@@ -457,6 +671,7 @@ pub(crate) async fn ping_pong(
                 hist.record(start.elapsed().as_micros() as u64)?;
             }
         }
+        System::Tarpc => return Err("tarpc has no streams".into()),
     }
     Ok(hist)
 }
@@ -513,7 +728,7 @@ pub(crate) async fn stop_a_stream(target: &Target) -> Result<Stopped, Box<dyn st
             events.message().await?.ok_or("stream ended")?;
             Stopped::Tonic(events)
         }
-        Target::Raw(_) => return Err("the raw floor has no streams".into()),
+        Target::Raw(_) | Target::Tarpc(_) => return Err("the raw floor and tarpc have no streams".into()),
     };
     // The window (256 KiB for tether, 64 KiB for HTTP/2 by default) fills in well under this.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -26,6 +26,13 @@ pub struct ServerConfig {
     pub heartbeat: HeartbeatConfig,
     /// Connections served at once; the excess is accepted and closed at once. Default 10 000.
     pub max_connections: usize,
+    /// The listen backlog of a socket the server binds itself ([`crate::ServerBuilder::bind`]):
+    /// connections the kernel completes before the server accepts them. Default 4096 (the
+    /// kernel caps it at `net.core.somaxconn`). A burst beyond it (a pool of thousands of
+    /// connections dialing at once) is dropped by the kernel after the client saw its handshake
+    /// complete: half-open connections that only a heartbeat finds. A listener passed to
+    /// [`crate::ServerBuilder::serve`] keeps the backlog it was made with (tokio's: 1024).
+    pub listen_backlog: u32,
     /// Requests run at once across all connections; over it the server answers SERVER_BUSY at
     /// once rather than queueing. Default 1024.
     pub max_concurrent_requests: usize,
@@ -62,6 +69,7 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(90)),
             heartbeat: HeartbeatConfig::default(),
             max_connections: 10_000,
+            listen_backlog: 4096,
             max_concurrent_requests: 1024,
             max_requests_per_connection: 256,
             shutdown_grace: Duration::from_secs(30),
@@ -80,6 +88,9 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::Zero("idle_timeout"));
+        }
+        if self.listen_backlog == 0 {
+            return Err(ConfigError::Zero("listen_backlog"));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Zero("max_connections"));

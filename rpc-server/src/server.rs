@@ -163,7 +163,9 @@ impl<L> ServerBuilder<L> {
         <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
     {
         self.config.validate()?;
-        let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
+        let listener = listen(addr, self.config.listen_backlog)
+            .await
+            .map_err(ServerError::Bind)?;
         self.serve(listener)
     }
 
@@ -702,4 +704,24 @@ where
         Ok::<_, std::io::Error>(())
     })
     .await;
+}
+
+/// Binds the first of `addr`'s addresses that binds (as `TcpListener::bind`: SO_REUSEADDR on
+/// Unix) and listens with `backlog`.
+async fn listen(addr: impl ToSocketAddrs, backlog: u32) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")))
 }

@@ -10,6 +10,12 @@
 //!   heartbeat failing, and not idle past the server's advertised idle timeout minus a margin.
 //! - With no alive endpoint, a checkout connects on demand to an endpoint whose backoff has
 //!   elapsed, within the request's deadline.
+//! - A checkout takes no lock while every alive endpoint takes requests unconditionally (the
+//!   usual state): it reads a snapshot of the alive endpoints and their connections, which every
+//!   change rebuilds under the lock, picks an endpoint and its least loaded connection, and
+//!   validates that connection only. Its cost does not grow with the number of endpoints. A
+//!   connection that fails validation, an ejected endpoint or one on probation sends checkouts
+//!   to the locked path, which validates and prunes every connection and publishes the result.
 
 mod balance;
 mod health;
@@ -173,6 +179,44 @@ struct Inner {
     shutdown: CancellationToken,
     /// The latest connections to close, newest last (at most [`RECENT_CLOSES`]).
     closes: Mutex<std::collections::VecDeque<RecentClose>>,
+    /// What a checkout reads without the lock; rebuilt under the lock by every change to the
+    /// endpoints, their pools, connections or health ([`Inner::publish`]).
+    snapshot: arc_swap::ArcSwap<Snapshot>,
+}
+
+/// The endpoints as a checkout sees them, published under the holder's lock after each change.
+#[derive(Default)]
+struct Snapshot {
+    /// The alive endpoints with connections, when every alive endpoint takes requests without
+    /// conditions (trusted, or outlier detection off): a checkout picks among them without the
+    /// lock and validates only the connection it picks. `None` while some alive endpoint is
+    /// ejected or on probation (its probe slot is reserved under the lock): checkouts take the
+    /// locked path.
+    fast: Option<Box<[Candidate]>>,
+    /// Where each endpoint was in the holder's list at publication (a hint: checked before use).
+    index: std::collections::HashMap<SocketAddr, usize>,
+}
+
+struct Candidate {
+    addr: SocketAddr,
+    conns: Box<[ConnectionHandle]>,
+}
+
+impl Candidate {
+    fn in_flight(&self) -> usize {
+        self.conns.iter().map(ConnectionHandle::in_flight).sum()
+    }
+}
+
+/// The connection of an endpoint a request goes to: healthy before heartbeat-failing, then the
+/// fewest requests in flight; ties go round from `turn` (the checkout counter), so requests one
+/// at a time use every connection in turn rather than always the first.
+fn least_loaded(conns: &[ConnectionHandle], turn: usize) -> Option<&ConnectionHandle> {
+    let start = turn.checked_rem(conns.len())?;
+    conns[start..]
+        .iter()
+        .chain(&conns[..start])
+        .min_by_key(|c| (c.heartbeat_failures() > 0, c.in_flight()))
 }
 
 /// How many closed connections [`ConnectionHolder::recent_closes`] remembers.
@@ -247,7 +291,9 @@ impl ConnectionHolder {
             rr: AtomicUsize::new(0),
             shutdown: shutdown.clone(),
             closes: Mutex::new(std::collections::VecDeque::new()),
+            snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::default()),
         });
+        inner.publish(&inner.lock());
         tokio::spawn(checker(inner.clone(), closed_rx));
         Ok(ConnectionHolder {
             inner,
@@ -470,6 +516,17 @@ impl ConnectionHolder {
     /// connection at all, so a request fails or connects at once), else the full connections,
     /// to wait on.
     pub(crate) fn full_connections(&self) -> Vec<ConnectionHandle> {
+        // Without the lock when every alive endpoint takes requests (the snapshot has them all).
+        if let Some(eps) = self.inner.snapshot.load().fast.as_deref() {
+            let mut full = Vec::new();
+            for c in eps.iter().flat_map(|e| e.conns.iter()).filter(|c| c.is_open()) {
+                if c.has_room() {
+                    return Vec::new();
+                }
+                full.push(c.clone());
+            }
+            return full;
+        }
         let eps = self.inner.lock();
         let mut full = Vec::new();
         for c in eps
@@ -591,6 +648,7 @@ impl Inner {
                 }
                 None => eps.push(Endpoint::new(addr, now)),
             }
+            self.publish(&eps);
         }
         self.wake.notify_one();
     }
@@ -600,7 +658,9 @@ impl Inner {
         let removed = {
             let mut eps = self.lock();
             let i = eps.iter().position(|e| e.addr == addr);
-            i.map(|i| eps.remove(i))
+            let removed = i.map(|i| eps.remove(i));
+            self.publish(&eps);
+            removed
         };
         if let Some(e) = removed {
             e.conns.iter().for_each(ConnectionHandle::shutdown);
@@ -627,18 +687,85 @@ impl Inner {
     /// (or an alive endpoint) that the checker has not caught up with yet.
     fn refreshed(&self) -> MutexGuard<'_, Vec<Endpoint>> {
         let mut eps = self.lock();
-        if refresh(&mut eps, Instant::now(), self.config.idle_margin) {
+        let (lost_any, pruned_any) = refresh(&mut eps, Instant::now(), self.config.idle_margin);
+        if pruned_any {
+            self.publish(&eps);
+        }
+        if lost_any {
             self.wake.notify_one();
         }
         eps
     }
 
-    /// Decides what a checkout does next, validating and pruning as it goes.
+    /// Rebuilds the snapshot checkouts read. Called with the lock held, after each change, so
+    /// snapshots are stored in the order of the changes.
+    fn publish(&self, eps: &[Endpoint]) {
+        let outliers = self.config.outlier.enabled;
+        let alive = || eps.iter().filter(|e| e.pool.state() == PoolState::Alive);
+        let fast = alive().all(|e| !outliers || e.health.is_trusted()).then(|| {
+            alive()
+                .filter(|e| !e.conns.is_empty())
+                .map(|e| Candidate {
+                    addr: e.addr,
+                    conns: e.conns.clone().into_boxed_slice(),
+                })
+                .collect::<Box<[Candidate]>>()
+        });
+        let index = eps.iter().enumerate().map(|(i, e)| (e.addr, i)).collect();
+        self.snapshot.store(Arc::new(Snapshot { fast, index }));
+    }
+
+    /// The position of `addr` in `eps`: the snapshot's hint if it still holds, else a search.
+    fn position(&self, eps: &[Endpoint], addr: SocketAddr) -> Option<usize> {
+        match self.snapshot.load().index.get(&addr) {
+            Some(&i) if eps.get(i).is_some_and(|e| e.addr == addr) => Some(i),
+            _ => eps.iter().position(|e| e.addr == addr),
+        }
+    }
+
+    /// The checkout without the lock: from the snapshot, when every alive endpoint takes
+    /// requests unconditionally, the balance strategy's endpoint and its least loaded
+    /// connection, if that connection passes validation. `None`: decide under the lock.
+    fn next_fast(&self, avoid: Option<SocketAddr>) -> Option<Next> {
+        let snapshot = self.snapshot.load();
+        let eps = snapshot.fast.as_deref()?;
+        // `avoid` is skipped when another endpoint is there (a retry; rare, so searched).
+        let skip = avoid
+            .filter(|_| eps.len() > 1)
+            .and_then(|a| eps.iter().position(|e| e.addr == a));
+        let n = eps.len() - usize::from(skip.is_some());
+        if n == 0 {
+            return None;
+        }
+        let at = |k: usize| match skip {
+            Some(s) if k >= s => k + 1,
+            _ => k,
+        };
+        let counter = self.rr.fetch_add(1, Ordering::Relaxed);
+        let (r1, r2) = match self.config.balance {
+            Balance::RoundRobin => (0, 0),
+            _ => (rand::random::<u32>() as usize, rand::random::<u32>() as usize),
+        };
+        let load = |k: usize| eps[at(k)].in_flight();
+        let e = &eps[at(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0))];
+        let conn = least_loaded(&e.conns, counter)?;
+        match validate(conn, Instant::now(), self.config.idle_margin) {
+            Ok(()) | Err(Rejection::HeartbeatFailing) => Some(Next::Use(e.addr, conn.clone())),
+            // The locked path prunes it (and counts the rejection) and publishes.
+            Err(_) => None,
+        }
+    }
+
+    /// Decides what a checkout does next: without the lock when it can ([`Inner::next_fast`]),
+    /// else under it, validating and pruning as it goes.
     fn next(&self, avoid: Option<SocketAddr>) -> Next {
+        if let Some(next) = self.next_fast(avoid) {
+            return next;
+        }
         let now = Instant::now();
         let margin = self.config.idle_margin;
         let mut eps = self.lock();
-        let lost_any = refresh(&mut eps, now, margin);
+        let (lost_any, pruned_any) = refresh(&mut eps, now, margin);
         // Candidates: alive endpoints, without `avoid` when another one is alive. No allocation:
         // this runs on every request.
         let alive = |e: &Endpoint| e.pool.state() == PoolState::Alive;
@@ -685,12 +812,7 @@ impl Inner {
             let load = |k: usize| eps[nth(k)].in_flight();
             let i = nth(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0));
             let e = &mut eps[i];
-            // Within an endpoint: healthy before heartbeat-failing, then the fewest requests in flight.
-            let conn = e
-                .conns
-                .iter()
-                .min_by_key(|c| (c.heartbeat_failures() > 0, c.in_flight()))
-                .cloned();
+            let conn = least_loaded(&e.conns, counter).cloned();
             match conn {
                 Some(c) => {
                     if outliers.enabled && !e.health.is_trusted() {
@@ -701,6 +823,9 @@ impl Inner {
                 None => Next::Wait,
             }
         };
+        if pruned_any {
+            self.publish(&eps);
+        }
         drop(eps);
         if lost_any {
             self.publish_pool_sizes();
@@ -772,6 +897,7 @@ impl Inner {
             } else if let Ok(conn) = &result {
                 conn.shutdown(); // the endpoint was removed while connecting
             }
+            self.publish(&eps);
         }
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         metrics::counter!(RECONNECT_ATTEMPTS, "result" => outcome).increment(1);
@@ -811,7 +937,7 @@ impl Inner {
         let now = Instant::now();
         let event = {
             let mut eps = self.lock();
-            let Some(i) = eps.iter().position(|e| e.addr == addr) else {
+            let Some(i) = self.position(&eps, addr) else {
                 return;
             };
             if !failed {
@@ -820,14 +946,16 @@ impl Inner {
             if !config.enabled {
                 return;
             }
-            match eps[i].health.record(now, failed, config) {
+            let event = match eps[i].health.record(now, failed, config) {
                 Verdict::None => return,
                 Verdict::Trusted => ConnectionEvent::EndpointTrusted { addr },
                 Verdict::Eject(reason) => match self.try_eject(&mut eps, i, reason, now) {
                     Some(ev) => ev,
                     None => return,
                 },
-            }
+            };
+            self.publish(&eps);
+            event
         };
         if let ConnectionEvent::EndpointEjected { reason, duration, .. } = &event {
             tracing::warn!(%addr, reason, ?duration, "endpoint ejected (outlier detection)");
@@ -895,6 +1023,9 @@ impl Inner {
                     events.push(ev);
                 }
             }
+            if !events.is_empty() {
+                self.publish(&eps);
+            }
         }
         let any = !events.is_empty();
         for ev in events {
@@ -944,6 +1075,7 @@ impl Inner {
                     }
                 }
             }
+            self.publish(&eps);
         }
         for ev in probation {
             self.events.send(ev);
@@ -988,6 +1120,9 @@ impl Inner {
                         e.lost = true;
                     }
                 }
+            }
+            if changed {
+                self.publish(&eps);
             }
         }
         if let Some(c) = closed {
@@ -1037,24 +1172,25 @@ impl Drop for Connecting {
 
 /// Prunes every alive endpoint and moves those left without connections to the retry pool.
 /// Returns true when one moved.
-fn refresh(eps: &mut [Endpoint], now: Instant, margin: Duration) -> bool {
-    let mut lost_any = false;
+fn refresh(eps: &mut [Endpoint], now: Instant, margin: Duration) -> (bool, bool) {
+    let (mut lost_any, mut pruned_any) = (false, false);
     for e in eps.iter_mut().filter(|e| e.pool.state() == PoolState::Alive) {
-        prune(e, now, margin);
+        pruned_any |= prune(e, now, margin);
         if e.conns.is_empty() && e.connecting == 0 {
             e.pool.on_lost(now);
             e.lost = true;
             lost_any = true;
         }
     }
-    lost_any
+    (lost_any, pruned_any || lost_any)
 }
 
 /// Drops connections that fail validation; those idle past the server's timeout are closed
 /// gracefully so the server does not have to. A connection whose heartbeats are going unanswered
 /// stays (one lost ack is not a dead peer; the driver closes it at `max_failures`) but is chosen
-/// only when no healthier connection exists.
-fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
+/// only when no healthier connection exists. Whether it dropped any.
+fn prune(e: &mut Endpoint, now: Instant, margin: Duration) -> bool {
+    let before = e.conns.len();
     let addr = e.addr;
     let mut closed = Vec::new();
     e.conns.retain(|c| match validate(c, now, margin) {
@@ -1080,6 +1216,7 @@ fn prune(e: &mut Endpoint, now: Instant, margin: Duration) {
     e.pruned.extend(closed);
     let excess = e.pruned.len().saturating_sub(PRUNED_KEPT);
     e.pruned.drain(..excess);
+    e.conns.len() != before
 }
 
 /// Closes found by validation kept per endpoint.
