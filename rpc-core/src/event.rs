@@ -126,7 +126,7 @@ struct Shared {
     channel: std::sync::OnceLock<tokio::sync::broadcast::Sender<ConnectionEvent>>,
     capacity: usize,
     /// Told the id of every connection that closes, subscribers or not (a holder's checker).
-    on_closed: Option<Box<dyn Fn(u64) + Send + Sync>>,
+    on_closed: Option<Box<dyn Fn(u64, bool) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for EventSender {
@@ -144,12 +144,13 @@ impl EventSender {
         Self::build(capacity, None)
     }
 
-    /// Also calls `on_closed` with the id of every connection that closes.
-    pub fn with_close_hook(capacity: usize, on_closed: impl Fn(u64) + Send + Sync + 'static) -> Self {
+    /// Also calls `on_closed` with the id of every connection that closes (`true`) or receives
+    /// a GOAWAY and so drains (`false`): each leaves a pool at once.
+    pub fn with_close_hook(capacity: usize, on_closed: impl Fn(u64, bool) + Send + Sync + 'static) -> Self {
         Self::build(capacity, Some(Box::new(on_closed)))
     }
 
-    fn build(capacity: usize, on_closed: Option<Box<dyn Fn(u64) + Send + Sync>>) -> Self {
+    fn build(capacity: usize, on_closed: Option<Box<dyn Fn(u64, bool) + Send + Sync>>) -> Self {
         EventSender {
             inner: std::sync::Arc::new(Shared {
                 channel: std::sync::OnceLock::new(),
@@ -169,8 +170,10 @@ impl EventSender {
 
     /// Publishes `event` to the subscribers, if there are any.
     pub fn send(&self, event: ConnectionEvent) {
-        if let (Some(hook), ConnectionEvent::Closed { id, .. }) = (&self.inner.on_closed, &event) {
-            hook(*id);
+        match (&self.inner.on_closed, &event) {
+            (Some(hook), ConnectionEvent::Closed { id, .. }) => hook(*id, true),
+            (Some(hook), ConnectionEvent::GoAwayReceived { id, .. }) => hook(*id, false),
+            _ => {}
         }
         if let Some(tx) = self.inner.channel.get() {
             let _ = tx.send(event);

@@ -31,7 +31,7 @@ pub struct ServerConfig {
     /// kernel caps it at `net.core.somaxconn`). A burst beyond it (a pool of thousands of
     /// connections dialing at once) is dropped by the kernel after the client saw its handshake
     /// complete: half-open connections that only a heartbeat finds. A listener passed to
-    /// [`crate::ServerBuilder::serve`] keeps the backlog it was made with (tokio's: 1024).
+    /// [`crate::ServerBuilder::serve`] keeps the backlog it was made with (`TcpListener::bind`: 128).
     pub listen_backlog: u32,
     /// Requests run at once across all connections; over it the server answers SERVER_BUSY at
     /// once rather than queueing. Default 1024.

@@ -39,7 +39,10 @@ fn a_client_nobody_subscribes_to_allocates_no_event_buffer() {
         }
         let each = (live() - before) / 100;
         println!("a Client with one endpoint and no connection: {each} bytes");
-        assert!(each < 8 * 1024, "{each} bytes per Client");
+        // 3.3 KiB: an endpoint's state (most of a KiB) with no spare slots, the holder, the
+        // checker's task and its close queue (6.5 KiB before: four endpoint slots and an
+        // unbounded channel's first block).
+        assert!(each < 4 * 1024, "{each} bytes per Client");
         let subscribed = live();
         let _events = clients[0].events();
         let grew = live() - subscribed;

@@ -666,3 +666,31 @@ async fn review_an_endpoint_named_again_keeps_its_failure() {
     let again = client.checkout(None).await.unwrap_err();
     assert!(matches!(again.kind(), ErrorKind::Connect(_)), "{again}");
 }
+
+/// Requests one at a time use every connection of every endpoint in turn (ties of in-flight go
+/// round), not always each endpoint's first: with 2 endpoints x 2 connections under round robin,
+/// four checkouts in a row take four different connections, and the next four the same again.
+#[tokio::test]
+async fn one_request_at_a_time_takes_every_connection_in_turn() {
+    let a = named_server("a", any_port(), ServerConfig::default(), Duration::ZERO).await;
+    let b = named_server("b", any_port(), ServerConfig::default(), Duration::ZERO).await;
+    let config = ClientConfig {
+        connections_per_endpoint: 2,
+        balance: Balance::RoundRobin,
+        ..quiet_client()
+    };
+    let client = Client::with_endpoints([a.addr(), b.addr()], config).unwrap();
+    client.checkout(None).await.unwrap();
+    wait_until(Duration::from_secs(5), || {
+        client.holder().alive_endpoints() == 2 && client.connections().len() == 4
+    })
+    .await;
+    let mut taken = Vec::new();
+    for _ in 0..8 {
+        let (_, conn) = client.holder().checkout(None, None).await.unwrap();
+        taken.push(conn.id());
+    }
+    let first: std::collections::HashSet<u64> = taken[..4].iter().copied().collect();
+    assert_eq!(first.len(), 4, "four checkouts took {taken:?}");
+    assert_eq!(taken[..4], taken[4..], "the next four go round again: {taken:?}");
+}

@@ -168,7 +168,7 @@ async fn requests_over_the_per_connection_cap_get_server_busy() {
 /// A pool of thousands dialing at once must not overflow the accept queue: the kernel drops
 /// the handshake's last ACK of a connection over the backlog after the client saw it complete,
 /// a half-open connection only a heartbeat finds (the idle benchmark's pooled client of 10 000
-/// hit it with tokio's default of 1024). The kernel reports a listener's backlog as its Send-Q.
+/// hit it with tokio's `TcpListener::bind`, backlog 128). The kernel reports a listener's backlog as its Send-Q.
 #[tokio::test]
 async fn a_bound_server_listens_with_the_configured_backlog() {
     let Some(ss) = which_ss() else {

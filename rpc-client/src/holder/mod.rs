@@ -209,8 +209,9 @@ impl Candidate {
 }
 
 /// The connection of an endpoint a request goes to: healthy before heartbeat-failing, then the
-/// fewest requests in flight; ties go round from `turn` (the checkout counter), so requests one
-/// at a time use every connection in turn rather than always the first.
+/// fewest requests in flight; ties go round from `turn` (the checkout counter over the number
+/// of candidate endpoints, so it advances at each visit to an endpoint under round robin), so
+/// requests one at a time use every connection in turn rather than always the first.
 fn least_loaded(conns: &[ConnectionHandle], turn: usize) -> Option<&ConnectionHandle> {
     let start = turn.checked_rem(conns.len())?;
     conns[start..]
@@ -268,10 +269,11 @@ impl ConnectionHolder {
             None => None,
         };
         // The checker hears of every close at once, whether or not anyone subscribes to events.
-        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = EventSender::with_close_hook(1024, move |id| {
-            let _ = closed_tx.send(id);
-        });
+        // (A queue and a notify, not a channel: an unbounded channel allocates about 1 KiB up
+        // front, in every Client.)
+        let closes = Arc::new(CloseQueue::default());
+        let hook = closes.clone();
+        let events = EventSender::with_close_hook(1024, move |id, closed| hook.push(id, closed));
         let shutdown = CancellationToken::new();
         let now = Instant::now();
         let mut endpoints: Vec<Endpoint> = Vec::new();
@@ -281,6 +283,8 @@ impl ConnectionHolder {
                 endpoints.push(Endpoint::new(addr, now));
             }
         }
+        // An endpoint is most of a KiB: no spare slots (a Client of one endpoint had four).
+        endpoints.shrink_to_fit();
         let inner = Arc::new(Inner {
             config,
             tls,
@@ -294,7 +298,7 @@ impl ConnectionHolder {
             snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::default()),
         });
         inner.publish(&inner.lock());
-        tokio::spawn(checker(inner.clone(), closed_rx));
+        tokio::spawn(checker(inner.clone(), closes));
         Ok(ConnectionHolder {
             inner,
             _guard: Arc::new(shutdown.drop_guard()),
@@ -711,7 +715,12 @@ impl Inner {
                 })
                 .collect::<Box<[Candidate]>>()
         });
-        let index = eps.iter().enumerate().map(|(i, e)| (e.addr, i)).collect();
+        // A few endpoints are searched faster than hashed (and a Client of one needs no table).
+        let index = if eps.len() > 8 {
+            eps.iter().enumerate().map(|(i, e)| (e.addr, i)).collect()
+        } else {
+            std::collections::HashMap::new()
+        };
         self.snapshot.store(Arc::new(Snapshot { fast, index }));
     }
 
@@ -748,7 +757,7 @@ impl Inner {
         };
         let load = |k: usize| eps[at(k)].in_flight();
         let e = &eps[at(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0))];
-        let conn = least_loaded(&e.conns, counter)?;
+        let conn = least_loaded(&e.conns, counter / n)?;
         match validate(conn, Instant::now(), self.config.idle_margin) {
             Ok(()) | Err(Rejection::HeartbeatFailing) => Some(Next::Use(e.addr, conn.clone())),
             // The locked path prunes it (and counts the rejection) and publishes.
@@ -812,7 +821,7 @@ impl Inner {
             let load = |k: usize| eps[nth(k)].in_flight();
             let i = nth(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0));
             let e = &mut eps[i];
-            let conn = least_loaded(&e.conns, counter).cloned();
+            let conn = least_loaded(&e.conns, counter / n).cloned();
             match conn {
                 Some(c) => {
                     if outliers.enabled && !e.health.is_trusted() {
@@ -1222,7 +1231,26 @@ fn prune(e: &mut Endpoint, now: Instant, margin: Duration) -> bool {
 /// Closes found by validation kept per endpoint.
 const PRUNED_KEPT: usize = 8;
 
-async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedReceiver<u64>) {
+/// Connections that closed or began to drain, for the checker (filled by the event hook).
+#[derive(Default)]
+struct CloseQueue {
+    /// Connection id, and whether it closed (else it drains).
+    items: Mutex<Vec<(u64, bool)>>,
+    ready: Notify,
+}
+
+impl CloseQueue {
+    fn push(&self, id: u64, closed: bool) {
+        self.items.lock().unwrap_or_else(|e| e.into_inner()).push((id, closed));
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+async fn checker(inner: Arc<Inner>, closes: Arc<CloseQueue>) {
     let interval = inner.config.check_interval;
     // The interval also rotates the latencies hedging at p95 reads, with outlier detection off.
     let timed = inner.config.hedges_at_p95();
@@ -1249,13 +1277,16 @@ async fn checker(inner: Arc<Inner>, mut closed: tokio::sync::mpsc::UnboundedRece
         }
         tokio::select! {
             _ = inner.shutdown.cancelled() => break,
-            id = closed.recv() => match id {
-                Some(id) => {
-                    inner.on_closed(id);
-                    next_check = Instant::now(); // reconnect (or top up) without waiting for the tick
+            () = closes.ready.notified() => {
+                for (id, closed) in closes.take() {
+                    if closed {
+                        inner.on_closed(id);
+                    }
                 }
-                None => break,
-            },
+                // Reconnect (or top up) without waiting for the tick; a draining connection is
+                // pruned by the pass (checkouts validate only the connection they pick).
+                next_check = Instant::now();
+            }
             _ = inner.wake.notified() => next_check = Instant::now(),
             _ = tokio::time::sleep_until(next_check) => {}
         }
