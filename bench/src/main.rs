@@ -31,7 +31,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Everything, with the defaults: the matrix, the checkout microbenchmark, then idle
-    /// connections (10 000). About 3 minutes.
+    /// connections (10 000). About 7 minutes.
     All,
     /// Run the matrix and print the tables.
     Run {
