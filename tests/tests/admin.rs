@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use examples::echo::echo_server::EchoServer;
 use examples::services::EchoService;
-use rpc_client::{Client, PoolState};
+use rpc_client::Client;
 use rpc_server::{Server, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -44,12 +44,7 @@ async fn three_servers() -> (Vec<ServerHandle>, Vec<SocketAddr>, Client) {
 }
 
 fn alive(client: &Client) -> usize {
-    client
-        .holder()
-        .endpoints()
-        .iter()
-        .filter(|e| e.state == PoolState::Alive)
-        .count()
+    client.holder().alive_endpoints()
 }
 
 /// Kills `server` like a killed process (no GOAWAY, its connections just go) and waits until
