@@ -506,19 +506,7 @@ async fn checkout_cost() -> Result<(), Box<dyn std::error::Error>> {
 async fn spawn_servers(
     n: usize,
 ) -> Result<(tokio::process::Child, Vec<std::net::SocketAddr>), Box<dyn std::error::Error>> {
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["server", "--system", "tether", "--listeners", &n.to_string()])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    let mut addrs = Vec::with_capacity(n);
-    while addrs.len() < n {
-        let line = lines.next_line().await?.ok_or("server printed too few addresses")?;
-        if let Some(a) = line.strip_prefix("LISTENING ") {
-            addrs.push(a.parse()?);
-        }
-    }
+    let (child, _pid, addrs) = spawn_child(System::Tether, n).await?;
     Ok((child, addrs))
 }
 
@@ -526,19 +514,37 @@ async fn spawn_servers(
 async fn spawn_server(
     system: System,
 ) -> Result<(tokio::process::Child, String, std::net::SocketAddr), Box<dyn std::error::Error>> {
+    let (child, pid, addrs) = spawn_child(system, 1).await?;
+    Ok((child, pid, addrs[0]))
+}
+
+/// `system`'s server on `listeners` listeners in a child process: it, its pid and the
+/// addresses it printed.
+async fn spawn_child(
+    system: System,
+    listeners: usize,
+) -> Result<(tokio::process::Child, String, Vec<std::net::SocketAddr>), Box<dyn std::error::Error>> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["server", "--system", system.name()])
+        .args([
+            "server",
+            "--system",
+            system.name(),
+            "--listeners",
+            &listeners.to_string(),
+        ])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().ok_or("server exited")?.to_string();
     let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    loop {
-        let line = lines.next_line().await?.ok_or("server printed no address")?;
+    let mut addrs = Vec::with_capacity(listeners);
+    while addrs.len() < listeners {
+        let line = lines.next_line().await?.ok_or("server printed too few addresses")?;
         if let Some(a) = line.strip_prefix("LISTENING ") {
-            return Ok((child, pid, a.parse()?));
+            addrs.push(a.parse()?);
         }
     }
+    Ok((child, pid, addrs))
 }
 
 /// Resident memory of a process in KiB, from /proc.

@@ -428,6 +428,30 @@ fn idle_call(delay_ms: u32) -> examples::echo::EchoRequest {
     }
 }
 
+/// An error a spawned task can return.
+type TaskError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs `make(i)` for each `i` in `0..n` as tasks, 100 at a time; their results, or the first
+/// error.
+async fn in_batches<T, F, Fut>(n: usize, make: F) -> Result<Vec<T>, Box<dyn std::error::Error>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, TaskError>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut done = Vec::with_capacity(n);
+    while done.len() < n {
+        let mut set = tokio::task::JoinSet::new();
+        for i in done.len()..(done.len() + 100).min(n) {
+            set.spawn(make(i));
+        }
+        while let Some(r) = set.join_next().await {
+            done.push(r?.map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(done)
+}
+
 /// Opens `n` connections (100 at a time), makes one echo call on each, and leaves them idle,
 /// heartbeating every `interval` (tonic: HTTP/2 keepalive pings; tarpc: nothing).
 pub(crate) async fn open_idle(
@@ -437,7 +461,6 @@ pub(crate) async fn open_idle(
     interval: std::time::Duration,
 ) -> Result<Idle, Box<dyn std::error::Error>> {
     use std::time::Duration;
-    let batch = 100;
     let config = rpc_client::ClientConfig {
         heartbeat: rpc_core::config::HeartbeatConfig {
             enabled: true,
@@ -451,22 +474,16 @@ pub(crate) async fn open_idle(
     };
     match setup {
         IdleSetup::TetherEach => {
-            let mut held = Vec::with_capacity(n);
-            while held.len() < n {
-                let mut set = tokio::task::JoinSet::new();
-                for i in held.len()..(held.len() + batch).min(n) {
-                    let config = config.clone();
-                    set.spawn(async move {
-                        let client = rpc_client::Client::connect(spread(addr, i), config).await?;
-                        let mut echo = examples::echo::echo_client::EchoClient::new(client.clone());
-                        echo.say(idle_call(0)).await?;
-                        Ok::<_, rpc_client::Error>(client)
-                    });
+            let held = in_batches(n, |i| {
+                let config = config.clone();
+                async move {
+                    let client = rpc_client::Client::connect(spread(addr, i), config).await?;
+                    let mut echo = examples::echo::echo_client::EchoClient::new(client.clone());
+                    echo.say(idle_call(0)).await?;
+                    Ok(client)
                 }
-                while let Some(r) = set.join_next().await {
-                    held.push(r??);
-                }
-            }
+            })
+            .await?;
             Ok(Idle::TetherEach(held))
         }
         IdleSetup::TetherPooled => {
@@ -491,76 +508,58 @@ pub(crate) async fn open_idle(
             // One call per connection: the pool takes each connection in turn (ties of in-flight
             // go round), so n calls, 100 at a time, cover them.
             let echo = examples::echo::echo_client::EchoClient::new(client.clone());
-            let mut made = 0;
-            while made < n {
-                let mut set = tokio::task::JoinSet::new();
-                for _ in made..(made + batch).min(n) {
-                    let mut echo = echo.clone();
-                    set.spawn(async move { echo.say(idle_call(0)).await });
+            let calls = in_batches(n, |_| {
+                let mut echo = echo.clone();
+                async move {
+                    echo.say(idle_call(0)).await?;
+                    Ok(())
                 }
-                while let Some(r) = set.join_next().await {
-                    if let Err(e) = r? {
-                        let mut why = std::collections::BTreeMap::new();
-                        for c in client.holder().recent_closes() {
-                            *why.entry(format!("{:?}", c.reason)).or_insert(0) += 1;
-                        }
-                        return Err(format!("a pooled connection's call failed: {e}; recent closes: {why:?}").into());
-                    }
-                    made += 1;
+            })
+            .await;
+            if let Err(e) = calls {
+                let mut why = std::collections::BTreeMap::new();
+                for c in client.holder().recent_closes() {
+                    *why.entry(format!("{:?}", c.reason)).or_insert(0) += 1;
                 }
+                return Err(format!("a pooled connection's call failed: {e}; recent closes: {why:?}").into());
             }
             Ok(Idle::TetherPooled(client))
         }
         IdleSetup::Tonic => {
-            let mut held = Vec::with_capacity(n);
-            while held.len() < n {
-                let mut set = tokio::task::JoinSet::new();
-                for i in held.len()..(held.len() + batch).min(n) {
-                    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", spread(addr, i)))?
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(interval)
-                        .keep_alive_timeout(Duration::from_millis(500))
-                        .keep_alive_while_idle(true)
-                        .connect_timeout(Duration::from_secs(10));
-                    set.spawn(async move {
-                        let channel = endpoint.connect().await?;
-                        let r = idle_call(0);
-                        pb::echo_client::EchoClient::new(channel.clone())
-                            .say(pb::EchoRequest {
-                                message: r.message,
-                                payload: r.payload,
-                                ..Default::default()
-                            })
-                            .await?;
-                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(channel)
-                    });
-                }
-                while let Some(r) = set.join_next().await {
-                    held.push(r?.map_err(|e| e.to_string())?);
-                }
-            }
+            let held = in_batches(n, |i| async move {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", spread(addr, i)))?
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(interval)
+                    .keep_alive_timeout(Duration::from_millis(500))
+                    .keep_alive_while_idle(true)
+                    .connect_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await?;
+                let r = idle_call(0);
+                pb::echo_client::EchoClient::new(channel.clone())
+                    .say(pb::EchoRequest {
+                        message: r.message,
+                        payload: r.payload,
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok(channel)
+            })
+            .await?;
             Ok(Idle::Tonic(held))
         }
         IdleSetup::Tarpc => {
-            let mut held = Vec::with_capacity(n);
-            while held.len() < n {
-                let mut set = tokio::task::JoinSet::new();
-                for i in held.len()..(held.len() + batch).min(n) {
-                    set.spawn(async move {
-                        let client = tarpc_sys::connect(spread(addr, i), 1).await?;
-                        let r = idle_call(0);
-                        let echo = tarpc_sys::Echo {
-                            message: r.message,
-                            payload: r.payload,
-                        };
-                        client.say(tarpc::context::current(), echo).await?;
-                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client)
-                    });
-                }
-                while let Some(r) = set.join_next().await {
-                    held.push(r?.map_err(|e| e.to_string())?);
-                }
-            }
+            let held = in_batches(n, |i| async move {
+                let client = tarpc_sys::connect(spread(addr, i), 1).await?;
+                let r = idle_call(0);
+                let echo = tarpc_sys::Echo {
+                    message: r.message,
+                    payload: r.payload,
+                };
+                client.say(tarpc::context::current(), echo).await?;
+                Ok(client)
+            })
+            .await?;
             Ok(Idle::Tarpc(held))
         }
     }

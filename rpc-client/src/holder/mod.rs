@@ -208,6 +208,19 @@ impl Candidate {
     }
 }
 
+/// The open ones of `conns` if none has room for a request; empty as soon as one has (or none
+/// is open).
+fn full_of<'a>(conns: impl Iterator<Item = &'a ConnectionHandle>) -> Vec<ConnectionHandle> {
+    let mut full = Vec::new();
+    for c in conns.filter(|c| c.is_open()) {
+        if c.has_room() {
+            return Vec::new();
+        }
+        full.push(c.clone());
+    }
+    full
+}
+
 /// The connection of an endpoint a request goes to: healthy before heartbeat-failing, then the
 /// fewest requests in flight; ties go round from `turn` (the checkout counter over the number
 /// of candidate endpoints, so it advances at each visit to an endpoint under round robin), so
@@ -522,29 +535,14 @@ impl ConnectionHolder {
     pub(crate) fn full_connections(&self) -> Vec<ConnectionHandle> {
         // Without the lock when every alive endpoint takes requests (the snapshot has them all).
         if let Some(eps) = self.inner.snapshot.load().fast.as_deref() {
-            let mut full = Vec::new();
-            for c in eps.iter().flat_map(|e| e.conns.iter()).filter(|c| c.is_open()) {
-                if c.has_room() {
-                    return Vec::new();
-                }
-                full.push(c.clone());
-            }
-            return full;
+            return full_of(eps.iter().flat_map(|e| e.conns.iter()));
         }
         let eps = self.inner.lock();
-        let mut full = Vec::new();
-        for c in eps
-            .iter()
-            .filter(|e| e.pool.state() == PoolState::Alive && !e.health.is_ejected())
-            .flat_map(|e| e.conns.iter())
-            .filter(|c| c.is_open())
-        {
-            if c.has_room() {
-                return Vec::new();
-            }
-            full.push(c.clone());
-        }
-        full
+        full_of(
+            eps.iter()
+                .filter(|e| e.pool.state() == PoolState::Alive && !e.health.is_ejected())
+                .flat_map(|e| e.conns.iter()),
+        )
     }
 
     /// A reference for a background follower (the registry watcher) that does not keep the
@@ -750,19 +748,26 @@ impl Inner {
             Some(s) if k >= s => k + 1,
             _ => k,
         };
-        let counter = self.rr.fetch_add(1, Ordering::Relaxed);
-        let (r1, r2) = match self.config.balance {
-            Balance::RoundRobin => (0, 0),
-            _ => (rand::random::<u32>() as usize, rand::random::<u32>() as usize),
-        };
-        let load = |k: usize| eps[at(k)].in_flight();
-        let e = &eps[at(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0))];
-        let conn = least_loaded(&e.conns, counter / n)?;
+        let (k, turn) = self.choose(n, |k| eps[at(k)].in_flight());
+        let e = &eps[at(k)];
+        let conn = least_loaded(&e.conns, turn)?;
         match validate(conn, Instant::now(), self.config.idle_margin) {
             Ok(()) | Err(Rejection::HeartbeatFailing) => Some(Next::Use(e.addr, conn.clone())),
             // The locked path prunes it (and counts the rejection) and publishes.
             Err(_) => None,
         }
+    }
+
+    /// The balance strategy's pick among `n` candidate endpoints (`load`: the requests in flight
+    /// at the k-th), and the turn for [`least_loaded`] within it.
+    fn choose(&self, n: usize, load: impl Fn(usize) -> usize) -> (usize, usize) {
+        let counter = self.rr.fetch_add(1, Ordering::Relaxed);
+        let (r1, r2) = match self.config.balance {
+            Balance::RoundRobin => (0, 0),
+            _ => (rand::random::<u32>() as usize, rand::random::<u32>() as usize),
+        };
+        let k = balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0);
+        (k, counter / n)
     }
 
     /// Decides what a checkout does next: without the lock when it can ([`Inner::next_fast`]),
@@ -813,15 +818,10 @@ impl Inner {
                     .nth(k)
                     .map_or(0, |(i, _)| i)
             };
-            let counter = self.rr.fetch_add(1, Ordering::Relaxed);
-            let (r1, r2) = match self.config.balance {
-                Balance::RoundRobin => (0, 0),
-                _ => (rand::random::<u32>() as usize, rand::random::<u32>() as usize),
-            };
-            let load = |k: usize| eps[nth(k)].in_flight();
-            let i = nth(balance::pick(self.config.balance, n, load, counter, r1, r2).unwrap_or(0));
+            let (k, turn) = self.choose(n, |k| eps[nth(k)].in_flight());
+            let i = nth(k);
             let e = &mut eps[i];
-            let conn = least_loaded(&e.conns, counter / n).cloned();
+            let conn = least_loaded(&e.conns, turn).cloned();
             match conn {
                 Some(c) => {
                     if outliers.enabled && !e.health.is_trusted() {
@@ -1180,7 +1180,7 @@ impl Drop for Connecting {
 }
 
 /// Prunes every alive endpoint and moves those left without connections to the retry pool.
-/// Returns true when one moved.
+/// Returns whether one moved, and whether anything changed (a connection dropped, or one moved).
 fn refresh(eps: &mut [Endpoint], now: Instant, margin: Duration) -> (bool, bool) {
     let (mut lost_any, mut pruned_any) = (false, false);
     for e in eps.iter_mut().filter(|e| e.pool.state() == PoolState::Alive) {
