@@ -268,6 +268,7 @@ impl<L> ServerBuilder<L> {
             config: self.config,
             events: events.clone(),
             shutdown: shutdown.clone(),
+            drain: CancellationToken::new(),
             kill: kill.clone(),
             tasks: TaskTracker::new(),
         };
@@ -511,6 +512,9 @@ struct AcceptLoop {
     refusing: Arc<Semaphore>,
     events: EventSender,
     shutdown: CancellationToken,
+    /// Cancelled by the loop once the listener is closed, after `shutdown`: the connections send
+    /// their GOAWAY only then, so a client that has read one is refused a new connection.
+    drain: CancellationToken,
     kill: CancellationToken,
     tasks: TaskTracker,
 }
@@ -542,6 +546,7 @@ impl AcceptLoop {
             }
         }
         drop(self.listener);
+        self.drain.cancel();
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -581,7 +586,7 @@ impl AcceptLoop {
         cfg.tcp_options = tcp_options;
         cfg.peer = Some(peer);
         cfg.events = Some(self.events.clone());
-        cfg.shutdown = Some(self.shutdown.clone());
+        cfg.shutdown = Some(self.drain.clone());
         cfg.settings = Settings {
             max_frame_size: Some(c.connection.max_frame_size),
             idle_timeout: c.idle_timeout,

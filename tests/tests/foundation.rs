@@ -461,3 +461,27 @@ async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
         "{closed:?}"
     );
 }
+
+/// The GOAWAY's promise, raced: a client that has read it is refused a new connection. The
+/// connections used to send their GOAWAY as the accept loop was told to stop, so now and then one
+/// arrived while the listener still accepted (found by CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_has_read_goaway_is_refused_a_new_connection_every_time() {
+    for round in 0..300 {
+        let server = echo_server(ServerConfig::default()).await;
+        let addr = server.local_addr();
+        let client = Client::connect(addr, quiet_client()).await.unwrap();
+        let mut events = client.events();
+        let shutdown = tokio::spawn(server.shutdown());
+        let goaway = wait_event(&mut events, 5 * SECOND, |e| {
+            matches!(e, ConnectionEvent::GoAwayReceived { .. })
+        })
+        .await;
+        assert!(goaway.is_some(), "round {round}: no GOAWAY");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "round {round}: the listener still accepted after the GOAWAY"
+        );
+        tokio::time::timeout(5 * SECOND, shutdown).await.unwrap().unwrap();
+    }
+}
