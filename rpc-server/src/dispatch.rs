@@ -167,6 +167,38 @@ pub(crate) struct ServerDispatch {
 }
 
 /// A request handed to the service stack.
+pin_project_lite::pin_project! {
+    /// A handler's call within its deadline, if it has one: its result, and whether the deadline
+    /// cut it short. A future of its own, not an async block: that would hold `call` twice (as
+    /// what it captured and as what it awaits), in every request's task.
+    struct Timed<F> {
+        #[pin]
+        call: F,
+        #[pin]
+        deadline: Option<tokio::time::Sleep>,
+    }
+}
+
+// Generic in the error: bound to `BoxError` itself, rustc cannot prove the task `Send` for every
+// lifetime of the trait object.
+impl<T, E: From<Status>, F: Future<Output = Result<T, E>>> Future for Timed<F> {
+    type Output = (Result<T, E>, bool);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.call.poll(cx) {
+            return Poll::Ready((r, false));
+        }
+        match this.deadline.as_pin_mut().map(|d| d.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready((
+                Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
+                true,
+            )),
+            _ => Poll::Pending,
+        }
+    }
+}
+
 enum Started {
     /// `call` has made the future (nothing of the handler has run yet: it runs when the spawned
     /// task polls it).
@@ -351,7 +383,8 @@ impl Dispatch for ServerDispatch {
                 };
                 match (result, responses) {
                     (Ok(mut resp), Some(sender)) => match resp.take_stream() {
-                        Some(messages) => crate::streaming::send_all(messages, sender, on_stream_gone)
+                        // Boxed: inline, the sending's state would size every unary request's task.
+                        Some(messages) => Box::pin(crate::streaming::send_all(messages, sender, on_stream_gone))
                             .await
                             .map(|()| resp),
                         None => Err(Status::internal("a streaming method answered without a stream").into()),
@@ -365,17 +398,9 @@ impl Dispatch for ServerDispatch {
                 inner: call,
                 permits: Some(permits),
             };
-            let timed = async move {
-                match deadline {
-                    Some(d) => match tokio::time::timeout_at(d, call).await {
-                        Ok(r) => (r, false),
-                        Err(_) => (
-                            Err(Status::deadline_exceeded("deadline passed while the handler ran").into()),
-                            true,
-                        ),
-                    },
-                    None => (call.await, false),
-                }
+            let timed = Timed {
+                call,
+                deadline: deadline.map(tokio::time::sleep_until),
             };
             let ((result, timed_out), marks) = crate::entry::track(timed, server_tasks).await;
             // A handler that was entered serves the method; only otherwise is the router asked.

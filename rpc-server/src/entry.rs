@@ -93,17 +93,17 @@ impl Marks {
 }
 
 /// Runs `f` as one request's work of the server with `tasks`, and reports its marks.
-pub(crate) async fn track<F: Future>(f: F, tasks: Arc<ServerTasks>) -> (F::Output, Marks) {
+///
+/// A combinator, not an `async fn`: each async layer would hold `f` twice (as its argument and
+/// as the future it awaits), and this future is in every request's task.
+pub(crate) fn track<F: Future>(f: F, tasks: Arc<ServerTasks>) -> impl Future<Output = (F::Output, Marks)> {
+    use futures_util::FutureExt;
     let scope = Scope {
         marks: Cell::new(0),
         tasks,
     };
-    SCOPE
-        .scope(scope, async move {
-            let out = f.await;
-            (out, Marks(SCOPE.with(|s| s.marks.get())))
-        })
-        .await
+    // The marks are read in the poll that finishes `f`, still inside the scope.
+    SCOPE.scope(scope, f.map(|out| (out, Marks(SCOPE.with(|s| s.marks.get())))))
 }
 
 /// The error a tower layer returns to refuse a request before calling the service inside it (an
