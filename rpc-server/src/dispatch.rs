@@ -166,7 +166,6 @@ pub(crate) struct ServerDispatch {
     codec: ServerCodec,
 }
 
-/// A request handed to the service stack.
 pin_project_lite::pin_project! {
     /// A handler's call within its deadline, if it has one: its result, and whether the deadline
     /// cut it short. A future of its own, not an async block: that would hold `call` twice (as
@@ -199,6 +198,7 @@ impl<T, E: From<Status>, F: Future<Output = Result<T, E>>> Future for Timed<F> {
     }
 }
 
+/// A request handed to the service stack.
 enum Started {
     /// `call` has made the future (nothing of the handler has run yet: it runs when the spawned
     /// task polls it).
