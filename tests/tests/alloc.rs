@@ -87,7 +87,7 @@ fn a_unary_request_in_flight_costs_the_server_under_3_kib() {
             .unwrap();
         let mut raw = RawPeer::connect(server.local_addr()).await;
         raw.send_settings().await;
-        let mut send = |raw: &mut RawPeer| {
+        let request = |raw: &mut RawPeer| {
             let id = raw.next_id();
             Frame::Request(RequestFrame {
                 id,
@@ -98,13 +98,13 @@ fn a_unary_request_in_flight_costs_the_server_under_3_kib() {
             })
         };
         // The first request warms what is allocated once (the method cache, the metrics' keys).
-        let first = send(&mut raw);
+        let first = request(&mut raw);
         raw.send(first).await;
         control.wait_arrivals(1).await;
         const N: usize = 200;
         let before = live();
         for _ in 0..N {
-            let frame = send(&mut raw);
+            let frame = request(&mut raw);
             raw.send(frame).await;
         }
         control.wait_arrivals(N).await;
