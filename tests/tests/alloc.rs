@@ -116,3 +116,56 @@ fn a_unary_request_in_flight_costs_the_server_under_3_kib() {
         server.shutdown().await;
     });
 }
+
+/// What a unary call waiting for its answer costs the client: its task (the call's future with
+/// its retries, checkout and send), its place in the connection's session, its reply channel.
+/// The server is the raw framing, which never answers, so only the client's bytes count.
+/// 3.4 KiB today, most of it the call's future (2.6 KiB: the request frame is held at several
+/// async layers); the bound guards against the growth the server's task suffered.
+#[test]
+fn a_unary_call_waiting_for_its_answer_costs_the_client_under_4_kib() {
+    let _turn = ONE_PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (addr, accept) = RawPeer::server(rpc_core::frame::Settings {
+            max_frame_size: Some(1 << 20),
+            ..Default::default()
+        })
+        .await;
+        let peer = tokio::spawn(accept);
+        let client = Client::connect(addr, tests::quiet_client()).await.unwrap();
+        let raw = peer.await.unwrap();
+        let conn = client.checkout(None).await.unwrap();
+        let call = |client: &Client| {
+            let client = client.clone();
+            async move {
+                let req = rpc_core::Request::for_method("/test.Gate/Hold", bytes::Bytes::from_static(b"x"))
+                    .with_timeout(Duration::from_secs(60));
+                client.unary(req).await
+            }
+        };
+        // The first call warms what is allocated once (the method's metrics keys, the session).
+        let mut calls = vec![tokio::spawn(call(&client))];
+        while conn.pending_calls() < 1 {
+            tokio::task::yield_now().await;
+        }
+        const N: usize = 200;
+        let before = live();
+        calls.extend((0..N).map(|_| tokio::spawn(call(&client))));
+        // Every call written and waiting (the driver's count, updated on each of its passes).
+        while conn.pending_calls() < N + 1 {
+            tokio::task::yield_now().await;
+        }
+        let each = (live() - before) / N as isize;
+        println!("a unary call waiting for its answer: {each} bytes on the client");
+        assert!(each < 4 * 1024, "{each} bytes per call waiting");
+        for c in &calls {
+            c.abort();
+        }
+        drop(raw);
+    });
+}
