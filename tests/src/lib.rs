@@ -38,6 +38,18 @@ pub fn trace() {
 }
 
 /// A server with the echo and greeter services on 127.0.0.1:0.
+/// A server with default settings whose one method, `/test.Gate/Hold`, is a [`Gate`]: each
+/// request reports its arrival and waits to be released.
+pub async fn gate_server() -> (ServerHandle, GateControl) {
+    let (gate, control) = Gate::new();
+    let server = Server::builder()
+        .route("/test.Gate/Hold", gate.handler())
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    (server, control)
+}
+
 pub async fn echo_server(config: ServerConfig) -> ServerHandle {
     echo_server_with(config, EchoService::default()).await
 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use rpc_client::{Client, ClientConfig};
 use rpc_core::frame::{Frame, RequestFrame};
-use rpc_server::Server;
-use tests::{Gate, RawPeer};
+use tests::{gate_server, RawPeer};
 
 // dhat's allocator counts what is live (its heap statistics), with no unsafe code of ours.
 #[global_allocator]
@@ -21,18 +20,23 @@ fn live() -> isize {
     dhat::HeapStats::get().curr_bytes as isize
 }
 
+/// Runs `body` on a current-thread runtime under dhat's profiler, in its turn.
+fn profiled(body: impl std::future::Future<Output = ()>) {
+    let _turn = ONE_PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _profiler = dhat::Profiler::builder().testing().build();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body);
+}
+
 /// A `Client` nobody subscribes to allocates no event buffer: a hundred of them (one per
 /// service a process calls) cost a few KiB each, not the 96 KiB a 1,024-slot broadcast channel
 /// takes. Subscribing allocates it.
 #[test]
 fn a_client_nobody_subscribes_to_allocates_no_event_buffer() {
-    let _turn = ONE_PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _profiler = dhat::Profiler::builder().testing().build();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    profiled(async {
         // A port with nothing listening (bound, then released): no connection is made.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -72,19 +76,8 @@ fn a_client_nobody_subscribes_to_allocates_no_event_buffer() {
 /// so only the server's bytes count.
 #[test]
 fn a_unary_request_in_flight_costs_the_server_under_3_kib() {
-    let _turn = ONE_PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _profiler = dhat::Profiler::builder().testing().build();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (gate, mut control) = Gate::new();
-        let server = Server::builder()
-            .route("/test.Gate/Hold", gate.handler())
-            .bind("127.0.0.1:0")
-            .await
-            .unwrap();
+    profiled(async {
+        let (server, mut control) = gate_server().await;
         let mut raw = RawPeer::connect(server.local_addr()).await;
         raw.send_settings().await;
         let request = |raw: &mut RawPeer| {
@@ -124,13 +117,7 @@ fn a_unary_request_in_flight_costs_the_server_under_3_kib() {
 /// async layers); the bound guards against the growth the server's task suffered.
 #[test]
 fn a_unary_call_waiting_for_its_answer_costs_the_client_under_4_kib() {
-    let _turn = ONE_PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let _profiler = dhat::Profiler::builder().testing().build();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    profiled(async {
         let (addr, accept) = RawPeer::server(rpc_core::frame::Settings {
             max_frame_size: Some(1 << 20),
             ..Default::default()

@@ -16,7 +16,7 @@ use rpc_core::event::ConnectionEvent;
 use rpc_core::frame::{Frame, FrameKind, MAGIC, VERSION};
 use rpc_core::{CloseReason, GoAwayReason, ProtocolError, Response, Status};
 use rpc_server::{handler_fn, Server, ServerConfig};
-use tests::{echo_server, quiet_client, wait_event, Gate, RawPeer};
+use tests::{echo_server, gate_server, quiet_client, wait_event, Gate, RawPeer};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -390,12 +390,7 @@ async fn oneway_requests_arrive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_in_flight_refuses_new_and_sends_goaway() {
-    let (gate, mut control) = Gate::new();
-    let server = Server::builder()
-        .route("/test.Gate/Hold", gate.handler())
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, mut control) = gate_server().await;
     let addr = server.local_addr();
     let client = Client::connect(addr, quiet_client()).await.unwrap();
     let mut client_events = client.events();

@@ -16,7 +16,7 @@ use rpc_core::frame::{Frame, ResponseFrame, Settings};
 use rpc_core::{CloseReason, GoAwayReason, Metadata};
 use rpc_server::{Server, ServerConfig};
 use tests::proxy::{Fault, FaultProxy};
-use tests::{echo_server, quiet_client, wait_event, wait_until, Gate, RawPeer};
+use tests::{echo_server, gate_server, quiet_client, wait_event, wait_until, Gate, RawPeer};
 use tokio::time::Instant;
 
 /// Scheduling and loopback latency allowed on top of a documented bound. The suite runs on shared
@@ -99,12 +99,7 @@ async fn blackholed_idle_connection_client_heartbeat_timeout_and_server_idle_evi
 #[tokio::test]
 async fn blackhole_with_requests_in_flight_fails_them_by_their_deadline_as_maybe_executed() {
     let hb = heartbeat(200, 100, 3);
-    let (gate, mut control) = Gate::new();
-    let server = Server::builder()
-        .route("/test.Gate/Hold", gate.handler())
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, mut control) = gate_server().await;
     let proxy = FaultProxy::start(server.local_addr()).await;
     let client = Client::connect(proxy.addr(), client_with(hb)).await.unwrap();
     let mut events = client.events();
@@ -440,12 +435,7 @@ async fn peer_fin_is_detected_at_once_and_pending_requests_fail() {
 }
 
 async fn peer_gone(reset: bool) {
-    let (gate, mut control) = Gate::new();
-    let server = Server::builder()
-        .route("/test.Gate/Hold", gate.handler())
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, mut control) = gate_server().await;
     let proxy = FaultProxy::start(server.local_addr()).await;
     // Heartbeats off: only the driver's reading of EOF/RST can notice.
     let client = Client::connect(proxy.addr(), quiet_client()).await.unwrap();

@@ -15,7 +15,7 @@ use examples::services::EchoService;
 use rpc_client::{Client, ClientConfig, Code, ErrorKind, Request, SafeRetry};
 use rpc_core::{Response, Status};
 use rpc_server::{handler_fn, Server, ServerConfig};
-use tests::{echo_server, quiet_client, Gate};
+use tests::{echo_server, gate_server, quiet_client, Gate};
 use tokio::time::Instant;
 use tower::limit::{ConcurrencyLimitLayer, RateLimitLayer};
 use tower::load_shed::LoadShedLayer;
@@ -52,12 +52,7 @@ async fn timeout_layer_bounds_a_call_on_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_limit_layer_caps_requests_in_flight() {
-    let (gate, mut control) = Gate::new();
-    let server = Server::builder()
-        .route("/test.Gate/Hold", gate.handler())
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, mut control) = gate_server().await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     // Buffer makes the limited stack cloneable for the callers.
     let stack = ServiceBuilder::new()
@@ -107,12 +102,7 @@ async fn rate_limit_layer_spaces_requests() {
 
 #[tokio::test]
 async fn load_shed_over_a_concurrency_limit_refuses_at_once_without_sending() {
-    let (gate, mut control) = Gate::new();
-    let server = Server::builder()
-        .route("/test.Gate/Hold", gate.handler())
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let (server, mut control) = gate_server().await;
     let client = Client::connect(server.local_addr(), quiet_client()).await.unwrap();
     let mut stack = ServiceBuilder::new()
         .layer(LoadShedLayer::new())
