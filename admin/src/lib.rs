@@ -29,6 +29,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rpc_client::{Client, HealthState, PoolState};
 use rpc_core::driver::{ConnectionHandle, ConnectionState};
+use rpc_core::metrics::MethodStats;
+use rpc_core::{CloseReason, Code};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -85,15 +87,7 @@ impl Admin {
         let servers: Vec<Value> = self
             .servers
             .iter()
-            .map(|(name, view)| {
-                let mut conns = view.connections();
-                conns.sort_by_key(ConnectionHandle::id);
-                json!({
-                    "name": name,
-                    "addr": view.local_addr().to_string(),
-                    "connections": conns.iter().map(|c| connection(c, now)).collect::<Vec<_>>(),
-                })
-            })
+            .map(|(name, view)| server_state(name, view, now))
             .collect();
         json!({ "version": 1, "clients": clients, "servers": servers })
     }
@@ -199,7 +193,84 @@ fn connection(c: &ConnectionHandle, now: Instant) -> Value {
         "heartbeats_acked": c.heartbeats_acked(),
         "heartbeat_failures": c.heartbeat_failures(),
         "idle_ms": millis(now.saturating_duration_since(c.last_write())),
+        "age_ms": millis(now.saturating_duration_since(c.opened_at())),
+        "heartbeat_rtt_us": c.heartbeat_rtt().map(micros),
+        "bytes_read": c.bytes_read(),
+        "bytes_written": c.bytes_written(),
         "outbound_buffered": c.outbound_buffered(),
+    })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn methods(stats: &[MethodStats]) -> Value {
+    Value::Array(
+        stats
+            .iter()
+            .map(|m| {
+                let errors: serde_json::Map<String, Value> = m
+                    .by_code
+                    .iter()
+                    .filter(|(code, _)| *code != Code::Ok.as_str())
+                    .map(|(code, n)| ((*code).to_owned(), json!(n)))
+                    .collect();
+                json!({
+                    "method": m.method,
+                    "total": m.total(),
+                    "ok": m.count(Code::Ok),
+                    "errors": errors,
+                    "p50_us": m.latency.quantile(0.5).map(micros),
+                    "p99_us": m.latency.quantile(0.99).map(micros),
+                    "mean_us": m.latency.mean().map(micros),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn close_reason(reason: Option<&CloseReason>) -> (String, &'static str) {
+    reason.map_or_else(
+        || ("dropped from the pool".to_owned(), "dropped"),
+        |r| (r.to_string(), r.as_str()),
+    )
+}
+
+fn server_state(name: &str, view: &rpc_server::ServerView, now: Instant) -> Value {
+    let conns: Vec<Value> = view
+        .open_connections()
+        .iter()
+        .map(|c| {
+            let mut v = connection(&c.handle, now);
+            v["peer"] = json!(c.peer.map(|p| p.to_string()));
+            v
+        })
+        .collect();
+    let closes: Vec<Value> = view
+        .recent_closes()
+        .iter()
+        .rev()
+        .map(|c| {
+            let (reason, code) = close_reason(Some(&c.reason));
+            json!({
+                "id": c.id,
+                "peer": c.peer.map(|p| p.to_string()),
+                "reason": reason,
+                "reason_code": code,
+                "ago_ms": millis(now.saturating_duration_since(c.at)),
+                "age_ms": millis(c.age),
+                "bytes_read": c.bytes.0,
+                "bytes_written": c.bytes.1,
+            })
+        })
+        .collect();
+    json!({
+        "name": name,
+        "addr": view.local_addr().to_string(),
+        "connections": conns,
+        "recent_closes": closes,
+        "methods": methods(&view.methods()),
     })
 }
 
@@ -213,6 +284,13 @@ fn client_state(name: &str, client: &Client, now: Instant) -> Value {
             v["addr"] = json!(e.addr.to_string());
             v["health"] = json!(health(&e.health));
             v["in_flight"] = json!(e.in_flight);
+            v["latency_p50_us"] = json!(e.latency.map(|(p50, _)| micros(p50)));
+            v["latency_p99_us"] = json!(e.latency.map(|(_, p99)| micros(p99)));
+            v["heartbeat_rtt_us"] = json!(conns
+                .iter()
+                .filter_map(ConnectionHandle::heartbeat_rtt)
+                .min()
+                .map(micros));
             v["connections"] = Value::Array(conns.iter().map(|c| connection(c, now)).collect());
             v
         })
@@ -222,16 +300,22 @@ fn client_state(name: &str, client: &Client, now: Instant) -> Value {
         .iter()
         .rev()
         .map(|c| {
+            let (reason, code) = close_reason(c.reason.as_ref());
             json!({
                 "addr": c.addr.to_string(),
                 "id": c.id,
-                "reason": c.reason.as_ref().map_or_else(|| "dropped from the pool".to_owned(), ToString::to_string),
-                "reason_code": c.reason.as_ref().map_or("dropped", |r| r.as_str()),
+                "reason": reason,
+                "reason_code": code,
                 "ago_ms": millis(now.saturating_duration_since(c.at)),
             })
         })
         .collect();
-    json!({ "name": name, "endpoints": endpoints, "recent_closes": closes })
+    json!({
+        "name": name,
+        "endpoints": endpoints,
+        "recent_closes": closes,
+        "methods": methods(&client.method_stats()),
+    })
 }
 
 async fn api(State(admin): State<Arc<Admin>>, headers: HeaderMap, query: Query<Vec<(String, String)>>) -> Response {

@@ -369,6 +369,31 @@ async fn run(
             p99(get(System::Tarpc)),
         );
     }
+    for &cell in &cells {
+        let get = |s: System| {
+            results
+                .iter()
+                .find(|(c, sys, _)| {
+                    c.connections == cell.connections
+                        && c.callers == cell.callers
+                        && c.payload == cell.payload
+                        && *sys == s
+                })
+                .map(|r| &r.2)
+        };
+        if let (Some(t), Some(a)) = (get(System::Tether), get(System::TetherAdmin)) {
+            println!();
+            println!(
+                "With the admin page open ({}, {}, {} B): QPS {:.2}x tether's without, CPU per request {:.2}x (client + server), p99 {:.2}x",
+                cell.connections,
+                cell.callers,
+                cell.payload,
+                a.qps / t.qps,
+                (a.client_cpu_us + a.server_cpu_us) / (t.client_cpu_us + t.server_cpu_us),
+                a.p99_us / t.p99_us,
+            );
+        }
+    }
     if checkout {
         checkout_cost().await?;
     }
@@ -537,10 +562,12 @@ async fn spawn_child(
         .spawn()?;
     let pid = child.id().ok_or("server exited")?.to_string();
     let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    let mut addrs = Vec::with_capacity(listeners);
-    while addrs.len() < listeners {
+    let mut addrs = Vec::with_capacity(listeners + 1);
+    // tether-admin: its admin page's address follows, last.
+    let admin = usize::from(system == System::TetherAdmin);
+    while addrs.len() < listeners + admin {
         let line = lines.next_line().await?.ok_or("server printed too few addresses")?;
-        if let Some(a) = line.strip_prefix("LISTENING ") {
+        if let Some(a) = line.strip_prefix("LISTENING ").or(line.strip_prefix("ADMIN ")) {
             addrs.push(a.parse()?);
         }
     }
@@ -624,8 +651,12 @@ async fn measure(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
-    let (mut child, pid, addr) = spawn_server(system).await?;
-    let target = Target::connect(system, addr, cell.connections, cell.callers).await?;
+    let (mut child, pid, addrs) = spawn_child(system, 1).await?;
+    let target = Target::connect(system, addrs[0], cell.connections, cell.callers).await?;
+    let _page = match addrs.get(1) {
+        Some(admin) => Some(systems::PageOpen::start(&target, *admin).await?),
+        None => None,
+    };
     let payload = bytes::Bytes::from(vec![0x5Au8; cell.payload]);
 
     let warm_end = Instant::now() + warmup;

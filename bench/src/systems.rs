@@ -76,6 +76,9 @@ pub(crate) enum System {
     Tarpc,
     /// The floor: tokio, LengthDelimitedCodec and prost, no framework.
     Raw,
+    /// tether with the admin page on both sides (rpc-admin), each page's API fetched every
+    /// second as an open page does. Not in `ALL`: asked for by name (`--systems tether,tether-admin`).
+    TetherAdmin,
 }
 
 impl System {
@@ -92,6 +95,7 @@ impl System {
             System::Tonic => "tonic",
             System::Tarpc => "tarpc",
             System::Raw => "raw",
+            System::TetherAdmin => "tether-admin",
         }
     }
 }
@@ -165,7 +169,7 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
     let listener = socket.listen(4096)?;
     println!("LISTENING 127.0.0.1:{}", listener.local_addr()?.port());
     match system {
-        System::Tether => {
+        System::Tether | System::TetherAdmin => {
             // Room for the idle benchmark's connections (the default limit is 10 000) and its
             // pooled client's one call per connection, made all at once.
             let config = rpc_server::ServerConfig {
@@ -180,6 +184,17 @@ pub(crate) async fn serve(system: System) -> Result<(), Box<dyn std::error::Erro
                 ))
                 .add_service(examples::feed::v1::feed_server::FeedServer::new(TetherFeed))
                 .serve(listener)?;
+            let _admin = match system {
+                System::TetherAdmin => {
+                    let admin = rpc_admin::Admin::new()
+                        .server("bench", &server)
+                        .serve("127.0.0.1:0")
+                        .await?;
+                    println!("ADMIN {}", admin.local_addr());
+                    Some(admin)
+                }
+                _ => None,
+            };
             std::future::pending::<()>().await;
             drop(server);
         }
@@ -250,7 +265,7 @@ impl Target {
         callers: usize,
     ) -> Result<Target, Box<dyn std::error::Error>> {
         Ok(match system {
-            System::Tether => {
+            System::Tether | System::TetherAdmin => {
                 let config = rpc_client::ClientConfig {
                     connections_per_endpoint: connections,
                     ..Default::default()
@@ -575,7 +590,7 @@ pub(crate) async fn stream_once(
 ) -> Result<u64, Box<dyn std::error::Error>> {
     let mut n = 0u64;
     match system {
-        System::Tether => {
+        System::Tether | System::TetherAdmin => {
             let client = rpc_client::Client::connect(addr, rpc_client::ClientConfig::default()).await?;
             let feed = examples::feed::v1::feed_client::FeedClient::new(client);
             let mut events = feed
@@ -624,7 +639,7 @@ pub(crate) async fn ping_pong(
     let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let payload = Bytes::from(vec![7u8; 64]);
     match system {
-        System::Tether => {
+        System::Tether | System::TetherAdmin => {
             let client = rpc_client::Client::connect(addr, rpc_client::ClientConfig::default()).await?;
             let feed = examples::feed::v1::feed_client::FeedClient::new(client);
             let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -732,4 +747,63 @@ pub(crate) async fn stop_a_stream(target: &Target) -> Result<Stopped, Box<dyn st
     // The window (256 KiB for tether, 64 KiB for HTTP/2 by default) fills in well under this.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     Ok(stopped)
+}
+
+/// An admin page open in a browser, as far as the servers see it: the client's page served, and
+/// both pages' API (the client's and the server's) fetched every second, as the page's script does.
+pub(crate) struct PageOpen {
+    _admin: rpc_admin::AdminHandle,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl PageOpen {
+    pub(crate) async fn start(
+        target: &Target,
+        server_admin: SocketAddr,
+    ) -> Result<PageOpen, Box<dyn std::error::Error>> {
+        let Target::Tether(client) = target else {
+            return Err("the admin page is tether's".into());
+        };
+        let admin = rpc_admin::Admin::new()
+            .client("bench", client)
+            .serve("127.0.0.1:0")
+            .await?;
+        let pages = [admin.local_addr(), server_admin];
+        // The page itself, once each, as a browser loads it.
+        for addr in pages {
+            http_get(addr, "/").await.map_err(|e| e.to_string())?;
+        }
+        let poller = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                for addr in pages {
+                    if let Err(e) = http_get(addr, "/api/v1/state").await {
+                        eprintln!("admin page {addr}: {e}");
+                    }
+                }
+            }
+        });
+        Ok(PageOpen { _admin: admin, poller })
+    }
+}
+
+impl Drop for PageOpen {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection, as a page's fetch; fails unless the answer is 200.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    if !raw.starts_with(b"HTTP/1.1 200") {
+        return Err(format!("{path}: {}", String::from_utf8_lossy(&raw[..raw.len().min(80)])).into());
+    }
+    Ok(raw.len())
 }

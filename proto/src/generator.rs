@@ -247,6 +247,8 @@ impl TetherServiceGenerator {
             );
         }
         let _ = writeln!(buf, "    }}");
+        let paths: Vec<String> = s.methods.iter().map(|m| format!("{:?}", path(s, m))).collect();
+        let paths = paths.join(", ");
         let _ = writeln!(
             buf,
             r#"
@@ -271,6 +273,7 @@ impl TetherServiceGenerator {
     impl<T: {name}> ::rpc_server::NamedService for {name}Server<T> {{
         const NAME: &'static str = "{full}";
         const MARKS_ENTRY: bool = true;
+        const METHODS: ::core::option::Option<&'static [&'static str]> = ::core::option::Option::Some(&[{paths}]);
     }}
 
     impl<T: {name}> Service<::rpc_server::Request<Bytes>> for {name}Server<T> {{

@@ -135,6 +135,13 @@ impl Client {
         &self.holder
     }
 
+    /// Calls finished per method so far, by status code, with their latency from the call to its
+    /// outcome (retries and hedges included), for an admin page. Kept in process beside the
+    /// `tether_requests_total` metrics.
+    pub fn method_stats(&self) -> Vec<rpc_core::metrics::MethodStats> {
+        self.metrics.methods()
+    }
+
     /// The retry budget this client and its clones share (give it to
     /// [`crate::SafeRetry::with_budget`] so retries stacked over the client draw on it too).
     pub fn retry_budget(&self) -> crate::budget::RetryBudget {

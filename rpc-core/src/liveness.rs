@@ -62,6 +62,8 @@ pub struct Liveness {
     awaiting_ack: Option<Instant>,
     failures: u32,
     next_heartbeat_id: u64,
+    /// The latest heartbeat sent and when, until its ack comes (for its round trip).
+    last_sent: Option<(u64, Instant)>,
     /// A server's: heartbeats only while work is in flight.
     only_while_busy: bool,
     /// Whether work is in flight, and since when (a server's).
@@ -80,6 +82,7 @@ impl Liveness {
             awaiting_ack: None,
             failures: 0,
             next_heartbeat_id: 1,
+            last_sent: None,
             only_while_busy: false,
             busy: None,
         }
@@ -122,6 +125,20 @@ impl Liveness {
         self.idle_since = self.idle_since.max(now);
         self.awaiting_ack = None;
         self.failures = 0;
+    }
+
+    /// The ack of heartbeat `id` was read at `now`: the heartbeat's round trip, if it is the latest
+    /// one sent (an ack of an older one, or a repeated ack, measures nothing). The round trip runs
+    /// from when the heartbeat was due (it may have queued behind this side's writes) to when its
+    /// ack was decoded, so it includes both sides' queues: what a request would wait.
+    pub fn on_ack(&mut self, id: u64, now: Instant) -> Option<Duration> {
+        match self.last_sent {
+            Some((sent, at)) if sent == id => {
+                self.last_sent = None;
+                Some(now.saturating_duration_since(at))
+            }
+            _ => None,
+        }
     }
 
     /// Requests were in flight at `now`: the connection is not idle, and its idle clock restarts.
@@ -186,6 +203,7 @@ impl Liveness {
                 self.awaiting_ack = Some(now + hb.timeout);
                 let id = self.next_heartbeat_id;
                 self.next_heartbeat_id += 1;
+                self.last_sent = Some((id, now));
                 Some(LivenessAction::SendHeartbeat { id })
             }
             None => None,
@@ -574,6 +592,46 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A heartbeat's round trip is reported once, for the latest heartbeat sent only, and is
+        /// exactly the time from its sending to its ack, whatever reads, stale acks and repeats
+        /// come between.
+        #[test]
+        fn heartbeat_round_trips_are_measured_for_the_latest_heartbeat_once(
+            ops in proptest::collection::vec((0u8..4, 0u64..400), 1..120)
+        ) {
+            let t0 = Instant::now();
+            let mut l = Liveness::new(t0, Some(hb(100, 10_000, 1_000)), None);
+            let mut now = t0;
+            let mut sent: Vec<(u64, Instant)> = Vec::new();
+            let mut acked_latest = false;
+            for (op, dt) in ops {
+                now += ms(dt);
+                match op {
+                    0 => {
+                        while let Some(a) = l.poll(now) {
+                            if let LivenessAction::SendHeartbeat { id } = a {
+                                sent.push((id, now));
+                                acked_latest = false;
+                            }
+                        }
+                    }
+                    1 | 2 => {
+                        let Some(&(latest, _)) = sent.last() else { continue };
+                        // 1: the latest heartbeat's ack; 2: an older one's (or id 0, never sent).
+                        let (id, at) = if op == 1 { sent[sent.len() - 1] } else if sent.len() > 1 { sent[0] } else { (0, now) };
+                        let got = l.on_ack(id, now);
+                        if id == latest && !acked_latest {
+                            proptest::prop_assert_eq!(got, Some(now - at));
+                            acked_latest = true;
+                        } else {
+                            proptest::prop_assert_eq!(got, None);
+                        }
+                    }
+                    _ => l.on_read(now),
+                }
+            }
+        }
+
         /// Whatever reads and busy spells a server sees, it sends a heartbeat only while busy and
         /// closes for heartbeats only when the peer was silent for at least the bound since the
         /// later of its last read and the start of the busy spell; and a server kept busy with a

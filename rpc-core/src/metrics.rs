@@ -1,7 +1,11 @@
 //! Metric names and per-connection handles. Handles are created once per connection (or per
 //! service), never looked up per request.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::{counter, Counter, Label};
+
+use crate::latency::{AtomicLatencies, LatencySnapshot};
 
 /// Connections opened, label `side`.
 pub const CONNECTIONS_OPENED: &str = "tether_connections_opened_total";
@@ -140,18 +144,65 @@ impl ConnectionMetrics {
 pub const REQUESTS: &str = "tether_requests_total";
 /// Request latency in seconds, labels `side`, `method`.
 pub const REQUEST_DURATION: &str = "tether_request_duration_seconds";
+/// The most methods one side counts on their own (each costs its label set and about 700 bytes);
+/// requests for any further method count under [`OTHER_METHODS`]. A server counts the methods it
+/// does not serve as `unknown`, so only a service that does not list its methods (a hand-written
+/// one) can reach this.
+pub const MAX_METHODS: usize = 1024;
+/// The `method` label of the requests past [`MAX_METHODS`].
+pub const OTHER_METHODS: &str = "other";
 
 /// Handles for one method: a latency histogram and a counter per status code, registered once
-/// when the method is first seen.
+/// when the method is first seen, and the same counts kept in process for an admin page.
 #[derive(Debug)]
 struct MethodHandles {
     duration: metrics::Histogram,
     by_code: Vec<Counter>,
+    /// Requests per code, in the order of `by_code` (the last: codes this build does not know).
+    counts: Vec<AtomicU64>,
+    latency: AtomicLatencies,
+}
+
+impl MethodHandles {
+    fn record(&self, code: usize, elapsed: std::time::Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        self.by_code[code].increment(1);
+        self.counts[code].fetch_add(1, Ordering::Relaxed);
+        self.latency.record(elapsed);
+    }
+}
+
+/// One method's requests as counted so far (see [`RequestMetrics::methods`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodStats {
+    /// The method (`unknown` on a server for every method it does not serve).
+    pub method: String,
+    /// Requests finished with each code that occurred, by the code's name (`SUCCESS`, ...;
+    /// `UNRECOGNIZED` for codes this build does not know).
+    pub by_code: Vec<(&'static str, u64)>,
+    /// Their latencies: on a server from the request's arrival to its answer, on a client from
+    /// the call to its outcome.
+    pub latency: LatencySnapshot,
+}
+
+impl MethodStats {
+    /// Requests finished.
+    pub fn total(&self) -> u64 {
+        self.by_code.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Requests finished with `code`.
+    pub fn count(&self, code: crate::Code) -> u64 {
+        self.by_code
+            .iter()
+            .find(|(c, _)| *c == code.as_str())
+            .map_or(0, |(_, n)| *n)
+    }
 }
 
 /// Request counters and latency histograms per method for one side (one per server or client,
 /// shared by its connections). Each method's handles are registered once; recording is a map
-/// lookup under a read lock, never a registry lookup.
+/// lookup under a read lock and a few relaxed atomic adds, never a registry lookup.
 #[derive(Debug)]
 pub struct RequestMetrics {
     side: Side,
@@ -170,32 +221,99 @@ impl RequestMetrics {
     /// Records one finished request. A server passes `method = "unknown"` for any method it does
     /// not serve, so that clients cannot grow the label set without bound.
     pub fn record(&self, method: &str, code: crate::Code, elapsed: std::time::Duration) {
-        let handles = self.handles(method);
-        handles.duration.record(elapsed.as_secs_f64());
         let i = crate::Code::ALL
             .iter()
             .position(|c| *c == code)
             .unwrap_or(crate::Code::ALL.len());
-        handles.by_code[i].increment(1);
+        if let Some(h) = self.methods.read().unwrap_or_else(|e| e.into_inner()).get(method) {
+            return h.record(i, elapsed);
+        }
+        self.register(method).record(i, elapsed);
     }
 
-    fn handles(&self, method: &str) -> std::sync::Arc<MethodHandles> {
-        if let Some(h) = self.methods.read().unwrap_or_else(|e| e.into_inner()).get(method) {
-            return h.clone();
-        }
+    /// Its handles for `method`, registered now if new; past [`MAX_METHODS`] methods, the
+    /// handles of [`OTHER_METHODS`].
+    fn register(&self, method: &str) -> std::sync::Arc<MethodHandles> {
         let mut map = self.methods.write().unwrap_or_else(|e| e.into_inner());
+        let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
+            OTHER_METHODS
+        } else {
+            method
+        };
         map.entry(method.to_string())
-            .or_insert_with(|| {
-                let side = self.side.as_str();
-                let m = method.to_string();
-                let mut by_code: Vec<Counter> = crate::Code::ALL
-                    .iter()
-                    .map(|c| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => c.to_string()))
-                    .collect();
-                by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => "UNRECOGNIZED"));
-                let duration = metrics::histogram!(REQUEST_DURATION, "side" => side, "method" => m);
-                std::sync::Arc::new(MethodHandles { duration, by_code })
-            })
+            .or_insert_with(|| std::sync::Arc::new(self.handles(method)))
             .clone()
+    }
+
+    /// Every method's requests so far, sorted by method.
+    pub fn methods(&self) -> Vec<MethodStats> {
+        let map = self.methods.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<MethodStats> = map
+            .iter()
+            .map(|(method, h)| MethodStats {
+                method: method.clone(),
+                by_code: h
+                    .counts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        (
+                            crate::Code::ALL.get(i).map_or("UNRECOGNIZED", |c| c.as_str()),
+                            n.load(Ordering::Relaxed),
+                        )
+                    })
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
+                latency: h.latency.snapshot(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.method.cmp(&b.method));
+        out
+    }
+
+    fn handles(&self, method: &str) -> MethodHandles {
+        let side = self.side.as_str();
+        let m = method.to_string();
+        let mut by_code: Vec<Counter> = crate::Code::ALL
+            .iter()
+            .map(|c| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => c.to_string()))
+            .collect();
+        by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => "UNRECOGNIZED"));
+        let duration = metrics::histogram!(REQUEST_DURATION, "side" => side, "method" => m);
+        let counts = by_code.iter().map(|_| AtomicU64::new(0)).collect();
+        MethodHandles {
+            duration,
+            by_code,
+            counts,
+            latency: AtomicLatencies::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Counts per method and code are exact, and a side that sees more than `MAX_METHODS`
+    /// methods counts the rest under `other`: memory stays bounded and no request goes uncounted.
+    #[test]
+    fn methods_are_counted_exactly_and_bounded() {
+        let m = RequestMetrics::new(Side::Server);
+        for i in 0..MAX_METHODS + 76 {
+            m.record(&format!("/s.S/M{i}"), crate::Code::Ok, Duration::from_micros(100));
+        }
+        m.record("/s.S/M0", crate::Code::Internal, Duration::from_micros(300));
+        m.record("/s.S/late", crate::Code::Ok, Duration::from_micros(5));
+        let stats = m.methods();
+        assert_eq!(stats.len(), MAX_METHODS + 1);
+        let total: u64 = stats.iter().map(MethodStats::total).sum();
+        assert_eq!(total, MAX_METHODS as u64 + 76 + 2);
+        let other = stats.iter().find(|s| s.method == OTHER_METHODS).unwrap();
+        assert_eq!(other.total(), 77);
+        let m0 = stats.iter().find(|s| s.method == "/s.S/M0").unwrap();
+        assert_eq!((m0.count(crate::Code::Ok), m0.count(crate::Code::Internal)), (1, 1));
+        assert_eq!(m0.latency.count(), 2);
+        assert_eq!(m0.latency.mean(), Some(Duration::from_micros(200)));
     }
 }

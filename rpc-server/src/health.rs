@@ -134,6 +134,7 @@ impl HealthService {
 impl NamedService for HealthService {
     const NAME: &'static str = SERVICE;
     const MARKS_ENTRY: bool = true;
+    const METHODS: Option<&'static [&'static str]> = Some(&[CHECK, WATCH]);
 }
 
 impl Service<Request<Bytes>> for HealthService {

@@ -50,6 +50,7 @@ impl<S: NamedService, F> NamedService for InterceptedService<S, F> {
     // Entry is marked here (or by a generated service inside), after the interceptor let the
     // request through, so its refusals count as "not executed".
     const MARKS_ENTRY: bool = true;
+    const METHODS: Option<&'static [&'static str]> = S::METHODS;
 }
 
 impl<S, F> Service<Request<Bytes>> for InterceptedService<S, F>

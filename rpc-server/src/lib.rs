@@ -52,5 +52,6 @@ pub use rpc_core::registry::RegistryConfig;
 pub use rpc_core::stream::{Counts, SendError, StreamSender, Streaming};
 pub use rpc_core::{Code, Metadata, Request, Response, Status};
 pub use server::{
-    Server, ServerBuilder, ServerError, ServerHandle, ServerView, CONNECTIONS_REFUSED, TLS_HANDSHAKE_FAILURES,
+    OpenConnection, Server, ServerBuilder, ServerClose, ServerError, ServerHandle, ServerView, CONNECTIONS_REFUSED,
+    RECENT_CLOSES, TLS_HANDSHAKE_FAILURES,
 };

@@ -22,6 +22,12 @@ pub trait NamedService {
     /// starts the service, and every error the service returns counts as "may have executed".
     #[doc(hidden)]
     const MARKS_ENTRY: bool = false;
+    /// The method paths it serves (`/package.Service/Method`), when it knows them (generated code
+    /// does): a request for any other path of the service counts as `unknown` in metrics, so a
+    /// peer cannot grow the label set by inventing methods. `None` (a hand-written service): every
+    /// path of the service counts as its own method.
+    #[doc(hidden)]
+    const METHODS: Option<&'static [&'static str]> = None;
 }
 
 /// The future of a handler started by the router.
@@ -72,6 +78,8 @@ where
 pub struct Router {
     services: Arc<HashMap<String, BoxHandler>>,
     methods: Arc<HashMap<String, BoxHandler>>,
+    /// The method paths of the services that list theirs ([`NamedService::METHODS`]).
+    listed: Arc<HashMap<String, &'static [&'static str]>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -106,6 +114,10 @@ impl Router {
             Arc::new(MarksEntry(svc))
         };
         Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), handler);
+        match S::METHODS {
+            Some(paths) => Arc::make_mut(&mut self.listed).insert(S::NAME.to_string(), paths),
+            None => Arc::make_mut(&mut self.listed).remove(S::NAME),
+        };
         self
     }
 
@@ -131,9 +143,19 @@ impl Router {
         names.into_iter().collect()
     }
 
-    /// True when a handler serves `method` (metric labels use only such paths).
+    /// True when a handler serves `method` (metric labels use only such paths): a single-method
+    /// route, a method a generated service lists, or any path of a service that lists none.
     pub(crate) fn serves(&self, method: &str) -> bool {
-        self.find(method).is_some()
+        if self.methods.contains_key(method) {
+            return true;
+        }
+        let Some((service, _)) = method.strip_prefix('/').and_then(|rest| rest.rsplit_once('/')) else {
+            return false;
+        };
+        match self.listed.get(service) {
+            Some(paths) => paths.contains(&method),
+            None => self.services.contains_key(service),
+        }
     }
 
     fn find(&self, method: &str) -> Option<&BoxHandler> {

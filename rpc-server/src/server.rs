@@ -228,7 +228,8 @@ impl<L> ServerBuilder<L> {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(rpc_core::tls::server_config(t)?)),
             None => None,
         };
-        let registry = Registry::default();
+        let metrics = Arc::new(RequestMetrics::new(Side::Server));
+        let registry = Registry::new(metrics.clone());
         let tasks = Arc::new(ServerTasks {
             draining: shutdown.clone(),
             ..ServerTasks::default()
@@ -253,7 +254,7 @@ impl<L> ServerBuilder<L> {
                 service,
                 stateless: !self.layered,
                 limit: Arc::new(Semaphore::new(self.config.max_concurrent_requests)),
-                metrics: Arc::new(RequestMetrics::new(Side::Server)),
+                metrics,
                 router,
                 max_request_duration: self.config.max_request_duration,
                 tasks: tasks.clone(),
@@ -356,18 +357,88 @@ pub struct ServerHandle {
     registration: Option<Registration>,
 }
 
-/// The open connections of a server, for inspection.
-#[derive(Debug, Clone, Default)]
-struct Registry(Arc<Mutex<HashMap<u64, ConnectionHandle>>>);
+/// The open connections of a server and the latest to close, for inspection; and its request
+/// counts.
+#[derive(Debug, Clone)]
+struct Registry(Arc<RegistryInner>);
+
+#[derive(Debug)]
+struct RegistryInner {
+    open: Mutex<HashMap<u64, OpenConnection>>,
+    closes: Mutex<std::collections::VecDeque<ServerClose>>,
+    metrics: Arc<RequestMetrics>,
+}
+
+/// How many closed connections a server remembers ([`ServerView::recent_closes`]).
+pub const RECENT_CLOSES: usize = 64;
+
+/// An open connection of a server ([`ServerView::open_connections`]).
+#[derive(Debug, Clone)]
+pub struct OpenConnection {
+    /// Its handle (state, requests in flight, heartbeats, bytes).
+    pub handle: ConnectionHandle,
+    /// Who connected (`None` only for a stream that is not TCP).
+    pub peer: Option<SocketAddr>,
+}
+
+/// A connection a server had, and why it closed ([`ServerView::recent_closes`]).
+#[derive(Debug, Clone)]
+pub struct ServerClose {
+    /// Its connection id.
+    pub id: u64,
+    /// Who had connected.
+    pub peer: Option<SocketAddr>,
+    /// Why it closed.
+    pub reason: rpc_core::CloseReason,
+    /// When it closed.
+    pub at: tokio::time::Instant,
+    /// How long it had been open.
+    pub age: Duration,
+    /// Bytes read from it and written to it.
+    pub bytes: (u64, u64),
+}
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnectionHandle>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(metrics: Arc<RequestMetrics>) -> Self {
+        Registry(Arc::new(RegistryInner {
+            open: Mutex::default(),
+            closes: Mutex::default(),
+            metrics,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenConnection>> {
+        self.0.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handles(&self) -> Vec<ConnectionHandle> {
+        self.lock().values().map(|c| c.handle.clone()).collect()
+    }
+
+    /// Forgets connection `id`, remembering why it closed.
+    fn closed(&self, id: u64, reason: rpc_core::CloseReason) {
+        let Some(conn) = self.lock().remove(&id) else { return };
+        let at = tokio::time::Instant::now();
+        let h = &conn.handle;
+        let close = ServerClose {
+            id,
+            peer: conn.peer,
+            reason,
+            at,
+            age: at.saturating_duration_since(h.opened_at()),
+            bytes: (h.bytes_read(), h.bytes_written()),
+        };
+        let mut closes = self.0.closes.lock().unwrap_or_else(|e| e.into_inner());
+        if closes.len() == RECENT_CLOSES {
+            closes.pop_front();
+        }
+        closes.push_back(close);
     }
 }
 
-/// A cloneable view of a running server's connections, for an admin page or a health probe
-/// that outlives the borrow of its [`ServerHandle`] (`ServerHandle::view`).
+/// A cloneable view of a running server's connections and request counts, for an admin page or a
+/// health probe that outlives the borrow of its [`ServerHandle`] (`ServerHandle::view`). Each
+/// look takes the registry's lock once; it reads what the server keeps anyway.
 #[derive(Debug, Clone)]
 pub struct ServerView {
     local_addr: SocketAddr,
@@ -382,14 +453,33 @@ impl ServerView {
 
     /// The connections open right now.
     pub fn connections(&self) -> Vec<ConnectionHandle> {
-        self.registry.lock().values().cloned().collect()
+        self.registry.handles()
+    }
+
+    /// The connections open right now, with who is at the other end, by id.
+    pub fn open_connections(&self) -> Vec<OpenConnection> {
+        let mut open: Vec<OpenConnection> = self.registry.lock().values().cloned().collect();
+        open.sort_by_key(|c| c.handle.id());
+        open
+    }
+
+    /// The latest connections to close (at most [`RECENT_CLOSES`]), oldest first.
+    pub fn recent_closes(&self) -> Vec<ServerClose> {
+        let closes = self.registry.0.closes.lock().unwrap_or_else(|e| e.into_inner());
+        closes.iter().cloned().collect()
+    }
+
+    /// Requests finished per method (methods it does not serve count as `unknown`), with their
+    /// latency from arrival to answer.
+    pub fn methods(&self) -> Vec<rpc_core::metrics::MethodStats> {
+        self.registry.0.metrics.methods()
     }
 }
 
 impl ServerHandle {
     /// The connections open right now (state, requests in flight, bytes waiting to be written).
     pub fn connections(&self) -> Vec<ConnectionHandle> {
-        self.registry.lock().values().cloned().collect()
+        self.registry.handles()
     }
 
     /// A view of the connections that can be kept and cloned (see [`ServerView`]).
@@ -657,11 +747,32 @@ where
     let peer = cfg.peer;
     let (handle, driver) = Driver::server(stream, cfg, dispatch);
     let id = handle.id();
-    registry.lock().insert(id, handle);
+    registry.lock().insert(id, OpenConnection { handle, peer });
+    // Listed until it returns, or until `abort` drops it mid-run.
+    let mut listed = Listed {
+        registry,
+        id,
+        reason: None,
+    };
     let span = tracing::info_span!("conn", id, peer = ?peer);
     let reason = driver.run().instrument(span).await;
     tracing::debug!(id, %reason, "closed");
-    registry.lock().remove(&id);
+    listed.reason = Some(reason);
+}
+
+/// Removes a connection from its server's registry when its task ends, however it ends.
+struct Listed<'a> {
+    registry: &'a Registry,
+    id: u64,
+    /// Why it closed; `None` while it runs (so a drop before it returns was `abort`'s).
+    reason: Option<rpc_core::CloseReason>,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        let reason = self.reason.take().unwrap_or(rpc_core::CloseReason::Local);
+        self.registry.closed(self.id, reason);
+    }
 }
 
 /// How many refused connections may be told why at once; more are closed without a word.

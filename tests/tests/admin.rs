@@ -5,10 +5,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use examples::echo::echo_server::EchoServer;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use examples::echo::echo_server::{Echo, EchoServer};
+use examples::echo::{EchoReply, EchoRequest};
 use examples::services::EchoService;
 use rpc_client::Client;
-use rpc_server::{Server, ServerHandle};
+use rpc_server::{Request, Response, Server, ServerHandle, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
@@ -125,8 +129,14 @@ async fn the_page_in_a_real_browser_shows_the_killed_endpoint_in_retry_and_the_o
     let (mut servers, addrs, client) = three_servers().await;
     let killed = addrs[2];
     kill(servers.remove(2), &client).await;
+    // Three calls after the kill, answered by the two that are left.
+    let mut echo = examples::echo::echo_client::EchoClient::new(client.clone());
+    for _ in 0..3 {
+        echo.say(EchoRequest::default()).await.unwrap();
+    }
     let admin = rpc_admin::Admin::new()
         .client("echo", &client)
+        .server("survivor", &servers[0])
         .serve("127.0.0.1:0")
         .await
         .unwrap();
@@ -180,4 +190,190 @@ async fn the_page_in_a_real_browser_shows_the_killed_endpoint_in_retry_and_the_o
         close.contains("peer closed the connection") || close.contains("reset by peer"),
         "{close}"
     );
+    // The client's calls per method: three, all answered.
+    let say = dom
+        .find("/Say</td>")
+        .map(|at| dom[at..].split("</tr>").next().unwrap())
+        .unwrap_or_else(|| panic!("no row for Say in:\n{dom}"));
+    assert!(say.starts_with("/Say</td><td>3</td><td>3</td>"), "{say}");
+    // A server's own table: its one connection, open, with who is at the other end.
+    let server = &dom[dom.find("server survivor").expect("the server's section")..];
+    let conn = server.split("</tr>").nth(1).unwrap();
+    assert!(conn.contains("<td>open</td>") && conn.contains("127.0.0.1:"), "{conn}");
+}
+
+/// The server's ledger: what its handlers actually ran.
+#[derive(Clone, Default)]
+struct Ledger {
+    said: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl Echo for Ledger {
+    async fn say(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.said.fetch_add(1, Ordering::SeqCst);
+        let req = request.into_body();
+        Ok(Response::new(EchoReply {
+            message: req.message,
+            ..EchoReply::default()
+        }))
+    }
+
+    async fn fail(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        Err(Status::application(request.into_body().message))
+    }
+}
+
+/// The method `name` (or whose path ends with `/{name}`) in a `methods` array of the document.
+fn method<'a>(methods: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    methods
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            let m = m["method"].as_str().unwrap();
+            m == name || m.ends_with(&format!("/{name}"))
+        })
+        .unwrap_or_else(|| panic!("no {name} in {methods}"))
+}
+
+/// Per-method counts on both sides agree with what the server's handlers ran; heartbeats have a
+/// measured round trip; and the connection the client closes is in the server's ring of closes,
+/// with exactly the bytes the client wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_counts_what_ran_measures_heartbeats_and_remembers_server_closes() {
+    let ledger = Ledger::default();
+    let server = Server::builder()
+        .add_service(EchoServer::new(ledger.clone()))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let mut cfg = tests::quiet_client();
+    cfg.heartbeat = rpc_core::config::HeartbeatConfig {
+        interval: Duration::from_millis(40),
+        timeout: Duration::from_millis(30),
+        ..Default::default()
+    };
+    let client = Client::with_endpoints(vec![server.local_addr()], cfg).unwrap();
+    let mut echo = examples::echo::echo_client::EchoClient::new(client.clone());
+    let (says, fails, unknown) = (40u64, 7u64, 3u64);
+    let mut ok = 0;
+    for i in 0..says {
+        let r = echo
+            .say(EchoRequest {
+                message: format!("m{i}"),
+                ..Default::default()
+            })
+            .await;
+        ok += u64::from(r.is_ok());
+    }
+    for _ in 0..fails {
+        assert!(echo.fail(EchoRequest::default()).await.is_err());
+    }
+    for _ in 0..unknown {
+        let req = rpc_client::Request::for_method("/echo.Echo/Nope", bytes::Bytes::new());
+        let e = client.unary(req).await.unwrap_err();
+        assert!(!e.may_have_executed(), "{e}");
+    }
+    assert_eq!(ok, says);
+    let conn = client.connections().pop().unwrap();
+    // A few heartbeats on the now quiet connection, each answered.
+    tests::wait_until(Duration::from_secs(5), || conn.heartbeats_acked() >= 3).await;
+
+    let admin = rpc_admin::Admin::new()
+        .client("echo", &client)
+        .server("echo", &server)
+        .serve("127.0.0.1:0")
+        .await
+        .unwrap();
+    let (code, body) = get(admin.local_addr(), "/api/v1/state", None).await;
+    assert_eq!(code, 200, "{body}");
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sv = &state["servers"][0];
+    let ran = ledger.said.load(Ordering::SeqCst);
+    assert_eq!(ran, says, "each call ran once");
+    let say = method(&sv["methods"], "Say");
+    assert_eq!(
+        (say["total"].as_u64(), say["ok"].as_u64()),
+        (Some(ran), Some(ran)),
+        "{say}"
+    );
+    assert!(
+        say["p50_us"].as_u64().unwrap() <= say["p99_us"].as_u64().unwrap(),
+        "{say}"
+    );
+    let fail = method(&sv["methods"], "Fail");
+    let failed = ledger.failed.load(Ordering::SeqCst);
+    assert_eq!(
+        (fail["ok"].as_u64(), fail["errors"]["APPLICATION_ERROR"].as_u64()),
+        (Some(0), Some(failed)),
+        "{fail}"
+    );
+    assert_eq!(failed, fails);
+    let nope = method(&sv["methods"], "unknown").clone();
+    assert_eq!(
+        nope["total"].as_u64(),
+        Some(unknown),
+        "refused, counted as unknown: {nope}"
+    );
+    // The client counts the same calls, from its side.
+    let c = &state["clients"][0];
+    assert_eq!(method(&c["methods"], "Say")["ok"].as_u64(), Some(says));
+    assert_eq!(
+        method(&c["methods"], "Fail")["errors"]["APPLICATION_ERROR"].as_u64(),
+        Some(fails)
+    );
+    // Heartbeats: a round trip was measured, on the connection and for the endpoint.
+    let e = &c["endpoints"][0];
+    let rtt = e["connections"][0]["heartbeat_rtt_us"]
+        .as_u64()
+        .expect("a heartbeat round trip");
+    assert!(rtt > 0 && rtt < 1_000_000, "{e}");
+    assert_eq!(e["heartbeat_rtt_us"].as_u64(), Some(rtt));
+    assert!(
+        e["latency_p50_us"].as_u64().is_some(),
+        "40 answers give the endpoint a latency: {e}"
+    );
+    // Bytes: the server's connection has read what the client's wrote (or is about to).
+    let written = e["connections"][0]["bytes_written"].as_u64().unwrap();
+    assert!(
+        written > 0 && sv["connections"][0]["bytes_read"].as_u64().unwrap() > 0,
+        "{state}"
+    );
+
+    // The client goes: the server remembers the connection, why it closed, and its bytes.
+    let id_seen_by_server = sv["connections"][0]["id"].as_u64().unwrap();
+    // The admin page holds a clone of the client too: all of them go, and nothing reconnects.
+    drop((echo, client, admin));
+    // `conn` is the last handle on it; closing it is what a leaving client's holder does.
+    conn.shutdown();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed");
+    let view = server.view();
+    tests::wait_until(Duration::from_secs(5), || !view.recent_closes().is_empty()).await;
+    let admin = rpc_admin::Admin::new()
+        .server("echo", &server)
+        .serve("127.0.0.1:0")
+        .await
+        .unwrap();
+    let (_, body) = get(admin.local_addr(), "/api/v1/state", None).await;
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sv = &state["servers"][0];
+    assert!(sv["connections"].as_array().unwrap().is_empty(), "{sv}");
+    let close = &sv["recent_closes"][0];
+    assert_eq!(close["id"].as_u64(), Some(id_seen_by_server), "{close}");
+    assert_eq!(
+        close["bytes_read"].as_u64(),
+        Some(conn.bytes_written()),
+        "the server read exactly what the client wrote: {close}"
+    );
+    assert!(close["bytes_written"].as_u64().unwrap() >= conn.bytes_read(), "{close}");
+    let code = close["reason_code"].as_str().unwrap();
+    assert!(
+        ["goaway", "peer_closed"].contains(&code),
+        "a client that left: {close} (client side: {reason})"
+    );
+    assert!(close["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{close}");
 }

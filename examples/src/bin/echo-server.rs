@@ -58,6 +58,10 @@ struct Args {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Serve the admin page (connections, recent closes, per-method counts and latency) on
+    /// http://HOST:PORT/; it exposes internals: use a loopback address.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
     /// Register the echo, greeter and feed services in etcd.
     #[command(flatten)]
     registry: RegistryFlags,
@@ -98,6 +102,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         builder = builder.registry(registry);
     }
     let server = builder.bind(args.addr).await?;
+    let _admin = match args.admin_addr {
+        Some(addr) => {
+            let admin = rpc_admin::Admin::new().server("echo", &server).serve(addr).await?;
+            eprintln!("admin page on http://{}/", admin.local_addr());
+            Some(admin)
+        }
+        None => None,
+    };
     if let Some(mut registration) = server.registration() {
         let json = args.json;
         tokio::spawn(async move {

@@ -24,6 +24,7 @@
 
 use std::time::Duration;
 
+use rpc_core::latency::{self, BUCKETS};
 use rpc_core::Code;
 use tokio::time::Instant;
 
@@ -249,9 +250,6 @@ pub enum Verdict {
     Trusted,
 }
 
-/// Buckets of [`Latencies`]: half an octave each, from 1 µs to about 50 minutes.
-const BUCKETS: usize = 64;
-
 /// A histogram of latencies in buckets half an octave wide: values within a factor of 1.5 share
 /// a bucket, which is plenty to tell an endpoint five times slower than the others, or to place a
 /// hedge. 260 bytes, no allocation.
@@ -271,25 +269,9 @@ impl Default for Latencies {
 }
 
 impl Latencies {
-    fn bucket(d: Duration) -> usize {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        let octave = 63 - us.leading_zeros();
-        let half = if octave == 0 { 0 } else { (us >> (octave - 1)) & 1 };
-        (2 * octave as usize + half as usize).min(BUCKETS - 1)
-    }
-
-    /// The smallest latency in bucket `i`, in µs.
-    fn lower_us(i: usize) -> u64 {
-        match (i / 2, i % 2) {
-            (octave, 0) => 1 << octave,
-            (0, _) => 2, // bucket 1 stays empty: 1 µs has no half octave
-            (octave, _) => 3 << (octave - 1),
-        }
-    }
-
     /// Adds one latency.
     pub fn add(&mut self, d: Duration) {
-        let b = &mut self.buckets[Self::bucket(d)];
+        let b = &mut self.buckets[latency::bucket(d)];
         *b = b.saturating_add(1);
         self.count = self.count.saturating_add(1);
     }
@@ -299,21 +281,8 @@ impl Latencies {
         self.count
     }
 
-    /// The bucket of the `q` quantile's rank, how many come before it in that bucket, and how
-    /// many the bucket holds.
-    fn locate(&self, q: f64) -> Option<(usize, u32, u32)> {
-        if self.count == 0 {
-            return None;
-        }
-        let rank = ((q.clamp(0.0, 1.0) * f64::from(self.count)).ceil() as u32).max(1);
-        let mut seen = 0u32;
-        for (i, n) in self.buckets.iter().enumerate() {
-            if seen.saturating_add(*n) >= rank {
-                return Some((i, rank - seen - 1, *n));
-            }
-            seen = seen.saturating_add(*n);
-        }
-        None
+    fn locate(&self, q: f64) -> Option<(usize, u64, u64)> {
+        latency::locate(self.buckets.iter().map(|n| u64::from(*n)), u64::from(self.count), q)
     }
 
     /// The `q` quantile (0 to 1), as the upper bound of its bucket: never below the true value,
@@ -321,7 +290,7 @@ impl Latencies {
     /// longer ones). `None` when empty. For hedging, where late is safer than early.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let (i, _, _) = self.locate(q)?;
-        Some(Duration::from_micros(Self::lower_us(i + 1)))
+        Some(latency::upper_bound(i))
     }
 
     /// The `q` quantile, interpolated within its bucket (geometrically, by its rank among the
@@ -329,9 +298,7 @@ impl Latencies {
     /// over a bucket much closer. For comparing endpoints.
     pub fn estimate(&self, q: f64) -> Option<Duration> {
         let (i, before, n) = self.locate(q)?;
-        let (lo, hi) = (Self::lower_us(i) as f64, Self::lower_us(i + 1) as f64);
-        let at = (f64::from(before) + 0.5) / f64::from(n.max(1));
-        Some(Duration::from_secs_f64(lo * (hi / lo).powf(at) / 1e6))
+        Some(latency::interpolate(i, before, n))
     }
 }
 
@@ -524,12 +491,20 @@ impl Health {
     /// successes (20); `None` until one had. For hedging
     /// ([`crate::HedgeDelay::P95`]).
     pub fn hedge_p95(&self) -> Option<Duration> {
-        let l = if self.latency.count() >= HEDGE_SAMPLES {
-            &self.latency
-        } else {
-            &self.known_latency
-        };
-        (l.count() >= HEDGE_SAMPLES).then(|| l.quantile(0.95)).flatten()
+        self.recent_latencies().and_then(|l| l.quantile(0.95))
+    }
+
+    /// The latencies of the current interval, or of the latest one with enough successes (20).
+    fn recent_latencies(&self) -> Option<&Latencies> {
+        [&self.latency, &self.known_latency]
+            .into_iter()
+            .find(|l| l.count() >= HEDGE_SAMPLES)
+    }
+
+    /// Its recent `q` latency quantile, interpolated (from the same interval as
+    /// [`Health::hedge_p95`]), for an operator's view.
+    pub fn recent_latency(&self, q: f64) -> Option<Duration> {
+        self.recent_latencies().and_then(|l| l.estimate(q))
     }
 
     /// Moves an ejection that is over to probation; true when it did.

@@ -111,6 +111,9 @@ pub struct EndpointStatus {
     pub connections: usize,
     /// Requests in flight on them.
     pub in_flight: usize,
+    /// Its recent median and 99th percentile latency, from send to answer, as outlier detection
+    /// measures it (the current interval, or the latest with 20 answers; `None` until one had).
+    pub latency: Option<(Duration, Duration)>,
 }
 
 struct Endpoint {
@@ -155,6 +158,7 @@ impl Endpoint {
             health: self.health.state(),
             connections: self.conns.len(),
             in_flight: self.in_flight(),
+            latency: self.health.recent_latency(0.5).zip(self.health.recent_latency(0.99)),
         }
     }
 

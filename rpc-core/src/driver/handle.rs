@@ -201,6 +201,11 @@ pub(crate) struct Shared {
     pub(crate) heartbeats_sent: AtomicU64,
     pub(crate) heartbeats_acked: AtomicU64,
     pub(crate) heartbeat_failures: std::sync::atomic::AtomicU32,
+    /// The latest heartbeat's round trip in µs (0: none measured yet).
+    pub(crate) heartbeat_rtt_us: AtomicU64,
+    /// Bytes read from and written to the socket.
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
     pub(crate) tcp_options: Option<crate::config::TcpConfig>,
     /// A caller gave up on a call: the driver forgets the calls nobody waits for at its next pass.
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
@@ -364,6 +369,31 @@ impl ConnectionHandle {
     /// Heartbeat acks this side has received on the connection.
     pub fn heartbeats_acked(&self) -> u64 {
         self.shared.heartbeats_acked.load(Ordering::Relaxed)
+    }
+
+    /// The round trip of the latest heartbeat this side sent and got an ack for: from when it was
+    /// due to when its ack was read, so it includes the queues of both sides (`None` until one
+    /// was answered; a busy connection sends none, so this can be old).
+    pub fn heartbeat_rtt(&self) -> Option<std::time::Duration> {
+        match self.shared.heartbeat_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(std::time::Duration::from_micros(us)),
+        }
+    }
+
+    /// Bytes read from the socket so far (after TLS, the protocol's own bytes).
+    pub fn bytes_read(&self) -> u64 {
+        self.shared.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the socket so far (after TLS, the protocol's own bytes).
+    pub fn bytes_written(&self) -> u64 {
+        self.shared.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// When the connection was set up (its TCP connection was already made).
+    pub fn opened_at(&self) -> Instant {
+        self.shared.epoch
     }
 
     /// Queues a message for the I/O task, waiting while the outbound queue is full (in frames or

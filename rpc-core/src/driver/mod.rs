@@ -305,6 +305,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             outbound_buffered: Default::default(),
             heartbeats_sent: Default::default(),
             heartbeats_acked: Default::default(),
+            heartbeat_rtt_us: Default::default(),
+            bytes_read: Default::default(),
+            bytes_written: Default::default(),
             heartbeat_failures: Default::default(),
             tcp_options: cfg.tcp_options,
             cancelled: Default::default(),
@@ -541,6 +544,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
             Poll::Ready(Ok(0)) => Err(self.session.peer_closed_reason()),
             Poll::Ready(Ok(n)) => {
+                self.shared.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 self.read_quiet = Self::after_quiet(&mut self.read_at, now);
                 // Bytes are proof of life, whole frames or not.
                 self.liveness.on_read(now);
@@ -658,9 +662,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                 self.end_stream(id, "cancelled");
             }
             Frame::Heartbeat { id } => self.encode(&Frame::HeartbeatAck { id }),
-            Frame::HeartbeatAck { .. } => {
+            Frame::HeartbeatAck { id } => {
                 self.metrics.heartbeats_acked.increment(1);
                 self.shared.heartbeats_acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(rtt) = self.liveness.on_ack(id, now) {
+                    let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+                    self.shared.heartbeat_rtt_us.store(us, Ordering::Relaxed);
+                }
             }
             Frame::GoAway(g) => self.on_goaway(g, now),
             Frame::Response(r) => {
@@ -1184,6 +1192,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     })
                 }
                 Poll::Ready(Ok(n)) => {
+                    self.shared.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
                     self.wbuf.advance(n);
                     self.write_quiet = Self::after_quiet(&mut self.write_at, now);
                     self.coalesce.on_written();
