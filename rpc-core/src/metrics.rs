@@ -151,6 +151,8 @@ pub const REQUEST_DURATION: &str = "tether_request_duration_seconds";
 pub const MAX_METHODS: usize = 1024;
 /// The `method` label of the requests past [`MAX_METHODS`].
 pub const OTHER_METHODS: &str = "other";
+/// The `code` label of the codes this build does not know.
+const UNRECOGNIZED: &str = "UNRECOGNIZED";
 
 /// Handles for one method: a latency histogram and a counter per status code, registered once
 /// when the method is first seen, and the same counts kept in process for an admin page.
@@ -225,8 +227,16 @@ impl RequestMetrics {
             .iter()
             .position(|c| *c == code)
             .unwrap_or(crate::Code::ALL.len());
-        if let Some(h) = self.methods.read().unwrap_or_else(|e| e.into_inner()).get(method) {
-            return h.record(i, elapsed);
+        {
+            let map = self.methods.read().unwrap_or_else(|e| e.into_inner());
+            // Past the cap, a method of its own is never registered: `other` is found under
+            // the read lock, without taking the write lock per request.
+            let known = map
+                .get(method)
+                .or_else(|| (map.len() >= MAX_METHODS).then(|| map.get(OTHER_METHODS)).flatten());
+            if let Some(h) = known {
+                return h.record(i, elapsed);
+            }
         }
         self.register(method).record(i, elapsed);
     }
@@ -258,7 +268,7 @@ impl RequestMetrics {
                     .enumerate()
                     .map(|(i, n)| {
                         (
-                            crate::Code::ALL.get(i).map_or("UNRECOGNIZED", |c| c.as_str()),
+                            crate::Code::ALL.get(i).map_or(UNRECOGNIZED, |c| c.as_str()),
                             n.load(Ordering::Relaxed),
                         )
                     })
@@ -278,7 +288,7 @@ impl RequestMetrics {
             .iter()
             .map(|c| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => c.to_string()))
             .collect();
-        by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => "UNRECOGNIZED"));
+        by_code.push(counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => UNRECOGNIZED));
         let duration = metrics::histogram!(REQUEST_DURATION, "side" => side, "method" => m);
         let counts = by_code.iter().map(|_| AtomicU64::new(0)).collect();
         MethodHandles {
