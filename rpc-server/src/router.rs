@@ -76,10 +76,20 @@ where
 /// methods are answered UNIMPLEMENTED (and "not executed").
 #[derive(Clone, Default)]
 pub struct Router {
-    services: Arc<HashMap<String, BoxHandler>>,
+    services: Arc<HashMap<String, RoutedService>>,
     methods: Arc<HashMap<String, BoxHandler>>,
-    /// The method paths of the services that list theirs ([`NamedService::METHODS`]).
-    listed: Arc<HashMap<String, &'static [&'static str]>>,
+}
+
+/// A whole service: its handler, and the method paths it lists ([`NamedService::METHODS`]).
+#[derive(Clone)]
+struct RoutedService {
+    handler: BoxHandler,
+    methods: Option<&'static [&'static str]>,
+}
+
+/// The service part of a method path: `package.Service` of `/package.Service/Method`.
+fn service_of(method: &str) -> Option<&str> {
+    method.strip_prefix('/')?.rsplit_once('/').map(|(service, _)| service)
 }
 
 impl std::fmt::Debug for Router {
@@ -113,11 +123,11 @@ impl Router {
         } else {
             Arc::new(MarksEntry(svc))
         };
-        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), handler);
-        match S::METHODS {
-            Some(paths) => Arc::make_mut(&mut self.listed).insert(S::NAME.to_string(), paths),
-            None => Arc::make_mut(&mut self.listed).remove(S::NAME),
+        let routed = RoutedService {
+            handler,
+            methods: S::METHODS,
         };
+        Arc::make_mut(&mut self.services).insert(S::NAME.to_string(), routed);
         self
     }
 
@@ -135,10 +145,7 @@ impl Router {
     /// single-method route (sorted, without repeats).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn service_names(&self) -> Vec<String> {
-        let routed = self
-            .methods
-            .keys()
-            .filter_map(|m| m.strip_prefix('/')?.rsplit_once('/').map(|(s, _)| s.to_string()));
+        let routed = self.methods.keys().filter_map(|m| service_of(m).map(str::to_string));
         let names: std::collections::BTreeSet<String> = self.services.keys().cloned().chain(routed).collect();
         names.into_iter().collect()
     }
@@ -149,12 +156,12 @@ impl Router {
         if self.methods.contains_key(method) {
             return true;
         }
-        let Some((service, _)) = method.strip_prefix('/').and_then(|rest| rest.rsplit_once('/')) else {
-            return false;
-        };
-        match self.listed.get(service) {
-            Some(paths) => paths.contains(&method),
-            None => self.services.contains_key(service),
+        match service_of(method).and_then(|s| self.services.get(s)) {
+            Some(RoutedService {
+                methods: Some(paths), ..
+            }) => paths.contains(&method),
+            Some(_) => true,
+            None => false,
         }
     }
 
@@ -162,9 +169,7 @@ impl Router {
         if let Some(h) = self.methods.get(method) {
             return Some(h);
         }
-        let rest = method.strip_prefix('/')?;
-        let (service, _) = rest.rsplit_once('/')?;
-        self.services.get(service)
+        self.services.get(service_of(method)?).map(|s| &s.handler)
     }
 }
 
