@@ -127,7 +127,7 @@ fn parse_cell(s: &str) -> Result<Cell, String> {
 }
 
 /// One cell of the matrix.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Cell {
     connections: usize,
     callers: usize,
@@ -336,17 +336,7 @@ async fn run(
     println!("| connections, callers, payload | tether QPS / tonic | / tarpc | / raw floor | tether CPU / raw CPU (client + server) | tether p99 / tonic p99 | / tarpc p99 |");
     println!("|---|---|---|---|---|---|---|");
     for &cell in &cells {
-        let get = |s: System| {
-            results
-                .iter()
-                .find(|(c, sys, _)| {
-                    c.payload == cell.payload
-                        && c.callers == cell.callers
-                        && c.connections == cell.connections
-                        && *sys == s
-                })
-                .map(|r| r.2.clone())
-        };
+        let get = |s: System| outcome(&results, cell, s).cloned();
         let Some(t) = get(System::Tether) else { continue };
         let qps = |o: Option<Outcome>| o.map_or("-".to_string(), |o| format!("{:.2}x", t.qps / o.qps));
         let p99 = |o: Option<Outcome>| o.map_or("-".to_string(), |o| format!("{:.2}", t.p99_us / o.p99_us));
@@ -370,17 +360,7 @@ async fn run(
         );
     }
     for &cell in &cells {
-        let get = |s: System| {
-            results
-                .iter()
-                .find(|(c, sys, _)| {
-                    c.connections == cell.connections
-                        && c.callers == cell.callers
-                        && c.payload == cell.payload
-                        && *sys == s
-                })
-                .map(|r| &r.2)
-        };
+        let get = |s: System| outcome(&results, cell, s);
         if let (Some(t), Some(a)) = (get(System::Tether), get(System::TetherAdmin)) {
             println!();
             println!(
@@ -398,6 +378,14 @@ async fn run(
         checkout_cost().await?;
     }
     Ok(())
+}
+
+/// What `system` did in `cell`, if it ran there.
+fn outcome(results: &[(Cell, System, Outcome)], cell: Cell, system: System) -> Option<&Outcome> {
+    results
+        .iter()
+        .find(|(c, s, _)| *c == cell && *s == system)
+        .map(|(_, _, o)| o)
 }
 
 /// What one system did in the stream benchmark.

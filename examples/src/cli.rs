@@ -217,6 +217,18 @@ pub fn serve_prometheus(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::e
     Ok(())
 }
 
+/// Serves `admin` on `addr` when one is given (`--admin-addr`), and says where on stderr; keep
+/// the handle for as long as the page should be served.
+pub async fn serve_admin(
+    addr: Option<std::net::SocketAddr>,
+    admin: rpc_admin::Admin,
+) -> std::io::Result<Option<rpc_admin::AdminHandle>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let handle = admin.serve(addr).await?;
+    eprintln!("admin page on http://{}/", handle.local_addr());
+    Ok(Some(handle))
+}
+
 /// Registry flags shared by the probe binaries: `--registry URL` (repeat for every etcd member)
 /// turns service registration (server) or discovery (client) on.
 #[derive(Debug, Clone, Default, clap::Args)]

@@ -125,14 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(registry) => Client::with_registry(ECHO_SERVICE, registry, config).await?,
         None => Client::with_endpoints(args.addrs.iter().copied(), config)?,
     };
-    let _admin = match args.admin_addr {
-        Some(addr) => {
-            let admin = rpc_admin::Admin::new().client("echo", &client).serve(addr).await?;
-            eprintln!("admin page on http://{}/", admin.local_addr());
-            Some(admin)
-        }
-        None => None,
-    };
+    let _admin = examples::cli::serve_admin(args.admin_addr, rpc_admin::Admin::new().client("echo", &client)).await?;
     if let Some(mut discovery) = client.discovery() {
         tokio::spawn(async move {
             loop {

@@ -102,14 +102,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         builder = builder.registry(registry);
     }
     let server = builder.bind(args.addr).await?;
-    let _admin = match args.admin_addr {
-        Some(addr) => {
-            let admin = rpc_admin::Admin::new().server("echo", &server).serve(addr).await?;
-            eprintln!("admin page on http://{}/", admin.local_addr());
-            Some(admin)
-        }
-        None => None,
-    };
+    let _admin = examples::cli::serve_admin(args.admin_addr, rpc_admin::Admin::new().server("echo", &server)).await?;
     if let Some(mut registration) = server.registration() {
         let json = args.json;
         tokio::spawn(async move {
