@@ -44,6 +44,9 @@ pub enum ErrorKind {
     /// The request names no method (`Request::new` is for generated clients, which set it; a
     /// call without generated code needs `Request::for_method`). Never sent.
     NoMethod,
+    /// The client was closed ([`crate::Client::close`], or every handle on it dropped) before the
+    /// request could be sent. Never sent.
+    Closed,
 }
 
 /// A failed request. Every request ends exactly once, in a response or in one of these, and the
@@ -186,6 +189,8 @@ impl Error {
             ErrorKind::Decompress(_) => Code::ResourceExhausted,
             ErrorKind::Config(_) | ErrorKind::TlsConfig(_) | ErrorKind::NoMethod => Code::InvalidArgument,
             ErrorKind::Middleware(_) => Code::Unknown(0xFFFF),
+            // As gRPC reports a call on a closed channel.
+            ErrorKind::Closed => Code::Cancelled,
             _ => Code::Unavailable,
         }
     }
@@ -245,6 +250,7 @@ impl Error {
             ErrorKind::Registry(_) => "registry",
             ErrorKind::NoMethod => "no_method",
             ErrorKind::Decompress(_) => "decompress",
+            ErrorKind::Closed => "closed",
         }
     }
 
@@ -300,6 +306,7 @@ impl fmt::Display for Error {
             ErrorKind::NoMethod => {
                 f.write_str("request has no method path (Request::for_method, or a generated client)")?
             }
+            ErrorKind::Closed => f.write_str("the client is closed")?,
         }
         if !self.may_have_executed {
             f.write_str(" (not executed)")?;
@@ -343,7 +350,8 @@ impl std::error::Error for Error {
             | ErrorKind::ConnectTimeout
             | ErrorKind::NoEndpoint
             | ErrorKind::Registry(_)
-            | ErrorKind::NoMethod => None,
+            | ErrorKind::NoMethod
+            | ErrorKind::Closed => None,
         }
     }
 }

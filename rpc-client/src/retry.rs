@@ -128,6 +128,7 @@ fn refusal_may_pass(e: &Error) -> bool {
         ErrorKind::Status(s) => matches!(s.code(), rpc_core::Code::Unavailable | rpc_core::Code::ServerBusy),
         ErrorKind::Connection(ConnectionError::Encode(_) | ConnectionError::ResponseRejected(_))
         | ErrorKind::NoMethod
+        | ErrorKind::Closed
         | ErrorKind::Config(_)
         | ErrorKind::TlsConfig(_) => false,
         _ => true,

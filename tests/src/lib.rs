@@ -151,8 +151,13 @@ impl RawPeer {
 
     /// Reads frames until EOF (or an error), returning them; bounded by `limit`.
     pub async fn read_until_close(&mut self, limit: Duration) -> Vec<Frame> {
+        self.read_to_eof(limit).await.0
+    }
+
+    /// The frames read until EOF (or an error), and whether it came within `limit`.
+    pub async fn read_to_eof(&mut self, limit: Duration) -> (Vec<Frame>, bool) {
         let mut frames = Vec::new();
-        let _ = tokio::time::timeout(limit, async {
+        let closed = tokio::time::timeout(limit, async {
             loop {
                 while let Ok(Some(f)) = self.codec.decode(&mut self.buf) {
                     frames.push(f);
@@ -163,8 +168,9 @@ impl RawPeer {
                 }
             }
         })
-        .await;
-        frames
+        .await
+        .is_ok();
+        (frames, closed)
     }
 
     /// The next frame, bounded by `limit`.

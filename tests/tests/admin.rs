@@ -344,10 +344,10 @@ async fn the_admin_api_counts_what_ran_measures_heartbeats_and_remembers_server_
 
     // The client goes: the server remembers the connection, why it closed, and its bytes.
     let id_seen_by_server = sv["connections"][0]["id"].as_u64().unwrap();
-    // The admin page holds a clone of the client too: all of them go, and nothing reconnects.
+    // Closed, not only dropped: the admin page's task holds a clone of the client until it has
+    // stopped, and a client still alive would reconnect. A closed one never does.
+    client.close();
     drop((echo, client, admin));
-    // `conn` is the last handle on it; closing it is what a leaving client's holder does.
-    conn.shutdown();
     let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
         .await
         .expect("closed");
@@ -361,9 +361,23 @@ async fn the_admin_api_counts_what_ran_measures_heartbeats_and_remembers_server_
     let (_, body) = get(admin.local_addr(), "/api/v1/state", None).await;
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
     let sv = &state["servers"][0];
-    assert!(sv["connections"].as_array().unwrap().is_empty(), "{sv}");
-    let close = &sv["recent_closes"][0];
-    assert_eq!(close["id"].as_u64(), Some(id_seen_by_server), "{close}");
+    // Found by id: another connection the client had begun to open just before its close may
+    // also be listed (shut down as its connect finished; see the holder's review tests).
+    let id_of = |v: &serde_json::Value| v["id"].as_u64();
+    assert!(
+        !sv["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| id_of(c) == Some(id_seen_by_server)),
+        "{sv}"
+    );
+    let close = sv["recent_closes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| id_of(c) == Some(id_seen_by_server))
+        .unwrap_or_else(|| panic!("connection {id_seen_by_server} not among the closes: {sv}"));
     assert_eq!(
         close["bytes_read"].as_u64(),
         Some(conn.bytes_written()),

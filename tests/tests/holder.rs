@@ -604,6 +604,54 @@ async fn dropping_every_client_handle_closes_its_connections() {
     );
 }
 
+/// A connect that finishes after `close()` leaves no connection open. The holder pooled it, and
+/// with the checker stopped nothing would ever close it; a request after `close()` connected
+/// again the same way. (Found as an extra connection, open for under a millisecond, in the CI
+/// run of the admin test: a close and the shutdown noticed together started a reconnect.)
+#[tokio::test]
+async fn review_a_connect_that_finishes_after_close_is_shut_down_not_pooled() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = Client::with_endpoints([addr], quiet_client()).unwrap();
+    // The checker's first pass connects; this server holds its SETTINGS back until the close.
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("the checker connects")
+        .unwrap();
+    let mut peer = tests::RawPeer::from_stream(stream);
+    client.close();
+    peer.send_settings().await;
+    let (frames, closed) = peer.read_to_eof(Duration::from_secs(5)).await;
+    assert!(closed, "a connection finished after close() stays open: {frames:?}");
+    assert!(client.connections().is_empty());
+    // A request now fails at once, typed, not sent; it opens no connection.
+    let err = who(&client, ms(1000)).await.unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::Closed), "{err}");
+    assert!(!err.may_have_executed(), "{err}");
+    assert_eq!(err.code(), rpc_core::Code::Cancelled);
+    assert!(
+        futures_util::FutureExt::now_or_never(listener.accept()).is_none(),
+        "a closed client connected again"
+    );
+}
+
+/// Closed before its checker's first pass (one runtime thread, not yielded to): the checker
+/// stops without connecting at all.
+#[tokio::test]
+async fn review_a_client_closed_before_its_checker_runs_never_connects() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = Client::with_endpoints([addr], quiet_client()).unwrap();
+    client.close();
+    let err = who(&client, ms(1000)).await.unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::Closed), "{err}");
+    // The checker runs while this waits; a connect it started would be accepted well within it.
+    assert!(
+        tokio::time::timeout(ms(300), listener.accept()).await.is_err(),
+        "the checker of a closed client connected"
+    );
+}
+
 #[tokio::test]
 async fn a_repeated_endpoint_address_is_one_endpoint() {
     let server = named_server("s", any_port(), ServerConfig::default(), Duration::ZERO).await;

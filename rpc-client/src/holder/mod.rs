@@ -273,6 +273,8 @@ enum Next {
     Connect(SocketAddr),
     Wait,
     Unavailable,
+    /// The holder was closed: nothing is connected again.
+    Closed,
 }
 
 impl ConnectionHolder {
@@ -520,6 +522,7 @@ impl ConnectionHolder {
                     }
                 }
                 Next::Wait => continue, // handled above
+                Next::Closed => return Err(Error::new(ErrorKind::Closed, false)),
                 // Every endpoint backing off: why the last attempt (its own, or another's, such
                 // as the checker's that it waited on or that ended just before it looked)
                 // failed, not only that no endpoint is left.
@@ -806,7 +809,11 @@ impl Inner {
         let candidate = |e: &Endpoint| usable(e) && Some(e.addr) != avoid;
         let n = eps.iter().filter(|e| candidate(e)).count();
         let decision = if n == 0 {
-            if let Some(e) = eps.iter_mut().find(|e| e.connecting == 0 && e.pool.is_due(now)) {
+            // Closed: its connections are draining, and none is opened again (the checker has
+            // stopped, and nothing would close it).
+            if self.shutdown.is_cancelled() {
+                Next::Closed
+            } else if let Some(e) = eps.iter_mut().find(|e| e.connecting == 0 && e.pool.is_due(now)) {
                 e.connecting += 1;
                 Next::Connect(e.addr)
             } else if eps.iter().any(|e| e.connecting > 0) {
@@ -855,7 +862,7 @@ impl Inner {
         deadline: Option<Instant>,
     ) -> Result<ConnectionHandle, Error> {
         let addr = guard.addr;
-        let result = connect(
+        let mut result = connect(
             addr,
             &self.config,
             self.tls.as_ref(),
@@ -869,9 +876,13 @@ impl Inner {
         {
             let mut eps = self.lock();
             guard.armed = false; // lowered here, under the same lock as the outcome
+                                 // Closed while this attempt ran: its connection is not pooled. Decided under the lock
+                                 // `close` takes to shut the pool's connections down, so one of the two shuts it.
+            let closed = self.shutdown.is_cancelled();
             if let Some(e) = eps.iter_mut().find(|e| e.addr == addr) {
                 e.connecting = e.connecting.saturating_sub(1);
                 match &result {
+                    _ if closed => {}
                     Ok(conn) => {
                         e.conns.push(conn.clone());
                         if e.pool.state() != PoolState::Alive && e.lost {
@@ -909,6 +920,12 @@ impl Inner {
                 }
             } else if let Ok(conn) = &result {
                 conn.shutdown(); // the endpoint was removed while connecting
+            }
+            if closed {
+                if let Ok(conn) = &result {
+                    conn.shutdown();
+                }
+                result = Err(Error::new(ErrorKind::Closed, false));
             }
             self.publish(&eps);
         }
@@ -1262,6 +1279,11 @@ async fn checker(inner: Arc<Inner>, closes: Arc<CloseQueue>) {
     let mut next_check = Instant::now();
     let mut next_evaluation = outliers.map(|i| Instant::now() + i);
     loop {
+        // Closed, or every handle dropped: no pass after that, which could open a connection
+        // nothing would ever close (a close and the shutdown may be noticed together below).
+        if inner.shutdown.is_cancelled() {
+            break;
+        }
         let now = Instant::now();
         if let (Some(at), Some(every)) = (next_evaluation, outliers) {
             if now >= at {
@@ -1280,6 +1302,7 @@ async fn checker(inner: Arc<Inner>, closes: Arc<CloseQueue>) {
             next_check = next_check.min(at);
         }
         tokio::select! {
+            biased;
             _ = inner.shutdown.cancelled() => break,
             () = closes.ready.notified() => {
                 for (id, closed) in closes.take() {
