@@ -26,6 +26,7 @@ mod dispatch;
 pub(crate) mod flow;
 mod handle;
 mod queue;
+mod readsize;
 mod session;
 mod streams;
 
@@ -70,9 +71,8 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How many read or write syscalls one pass may make before yielding to other tasks.
 const IO_BUDGET: usize = 32;
-/// Spare read-buffer capacity below which the buffer grows before the next read.
-const READ_RESERVE: usize = 8 * 1024;
-/// Buffer capacity an idle connection may keep; larger empty buffers are released.
+/// Buffer capacity an idle connection may keep; larger empty buffers are released (the read
+/// buffer's starting room, [`readsize::MIN_READ`], is below it).
 const IDLE_BUFFER_KEEP: usize = 1024;
 /// A read (or write) this long after the previous one marks a quiet connection, whose buffers are
 /// released once they are empty (see [`Driver::release_idle_buffers`]).
@@ -137,6 +137,8 @@ pub struct Driver<S> {
     cfg: DriverConfig,
     codec: FrameCodec,
     rbuf: BytesMut,
+    /// The room the next read gets (see `readsize.rs`).
+    read_size: readsize::ReadSize,
     wbuf: BytesMut,
     needs_flush: bool,
     rx: OutboundReceiver,
@@ -336,6 +338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             io,
             codec,
             rbuf: BytesMut::new(),
+            read_size: readsize::ReadSize::default(),
             wbuf,
             needs_flush: false,
             rx,
@@ -499,6 +502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     fn release_idle_buffers(&mut self) {
         if self.read_quiet && self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER_KEEP {
             self.rbuf = BytesMut::new();
+            self.read_size.reset();
         }
         if self.write_quiet && self.wbuf.is_empty() && !self.needs_flush && self.wbuf.capacity() > IDLE_BUFFER_KEEP {
             self.wbuf = BytesMut::new();
@@ -538,12 +542,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.decode_all(now)?;
             return Ok(true);
         }
-        if self.rbuf.capacity() - self.rbuf.len() < READ_RESERVE {
-            self.rbuf.reserve(4 * READ_RESERVE);
+        let want = self.read_size.want();
+        if self.rbuf.capacity() - self.rbuf.len() < want {
+            self.rbuf.reserve(want);
         }
+        let room = self.rbuf.capacity() - self.rbuf.len();
         match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
             Poll::Ready(Ok(0)) => Err(self.session.peer_closed_reason()),
             Poll::Ready(Ok(n)) => {
+                self.read_size.on_read(n, room);
                 self.shared.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 self.read_quiet = Self::after_quiet(&mut self.read_at, now);
                 // Bytes are proof of life, whole frames or not.
