@@ -696,51 +696,82 @@ impl AcceptLoop {
             connection_window: Some(c.connection.connection_window),
         };
         let mut dispatch = ServerDispatch::new(&self.dispatch, c.max_requests_per_connection);
-        let kill = self.kill.clone();
+        let kill = self.kill.clone().cancelled_owned();
         let registry = self.registry.clone();
-        let tls = self.tls.clone();
+        let Some(acceptor) = self.tls.clone() else {
+            dispatch.set_peer(rpc_core::Peer::new(peer, None));
+            let conn = run_connection(stream, cfg, dispatch, registry);
+            self.tasks.spawn(ConnectionTask {
+                kill,
+                conn,
+                _permit: permit,
+            });
+            return;
+        };
         let handshake_timeout = c.tls.as_ref().map_or(Duration::from_secs(10), |t| t.handshake_timeout);
-        self.tasks.spawn(async move {
-            let _permit = permit;
-            let serve = async {
-                match tls {
-                    None => {
-                        dispatch.set_peer(rpc_core::Peer::new(peer, None));
-                        run_connection(stream, cfg, dispatch, &registry).await
-                    }
-                    // The handshake runs here, in the connection's task, never in the accept loop.
-                    Some(acceptor) => {
-                        match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
-                            // Boxed: a TLS connection's state is large, and inline it would size the
-                            // task of every plain connection too.
-                            Ok(Ok(tls_stream)) => {
-                                let certs = tls_stream.get_ref().1.peer_certificates().map(|c| c.to_vec());
-                                dispatch.set_peer(rpc_core::Peer::new(peer, certs));
-                                Box::pin(run_connection(tls_stream, cfg, dispatch, &registry)).await
-                            }
-                            Ok(Err(e)) => {
-                                metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                                tracing::warn!(%peer, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
-                                tracing::warn!(%peer, ?handshake_timeout, "TLS handshake timed out");
-                            }
-                        }
-                    }
+        // The handshake runs here, in the connection's task, never in the accept loop.
+        let conn = async move {
+            match Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream))).await {
+                // Boxed: a TLS connection's state is large, and inline it would size the
+                // task of every plain connection too.
+                Ok(Ok(tls_stream)) => {
+                    let certs = tls_stream.get_ref().1.peer_certificates().map(|c| c.to_vec());
+                    dispatch.set_peer(rpc_core::Peer::new(peer, certs));
+                    Box::pin(run_connection(tls_stream, cfg, dispatch, registry)).await
                 }
-            };
-            tokio::select! {
-                biased;
-                _ = kill.cancelled() => {}
-                _ = serve => {}
+                Ok(Err(e)) => {
+                    metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::warn!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                }
             }
+        };
+        self.tasks.spawn(ConnectionTask {
+            kill,
+            conn,
+            _permit: permit,
         });
     }
 }
 
-/// Runs one connection's driver over a plain or TLS stream, listed in the registry meanwhile.
-async fn run_connection<S>(stream: S, cfg: DriverConfig, dispatch: ServerDispatch, registry: &Registry)
+pin_project_lite::pin_project! {
+    /// A connection's task: it ends when the connection does, or when the server is killed (which
+    /// drops the connection mid-run), then gives back its `max_connections` permit. Written by
+    /// hand, as is [`Served`], because an idle connection's memory is mostly its task: an `async`
+    /// block or `select!` would hold the driver a second time (moved into it, then into the
+    /// future it awaits), as `run_connection` did when it was an `async fn` (7 KiB a connection
+    /// instead of 2).
+    struct ConnectionTask<F> {
+        #[pin]
+        kill: tokio_util::sync::WaitForCancellationFutureOwned,
+        #[pin]
+        conn: F,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for ConnectionTask<F> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.project();
+        if this.kill.poll(cx).is_ready() {
+            return std::task::Poll::Ready(());
+        }
+        this.conn.poll(cx)
+    }
+}
+
+/// One connection's driver over a plain or TLS stream, listed in the registry while it runs.
+fn run_connection<S>(
+    stream: S,
+    cfg: DriverConfig,
+    dispatch: ServerDispatch,
+    registry: Registry,
+) -> Served<impl std::future::Future<Output = rpc_core::CloseReason>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -748,27 +779,48 @@ where
     let (handle, driver) = Driver::server(stream, cfg, dispatch);
     let id = handle.id();
     registry.lock().insert(id, OpenConnection { handle, peer });
-    // Listed until it returns, or until `abort` drops it mid-run.
-    let mut listed = Listed {
-        registry,
-        id,
-        reason: None,
-    };
     let span = tracing::info_span!("conn", id, peer = ?peer);
-    let reason = driver.run().instrument(span).await;
-    tracing::debug!(id, %reason, "closed");
-    listed.reason = Some(reason);
+    Served {
+        run: driver.run().instrument(span),
+        // Listed until it returns, or until `abort` drops it mid-run.
+        listed: Listed {
+            registry,
+            id,
+            reason: None,
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's driver running, and its place in the registry (dropped after the driver).
+    struct Served<F> {
+        #[pin]
+        run: F,
+        listed: Listed,
+    }
+}
+
+impl<F: std::future::Future<Output = rpc_core::CloseReason>> std::future::Future for Served<F> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.project();
+        let reason = std::task::ready!(this.run.poll(cx));
+        tracing::debug!(id = this.listed.id, %reason, "closed");
+        this.listed.reason = Some(reason);
+        std::task::Poll::Ready(())
+    }
 }
 
 /// Removes a connection from its server's registry when its task ends, however it ends.
-struct Listed<'a> {
-    registry: &'a Registry,
+struct Listed {
+    registry: Registry,
     id: u64,
     /// Why it closed; `None` while it runs (so a drop before it returns was `abort`'s).
     reason: Option<rpc_core::CloseReason>,
 }
 
-impl Drop for Listed<'_> {
+impl Drop for Listed {
     fn drop(&mut self) {
         let reason = self.reason.take().unwrap_or(rpc_core::CloseReason::Local);
         self.registry.closed(self.id, reason);

@@ -156,3 +156,65 @@ fn a_unary_call_waiting_for_its_answer_costs_the_client_under_4_kib() {
         drop(raw);
     });
 }
+
+/// What an idle connection costs, as users run it (issue 22): a `Client` per connection, each
+/// having made one call, then quiet, heartbeating. Both sides live in this process, so the figure
+/// is client and server together; the server's own share is measured with the raw framing below.
+/// Quiet is an event, not a sleep: every connection has had two heartbeats answered since its
+/// call, so each side's read and write have come after a quiet gap and given their buffers back.
+#[test]
+fn an_idle_client_per_connection_after_a_call_costs_both_sides_under_14_kib() {
+    use examples::echo::echo_client::EchoClient;
+    profiled(async {
+        let server = tests::echo_server(rpc_server::ServerConfig::default()).await;
+        let addr = server.local_addr();
+        let config = ClientConfig {
+            heartbeat: rpc_core::config::HeartbeatConfig {
+                interval: Duration::from_millis(250),
+                timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+            ..ClientConfig::default()
+        };
+        let open = |config: ClientConfig| async move {
+            let client = Client::connect(addr, config).await.unwrap();
+            let mut echo = EchoClient::new(client.clone());
+            echo.say(examples::echo::EchoRequest {
+                message: "idle".into(),
+                payload: bytes::Bytes::from_static(&[0x5A; 64]),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            client
+        };
+        // The first warms what is allocated once (the method's metrics keys, the runtime's I/O).
+        let first = open(config.clone()).await;
+        quiet(&first.connections()).await;
+        const N: usize = 100;
+        let before = live();
+        let mut clients = Vec::with_capacity(N);
+        for _ in 0..N {
+            clients.push(open(config.clone()).await);
+        }
+        let conns: Vec<_> = clients.iter().flat_map(Client::connections).collect();
+        assert_eq!(conns.len(), N);
+        quiet(&conns).await;
+        let each = (live() - before - (N * std::mem::size_of::<Client>()) as isize) / N as isize;
+        println!("an idle Client and its connection after a call, with the server's side: {each} bytes");
+        assert!(each < 14 * 1024, "{each} bytes per idle connection, both sides");
+        drop(conns);
+        drop(clients);
+        drop(first);
+        server.shutdown().await;
+    });
+}
+
+/// Waits until every connection has had two heartbeats answered since now.
+async fn quiet(conns: &[rpc_core::driver::ConnectionHandle]) {
+    let from: Vec<u64> = conns.iter().map(|c| c.heartbeats_acked()).collect();
+    tests::wait_until(Duration::from_secs(30), || {
+        conns.iter().zip(&from).all(|(c, f)| c.heartbeats_acked() >= f + 2)
+    })
+    .await;
+}

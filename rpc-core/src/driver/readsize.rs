@@ -1,5 +1,5 @@
-//! How much room the read buffer gets before a read: adaptive, so an idle connection costs a
-//! few hundred bytes and a busy one reads in large chunks.
+//! How much room the read buffer gets before a read: adaptive, so an idle connection's
+//! heartbeat costs a small block and a busy one reads in large chunks.
 //!
 //! A fixed reservation (32 KiB whenever less than 8 KiB was spare) made every heartbeat on an
 //! idle connection allocate 32 KiB, read 30 bytes into it and free it again once the connection
@@ -7,7 +7,7 @@
 //! all over the heap (a `Client` per connection held 19 KiB of resident memory for about 6 KiB
 //! live). Instead the room starts at [`MIN_READ`], doubles after every read that fills it, up to
 //! [`MAX_READ`], and returns to [`MIN_READ`] when a quiet connection gives its buffer back: a
-//! heartbeat then lands in the small buffer the connection keeps, with no allocation at all.
+//! heartbeat then takes a small block, which the allocator recycles from one to the next.
 //! As hyper's adaptive read strategy, without shrinking on small reads: a busy connection's
 //! buffer is reused in place, so its size only matters when it must be reallocated.
 
