@@ -1371,6 +1371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         self.finish(reason);
     }
 }
+
 #[cfg(test)]
 mod size_tests {
     use super::*;
