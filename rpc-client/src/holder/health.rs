@@ -344,11 +344,12 @@ pub struct Health {
     /// On probation: when the probe now out was handed out. Its outcome frees the slot; so does
     /// `probe_timeout` passing without one (its caller gave up, or it went to a stream).
     probe_reserved: Option<Instant>,
-    /// Latencies of the current interval's successes.
-    latency: Latencies,
+    /// Latencies of the current interval's successes (none yet: nothing allocated; 260 bytes
+    /// each, and an idle endpoint holds neither after an interval).
+    latency: Option<Box<Latencies>>,
     /// The latest interval's with at least [`HEDGE_SAMPLES`] successes (an endpoint that stopped
     /// answering keeps the latencies it had while it answered).
-    known_latency: Latencies,
+    known_latency: Option<Box<Latencies>>,
 }
 
 impl Default for Health {
@@ -361,8 +362,8 @@ impl Default for Health {
             failures: 0,
             ejected_in_interval: false,
             probe_reserved: None,
-            latency: Latencies::default(),
-            known_latency: Latencies::default(),
+            latency: None,
+            known_latency: None,
         }
     }
 }
@@ -483,7 +484,7 @@ impl Health {
     /// outcome.
     pub fn record_latency(&mut self, latency: Duration) {
         if !self.is_ejected() {
-            self.latency.add(latency);
+            self.latency.get_or_insert_with(Default::default).add(latency);
         }
     }
 
@@ -498,6 +499,8 @@ impl Health {
     fn recent_latencies(&self) -> Option<&Latencies> {
         [&self.latency, &self.known_latency]
             .into_iter()
+            .flatten()
+            .map(|l| &**l)
             .find(|l| l.count() >= HEDGE_SAMPLES)
     }
 
@@ -541,16 +544,15 @@ impl Health {
         let window = judged.then(|| Window {
             successes: self.successes,
             failures: self.failures,
-            timed: self.latency.count(),
-            p50: self.latency.estimate(0.5),
+            timed: self.latency.as_ref().map_or(0, |l| l.count()),
+            p50: self.latency.as_ref().and_then(|l| l.estimate(0.5)),
         });
         if judged {
             self.times_ejected = self.times_ejected.saturating_sub(1);
         }
-        if self.latency.count() >= HEDGE_SAMPLES {
-            self.known_latency = std::mem::take(&mut self.latency);
-        } else {
-            self.latency = Latencies::default();
+        match self.latency.take() {
+            Some(l) if l.count() >= HEDGE_SAMPLES => self.known_latency = Some(l),
+            _ => {}
         }
         self.successes = 0;
         self.failures = 0;

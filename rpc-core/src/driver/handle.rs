@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, Notify};
 
 pub(crate) use super::queue::{OutboundSender, QueueWaker};
 use tokio::time::Instant;
@@ -188,9 +188,65 @@ impl Outbound {
     }
 }
 
+/// A connection's state, set by its driver and read by every handle: a lock for the state, an
+/// atomic for the hot "is it open" check, and one `Notify` for those waiting on a change (a
+/// `watch` channel allocated about 380 bytes per connection, mostly wait lists nobody used).
+#[derive(Debug)]
+pub(crate) struct StateCell {
+    open: std::sync::atomic::AtomicBool,
+    state: std::sync::Mutex<ConnectionState>,
+    changed: Notify,
+}
+
+impl StateCell {
+    pub(crate) fn new() -> Self {
+        StateCell {
+            open: false.into(),
+            state: std::sync::Mutex::new(ConnectionState::Handshaking),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnectionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the state and wakes everyone waiting for a change.
+    pub(crate) fn set(&self, state: ConnectionState) {
+        let mut s = self.lock();
+        self.open
+            .store(matches!(state, ConnectionState::Open), Ordering::Release);
+        *s = state;
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn get(&self) -> ConnectionState {
+        self.lock().clone()
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Waits until `f` maps the state to something. A change between the check and the wait is
+    /// not missed: the wait is registered before the check.
+    pub(crate) async fn wait_for<T>(&self, f: impl Fn(&ConnectionState) -> Option<T>) -> T {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(t) = f(&self.lock()) {
+                return t;
+            }
+            changed.await;
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) id: u64,
-    pub(crate) state: watch::Sender<ConnectionState>,
+    pub(crate) state: StateCell,
     pub(crate) peer_settings: OnceLock<Settings>,
     pub(crate) in_flight: AtomicUsize,
     /// Milliseconds since `epoch` of the last frame written; readers judge idleness as the peer sees it.
@@ -249,7 +305,7 @@ impl ConnectionHandle {
 
     /// The current state.
     pub fn state(&self) -> ConnectionState {
-        self.shared.state.borrow().clone()
+        self.shared.state.get()
     }
 
     /// Whether a request could be queued on the connection now without waiting for the I/O task
@@ -266,37 +322,32 @@ impl ConnectionHandle {
 
     /// True while the connection takes new requests.
     pub fn is_open(&self) -> bool {
-        matches!(*self.shared.state.borrow(), ConnectionState::Open)
-    }
-
-    /// A receiver that sees every state change (event-driven pool moves watch this).
-    pub fn subscribe(&self) -> watch::Receiver<ConnectionState> {
-        self.shared.state.subscribe()
+        self.shared.state.is_open()
     }
 
     /// Waits until the handshake completes and the connection is open, or returns the close
     /// reason. A connection the peer drains right away (a GOAWAY with its handshake) is not ready:
     /// this waits for its close and returns why.
     pub async fn ready(&self) -> Result<(), CloseReason> {
-        let mut rx = self.subscribe();
-        let state = rx
-            .wait_for(|s| matches!(s, ConnectionState::Open | ConnectionState::Closed(_)))
-            .await;
-        match state.as_deref() {
-            Ok(ConnectionState::Closed(r)) => Err(r.clone()),
-            Ok(_) => Ok(()),
-            Err(_) => Err(CloseReason::Local),
-        }
+        self.shared
+            .state
+            .wait_for(|s| match s {
+                ConnectionState::Open => Some(Ok(())),
+                ConnectionState::Closed(r) => Some(Err(r.clone())),
+                _ => None,
+            })
+            .await
     }
 
     /// Waits until the connection is closed and returns why.
     pub async fn closed(&self) -> CloseReason {
-        let mut rx = self.subscribe();
-        let state = rx.wait_for(|s| matches!(s, ConnectionState::Closed(_))).await;
-        match state.as_deref() {
-            Ok(ConnectionState::Closed(r)) => r.clone(),
-            _ => CloseReason::Local,
-        }
+        self.shared
+            .state
+            .wait_for(|s| match s {
+                ConnectionState::Closed(r) => Some(r.clone()),
+                _ => None,
+            })
+            .await
     }
 
     /// The settings the peer sent in the handshake.

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
 use tokio_util::io::poll_read_buf;
@@ -244,7 +244,7 @@ impl<S> Driver<S> {
             return;
         };
         // Closed is visible before any caller is woken, so a retry never picks this connection.
-        self.shared.state.send_replace(ConnectionState::Closed(reason.clone()));
+        self.shared.state.set(ConnectionState::Closed(reason.clone()));
         for (reply, e) in closing.calls {
             let _ = reply.send(Err(e));
         }
@@ -302,14 +302,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     fn build(io: S, cfg: DriverConfig, dispatch: Option<Box<dyn Dispatch>>) -> (ConnectionHandle, Self) {
         let now = Instant::now();
         let (tx, rx) = queue::outbound_queue(cfg.connection.outbound_queue, cfg.connection.max_outbound_bytes);
-        let (state, _) = watch::channel(ConnectionState::Handshaking);
         let token = cfg
             .shutdown
             .as_ref()
             .map_or_else(CancellationToken::new, CancellationToken::child_token);
         let shared = Arc::new(Shared {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
-            state,
+            state: handle::StateCell::new(),
             peer_settings: OnceLock::new(),
             in_flight: Default::default(),
             last_write_ms: AtomicU64::new(0),
@@ -604,7 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             dispatch.flush(&self.tasks);
         }
         if std::mem::take(&mut self.open_pending) && decoded.is_ok() && !self.session.is_draining() {
-            self.shared.state.send_replace(ConnectionState::Open);
+            self.shared.state.set(ConnectionState::Open);
         }
         decoded
     }
@@ -868,7 +867,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         });
         // Draining is visible before any caller is woken, so a retry never picks this connection.
         if newly {
-            self.shared.state.send_replace(ConnectionState::Draining {
+            self.shared.state.set(ConnectionState::Draining {
                 reason: g.reason,
                 by_peer: true,
             });
@@ -899,7 +898,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
         if !peer_first {
             self.shared
                 .state
-                .send_replace(ConnectionState::Draining { reason, by_peer: false });
+                .set(ConnectionState::Draining { reason, by_peer: false });
         }
         self.tasks.close();
     }
