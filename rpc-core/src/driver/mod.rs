@@ -573,8 +573,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             self.decode_all(now)?;
             return Ok(true);
         }
-        let want = self.read_size.want();
-        if self.rbuf.capacity() - self.rbuf.len() < want {
+        if let Some(want) = self.read_size.reserve(self.rbuf.capacity() - self.rbuf.len()) {
             self.rbuf.reserve(want);
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
