@@ -179,9 +179,12 @@ struct Registered {
 
 /// Handles made once per recorder and key in the process, and shared (see [`Registered`] and
 /// [`ConnectionCounters`]). A handle made with no recorder in effect records nothing, so handles
-/// are kept per recorder (the global one, a local one, or none): a recorder that comes into
-/// effect later gets its own, never the no-op ones made before it. At most [`MAX_SHARED`] are
-/// kept; past it each caller gets handles of its own, so memory stays bounded whatever the keys.
+/// are kept per recorder: the no-op one before a global recorder is installed, the global one
+/// after (installed once, and never freed, so its address names it for good). A local recorder
+/// (`metrics::with_local_recorder`, a testing tool) gets handles of its own every time and none
+/// are kept: its address is reused once it is dropped, and a later one there would otherwise
+/// count into the dead one's storage. At most [`MAX_SHARED`] are kept; past it each caller gets
+/// handles of its own, so memory stays bounded whatever the keys.
 struct PerRecorder<K, V> {
     kept: std::sync::Mutex<Option<Kept<K, V>>>,
 }
@@ -201,7 +204,10 @@ impl<K: std::hash::Hash + Eq, V> PerRecorder<K, V> {
 
     /// The handles for `key` with the recorder in effect, made by `make` if there are none yet.
     fn get(&self, key: K, make: impl FnOnce() -> V) -> std::sync::Arc<V> {
-        let recorder = metrics::with_recorder(|r| r as *const dyn metrics::Recorder as *const () as usize);
+        let recorder = recorder_in_effect();
+        if !is_process_wide(recorder) {
+            return std::sync::Arc::new(make());
+        }
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let kept = kept.get_or_insert_with(Default::default);
         let key = (recorder, key);
@@ -214,6 +220,27 @@ impl<K: std::hash::Hash + Eq, V> PerRecorder<K, V> {
         }
         made
     }
+}
+
+/// The address of the recorder in effect on this thread.
+fn recorder_in_effect() -> usize {
+    metrics::with_recorder(|r| r as *const dyn metrics::Recorder as *const () as usize)
+}
+
+/// Is `recorder` the one a thread with no local recorder sees (the global one, or the no-op one
+/// before it is installed)? Remembered; asked again of a fresh thread, which has no local
+/// recorder, only when the answer could have changed: a local recorder is in effect, or the
+/// global one was installed since.
+fn is_process_wide(recorder: usize) -> bool {
+    static PROCESS_WIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if PROCESS_WIDE.load(Ordering::Acquire) == recorder {
+        return true;
+    }
+    let Ok(seen) = std::thread::spawn(recorder_in_effect).join() else {
+        return false;
+    };
+    PROCESS_WIDE.store(seen, Ordering::Release);
+    seen == recorder
 }
 
 impl Registered {
@@ -436,5 +463,34 @@ mod tests {
         assert_eq!(counted, 3);
         // The counts a RequestMetrics keeps are its own.
         assert_eq!(a.methods()[0].total(), 0);
+    }
+
+    /// A local recorder made where an earlier, dropped one was (the same address, as a helper
+    /// called twice makes it) counts its own requests: handles are never shared with a local
+    /// recorder, whose address can be reused once it is gone.
+    #[test]
+    fn each_local_recorder_counts_its_own_requests_even_at_a_reused_address() {
+        fn one_pass() -> (usize, u64) {
+            let recorder = metrics_util::debugging::DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            let at = &recorder as *const _ as usize;
+            metrics::with_local_recorder(&recorder, || {
+                RequestMetrics::new(Side::Client).record("/reused.S/M", crate::Code::Ok, Duration::from_micros(1));
+            });
+            let counted = snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter(|(k, ..)| k.key().name() == REQUESTS)
+                .map(|(.., v)| match v {
+                    metrics_util::debugging::DebugValue::Counter(n) => n,
+                    _ => 0,
+                })
+                .sum();
+            (at, counted)
+        }
+        let (first_at, first) = one_pass();
+        let (second_at, second) = one_pass();
+        assert_eq!((first, second), (1, 1), "recorders at {first_at:#x} and {second_at:#x}");
     }
 }
