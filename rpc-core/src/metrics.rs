@@ -167,6 +167,12 @@ const UNRECOGNIZED: &str = "UNRECOGNIZED";
 /// for the codes it does not.
 const CODES: usize = crate::Code::ALL.len() + 1;
 
+/// The `code` label of count slot `i` (in the order of `Code::ALL`, the last for the codes this
+/// build does not know).
+fn code_name(i: usize) -> &'static str {
+    crate::Code::ALL.get(i).map_or(UNRECOGNIZED, |c| c.as_str())
+}
+
 /// The `metrics` handles of one method on one side: a latency histogram and a counter per code.
 /// Made once per (recorder, side, method) in the process and shared by every [`RequestMetrics`]
 /// (a process holding a `Client` per target makes them once, not once per `Client`: 21 counters
@@ -186,11 +192,11 @@ struct Registered {
 /// count into the dead one's storage. At most [`MAX_SHARED`] are kept; past it each caller gets
 /// handles of its own, so memory stays bounded whatever the keys.
 struct PerRecorder<K, V> {
-    kept: std::sync::Mutex<Option<Kept<K, V>>>,
+    kept: std::sync::Mutex<Option<HandleSets<K, V>>>,
 }
 
 /// Handle sets by (recorder, key).
-type Kept<K, V> = std::collections::HashMap<(usize, K), std::sync::Arc<V>>;
+type HandleSets<K, V> = std::collections::HashMap<(usize, K), std::sync::Arc<V>>;
 
 /// The most handle sets [`PerRecorder`] keeps.
 const MAX_SHARED: usize = 4 * MAX_METHODS;
@@ -253,11 +259,8 @@ impl Registered {
     fn make(side: Side, method: &str) -> Registered {
         let side = side.as_str();
         let m = method.to_string();
-        let by_code = crate::Code::ALL
-            .iter()
-            .map(|c| c.as_str())
-            .chain([UNRECOGNIZED])
-            .map(|code| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => code))
+        let by_code = (0..CODES)
+            .map(|i| counter!(REQUESTS, "side" => side, "method" => m.clone(), "code" => code_name(i)))
             .collect();
         let duration = metrics::histogram!(REQUEST_DURATION, "side" => side, "method" => m);
         Registered { duration, by_code }
@@ -375,12 +378,7 @@ impl RequestMetrics {
                     .counts
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| {
-                        (
-                            crate::Code::ALL.get(i).map_or(UNRECOGNIZED, |c| c.as_str()),
-                            n.load(Ordering::Relaxed),
-                        )
-                    })
+                    .map(|(i, n)| (code_name(i), n.load(Ordering::Relaxed)))
                     .filter(|(_, n)| *n > 0)
                     .collect(),
                 latency: h.latency.snapshot(),
@@ -426,6 +424,22 @@ mod tests {
         assert_eq!(m0.latency.mean(), Some(Duration::from_micros(200)));
     }
 
+    /// Requests counted in a debugging recorder, over every side and method: with `code`, only
+    /// those with that code.
+    fn requests(snapshotter: &metrics_util::debugging::Snapshotter, code: Option<&str>) -> u64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == REQUESTS)
+            .filter(|(k, ..)| code.is_none_or(|c| k.key().labels().any(|l| l.key() == "code" && l.value() == c)))
+            .map(|(.., v)| match v {
+                metrics_util::debugging::DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Two `RequestMetrics` of one side (two `Client`s) share a method's `metrics` handles, and
     /// a recorder in effect later gets handles of its own that count: sharing never leaves a
     /// recorder with the no-op handles made before it.
@@ -449,18 +463,7 @@ mod tests {
             c.record(method, crate::Code::Ok, Duration::from_micros(10));
             RequestMetrics::new(Side::Client).record(method, crate::Code::Ok, Duration::from_micros(10));
         });
-        let counted: u64 = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(k, ..)| k.key().name() == REQUESTS)
-            .filter(|(k, ..)| k.key().labels().any(|l| l.key() == "code" && l.value() == "SUCCESS"))
-            .map(|(.., v)| match v {
-                metrics_util::debugging::DebugValue::Counter(n) => n,
-                _ => 0,
-            })
-            .sum();
-        assert_eq!(counted, 3);
+        assert_eq!(requests(&snapshotter, Some("SUCCESS")), 3);
         // The counts a RequestMetrics keeps are its own.
         assert_eq!(a.methods()[0].total(), 0);
     }
@@ -477,17 +480,7 @@ mod tests {
             metrics::with_local_recorder(&recorder, || {
                 RequestMetrics::new(Side::Client).record("/reused.S/M", crate::Code::Ok, Duration::from_micros(1));
             });
-            let counted = snapshotter
-                .snapshot()
-                .into_vec()
-                .into_iter()
-                .filter(|(k, ..)| k.key().name() == REQUESTS)
-                .map(|(.., v)| match v {
-                    metrics_util::debugging::DebugValue::Counter(n) => n,
-                    _ => 0,
-                })
-                .sum();
-            (at, counted)
+            (at, requests(&snapshotter, None))
         }
         let (first_at, first) = one_pass();
         let (second_at, second) = one_pass();
