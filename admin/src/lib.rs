@@ -10,7 +10,9 @@
 //! It exposes internals (addresses, close reasons, load): bind it to loopback (the probe binaries'
 //! `--admin-addr` defaults to none; pass `127.0.0.1:PORT`), never to the internet, and set a
 //! bearer token when the host is shared. Nothing on the request path pays for it: each look
-//! reads what the holder already keeps, under its lock, once per request to the page.
+//! reads what the holder already keeps, under its lock, once per request to the page. Open
+//! streams are listed too (method, age, messages each way, what waits for credit and since
+//! when): a connection with streams open is asked by its driver, through its outbound queue.
 //!
 //! ```no_run
 //! # async fn run(client: rpc_client::Client) -> std::io::Result<()> {
@@ -28,7 +30,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use rpc_client::{Client, HealthState, PoolState};
-use rpc_core::driver::{ConnectionHandle, ConnectionState};
+use rpc_core::driver::{ConnectionHandle, ConnectionState, StreamsView};
 use rpc_core::metrics::MethodStats;
 use rpc_core::{CloseReason, Code};
 use serde_json::{json, Value};
@@ -76,19 +78,19 @@ impl Admin {
         self
     }
 
-    /// The JSON document of `GET /api/v1/state`, now.
-    pub fn state(&self) -> Value {
+    /// The JSON document of `GET /api/v1/state`, now. Connections with streams open are asked
+    /// what each stream is doing, at most [`STREAMS_LISTED`] each, waiting at most
+    /// [`STREAMS_WAIT`] for their drivers.
+    pub async fn state(&self) -> Value {
         let now = Instant::now();
-        let clients: Vec<Value> = self
-            .clients
-            .iter()
-            .map(|(name, client)| client_state(name, client, now))
-            .collect();
-        let servers: Vec<Value> = self
-            .servers
-            .iter()
-            .map(|(name, view)| server_state(name, view, now))
-            .collect();
+        let mut clients = Vec::with_capacity(self.clients.len());
+        for (name, client) in &self.clients {
+            clients.push(client_state(name, client, now).await);
+        }
+        let mut servers = Vec::with_capacity(self.servers.len());
+        for (name, view) in &self.servers {
+            servers.push(server_state(name, view, now).await);
+        }
         json!({ "version": 1, "clients": clients, "servers": servers })
     }
 
@@ -173,6 +175,51 @@ fn health(state: &HealthState) -> &'static str {
     }
 }
 
+/// The most streams listed per connection (`open_streams` counts them all).
+pub const STREAMS_LISTED: usize = 32;
+
+/// How long a look waits for a connection's driver to list its streams. A driver busy for longer
+/// than this shows `"streams": null`: that is news too.
+pub const STREAMS_WAIT: Duration = Duration::from_millis(250);
+
+/// Each connection's `streams` field, in order: an empty list when it has none open (its driver
+/// is not asked), the list its driver gave, or `null` when it did not answer within
+/// [`STREAMS_WAIT`]. All are asked at once.
+async fn streams_of(conns: &[&ConnectionHandle]) -> Vec<Value> {
+    futures_util::future::join_all(conns.iter().map(|c| async move {
+        if c.open_streams() == 0 {
+            return json!([]);
+        }
+        match tokio::time::timeout(STREAMS_WAIT, c.streams(STREAMS_LISTED)).await {
+            Ok(Some(view)) => streams_json(&view),
+            _ => Value::Null,
+        }
+    }))
+    .await
+}
+
+fn streams_json(view: &StreamsView) -> Value {
+    Value::Array(
+        view.streams
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "method": s.method.as_str(),
+                    "age_ms": millis(s.age),
+                    "sent": s.sent,
+                    "received": s.received,
+                    "waiting_bytes": s.waiting_bytes,
+                    "blocked_ms": s.blocked_for.map(millis),
+                    "send_credit": s.send_credit,
+                    "recv_credit": s.recv_credit,
+                    "peer_finished": s.peer_finished,
+                })
+            })
+            .collect(),
+    )
+}
+
 fn connection(c: &ConnectionHandle, now: Instant) -> Value {
     let (state, detail) = match c.state() {
         ConnectionState::Handshaking => ("handshaking", String::new()),
@@ -237,13 +284,17 @@ fn close_reason(reason: Option<&CloseReason>) -> (String, &'static str) {
     )
 }
 
-fn server_state(name: &str, view: &rpc_server::ServerView, now: Instant) -> Value {
-    let conns: Vec<Value> = view
-        .open_connections()
+async fn server_state(name: &str, view: &rpc_server::ServerView, now: Instant) -> Value {
+    let open = view.open_connections();
+    let handles: Vec<&ConnectionHandle> = open.iter().map(|c| &c.handle).collect();
+    let streams = streams_of(&handles).await;
+    let conns: Vec<Value> = open
         .iter()
-        .map(|c| {
+        .zip(streams)
+        .map(|(c, streams)| {
             let mut v = connection(&c.handle, now);
             v["peer"] = json!(c.peer.map(|p| p.to_string()));
+            v["streams"] = streams;
             v
         })
         .collect();
@@ -274,10 +325,12 @@ fn server_state(name: &str, view: &rpc_server::ServerView, now: Instant) -> Valu
     })
 }
 
-fn client_state(name: &str, client: &Client, now: Instant) -> Value {
+async fn client_state(name: &str, client: &Client, now: Instant) -> Value {
     let holder = client.holder();
-    let endpoints: Vec<Value> = holder
-        .endpoint_connections()
+    let pools = holder.endpoint_connections();
+    let handles: Vec<&ConnectionHandle> = pools.iter().flat_map(|(_, conns)| conns).collect();
+    let mut streams = streams_of(&handles).await.into_iter();
+    let endpoints: Vec<Value> = pools
         .iter()
         .map(|(e, conns)| {
             let mut v = pool_state(&e.state, now);
@@ -291,7 +344,16 @@ fn client_state(name: &str, client: &Client, now: Instant) -> Value {
                 .filter_map(ConnectionHandle::heartbeat_rtt)
                 .min()
                 .map(micros));
-            v["connections"] = Value::Array(conns.iter().map(|c| connection(c, now)).collect());
+            v["connections"] = Value::Array(
+                conns
+                    .iter()
+                    .map(|c| {
+                        let mut v = connection(c, now);
+                        v["streams"] = streams.next().unwrap_or(Value::Null);
+                        v
+                    })
+                    .collect(),
+            );
             v
         })
         .collect();
@@ -322,7 +384,7 @@ async fn api(State(admin): State<Arc<Admin>>, headers: HeaderMap, query: Query<V
     if !admin.allowed(&headers, &query) {
         return (StatusCode::UNAUTHORIZED, "bearer token required\n").into_response();
     }
-    let body = admin.state().to_string();
+    let body = admin.state().await.to_string();
     (
         [
             (header::CONTENT_TYPE, "application/json"),

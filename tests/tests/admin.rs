@@ -11,6 +11,7 @@ use std::sync::Arc;
 use examples::echo::echo_server::{Echo, EchoServer};
 use examples::echo::{EchoReply, EchoRequest};
 use examples::services::EchoService;
+use futures_util::StreamExt;
 use rpc_client::Client;
 use rpc_server::{Request, Response, Server, ServerHandle, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -123,6 +124,35 @@ async fn the_admin_page_shows_a_killed_endpoint_in_retry_with_its_close_reason_a
 }
 
 /// The page as a person sees it: loaded in headless chromium, its script run, the DOM dumped.
+async fn dump_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    // The page renders after its first fetch; --virtual-time-budget lets chromium run the
+    // script (and its timers) before it dumps the DOM, without waiting for the wall clock.
+    let out = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=3000",
+            &format!("--user-data-dir={}", profile.path().display()),
+            "--dump-dom",
+            url,
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("chromium within 60 s")
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(chromium_missing, ignore = "chromium not installed (Debian package chromium)")]
 async fn the_page_in_a_real_browser_shows_the_killed_endpoint_in_retry_and_the_others_alive() {
@@ -140,33 +170,7 @@ async fn the_page_in_a_real_browser_shows_the_killed_endpoint_in_retry_and_the_o
         .serve("127.0.0.1:0")
         .await
         .unwrap();
-    let url = format!("http://{}/", admin.local_addr());
-    let profile = tempfile::tempdir().unwrap();
-    // The page renders after its first fetch; --virtual-time-budget lets chromium run the
-    // script (and its timers) before it dumps the DOM, without waiting for the wall clock.
-    let out = tokio::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=3000",
-            &format!("--user-data-dir={}", profile.path().display()),
-            "--dump-dom",
-            &url,
-        ])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("chromium within 60 s")
-        .expect("run chromium");
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dom = dump_dom(&format!("http://{}/", admin.local_addr())).await;
     // Each endpoint's row: its address, then its pool state as coloured text.
     let row = |addr: SocketAddr| {
         let at = dom
@@ -390,4 +394,215 @@ async fn the_admin_api_counts_what_ran_measures_heartbeats_and_remembers_server_
         "a client that left: {close} (client side: {reason})"
     );
     assert!(close["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{close}");
+}
+
+/// A feed whose `Watch` pushes 16 KiB events for ever and counts each one it makes: the
+/// server's ledger of what its handler produced.
+#[derive(Clone, Default)]
+struct CountingFeed {
+    produced: Arc<AtomicU64>,
+}
+
+impl examples::feed::v1::feed_server::Feed for CountingFeed {
+    async fn watch(
+        &self,
+        _request: Request<examples::feed::v1::Subscribe>,
+    ) -> Result<Response<rpc_server::codegen::BoxStream<examples::feed::v1::Event>>, Status> {
+        let produced = self.produced.clone();
+        let events = futures_util::stream::unfold(0u64, move |seq| {
+            let produced = produced.clone();
+            async move {
+                produced.fetch_add(1, Ordering::SeqCst);
+                let event = examples::feed::v1::Event {
+                    seq: seq + 1,
+                    payload: vec![0x5A; 16 * 1024].into(),
+                };
+                Some((Ok(event), seq + 1))
+            }
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<rpc_server::Streaming<examples::feed::v1::Event>>,
+    ) -> Result<Response<examples::feed::v1::Summary>, Status> {
+        examples::services::FeedService.upload(request).await
+    }
+
+    async fn echo(
+        &self,
+        request: Request<rpc_server::Streaming<examples::feed::v1::Event>>,
+    ) -> Result<Response<rpc_server::codegen::BoxStream<examples::feed::v1::Event>>, Status> {
+        examples::services::FeedService.echo(request).await
+    }
+}
+
+/// A server pushing to a consumer that took `taken` events and stopped reading (the WebSocket
+/// incident's slow agent), after another stream on the same connection ran to its end; and an
+/// admin page over both sides. Returns once the push has waited for credit for 200 ms.
+struct Stalled {
+    _server: ServerHandle,
+    _client: Client,
+    _watch: rpc_client::Streaming<examples::feed::v1::Event>,
+    admin: rpc_admin::AdminHandle,
+    produced: Arc<AtomicU64>,
+    taken: u64,
+}
+
+async fn stalled_stream() -> Stalled {
+    use examples::feed::v1::feed_client::FeedClient;
+    use examples::feed::v1::feed_server::FeedServer;
+    let feed = CountingFeed::default();
+    let server = Server::builder()
+        .add_service(FeedServer::new(feed.clone()))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let client = Client::connect(server.local_addr(), tests::quiet_client())
+        .await
+        .unwrap();
+    let feed_client = FeedClient::new(client.clone());
+    // A stream that runs to its end first: it must not be listed afterwards.
+    let done: Vec<_> = feed_client
+        .echo(futures_util::stream::iter((1..=5).map(|seq| {
+            examples::feed::v1::Event {
+                seq,
+                payload: Default::default(),
+            }
+        })))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(done.len(), 5);
+    let taken = 3;
+    let mut watch = feed_client
+        .watch(examples::feed::v1::Subscribe::default())
+        .await
+        .unwrap();
+    for seq in 1..=taken {
+        assert_eq!(watch.message().await.unwrap().unwrap().seq, seq);
+    }
+    let admin = rpc_admin::Admin::new()
+        .client("feed", &client)
+        .server("feed", &server)
+        .serve("127.0.0.1:0")
+        .await
+        .unwrap();
+    Stalled {
+        _server: server,
+        _client: client,
+        _watch: watch,
+        admin,
+        produced: feed.produced,
+        taken,
+    }
+}
+
+/// The document's streams of the first connection of `side` (a client's first endpoint's, or a
+/// server's).
+fn first_streams(side: &serde_json::Value) -> &serde_json::Value {
+    let conns = side["endpoints"][0]["connections"]
+        .as_array()
+        .or_else(|| side["connections"].as_array())
+        .unwrap();
+    &conns[0]["streams"]
+}
+
+/// The admin page lists each open stream on both sides of a connection: the push to a consumer
+/// that stopped reading shows as waiting for credit, for how long, with credit the two sides
+/// agree on and message counts that match what the handler made and the consumer took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_lists_a_stalled_stream_on_both_sides_as_it_is() {
+    let s = stalled_stream().await;
+    let at = s.admin.local_addr();
+    let start = tokio::time::Instant::now();
+    let state = loop {
+        let (code, body) = get(at, "/api/v1/state", None).await;
+        assert_eq!(code, 200, "{body}");
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let blocked = first_streams(&state["servers"][0])[0]["blocked_ms"].as_u64();
+        if blocked.is_some_and(|ms| ms >= 200) {
+            break state;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the push never waited for credit: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let server_side = first_streams(&state["servers"][0]).as_array().unwrap();
+    let client_side = first_streams(&state["clients"][0]).as_array().unwrap();
+    assert_eq!(
+        server_side.len(),
+        1,
+        "only the open stream, not the one that ended: {state}"
+    );
+    assert_eq!(client_side.len(), 1, "{state}");
+    let (sv, cl) = (&server_side[0], &client_side[0]);
+    assert_eq!(sv["id"], cl["id"], "the same stream on both sides");
+    assert_eq!(sv["method"], "/feed.v1.Feed/Watch");
+    assert_eq!(cl["method"], "/feed.v1.Feed/Watch");
+    // Messages: the consumer took exactly what this test read; the server sent what its handler
+    // made, but for the batch its sender waits to queue (at most the client's window of events,
+    // and one more).
+    assert_eq!(cl["received"].as_u64(), Some(s.taken), "{cl}");
+    let window = u64::from(tests::quiet_client().connection.stream_window);
+    let (sent, produced) = (sv["sent"].as_u64().unwrap(), s.produced.load(Ordering::SeqCst));
+    assert!(
+        sent <= produced && produced - sent <= window / (16 * 1024) + 1,
+        "sent {sent}, produced {produced}"
+    );
+    assert!(
+        sent > s.taken,
+        "the server ran ahead of the consumer by its window: {sv}"
+    );
+    // The other way, the subscription: what the client sent is what the server's handler took.
+    assert_eq!(sv["received"], cl["sent"], "{sv} {cl}");
+    assert!(cl["sent"].as_u64().unwrap() <= 1, "{cl}");
+    // Credit: the push waits because the consumer granted nothing more; with nothing in flight
+    // either way, what the server may still send is what the client may still receive.
+    let waiting = sv["waiting_bytes"].as_u64().unwrap();
+    // A stalled stream holds at most its window and one message (an event is 16 KiB and a few
+    // bytes of protobuf).
+    let event = 16 * 1024 + 16;
+    assert!(
+        waiting > 0 && waiting <= window + event,
+        "at most the window and one event wait: {sv}"
+    );
+    assert!(sv["send_credit"].as_i64().unwrap() <= 0, "{sv}");
+    assert_eq!(sv["send_credit"], cl["recv_credit"], "both sides agree: {sv} {cl}");
+    assert_eq!(cl["waiting_bytes"], 0);
+    assert!(cl["blocked_ms"].is_null(), "{cl}");
+    assert_eq!(cl["peer_finished"], false);
+    assert!(sv["age_ms"].as_u64().unwrap() >= sv["blocked_ms"].as_u64().unwrap());
+}
+
+/// The same stalled stream in the page, as a browser renders it: a row marked blocked, with the
+/// method and what waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(chromium_missing, ignore = "chromium not installed (Debian package chromium)")]
+async fn the_page_in_a_real_browser_marks_the_stalled_stream() {
+    let s = stalled_stream().await;
+    let view = s._server.view();
+    tests::wait_until(Duration::from_secs(10), || {
+        view.open_connections()
+            .iter()
+            .any(|c| c.handle.stream_bytes_waiting() > 0)
+    })
+    .await;
+    let dom = dump_dom(&format!("http://{}/", s.admin.local_addr())).await;
+    let server = &dom[dom.find("server feed").expect("the server's section")..];
+    let row = server
+        .find(r#"<tr class="stream blocked">"#)
+        .map(|at| server[at..].split("</tr>").next().unwrap())
+        .unwrap_or_else(|| panic!("no blocked stream row in:\n{server}"));
+    assert!(row.contains("/feed.v1.Feed/Watch") && row.contains("KiB for"), "{row}");
+    // The client's side of it is listed too, not blocked: it is the consumer.
+    let client = &dom[dom.find("client feed").expect("the client's section")..dom.find("server feed").unwrap()];
+    assert!(
+        client.contains(r#"<tr class="stream">"#) && client.contains("/feed.v1.Feed/Watch"),
+        "{client}"
+    );
 }

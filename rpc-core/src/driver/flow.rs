@@ -46,6 +46,11 @@ impl Credit {
         self.0 -= len as i64;
     }
 
+    /// What may still be spent (negative once a frame went past it).
+    pub(crate) fn remaining(self) -> i64 {
+        self.0
+    }
+
     /// The peer granted `n` more bytes.
     pub(crate) fn grant(&mut self, n: u32) -> Result<(), Overflow> {
         let next = self.0 + i64::from(n);

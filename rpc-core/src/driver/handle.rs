@@ -174,6 +174,14 @@ pub enum Outbound {
         /// Why.
         status: crate::status::Status,
     },
+    /// Report what each open stream is doing (at most `max` of them), for a look from outside
+    /// (the admin page): see [`ConnectionHandle::streams`].
+    Inspect {
+        /// The most streams to list.
+        max: usize,
+        /// Where the answer goes.
+        reply: oneshot::Sender<super::StreamsView>,
+    },
 }
 
 impl Outbound {
@@ -183,7 +191,7 @@ impl Outbound {
             Outbound::Response(r) => r.payload.len() + r.message.len(),
             Outbound::Data { payload, .. } => payload.len(),
             Outbound::DataBatch { payloads, .. } => payloads.iter().map(|p| p.len()).sum(),
-            Outbound::Reset { .. } => 0,
+            Outbound::Reset { .. } | Outbound::Inspect { .. } => 0,
         }
     }
 }
@@ -453,6 +461,15 @@ impl ConnectionHandle {
     #[doc(hidden)]
     pub async fn send(&self, msg: Outbound) -> Result<(), Outbound> {
         self.tx.send(msg).await
+    }
+
+    /// What the connection's open streams are doing (at most `max` listed), as its driver
+    /// answers through the outbound queue: `None` if the connection is gone. The answer waits for
+    /// the queue and the driver, so bound the wait: a driver that does not answer is itself news.
+    pub async fn streams(&self, max: usize) -> Option<super::StreamsView> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Outbound::Inspect { max, reply }).await.ok()?;
+        answer.await.ok()
     }
 
     /// True when the peer announced streams (and so did this side).

@@ -57,6 +57,7 @@ use handle::{OutboundSender, Shared};
 use queue::OutboundReceiver;
 pub use queue::Room;
 use session::{Admission, Session};
+pub use streams::{StreamInfo, StreamsView};
 
 use crate::codec::FrameCodec;
 use crate::config::{ConnectionConfig, HeartbeatConfig};
@@ -821,7 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             // through the same queue as responses, each within the client's credit.
             let (messages_tx, messages) = tokio::sync::mpsc::unbounded_channel();
             let key = crate::stream::StreamKey::with_id(id);
-            self.streams.open(id, key.clone(), messages_tx);
+            self.streams.open(id, key.clone(), messages_tx, r.method.clone(), now);
             self.metrics.stream_opened();
             let conn = ConnectionHandle {
                 tx: tx.clone(),
@@ -978,6 +979,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     let e = ProtocolError::Handshake("the peer does not support streams");
                     return reply.fail(ConnectionError::Encode(e));
                 }
+                let method = frame.stream.then(|| frame.method.clone());
                 if let Err(e) = self.try_encode(&Frame::Request(frame)) {
                     return reply.fail(ConnectionError::Encode(e));
                 }
@@ -986,7 +988,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     Reply::Written(written) => self.session.on_oneway_sent(id, written),
                     Reply::Stream { end, messages, key } => {
                         key.set_id(id);
-                        self.streams.open(id, key, messages);
+                        let method = method.unwrap_or_else(|| crate::Method::from_static(""));
+                        self.streams.open(id, key, messages, method, now);
                         self.metrics.stream_opened();
                         self.session.on_request_sent(id, end);
                     }
@@ -1007,7 +1010,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     return self.encode_response(r);
                 }
                 // A stream's end follows its last messages.
-                if let Some(ready) = self.streams.offer(r.id, streams::Waiting::End(r)) {
+                if let Some(ready) = self.streams.offer(r.id, streams::Waiting::End(r), now) {
                     self.encode_ready(ready);
                 }
             }
@@ -1026,7 +1029,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                     payload,
                     permit,
                 };
-                if let Some(ready) = self.streams.offer(key.id(), w) {
+                if let Some(ready) = self.streams.offer(key.id(), w, now) {
                     self.encode_ready(ready);
                 }
             }
@@ -1055,12 +1058,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
                         payload,
                         permit,
                     };
-                    if let Some(ready) = self.streams.offer(id, w) {
+                    if let Some(ready) = self.streams.offer(id, w, now) {
                         self.encode_ready(ready);
                     }
                 }
             }
             Outbound::Reset { key, status } => self.reset_stream(key.id(), status, "reset"),
+            Outbound::Inspect { max, reply } => {
+                let _ = reply.send(self.streams.inspect(now, max));
+            }
         }
     }
 

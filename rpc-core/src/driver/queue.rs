@@ -418,6 +418,7 @@ mod tests {
             Outbound::Response(r) => r.id,
             Outbound::Request { frame, .. } => frame.id,
             Outbound::Data { key, .. } | Outbound::DataBatch { key, .. } | Outbound::Reset { key, .. } => key.id(),
+            Outbound::Inspect { .. } => 0,
         }
     }
 

@@ -3,13 +3,16 @@
 //! and the application's messages, and encodes what it hands back.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
 
 use super::flow::Credit;
 use crate::error::ProtocolError;
 use crate::frame::{Frame, ResponseFrame, Settings};
+use crate::message::Method;
 use crate::stream::{Chunk, Held};
 
 /// Messages at most this large are packed several to a DATA frame.
@@ -93,6 +96,48 @@ pub(crate) enum Ready {
     End(ResponseFrame),
 }
 
+/// One open stream as its connection's driver sees it ([`crate::driver::ConnectionHandle::streams`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StreamInfo {
+    /// The stream id (the id of the request that opened it).
+    pub id: u64,
+    /// The method it calls.
+    pub method: Method,
+    /// How long it has been open.
+    pub age: Duration,
+    /// Messages this side sent on it (queued to the connection).
+    pub sent: u64,
+    /// Messages this side's application took from it.
+    pub received: u64,
+    /// Message bytes this side holds for it, waiting for the peer's credit.
+    pub waiting_bytes: usize,
+    /// How long those bytes have waited (`None` while nothing waits): the stall
+    /// `stream_stall_timeout` judges.
+    pub blocked_for: Option<Duration>,
+    /// Bytes this side may still send on it before the peer grants more (negative: a frame went
+    /// past the credit, as one may).
+    pub send_credit: i64,
+    /// Bytes the peer may still send on it before this side grants more.
+    pub recv_credit: i64,
+    /// The peer ended its half (sent END).
+    pub peer_finished: bool,
+}
+
+/// A connection's streams as its driver sees them.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct StreamsView {
+    /// Streams open (there may be more than `streams` lists).
+    pub open: usize,
+    /// The open streams, lowest id first, at most [`crate::driver::ConnectionHandle::streams`]'s `max`.
+    pub streams: Vec<StreamInfo>,
+    /// Connection-level credit: what this side may still send on all streams together.
+    pub send_credit: i64,
+    /// Connection-level credit: what the peer may still send on all streams together.
+    pub recv_credit: i64,
+}
+
 #[derive(Debug)]
 struct Entry {
     /// Tells this side's producer when the stream is gone.
@@ -111,6 +156,11 @@ struct Entry {
     /// The stream's message counts (sent, taken by the application) at the last idle scan: a
     /// consumer taking what was buffered is activity, though no frame moves.
     seen: (u64, u64),
+    /// For a look at the stream (the admin page): its method, when it opened, and since when
+    /// what this side sends has waited for the peer's credit.
+    method: Method,
+    opened: Instant,
+    blocked_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -169,7 +219,14 @@ impl Streams {
         self.peer_stream_window
     }
 
-    pub(crate) fn open(&mut self, id: u64, key: crate::stream::StreamKey, messages: UnboundedSender<Chunk>) {
+    pub(crate) fn open(
+        &mut self,
+        id: u64,
+        key: crate::stream::StreamKey,
+        messages: UnboundedSender<Chunk>,
+        method: Method,
+        now: Instant,
+    ) {
         self.table.insert(
             id,
             Entry {
@@ -181,8 +238,40 @@ impl Streams {
                 moved: true,
                 idle_scans: 0,
                 seen: (0, 0),
+                method,
+                opened: now,
+                blocked_since: None,
             },
         );
+    }
+
+    /// What each open stream is doing, lowest id first, at most `max` of them.
+    pub(crate) fn inspect(&self, now: Instant, max: usize) -> StreamsView {
+        let mut ids: Vec<u64> = self.table.keys().copied().collect();
+        ids.sort_unstable();
+        let streams = ids
+            .iter()
+            .take(max)
+            .filter_map(|id| self.table.get(id).map(|e| (id, e)))
+            .map(|(&id, e)| StreamInfo {
+                id,
+                method: e.method.clone(),
+                age: now.saturating_duration_since(e.opened),
+                sent: e.key.sent(),
+                received: e.key.received(),
+                waiting_bytes: e.waiting_bytes(),
+                blocked_for: e.blocked_since.map(|t| now.saturating_duration_since(t)),
+                send_credit: e.send.remaining(),
+                recv_credit: e.recv.remaining(),
+                peer_finished: e.messages.is_none(),
+            })
+            .collect();
+        StreamsView {
+            open: self.table.len(),
+            streams,
+            send_credit: self.conn_send.remaining(),
+            recv_credit: self.conn_recv.remaining(),
+        }
     }
 
     /// Streams open.
@@ -364,7 +453,7 @@ impl Streams {
 
     /// What this side wants to send on stream `id`: ready now, or parked behind the credit.
     /// `None` when it waits (or the stream is gone, and it is dropped).
-    pub(crate) fn offer(&mut self, id: u64, w: Waiting) -> Option<Ready> {
+    pub(crate) fn offer(&mut self, id: u64, w: Waiting, now: Instant) -> Option<Ready> {
         let e = self.table.get_mut(&id)?;
         if e.waiting.is_empty() {
             match w {
@@ -388,6 +477,7 @@ impl Streams {
                         return Some(Ready::Data(frame, permit));
                     }
                     self.parked_bytes += payload.len();
+                    e.blocked_since = Some(now);
                     e.waiting.push_back(Waiting::Data {
                         end,
                         packed,
@@ -460,8 +550,10 @@ impl Streams {
                 },
                 None => continue,
             };
-            if self.table.get(&id).is_some_and(|e| !e.waiting.is_empty()) {
-                self.parked.push_back(id);
+            match self.table.get_mut(&id) {
+                Some(e) if !e.waiting.is_empty() => self.parked.push_back(id),
+                Some(e) => e.blocked_since = None,
+                None => {}
             }
             if ready.is_some() {
                 return ready;
@@ -523,7 +615,13 @@ mod tests {
     fn a_stream_is_idle_after_the_scans_with_nothing_moved_and_a_message_restarts_the_count() {
         let mut s = Streams::new(None, None);
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        s.open(1, crate::stream::StreamKey::with_id(1), tx);
+        s.open(
+            1,
+            crate::stream::StreamKey::with_id(1),
+            tx,
+            Method::from_static("/t.T/S"),
+            Instant::now(),
+        );
         // Opening counts as movement: the first scan only clears it.
         for _ in 0..4 {
             assert!(s.scan_idle(4).is_empty());
@@ -534,6 +632,79 @@ mod tests {
             assert!(s.scan_idle(4).is_empty());
         }
         assert_eq!(s.scan_idle(4)[0].0, 1);
+    }
+
+    fn data(n: usize) -> Waiting {
+        Waiting::Data {
+            end: false,
+            packed: false,
+            payload: Bytes::from(vec![7u8; n]),
+            permit: None,
+        }
+    }
+
+    #[test]
+    fn a_look_tells_what_waits_for_credit_since_when_and_forgets_it_once_sent() {
+        let mut s = Streams::new(Some(1000), None);
+        s.on_peer_settings(&Settings {
+            stream_window: Some(100),
+            ..Settings::default()
+        });
+        let t0 = Instant::now();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        s.open(
+            3,
+            crate::stream::StreamKey::with_id(3),
+            tx,
+            Method::from_static("/t.T/S"),
+            t0,
+        );
+        let (tx, _rx2) = tokio::sync::mpsc::unbounded_channel();
+        s.open(
+            1,
+            crate::stream::StreamKey::with_id(1),
+            tx,
+            Method::from_static("/t.T/B"),
+            t0,
+        );
+        // 150 bytes go at once (the credit was positive), the next 40 wait.
+        assert!(s.offer(3, data(150), t0).is_some());
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(s.offer(3, data(40), t1).is_none());
+        assert!(s.offer(3, data(10), t1 + Duration::from_secs(1)).is_none());
+        s.on_data(1, true, false, Bytes::from_static(b"abc")).unwrap();
+
+        let at = t0 + Duration::from_secs(5);
+        let v = s.inspect(at, 10);
+        assert_eq!(v.open, 2);
+        assert_eq!(
+            v.streams.iter().map(|i| i.id).collect::<Vec<_>>(),
+            [1, 3],
+            "lowest id first"
+        );
+        let (b, w) = (&v.streams[0], &v.streams[1]);
+        assert_eq!(b.method.as_str(), "/t.T/B");
+        assert!(b.peer_finished);
+        assert_eq!(b.recv_credit, 1000 - 3);
+        assert_eq!((b.waiting_bytes, b.blocked_for), (0, None));
+        assert_eq!(w.age, Duration::from_secs(5));
+        assert_eq!(w.waiting_bytes, 50);
+        assert_eq!(
+            w.blocked_for,
+            Some(Duration::from_secs(4)),
+            "since the first frame that waited"
+        );
+        assert_eq!(w.send_credit, 100 - 150);
+        assert!(!w.peer_finished);
+        assert_eq!(v.send_credit, i64::from(DEFAULT_WINDOW) - 150);
+        assert_eq!(s.inspect(at, 1).streams.len(), 1, "at most max listed");
+
+        // Credit comes: everything waiting goes, and the stream no longer counts as blocked.
+        s.on_window(3, 1000).unwrap();
+        while s.next_ready().is_some() {}
+        let w = s.inspect(at, 10).streams[1].clone();
+        assert_eq!((w.waiting_bytes, w.blocked_for), (0, None));
+        assert_eq!(w.send_credit, 100 - 150 + 1000 - 50);
     }
 
     #[test]
