@@ -7,6 +7,7 @@
 //!   CPU microseconds per request for the client (this process) and the server (from /proc).
 //! - `tether-bench server --system S` is the child.
 
+mod open;
 mod raw;
 mod systems;
 mod tarpc_sys;
@@ -96,6 +97,26 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         duration: Duration,
         /// Only these systems (default tether and tonic).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<System>,
+    },
+    /// Open-loop latency: requests at fixed rates (shares of each system's own closed-loop peak,
+    /// and 75 % of tonic's peak for every system), one connection, 64 B, every 100th request
+    /// taking a 5 ms handler path; latency from each request's due time.
+    Open {
+        /// Measured time per rate (after 1 s of warm-up at that rate).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        duration: Duration,
+        /// Shares of each system's own peak, in percent.
+        #[arg(long, value_delimiter = ',', default_values_t = [25u32, 50, 75, 90])]
+        rates: Vec<u32>,
+        /// Every this many requests, one takes the slow path.
+        #[arg(long, default_value_t = 100)]
+        slow_every: u64,
+        /// The slow path's handler time, ms.
+        #[arg(long, default_value_t = 5)]
+        slow_ms: u32,
+        /// Only these systems (default tonic, tether, tarpc; the raw floor has no slow path).
         #[arg(long, value_delimiter = ',')]
         systems: Vec<System>,
     },
@@ -204,6 +225,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(streams(or_all(systems), small, large, pings))
+        }
+        Cmd::Open {
+            duration,
+            rates,
+            slow_every,
+            slow_ms,
+            systems,
+        } => {
+            let systems = if systems.is_empty() {
+                vec![System::Tonic, System::Tether, System::Tarpc]
+            } else {
+                systems
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(open_loop(systems, duration, rates, slow_every.max(1), slow_ms))
         }
         Cmd::Stall {
             callers,
@@ -768,6 +804,104 @@ async fn stall(systems: Vec<System>, callers: usize, duration: Duration) -> Resu
             b.1 as f64 / duration.as_secs_f64(),
             a.2 + b.2,
             still
+        );
+    }
+    Ok(())
+}
+
+/// The open-loop table: for each system, its closed-loop peak (64 callers, no slow path), then
+/// each share of it, then 75 % of tonic's peak, each rate on a fresh connection to the same
+/// server process.
+async fn open_loop(
+    mut systems: Vec<System>,
+    duration: Duration,
+    rates: Vec<u32>,
+    slow_every: u64,
+    slow_ms: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "machine: {} cores; one connection, 64 B; every {slow_every}th request takes a {slow_ms} ms handler path; 1 s warm-up then {duration:?} per rate; latency from each request's due time",
+        std::thread::available_parallelism()?
+    );
+    // tonic first: the other systems also run at 75 % of its peak.
+    systems.sort_by_key(|s| *s != System::Tonic);
+    let payload = bytes::Bytes::from(vec![0x5Au8; 64]);
+    let mut tonic_peak = None;
+    let mut rows = Vec::new();
+    for system in systems {
+        let (mut child, _pid, addr) = spawn_server(system).await?;
+        let peak = {
+            let target = Target::connect(system, addr, 1, 64).await?;
+            let warm_end = Instant::now() + Duration::from_secs(1);
+            let (_, count, _) = load(&target, 64, payload.clone(), warm_end, warm_end + duration).await?;
+            count as f64 / duration.as_secs_f64()
+        };
+        if system == System::Tonic {
+            tonic_peak = Some(peak);
+        }
+        let mut plan: Vec<(String, f64)> = rates
+            .iter()
+            .map(|&r| (format!("{r} % of its peak"), peak * f64::from(r) / 100.0))
+            .collect();
+        if let Some(t) = tonic_peak {
+            plan.push(("75 % of tonic's peak".to_string(), t * 0.75));
+        }
+        for (label, rate) in plan {
+            let target = std::sync::Arc::new(Target::connect(system, addr, 1, 1024).await?);
+            let o = open::run(
+                target,
+                rate,
+                payload.clone(),
+                Duration::from_secs(1),
+                duration,
+                slow_every,
+                slow_ms,
+            )
+            .await;
+            eprintln!("{system:?} at {rate:.0}/s ({label}): {o:?}");
+            rows.push((system, peak, label, rate, o));
+        }
+        let _ = child.kill().await;
+    }
+    println!();
+    println!("| system | closed-loop peak QPS | rate | offered QPS | answered QPS | p50 µs | p99 µs | p99.9 µs | errors | generator lag p99 µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (system, peak, label, _, o) in &rows {
+        println!(
+            "| {} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+            system.name(),
+            peak,
+            label,
+            o.offered,
+            o.achieved,
+            o.p50_us,
+            o.p99_us,
+            o.p999_us,
+            o.errors,
+            o.lag_p99_us
+        );
+    }
+    let at_tonic = |s: System| {
+        rows.iter()
+            .find(|(sys, _, label, _, _)| *sys == s && label.starts_with("75 % of tonic"))
+            .map(|r| r.4.clone())
+    };
+    if let (Some(t), Some(g)) = (at_tonic(System::Tether), at_tonic(System::Tonic)) {
+        println!();
+        println!(
+            "At 75 % of tonic's peak ({:.0}/s): tether p99 {} µs, tonic p99 {} µs: tether / tonic {:.2} (target at most 0.33); p99.9 {:.2}",
+            g.offered,
+            t.p99_us,
+            g.p99_us,
+            t.p99_us as f64 / g.p99_us.max(1) as f64,
+            t.p999_us as f64 / g.p999_us.max(1) as f64
+        );
+    }
+    if let (Some(t), Some(r)) = (at_tonic(System::Tether), at_tonic(System::Tarpc)) {
+        println!(
+            "At the same rate: tether / tarpc p99 {:.2}, p99.9 {:.2}",
+            t.p99_us as f64 / r.p99_us.max(1) as f64,
+            t.p999_us as f64 / r.p999_us.max(1) as f64
         );
     }
     Ok(())

@@ -106,6 +106,9 @@ struct TonicEcho;
 impl pb::echo_server::Echo for TonicEcho {
     async fn say(&self, req: tonic::Request<pb::EchoRequest>) -> Result<tonic::Response<pb::EchoReply>, tonic::Status> {
         let r = req.into_inner();
+        if r.delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(u64::from(r.delay_ms))).await;
+        }
         Ok(tonic::Response::new(pb::EchoReply {
             message: r.message,
             payload: r.payload,
@@ -323,12 +326,19 @@ pub(crate) enum Caller {
 impl Caller {
     /// One echo call; true on success with the payload echoed.
     pub(crate) async fn call(&mut self, payload: Bytes) -> bool {
+        self.call_delayed(payload, 0).await
+    }
+
+    /// One echo call whose handler first waits `delay_ms` (the open-loop benchmark's slow path;
+    /// the raw floor's handler has none and ignores it).
+    pub(crate) async fn call_delayed(&mut self, payload: Bytes, delay_ms: u32) -> bool {
         let len = payload.len();
         match self {
             Caller::Tether(c) => {
                 let req = examples::echo::EchoRequest {
                     message: "bench".into(),
                     payload,
+                    delay_ms,
                     ..Default::default()
                 };
                 c.say(req).await.is_ok_and(|r| r.body().payload.len() == len)
@@ -337,6 +347,7 @@ impl Caller {
                 let req = pb::EchoRequest {
                     message: "bench".into(),
                     payload,
+                    delay_ms,
                     ..Default::default()
                 };
                 c.say(req).await.is_ok_and(|r| r.get_ref().payload.len() == len)
@@ -345,6 +356,7 @@ impl Caller {
                 let req = tarpc_sys::Echo {
                     message: "bench".into(),
                     payload,
+                    delay_ms,
                 };
                 c.say(tarpc::context::current(), req)
                     .await
@@ -570,6 +582,7 @@ pub(crate) async fn open_idle(
                 let echo = tarpc_sys::Echo {
                     message: r.message,
                     payload: r.payload,
+                    delay_ms: r.delay_ms,
                 };
                 client.say(tarpc::context::current(), echo).await?;
                 Ok(client)

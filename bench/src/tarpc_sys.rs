@@ -18,6 +18,9 @@ use tokio_util::codec::LengthDelimitedCodec;
 pub(crate) struct Echo {
     pub(crate) message: String,
     pub(crate) payload: bytes::Bytes,
+    /// The handler waits this long first (the open-loop benchmark's slow path), as tether's and
+    /// tonic's echo do with `delay_ms`.
+    pub(crate) delay_ms: u32,
 }
 
 #[tarpc::service]
@@ -31,6 +34,9 @@ struct EchoImpl;
 
 impl EchoService for EchoImpl {
     async fn say(self, _: tarpc::context::Context, request: Echo) -> Echo {
+        if request.delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(u64::from(request.delay_ms))).await;
+        }
         request
     }
 }
