@@ -184,7 +184,7 @@ pub const STREAMS_WAIT: Duration = Duration::from_millis(250);
 
 /// Each connection's `streams` field, in order: an empty list when it has none open (its driver
 /// is not asked), the list its driver gave, or `null` when it did not answer within
-/// [`STREAMS_WAIT`]. All are asked at once.
+/// [`STREAMS_WAIT`]. All of one client's (or one server's) are asked at once.
 async fn streams_of(conns: &[&ConnectionHandle]) -> Vec<Value> {
     futures_util::future::join_all(conns.iter().map(|c| async move {
         if c.open_streams() == 0 {

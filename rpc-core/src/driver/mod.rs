@@ -687,7 +687,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
             Frame::Window { id, increment } => {
                 self.streams.on_window(id, increment)?;
-                self.flush_parked();
+                self.flush_parked(now);
             }
             Frame::Settings(_) => {} // later settings updates are reserved; ignore them
             Frame::Cancel { id } => {
@@ -938,13 +938,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     fn poll_outbound(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
         let before = self.wbuf.len();
-        self.flush_parked();
+        self.flush_parked(now);
         let mut progressed = self.wbuf.len() > before;
         while !self.rx_closed && self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(msg)) => {
                     progressed = true;
-                    self.coalesce.on_pulled();
+                    if !matches!(msg, Outbound::Inspect { .. }) {
+                        self.coalesce.on_pulled(); // a look is no frame to coalesce
+                    }
                     self.on_outbound(msg, now);
                 }
                 Poll::Ready(None) => {
@@ -1182,7 +1184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
 
     /// Sends what waited for credit and now has it, within the write budget; and gives back the
     /// credit the application consumed.
-    fn flush_parked(&mut self) {
+    fn flush_parked(&mut self, now: Instant) {
         let returned = self.shared.returned.take();
         let connection = self.shared.returned.take_connection();
         if !returned.is_empty() || connection > 0 {
@@ -1191,7 +1193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             }
         }
         while self.wbuf.len() < self.cfg.connection.max_outbound_bytes {
-            match self.streams.next_ready() {
+            match self.streams.next_ready(now) {
                 Some(ready) => self.encode_ready(ready),
                 None => break,
             }

@@ -112,8 +112,9 @@ pub struct StreamInfo {
     pub received: u64,
     /// Message bytes this side holds for it, waiting for the peer's credit.
     pub waiting_bytes: usize,
-    /// How long those bytes have waited (`None` while nothing waits): the stall
-    /// `stream_stall_timeout` judges.
+    /// How long this side's sending has waited for the peer (`None` while nothing waits): since
+    /// the first message parked, or since the last frame went while more waited. A consumer
+    /// that still reads, slowly, keeps this short; one that stopped makes it grow.
     pub blocked_for: Option<Duration>,
     /// Bytes this side may still send on it before the peer grants more (negative: a frame went
     /// past the credit, as one may).
@@ -505,7 +506,7 @@ impl Streams {
     }
 
     /// The next waiting frame the credit now allows, taking the parked streams in turn.
-    pub(crate) fn next_ready(&mut self) -> Option<Ready> {
+    pub(crate) fn next_ready(&mut self, now: Instant) -> Option<Ready> {
         for _ in 0..self.parked.len() {
             let id = self.parked.pop_front()?;
             let Some(e) = self.table.get_mut(&id) else { continue };
@@ -551,7 +552,14 @@ impl Streams {
                 None => continue,
             };
             match self.table.get_mut(&id) {
-                Some(e) if !e.waiting.is_empty() => self.parked.push_back(id),
+                Some(e) if !e.waiting.is_empty() => {
+                    // A frame went: what is left has waited since now, not since the first park
+                    // (a slow consumer that still reads is not a stall).
+                    if ready.is_some() {
+                        e.blocked_since = Some(now);
+                    }
+                    self.parked.push_back(id);
+                }
                 Some(e) => e.blocked_since = None,
                 None => {}
             }
@@ -699,12 +707,19 @@ mod tests {
         assert_eq!(v.send_credit, i64::from(DEFAULT_WINDOW) - 150);
         assert_eq!(s.inspect(at, 1).streams.len(), 1, "at most max listed");
 
+        // A little credit: one frame goes, the rest has waited since then, not since the first park.
+        let later = at + Duration::from_secs(1);
+        s.on_window(3, 100).unwrap();
+        assert!(s.next_ready(later).is_some());
+        let w = s.inspect(later + Duration::from_secs(2), 10).streams[1].clone();
+        assert_eq!((w.waiting_bytes, w.blocked_for), (10, Some(Duration::from_secs(2))));
+
         // Credit comes: everything waiting goes, and the stream no longer counts as blocked.
         s.on_window(3, 1000).unwrap();
-        while s.next_ready().is_some() {}
+        while s.next_ready(at).is_some() {}
         let w = s.inspect(at, 10).streams[1].clone();
         assert_eq!((w.waiting_bytes, w.blocked_for), (0, None));
-        assert_eq!(w.send_credit, 100 - 150 + 1000 - 50);
+        assert_eq!(w.send_credit, 100 - 150 + 100 + 1000 - 50);
     }
 
     #[test]
