@@ -705,6 +705,11 @@ async fn measure(
     })
 }
 
+/// A latency histogram in µs, up to a minute, 3 significant digits (every table's).
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
+}
+
 /// `callers` tasks calling echo back to back until `end`; what they measured after `warm_end`:
 /// the latency histogram, successes and failures.
 fn load(
@@ -720,7 +725,7 @@ fn load(
             let mut caller = target.caller(i);
             let payload = payload.clone();
             tokio::spawn(async move {
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let mut hist = histogram();
                 let (mut count, mut errors) = (0u64, 0u64);
                 loop {
                     let start = Instant::now();
@@ -742,7 +747,7 @@ fn load(
         })
         .collect();
     async move {
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        let mut hist = histogram();
         let (mut count, mut errors) = (0u64, 0u64);
         for t in tasks {
             let (h, c, e) = t.await.expect("load task");

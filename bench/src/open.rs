@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use hdrhistogram::Histogram;
-
+use crate::histogram;
 use crate::systems::Target;
+use bytes::Bytes;
 
 /// What one rate did.
 #[derive(Debug, Clone)]
@@ -30,10 +29,6 @@ pub(crate) struct OpenOutcome {
     pub(crate) errors: u64,
     /// The generator's own lateness (due to handed off), p99.
     pub(crate) lag_p99_us: u64,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
 }
 
 /// Sends echo requests of `payload` to `target` at `rate` per second for `warmup` then

@@ -248,12 +248,11 @@ impl Streams {
 
     /// What each open stream is doing, lowest id first, at most `max` of them.
     pub(crate) fn inspect(&self, now: Instant, max: usize) -> StreamsView {
-        let mut ids: Vec<u64> = self.table.keys().copied().collect();
-        ids.sort_unstable();
-        let streams = ids
-            .iter()
+        let mut open: Vec<(&u64, &Entry)> = self.table.iter().collect();
+        open.sort_unstable_by_key(|(id, _)| **id);
+        let streams = open
+            .into_iter()
             .take(max)
-            .filter_map(|id| self.table.get(id).map(|e| (id, e)))
             .map(|(&id, e)| StreamInfo {
                 id,
                 method: e.method.clone(),
