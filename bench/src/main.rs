@@ -9,6 +9,7 @@
 
 mod open;
 mod raw;
+mod scale;
 mod systems;
 mod tarpc_sys;
 
@@ -70,6 +71,39 @@ enum Cmd {
         /// Print the table's row only (the fresh process of one setup).
         #[arg(long, hide = true)]
         row: bool,
+    },
+    /// Idle connections beyond one process's open-file limit: `connections` split over pairs of
+    /// a client process and its own server process, `per-process` each, all open and
+    /// heartbeating at once, measured together.
+    Scale {
+        /// Connections in all.
+        #[arg(long, default_value_t = 100_000)]
+        connections: usize,
+        /// Connections per client process (and per server process).
+        #[arg(long, default_value_t = 10_000)]
+        per_process: usize,
+        /// Steady-state window over which CPU is measured (at least one heartbeat interval, so
+        /// every connection heartbeats in it).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+        window: Duration,
+        /// Heartbeat (tonic: HTTP/2 keepalive ping) interval; default tether's default.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+        interval: Duration,
+        /// Only these setups (default a tether Client per connection, and tonic).
+        #[arg(long, value_delimiter = ',')]
+        setups: Vec<systems::IdleSetup>,
+    },
+    /// One client process of `scale` (used by it).
+    #[command(hide = true)]
+    ScaleClient {
+        #[arg(long)]
+        setup: systems::IdleSetup,
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Duration,
     },
     /// Streams: server-stream messages per second at 64 B and MB/s at 16 KiB on one connection,
     /// and a bidirectional ping-pong's latency (the raw floor's ping-pong is its unary echo).
@@ -287,6 +321,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             Ok(())
+        }
+        Cmd::Scale {
+            connections,
+            per_process,
+            window,
+            interval,
+            setups,
+        } => {
+            if window < interval {
+                return Err("the window must be at least one heartbeat interval".into());
+            }
+            let setups = if setups.is_empty() {
+                vec![systems::IdleSetup::TetherEach, systems::IdleSetup::Tonic]
+            } else {
+                setups
+            };
+            scale::header(connections, per_process, window, interval);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            for setup in setups {
+                rt.block_on(scale::row(setup, connections, per_process, window, interval))?;
+            }
+            Ok(())
+        }
+        Cmd::ScaleClient {
+            setup,
+            addr,
+            connections,
+            interval,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(scale::client(setup, addr, connections, interval))
         }
         Cmd::Run {
             warmup,
