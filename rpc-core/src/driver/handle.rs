@@ -273,6 +273,9 @@ pub(crate) struct Shared {
     pub(crate) tcp_options: Option<crate::config::TcpConfig>,
     /// A caller gave up on a call: the driver forgets the calls nobody waits for at its next pass.
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
+    /// The connection's shutdown token fired (set by this struct's waker, which the driver's
+    /// shutdown future holds): the driver polls that future only then.
+    pub(crate) shutdown_fired: std::sync::atomic::AtomicBool,
     /// Calls waiting for a response, as of the driver's last pass.
     pub(crate) pending_calls: AtomicUsize,
     /// Streams open, as of the driver's last pass.
@@ -287,6 +290,20 @@ pub(crate) struct Shared {
     pub(crate) stream_window: u32,
     /// See `ConnectionConfig::stream_stall_timeout`.
     pub(crate) stream_stall_timeout: Option<std::time::Duration>,
+}
+
+/// The waker the driver's shutdown future holds: a cancelled token marks the connection's
+/// shutdown fired and wakes the driver. So a pass of the driver looks at an atomic instead of
+/// locking the token (which `CancellationToken::is_cancelled` does) on every pass.
+impl std::task::Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.shutdown_fired.store(true, Ordering::Release);
+        self.wake.wake();
+    }
 }
 
 /// A handle on one connection: cheap to clone, shared by every task that uses the connection.
