@@ -30,6 +30,7 @@ pub mod error;
 pub mod event;
 pub mod frame;
 pub mod health;
+pub mod intern;
 pub mod latency;
 pub mod liveness;
 pub mod message;

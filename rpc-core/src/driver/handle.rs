@@ -255,7 +255,8 @@ impl StateCell {
 pub(crate) struct Shared {
     pub(crate) id: u64,
     pub(crate) state: StateCell,
-    pub(crate) peer_settings: OnceLock<Settings>,
+    /// Shared with the connections whose peers sent equal settings (see [`crate::intern`]).
+    pub(crate) peer_settings: OnceLock<Arc<Settings>>,
     pub(crate) in_flight: AtomicUsize,
     /// Milliseconds since `epoch` of the last frame written; readers judge idleness as the peer sees it.
     pub(crate) last_write_ms: AtomicU64,
@@ -270,7 +271,7 @@ pub(crate) struct Shared {
     /// Bytes read from and written to the socket.
     pub(crate) bytes_read: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
-    pub(crate) tcp_options: Option<crate::config::TcpConfig>,
+    pub(crate) tcp_options: Option<Arc<crate::config::TcpConfig>>,
     /// A caller gave up on a call: the driver forgets the calls nobody waits for at its next pass.
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
     /// The connection's shutdown token fired (set by this struct's waker, which the driver's
@@ -377,7 +378,7 @@ impl ConnectionHandle {
 
     /// The settings the peer sent in the handshake.
     pub fn peer_settings(&self) -> Option<Settings> {
-        self.shared.peer_settings.get().copied()
+        self.shared.peer_settings.get().map(|s| **s)
     }
 
     /// Requests sent and not yet answered, as counted by callers through [`InFlightGuard`].
@@ -429,7 +430,7 @@ impl ConnectionHandle {
     /// The socket options the kernel applied to the TCP socket under this connection, read back
     /// with getsockopt when it was set up (`None` for a stream that is not plain TCP or if the read failed).
     pub fn tcp_options(&self) -> Option<crate::config::TcpConfig> {
-        self.shared.tcp_options
+        self.shared.tcp_options.as_deref().copied()
     }
 
     /// Heartbeats this side has sent on the connection.

@@ -70,6 +70,12 @@ use crate::status::Status;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
+// What every connection holds a copy of, and most hold equal copies of: kept once per distinct
+// value (a connection's config is 136 bytes, its TCP options 96, its peer's settings 112).
+static CONNECTION_CONFIGS: crate::intern::Interner<ConnectionConfig> = crate::intern::Interner::new();
+static TCP_OPTIONS: crate::intern::Interner<crate::config::TcpConfig> = crate::intern::Interner::new();
+static PEER_SETTINGS: crate::intern::Interner<Settings> = crate::intern::Interner::new();
+
 /// How many read or write syscalls one pass may make before yielding to other tasks.
 const IO_BUDGET: usize = 32;
 /// A read (or write) this long after the previous one marks a quiet connection, whose buffers are
@@ -132,7 +138,8 @@ type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// config, and every idle connection holds its driver).
 struct Kept {
     side: Side,
-    connection: ConnectionConfig,
+    /// Shared by the connections made with an equal config (see [`crate::intern`]).
+    connection: std::sync::Arc<ConnectionConfig>,
     /// The features this side announced.
     features: u64,
     drain_timeout: Duration,
@@ -324,7 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             bytes_read: Default::default(),
             bytes_written: Default::default(),
             heartbeat_failures: Default::default(),
-            tcp_options: cfg.tcp_options,
+            tcp_options: cfg.tcp_options.map(|t| TCP_OPTIONS.get(t)),
             cancelled: Default::default(),
             shutdown_fired: Default::default(),
             pending_calls: Default::default(),
@@ -384,7 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             metrics: ConnectionMetrics::new(cfg.side),
             cfg: Kept {
                 side: cfg.side,
-                connection: cfg.connection,
+                connection: CONNECTION_CONFIGS.get(cfg.connection),
                 features: cfg.settings.features.unwrap_or(0),
                 drain_timeout: cfg.drain_timeout,
                 linger: cfg.linger,
@@ -810,7 +817,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             limit(s.max_metadata_entries, crate::codec::DEFAULT_MAX_METADATA_ENTRIES),
             limit(s.max_metadata_bytes, crate::codec::DEFAULT_MAX_METADATA_BYTES),
         );
-        let _ = self.shared.peer_settings.set(s);
+        let _ = self.shared.peer_settings.set(PEER_SETTINGS.get(s));
         // A feature is used only when both sides announced it.
         self.peer_features = s.features.unwrap_or(0) & self.cfg.features;
         self.streams.on_peer_settings(&s);
