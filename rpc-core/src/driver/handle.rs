@@ -277,6 +277,10 @@ pub(crate) struct Shared {
     /// The connection's shutdown token fired (set by this struct's waker, which the driver's
     /// shutdown future holds): the driver polls that future only then.
     pub(crate) shutdown_fired: std::sync::atomic::AtomicBool,
+    /// The driver task's waker, which that waker wakes. Not the outbound queue's: a driver whose
+    /// write buffer is full waits on the socket alone, not on its queue (found in review: the
+    /// shutdown then waited for the write stall).
+    pub(crate) driver_task: futures_util::task::AtomicWaker,
     /// Calls waiting for a response, as of the driver's last pass.
     pub(crate) pending_calls: AtomicUsize,
     /// Streams open, as of the driver's last pass.
@@ -303,7 +307,7 @@ impl std::task::Wake for Shared {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.shutdown_fired.store(true, Ordering::Release);
-        self.wake.wake();
+        self.driver_task.wake();
     }
 }
 

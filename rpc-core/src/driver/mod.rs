@@ -175,6 +175,8 @@ pub struct Driver<S> {
     shutdown_seen: bool,
     /// The shutdown future has been polled once (and holds the connection's waker).
     shutdown_polled: bool,
+    /// The waker last registered in `Shared::driver_task`.
+    task_waker: Option<std::task::Waker>,
     /// When the next idle scan of the streams is due (with `stream_idle_timeout` and streams open).
     stream_idle_at: Option<Instant>,
     /// The session rules: ids, calls waiting, what was written, GOAWAY, drain, close outcomes.
@@ -334,6 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             tcp_options: cfg.tcp_options.map(|t| TCP_OPTIONS.get(t)),
             cancelled: Default::default(),
             shutdown_fired: Default::default(),
+            driver_task: Default::default(),
             pending_calls: Default::default(),
             open_streams: Default::default(),
             stream_bytes_waiting: Default::default(),
@@ -373,6 +376,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
             shutdown: Box::pin(token.cancelled_owned()),
             shutdown_seen: false,
             shutdown_polled: false,
+            task_waker: None,
             stream_idle_at: None,
             session,
             dispatch,
@@ -462,7 +466,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         loop {
             let now = Instant::now();
-            if !self.shutdown_seen && self.shutdown_due() {
+            if !self.shutdown_seen && self.shutdown_due(cx) {
                 self.shutdown_seen = true;
                 self.start_drain(now, GoAwayReason::Shutdown);
             }
@@ -540,7 +544,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<S> {
     /// pass, with the connection's own waker (see `Shared`'s `Wake`), and after that only once
     /// that waker has marked the token fired: the token's `is_cancelled` takes a lock, which
     /// every pass paid (3 % of an idle client's CPU).
-    fn shutdown_due(&mut self) -> bool {
+    fn shutdown_due(&mut self, cx: &Context<'_>) -> bool {
+        // The task's waker, for the connection's waker to wake: registered again only if it
+        // changed (a tokio task keeps one waker, so a pass compares two pointers).
+        if !self.task_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.shared.driver_task.register(cx.waker());
+            self.task_waker = Some(cx.waker().clone());
+        }
         if self.shutdown_polled && !self.shared.shutdown_fired.load(Ordering::Acquire) {
             return false;
         }
